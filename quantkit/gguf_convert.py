@@ -1,0 +1,221 @@
+"""HF checkpoint <-> GGUF: which type each tensor gets (with llama-quantize's fallbacks), then streaming.
+
+to_gguf reads one source tensor at a time, permutes Q/K where llama.cpp expects it, quantizes in row
+chunks and writes each chunk as it is produced. from_gguf yields HF-named float32 tensors one at a time
+(dequantized by gguf-py, Q/K permutation undone) with the rebuilt config.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+from gguf.quants import dequantize
+
+from quantkit.dtypes import to_float32
+from quantkit.errors import QuantkitError
+from quantkit.formats import gguf as gf
+from quantkit.formats.gguf_vocab import read_vocab, write_hf_tokenizer
+from quantkit.formats.safetensors import ShardReader, TensorInfo, iter_row_chunks
+from quantkit.schemes import ggml
+from quantkit.source import Checkpoint
+
+QType = GGMLQuantizationType
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K")
+FILE_TYPE = {
+    QType.F32: LlamaFileType.ALL_F32, QType.F16: LlamaFileType.MOSTLY_F16, QType.BF16: LlamaFileType.MOSTLY_BF16,
+    QType.Q8_0: LlamaFileType.MOSTLY_Q8_0, QType.Q4_0: LlamaFileType.MOSTLY_Q4_0,
+    QType.Q4_1: LlamaFileType.MOSTLY_Q4_1, QType.Q5_0: LlamaFileType.MOSTLY_Q5_0,
+    QType.Q5_1: LlamaFileType.MOSTLY_Q5_1, QType.Q4_K: LlamaFileType.MOSTLY_Q4_K_S,
+    QType.Q6_K: LlamaFileType.MOSTLY_Q6_K,
+}  # fmt: skip
+# llama-quantize's choice when a row does not hold whole 256-value super-blocks.
+FALLBACK = {QType.Q4_K: QType.Q5_0, QType.Q6_K: QType.Q8_0}
+CHUNK_BYTES = 16 << 20  # source bytes read and quantized per chunk
+
+
+def parse_type(name: str) -> QType:
+    if name.upper() not in GGUF_TYPES:
+        raise QuantkitError(f"unknown GGUF type {name!r}", f"choose one of {', '.join(GGUF_TYPES)}")
+    return QType[name.upper()]
+
+
+@dataclass(frozen=True)
+class Entry:
+    hf_name: str
+    out: gf.TensorOut
+    permute_heads: int  # 0: no Q/K permutation, else the head count to permute with
+
+
+@dataclass
+class Plan:
+    arch: gf.Architecture
+    hyper: gf.Hyper
+    qtype: QType
+    entries: list[Entry]
+    fallbacks: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.out.nbytes for e in self.entries)
+
+
+def _tensor_type(name: str, shape: tuple[int, ...], want: QType, fallbacks: list[str]) -> QType:
+    if len(shape) < 2 or name.endswith("_norm.weight"):
+        return QType.F32  # norms and 1-D tensors stay F32, as llama.cpp's converter keeps them
+    chosen = want
+    if not ggml.fits(chosen, shape[-1]) and chosen in FALLBACK:
+        chosen = FALLBACK[chosen]
+    if not ggml.fits(chosen, shape[-1]):
+        chosen = QType.F16
+    if chosen != want:
+        fallbacks.append(f"{name}: rows of {shape[-1]} do not fit {want.name} blocks of "
+                         f"{GGML_QUANT_SIZES[want][0]}; stored as {chosen.name}")
+    return chosen
+
+
+def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], qtype: QType) -> Plan:
+    """Every source tensor's GGUF name, type and shape; no data read."""
+    arch = gf.architecture_of(config)
+    hyper = gf.Hyper.from_config(config)
+    table = gf.name_table(arch, hyper.n_layers)
+    fallbacks: list[str] = []
+    entries = []
+    for hf_name, shape in shapes.items():
+        if hf_name not in table:
+            raise QuantkitError(f"tensor {hf_name} has no GGUF name for {arch.gguf_arch}",
+                                "is the checkpoint what its config.json says?")
+        gguf_name = table[hf_name]
+        heads = 0
+        if arch.permute_qk and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = hyper.n_head if "q_proj" in hf_name else hyper.n_kv_head
+        t_type = _tensor_type(gguf_name, tuple(shape), qtype, fallbacks)
+        entries.append(Entry(hf_name, gf.TensorOut(gguf_name, tuple(shape), t_type), heads))
+    return Plan(arch, hyper, qtype, entries, fallbacks)
+
+
+@dataclass
+class GGUFReport:
+    path: Path
+    bytes_written: int
+    tensors: int
+    fallbacks: list[str]
+    warnings: list[str]
+
+
+def _source_rows(reader: ShardReader, info: TensorInfo, permute_heads: int) -> Iterator[np.ndarray]:
+    """float32 row chunks of a source tensor; Q/K with a head permutation are read whole (rows move)."""
+    if permute_heads:
+        yield gf.permute_qk(to_float32(reader.read(info), info.dtype), permute_heads)
+        return
+    for start, stop in iter_row_chunks(info, CHUNK_BYTES):
+        yield to_float32(reader.read_rows(info, start, stop), info.dtype)
+
+
+def _quantized(rows: Iterator[np.ndarray], qtype: QType) -> Iterator[np.ndarray]:
+    for chunk in rows:
+        yield ggml.quantize(chunk.reshape(-1, chunk.shape[-1]) if chunk.ndim > 1 else chunk[None], qtype)
+
+
+def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
+            progress: Callable[[str, int, int], None] | None = None) -> GGUFReport:
+    """Write `out` (.gguf) from a safetensors checkpoint, one shard open at a time, in shard order."""
+    shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
+    plan = plan_gguf(checkpoint.config, shapes, qtype)
+    warnings: list[str] = []
+    vocab = read_vocab(checkpoint.root, checkpoint.config, warnings)
+
+    def add_metadata(writer) -> None:
+        writer.add_name(checkpoint.root.name)
+        gf.write_hyper(writer, plan.hyper)
+        writer.add_file_type(int(FILE_TYPE[qtype]))
+        writer.add_quantization_version(2)
+        if vocab is not None:
+            vocab.write(writer)
+
+    def chunks():
+        reader: ShardReader | None = None
+        try:
+            for i, e in enumerate(plan.entries):
+                info = checkpoint.tensors[e.hf_name]
+                if reader is None or reader.path != info.file:
+                    if reader is not None:
+                        reader.close()
+                    reader = ShardReader(info.file)
+                if progress:
+                    progress(e.hf_name, i, len(plan.entries))
+                yield e.out, _quantized(_source_rows(reader, info, e.permute_heads), e.out.qtype)
+        finally:
+            if reader is not None:
+                reader.close()
+
+    written = gf.write_gguf(Path(out), plan.arch.gguf_arch, add_metadata, [e.out for e in plan.entries], chunks())
+    return GGUFReport(Path(out), written, len(plan.entries), plan.fallbacks, warnings)
+
+
+# ------------------------------------------------------------------------------------------ GGUF -> HF
+
+
+@dataclass
+class FromGGUF:
+    config: dict
+    names: dict[str, gf.TensorInfo]  # HF name -> stored tensor
+    file: gf.GGUFFile
+    warnings: list[str]
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(HF name, float32 array) one tensor at a time, Q/K permutation undone."""
+        arch = gf.BY_GGUF_ARCH[self.file.metadata["general.architecture"]]
+        n_head, n_kv = self.config["num_attention_heads"], self.config["num_key_value_heads"]
+        for hf_name, t in self.names.items():
+            values = dequantize_tensor(self.file, t)
+            if arch.permute_qk and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+                values = gf.unpermute_qk(values, n_head if "q_proj" in hf_name else n_kv)
+            yield hf_name, values
+
+
+def dequantize_tensor(file: gf.GGUFFile, t: gf.TensorInfo) -> np.ndarray:
+    try:
+        return np.asarray(dequantize(file.array(t), t.qtype), dtype=np.float32).reshape(t.shape)
+    except NotImplementedError:
+        raise QuantkitError(f"{file.path}: tensor {t.name} is {t.qtype.name}, which gguf-py cannot "
+                            "dequantize") from None
+
+
+def default_dtype(file: gf.GGUFFile) -> str:
+    """float16 or bfloat16 when every matrix is stored so, else float32."""
+    kinds = {t.qtype for t in file.tensors if len(t.shape) >= 2}
+    return {frozenset({QType.F16}): "float16", frozenset({QType.BF16}): "bfloat16"}.get(frozenset(kinds), "float32")
+
+
+def from_gguf(path: Path, dtype: str | None = None) -> FromGGUF:
+    file = gf.read_gguf(path)
+    meta = file.metadata
+    config = gf.hf_config(meta, {t.name for t in file.tensors}, dtype or default_dtype(file))
+    arch = gf.BY_GGUF_ARCH[meta["general.architecture"]]
+    reverse = {g: hf for hf, g in gf.name_table(arch, config["num_hidden_layers"]).items()}
+    names = {}
+    for t in file.tensors:
+        if t.name not in reverse:
+            raise QuantkitError(f"{path}: tensor {t.name} has no HF name for {arch.gguf_arch}")
+        names[reverse[t.name]] = t
+    return FromGGUF(config, names, file, [])
+
+
+def write_tokenizer_files(conv: FromGGUF, out: Path) -> list[str]:
+    return write_hf_tokenizer(conv.file.metadata, Path(out), conv.warnings)
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """What `inspect` shows for a GGUF: metadata (long arrays summarised) and tensor infos, no data."""
+    file = gf.read_gguf(path)
+    meta = {k: (f"[{len(v)} items]" if isinstance(v, list) and len(v) > 16 else v) for k, v in file.metadata.items()}
+    return {
+        "format": "gguf", "version": file.version, "metadata": meta,
+        "tensors": [{"name": t.name, "shape": list(t.shape), "type": t.qtype.name, "bytes": t.nbytes}
+                    for t in file.tensors],
+    }

@@ -1,0 +1,284 @@
+"""GGUF: names, Q/K permutation, metadata, tokenizer, the streamed writer and the bounds-checked reader.
+
+Cross-checks use gguf-py (its reader and dequantizer) and transformers' own GGUF loader, which undoes
+llama.cpp's Q/K permutation independently of us.
+"""
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gguf_checkpoints import make_checkpoint  # noqa: E402
+
+from quantkit import gguf_convert as gc  # noqa: E402
+from quantkit.errors import QuantkitError  # noqa: E402
+from quantkit.formats import gguf as gf  # noqa: E402
+from quantkit.schemes import ggml  # noqa: E402
+from quantkit.source import open_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ck")
+    return {family: make_checkpoint(root / family, family) for family in ("llama", "mistral", "qwen2")}
+
+
+@pytest.fixture(scope="module")
+def llama_q8(checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q8") / "model.gguf"
+    gc.to_gguf(open_checkpoint(checkpoints["llama"]), out, Q.Q8_0)
+    return out
+
+
+def _source(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The permutation as llama.cpp's convert_hf_to_gguf.py writes it (reshape, swap, reshape)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_permutation_matches_llama_cpp_and_inverts():
+    w = np.arange(64 * 8, dtype=np.float32).reshape(64, 8)
+    for heads in (1, 2, 4, 8):
+        assert np.array_equal(gf.permute_qk(w, heads), _llama_cpp_permute(w, heads))
+        assert np.array_equal(gf.unpermute_qk(gf.permute_qk(w, heads), heads), w)
+
+
+def test_names_come_from_gguf_name_map():
+    table = gf.name_table(gf.ARCHITECTURES["Qwen2ForCausalLM"], 2)
+    assert table["model.layers.1.self_attn.q_proj.bias"] == "blk.1.attn_q.bias"
+    assert table["model.layers.0.mlp.down_proj.weight"] == "blk.0.ffn_down.weight"
+    assert table["lm_head.weight"] == "output.weight"
+    assert len(set(table.values())) == len(table)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_f32_round_trip_is_exact(checkpoints, tmp_path, family):
+    src = checkpoints[family]
+    out = tmp_path / "model.gguf"
+    report = gc.to_gguf(open_checkpoint(src), out, Q.F32)
+    assert report.fallbacks == [] and report.warnings == []
+    back = gc.from_gguf(out)
+    source = _source(src)
+    got = dict(back.tensors())
+    assert got.keys() == source.keys()
+    for name, values in source.items():
+        assert np.array_equal(got[name], values), name
+    config = json.loads((src / "config.json").read_text())
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "vocab_size"):
+        assert back.config[key] == config[key], key
+
+
+def test_qwen2_is_not_permuted_llama_is(checkpoints, tmp_path):
+    for family, permuted in (("qwen2", False), ("llama", True)):
+        out = tmp_path / f"{family}.gguf"
+        gc.to_gguf(open_checkpoint(checkpoints[family]), out, Q.F32)
+        file = gf.read_gguf(out)
+        q = {t.name: t for t in file.tensors}["blk.0.attn_q.weight"]
+        stored = np.asarray(file.array(q))
+        hf = _source(checkpoints[family])["model.layers.0.self_attn.q_proj.weight"]
+        assert np.array_equal(stored, _llama_cpp_permute(hf, 4) if permuted else hf)
+
+
+def test_q8_0_file_holds_our_bytes_and_gguf_py_reads_it(checkpoints, llama_q8):
+    reader = gguf.GGUFReader(llama_q8)
+    tensors = {t.name: t for t in reader.tensors}
+    source = _source(checkpoints["llama"])
+    down = tensors["blk.1.ffn_down.weight"]
+    assert down.tensor_type == Q.Q8_0
+    expected = ggml.quantize_reference(source["model.layers.1.mlp.down_proj.weight"], Q.Q8_0)
+    assert np.asarray(down.data).tobytes() == expected.tobytes()
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == Q.F32
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert reader.fields["llama.attention.head_count_kv"].contents() == 2
+
+
+def test_tokenizer_metadata_and_back(checkpoints, llama_q8, tmp_path):
+    from transformers import AutoTokenizer
+
+    meta = gf.read_gguf(llama_q8).metadata
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (0, 1)
+    assert "messages" in meta["tokenizer.chat_template"]
+    conv = gc.from_gguf(llama_q8)
+    gc.write_tokenizer_files(conv, tmp_path)
+    text = "How vexingly quick daft zebras jump! 1969"
+    ours = AutoTokenizer.from_pretrained(tmp_path)
+    theirs = AutoTokenizer.from_pretrained(checkpoints["llama"])
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+    assert ours.chat_template == theirs.chat_template and ours.eos_token == "</s>"
+
+
+def test_unknown_pre_tokenizer_gets_default_and_a_warning(checkpoints, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in checkpoints["llama"].iterdir():
+        (src / f.name).symlink_to(f)
+    tok = json.loads((checkpoints["llama"] / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = {"type": "Whitespace"}
+    (src / "tokenizer.json").unlink()
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    report = gc.to_gguf(open_checkpoint(src), tmp_path / "m.gguf", Q.F16)
+    assert gf.read_gguf(tmp_path / "m.gguf").metadata["tokenizer.ggml.pre"] == "default"
+    assert any("pre-tokenizer not recognised" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("want, fallback", [(Q.Q4_K, Q.Q5_0), (Q.Q6_K, Q.Q8_0)])
+def test_k_quant_fallback_is_reported(tmp_path_factory, want, fallback):
+    src = make_checkpoint(tmp_path_factory.mktemp("narrow"), "llama", hidden=128, ffn=256, vocab=320)
+    out = tmp_path_factory.mktemp("o") / "m.gguf"
+    report = gc.to_gguf(open_checkpoint(src), out, want)
+    types = {t.name: t.qtype for t in gf.read_gguf(out).tensors}
+    assert types["blk.0.ffn_down.weight"] == want  # rows of 256 fit
+    assert types["blk.0.attn_q.weight"] == fallback  # rows of 128 do not
+    assert any("blk.0.attn_q.weight" in f and fallback.name in f for f in report.fallbacks)
+
+
+def test_k_quants_decode_close(checkpoints, tmp_path):
+    source = _source(checkpoints["llama"])
+    for qtype, bound in ((Q.Q4_K, 0.1), (Q.Q6_K, 0.03)):
+        out = tmp_path / f"{qtype.name}.gguf"
+        gc.to_gguf(open_checkpoint(checkpoints["llama"]), out, qtype)
+        for name, values in gc.from_gguf(out).tensors():
+            ref = source[name]
+            assert np.abs(values - ref).mean() <= bound * np.abs(ref).mean() + 1e-7, (qtype, name)
+
+
+def test_transformers_loads_our_gguf_like_the_source(checkpoints, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[0, 5, 17, 42, 99, 200, 3]])
+    for family in ("llama", "qwen2"):
+        out = tmp_path / f"{family}.gguf"
+        gc.to_gguf(open_checkpoint(checkpoints[family]), out, Q.F32)
+        ours = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+        ref = AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.float32)
+        with torch.no_grad():
+            assert torch.allclose(ours(ids).logits, ref(ids).logits, atol=1e-5), family
+
+
+def test_unsupported_architecture_is_refused(checkpoints, tmp_path):
+    ck = open_checkpoint(checkpoints["llama"])
+    ck.config = {**ck.config, "architectures": ["GPT2LMHeadModel"]}
+    with pytest.raises(QuantkitError, match="GPT2LMHeadModel is not supported yet"):
+        gc.to_gguf(ck, tmp_path / "m.gguf", Q.F16)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_leaves_nothing_behind(checkpoints, tmp_path, monkeypatch):
+    def boom(rows, qtype):
+        raise QuantkitError("simulated failure")
+
+    monkeypatch.setattr(ggml, "quantize", boom)
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"old")
+    with pytest.raises(QuantkitError, match="simulated"):
+        gc.to_gguf(open_checkpoint(checkpoints["llama"]), out, Q.Q8_0)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"] and out.read_bytes() == b"old"
+
+
+def test_describe_reads_no_data(llama_q8):
+    info = gc.describe(llama_q8)
+    assert info["metadata"]["general.architecture"] == "llama"
+    assert info["metadata"]["tokenizer.ggml.tokens"] == "[320 items]"
+    down = next(t for t in info["tensors"] if t["name"] == "blk.0.ffn_down.weight")
+    assert down == {"name": "blk.0.ffn_down.weight", "shape": [256, 512], "type": "Q8_0", "bytes": 256 * 16 * 34}
+
+
+# ------------------------------------------------------------------------------------- damaged files
+
+
+@pytest.fixture()
+def damaged(llama_q8, tmp_path):
+    data = bytearray(llama_q8.read_bytes())
+
+    def write(mutate) -> Path:
+        out = tmp_path / "bad.gguf"
+        out.write_bytes(bytes(mutate(bytearray(data))))
+        return out
+
+    return write
+
+
+def test_bad_magic(damaged):
+    with pytest.raises(QuantkitError, match="bad magic"):
+        gf.read_gguf(damaged(lambda d: b"GGUX" + d[4:]))
+
+
+def test_unsupported_version(damaged):
+    with pytest.raises(QuantkitError, match="version 9"):
+        gf.read_gguf(damaged(lambda d: d[:4] + struct.pack("<I", 9) + d[8:]))
+
+
+def test_huge_tensor_count(damaged):
+    with pytest.raises(QuantkitError, match="tensor count .* cannot fit"):
+        gf.read_gguf(damaged(lambda d: d[:8] + struct.pack("<Q", 2**40) + d[16:]))
+
+
+def test_huge_metadata_count(damaged):
+    with pytest.raises(QuantkitError, match="metadata count .* cannot fit"):
+        gf.read_gguf(damaged(lambda d: d[:16] + struct.pack("<Q", 2**62) + d[24:]))
+
+
+def test_huge_key_length(damaged):
+    with pytest.raises(QuantkitError, match="metadata key #0 runs past the end"):
+        gf.read_gguf(damaged(lambda d: d[:24] + struct.pack("<Q", 2**60) + d[32:]))
+
+
+def test_truncated_header(damaged):
+    with pytest.raises(QuantkitError, match="cannot fit in the file|runs past the end"):
+        gf.read_gguf(damaged(lambda d: d[:3000]))
+
+
+def test_truncated_data(damaged):
+    with pytest.raises(QuantkitError, match="runs past the end of the file"):
+        gf.read_gguf(damaged(lambda d: d[:-5000]))
+
+
+def _patch_tensor_field(d: bytearray, name: bytes, skip: int, value: bytes) -> bytearray:
+    """Overwrite bytes `skip` after the tensor info name `name` (n_dims u32, dims u64 each, type u32...)."""
+    at = d.index(struct.pack("<Q", len(name)) + name) + 8 + len(name) + skip
+    d[at:at + len(value)] = value
+    return d
+
+
+@pytest.mark.parametrize("skip, value, message", [
+    (12, struct.pack("<I", 250), "unknown type 250"),
+    (16, struct.pack("<Q", 3), "not aligned"),
+    (16, struct.pack("<Q", 2**40), "runs past the end of the file"),
+    (16, struct.pack("<Q", 0), "overlaps"),
+    (0, struct.pack("<I", 5), "5 dimensions"),
+], ids=["bad-type", "misaligned", "offset-past-end", "overlap", "too-many-dims"])
+def test_damaged_tensor_info(damaged, skip, value, message):
+    name = b"blk.0.attn_norm.weight"  # 1-D: n_dims u32, ne u64, type u32, offset u64
+    with pytest.raises(QuantkitError, match=message):
+        gf.read_gguf(damaged(lambda d: _patch_tensor_field(d, name, skip, value)))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_corruption_never_crashes(damaged, seed):
+    rng = np.random.default_rng(seed)
+
+    def flip(d):
+        end = 4096
+        for at in rng.integers(0, end, 8):
+            d[at] = int(rng.integers(0, 256))
+        return d
+
+    try:
+        gf.read_gguf(damaged(flip))
+    except QuantkitError:
+        pass
