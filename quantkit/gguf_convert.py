@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
@@ -122,7 +121,7 @@ def _quantized(rows: Iterator[np.ndarray], qtype: QType) -> Iterator[np.ndarray]
 
 
 def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
-            progress: Callable[[str, int, int], None] | None = None) -> GGUFReport:
+            progress: Callable[[int, int, str], None] | None = None) -> GGUFReport:
     """Write `out` (.gguf) from a safetensors checkpoint, one shard open at a time, in shard order."""
     shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
     plan = plan_gguf(checkpoint.config, shapes, qtype)
@@ -139,16 +138,18 @@ def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
 
     def chunks():
         reader: ShardReader | None = None
+        done = 0
         try:
-            for i, e in enumerate(plan.entries):
+            for e in plan.entries:
                 info = checkpoint.tensors[e.hf_name]
                 if reader is None or reader.path != info.file:
                     if reader is not None:
                         reader.close()
                     reader = ShardReader(info.file)
-                if progress:
-                    progress(e.hf_name, i, len(plan.entries))
                 yield e.out, _quantized(_source_rows(reader, info, e.permute_heads), e.out.qtype)
+                done += e.out.nbytes
+                if progress:
+                    progress(done, plan.nbytes, e.hf_name)
         finally:
             if reader is not None:
                 reader.close()
@@ -208,14 +209,3 @@ def from_gguf(path: Path, dtype: str | None = None) -> FromGGUF:
 
 def write_tokenizer_files(conv: FromGGUF, out: Path) -> list[str]:
     return write_hf_tokenizer(conv.file.metadata, Path(out), conv.warnings)
-
-
-def describe(path: Path) -> dict[str, Any]:
-    """What `inspect` shows for a GGUF: metadata (long arrays summarised) and tensor infos, no data."""
-    file = gf.read_gguf(path)
-    meta = {k: (f"[{len(v)} items]" if isinstance(v, list) and len(v) > 16 else v) for k, v in file.metadata.items()}
-    return {
-        "format": "gguf", "version": file.version, "metadata": meta,
-        "tensors": [{"name": t.name, "shape": list(t.shape), "type": t.qtype.name, "bytes": t.nbytes}
-                    for t in file.tensors],
-    }

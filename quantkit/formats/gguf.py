@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 from gguf import (GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, MODEL_ARCH, GGMLQuantizationType,
-                  GGUFValueType, GGUFWriter, get_tensor_name_map)
+                  GGUFValueType, GGUFWriter, LlamaFileType, get_tensor_name_map)
 
 from quantkit.errors import QuantkitError
 
@@ -352,6 +352,27 @@ def _check_overlaps(gf: GGUFFile) -> None:
         if t.offset < end:
             raise QuantkitError(f"{gf.path}: tensor {t.name} overlaps tensor {last}")
         end, last = t.offset + t.nbytes, t.name
+
+
+def inspect_file(path: Path) -> dict[str, Any]:
+    """What `inspect` shows for a GGUF: metadata (long arrays summarised) and tensor infos, no data."""
+    file = read_gguf(path)
+    meta = {k: (f"[{len(v)} items]" if isinstance(v, list) and len(v) > 16 else v) for k, v in file.metadata.items()}
+    types: dict[str, int] = {}
+    for t in file.tensors:
+        types[t.qtype.name] = types.get(t.qtype.name, 0) + 1
+    file_type = meta.get("general.file_type")
+    return {
+        "path": str(path), "format": "gguf", "version": file.version,
+        "architecture": meta.get("general.architecture"),
+        "num_parameters": sum(int(np.prod(t.shape)) for t in file.tensors),
+        "bytes": path.stat().st_size, "dtypes": types,
+        "quantization": {"method": "gguf", "file_type": LlamaFileType(file_type).name
+                         if file_type in LlamaFileType._value2member_map_ else file_type},
+        "metadata": meta,
+        "tensors": [{"name": t.name, "dtype": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes}
+                    for t in file.tensors],
+    }
 
 
 # --------------------------------------------------------------------------------------------- writer

