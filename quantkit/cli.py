@@ -152,6 +152,33 @@ def quantize(
                 f"{summary['kept']} kept, {summary['output_bytes'] / 1e6:.1f} MB in {len(result.files)} file(s)")
 
 
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="Checkpoint folder, hub repo id, or a .gguf file.")],
+    out: Annotated[Path, typer.Argument(help="A .gguf file for --to gguf, else a folder.")],
+    to: Annotated[str, typer.Option("--to", help="gguf or safetensors.")],
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help="F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K or Q6_K.")] = "F16",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="safetensors output: float32, float16 or bfloat16.")] = None,
+    max_shard_size: ShardSize = "5GB",
+    force: ForceFlag = False,
+    json_out: JsonFlag = False,
+    revision: Revision = None,
+) -> None:
+    """Convert between formats: safetensors -> GGUF, GGUF -> safetensors."""
+    from quantkit import gguf_convert
+
+    with user_errors():
+        with progress_bar(not json_out, f"convert to {to}") as progress:
+            summary = gguf_convert.convert(src, out, to, gguf_type=gguf_type, dtype=dtype, force=force, revision=revision,
+                                           max_shard_size=parse_size(max_shard_size), progress=progress)
+        if json_out:
+            emit_json(summary)
+            return
+        for line in summary["fallbacks"] + summary["warnings"]:
+            err(f"warning: {line}")
+        err(f"wrote {summary['out']}: {summary['tensors']} tensors, {summary['output_bytes'] / 1e6:.1f} MB")
+
+
 def main() -> None:
     app()
 

@@ -209,3 +209,98 @@ def from_gguf(path: Path, dtype: str | None = None) -> FromGGUF:
 
 def write_tokenizer_files(conv: FromGGUF, out: Path) -> list[str]:
     return write_hf_tokenizer(conv.file.metadata, Path(out), conv.warnings)
+
+
+# ------------------------------------------------------------------------------ commands' entry points
+
+
+def _check_file_output(src: Path, out: Path, force: bool) -> None:
+    """A single-file OUT: never the source, replaced (only once complete) with --force."""
+    if out.resolve() == src.resolve():
+        raise QuantkitError(f"{out}: output is the source", "choose another OUT")
+    if out.is_dir():
+        raise QuantkitError(f"{out}: is a folder; GGUF output is a single .gguf file")
+    if out.exists() and not force:
+        raise QuantkitError(f"{out}: already exists", "pass --force to replace it")
+
+
+def convert_to_gguf(src: str, out: Path, gguf_type: str = "F16", force: bool = False, revision: str | None = None,
+                    progress: Callable[[int, int, str], None] | None = None) -> GGUFReport:
+    """`quantkit convert SRC OUT.gguf --to gguf`: validated and planned before a weight is read."""
+    from quantkit.pipeline import check_free_space
+    from quantkit.source import open_checkpoint, resolve
+
+    qtype = parse_type(gguf_type)
+    checkpoint = open_checkpoint(resolve(src, revision))
+    if checkpoint.quantization_config is not None:
+        raise QuantkitError(f"{src}: is already quantized ({checkpoint.quantization_config.get('quant_method')})",
+                            "dequantize it first: quantkit dequantize SRC DENSE")
+    out = Path(out)
+    _check_file_output(checkpoint.root, out, force)
+    plan = plan_gguf(checkpoint.config, {n: i.shape for n, i in checkpoint.tensors.items()}, qtype)
+    check_free_space(out, plan.nbytes)
+    return to_gguf(checkpoint, out, qtype, progress)
+
+
+@dataclass
+class DenseResult:
+    out: Path
+    files: list[str]
+    tensors: int
+    dtype: str
+    warnings: list[str]
+
+
+def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: bool = False,
+                        max_shard_size: int = 5 * 10**9,
+                        progress: Callable[[int, int, str], None] | None = None) -> DenseResult:
+    """`convert MODEL.gguf OUT --to safetensors` / `dequantize MODEL.gguf OUT`: HF names, config.json,
+    tokenizer files; every tensor dequantized by gguf-py, one at a time."""
+    from quantkit.dtypes import BY_NAME, from_float32, itemsize
+    from quantkit.formats.safetensors import CheckpointWriter, OutputTensor
+    from quantkit.pipeline import StagedOutput, check_free_space, check_output, os_error, write_config
+
+    conv = from_gguf(Path(src), dtype)
+    dtype = conv.config["dtype"]
+    if dtype not in BY_NAME:
+        raise QuantkitError(f"--dtype {dtype}: not a float dtype", f"choose one of {', '.join(BY_NAME)}")
+    st_dtype = BY_NAME[dtype]
+    check_output(Path(src), Path(out), force)
+    outputs = [OutputTensor(name, st_dtype, t.shape) for name, t in conv.names.items()]
+    total = sum(o.nbytes for o in outputs)
+    check_free_space(Path(out), total)
+    with StagedOutput(Path(out)) as staged:
+        try:
+            writer = CheckpointWriter(staged.tmp, outputs, max_shard_size)
+            done = 0
+            for name, values in conv.tensors():
+                writer.write(name, from_float32(values, st_dtype))
+                writer.done(name)
+                done += values.size * itemsize(st_dtype)
+                if progress:
+                    progress(done, total, name)
+            files = writer.finish()
+            write_config(staged.tmp, conv.config)
+            files += ["config.json", *write_tokenizer_files(conv, staged.tmp)]
+            staged.commit()
+        except OSError as e:
+            raise os_error(e, Path(out)) from None
+    return DenseResult(Path(out), files, len(outputs), dtype, conv.warnings)
+
+
+def convert(src: str, out: Path, to: str, gguf_type: str = "F16", dtype: str | None = None, force: bool = False,
+            revision: str | None = None, max_shard_size: int = 5 * 10**9,
+            progress: Callable[[int, int, str], None] | None = None) -> dict:
+    """`quantkit convert`: the GGUF directions; a summary for the CLI (and --json)."""
+    out = Path(out)
+    if to == "gguf":
+        r = convert_to_gguf(src, out, gguf_type, force, revision, progress)
+        return {"out": str(r.path), "to": "gguf", "gguf_type": gguf_type.upper(), "tensors": r.tensors,
+                "output_bytes": r.bytes_written, "fallbacks": r.fallbacks, "warnings": r.warnings}
+    if to == "safetensors" and Path(src).suffix == ".gguf":
+        d = gguf_to_safetensors(Path(src), out, dtype, force, max_shard_size, progress)
+        return {"out": str(d.out), "to": "safetensors", "dtype": d.dtype, "tensors": d.tensors, "files": d.files,
+                "output_bytes": sum((d.out / f).stat().st_size for f in d.files), "fallbacks": [],
+                "warnings": d.warnings}
+    raise QuantkitError(f"convert {src} --to {to}: not supported yet",
+                        "supported: --to gguf from a safetensors checkpoint, --to safetensors from a .gguf file")

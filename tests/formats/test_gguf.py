@@ -190,12 +190,12 @@ def test_failed_write_leaves_nothing_behind(checkpoints, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"] and out.read_bytes() == b"old"
 
 
-def test_describe_reads_no_data(llama_q8):
-    info = gc.describe(llama_q8)
-    assert info["metadata"]["general.architecture"] == "llama"
+def test_inspect_file_reads_no_data(llama_q8):
+    info = gf.inspect_file(llama_q8)
+    assert info["architecture"] == "llama" and info["quantization"]["file_type"] == "MOSTLY_Q8_0"
     assert info["metadata"]["tokenizer.ggml.tokens"] == "[320 items]"
     down = next(t for t in info["tensors"] if t["name"] == "blk.0.ffn_down.weight")
-    assert down == {"name": "blk.0.ffn_down.weight", "shape": [256, 512], "type": "Q8_0", "bytes": 256 * 16 * 34}
+    assert down == {"name": "blk.0.ffn_down.weight", "shape": [256, 512], "dtype": "Q8_0", "bytes": 256 * 16 * 34}
 
 
 # ------------------------------------------------------------------------------------- damaged files
@@ -282,3 +282,37 @@ def test_random_corruption_never_crashes(damaged, seed):
         gf.read_gguf(damaged(flip))
     except QuantkitError:
         pass
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_round_trip_and_inspect(checkpoints, tmp_path):
+    gguf_path = tmp_path / "m.gguf"
+    result = _cli("convert", checkpoints["qwen2"], gguf_path, "--to", "gguf", "--gguf-type", "q8_0", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["gguf_type"] == "Q8_0"
+    result = _cli("convert", gguf_path, tmp_path / "dense", "--to", "safetensors", "--json")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["dtype"] == "float32"
+    result = _cli("inspect", gguf_path, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["architecture"] == "qwen2"
+
+
+def test_cli_refuses_existing_output_and_bad_type(checkpoints, tmp_path):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep me")
+    result = _cli("convert", checkpoints["llama"], out, "--to", "gguf")
+    assert result.exit_code == 2 and "already exists" in result.output
+    result = _cli("convert", checkpoints["llama"], tmp_path / "n.gguf", "--to", "gguf", "--gguf-type", "Q3_K")
+    assert result.exit_code == 2 and "unknown GGUF type" in result.output
+    assert out.read_bytes() == b"keep me" and not (tmp_path / "n.gguf").exists()

@@ -1,0 +1,140 @@
+"""llama.cpp as the real client (through llama-cpp-python, which builds it from source).
+
+- our block bytes == llama.cpp's own quantize_row_*_ref for the same float32 input, all seven types;
+- llama.cpp loads our GGUFs and its logits match transformers' on the source checkpoint within each
+  type's error; its tokenizer splits text as transformers' does.
+
+Run with `make test-clients` (pytest -m clients); needs `pip install llama-cpp-python`.
+"""
+
+import ctypes
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+
+pytestmark = pytest.mark.clients
+llama_cpp = pytest.importorskip("llama_cpp")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gguf_checkpoints import make_checkpoint  # noqa: E402
+
+from quantkit import gguf_convert as gc  # noqa: E402
+from quantkit.schemes import ggml, kquants  # noqa: E402
+from quantkit.source import open_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def libggml():
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    candidates = sorted(lib_dir.glob("libggml-base.*"))
+    assert candidates, f"no libggml-base in {lib_dir}"
+    return ctypes.CDLL(str(candidates[0]))
+
+
+def llama_cpp_quantize(lib, x: np.ndarray, qtype: Q) -> np.ndarray:
+    """llama.cpp's scalar reference quantizer, the one llama-quantize runs without an importance matrix."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    block, size = GGML_QUANT_SIZES[qtype]
+    out = np.zeros(x.size // block * size, dtype=np.uint8)
+    fn = getattr(lib, f"quantize_row_{qtype.name.lower().replace('_k', '_K')}_ref")
+    fn(x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size))
+    return out.reshape(-1, size)
+
+
+def hard_blocks(n_rows: int, seed: int = 0) -> np.ndarray:
+    """Rows of 256 meant to hit the corner cases: scales over 30 decades, heavy tails, one-signed
+    blocks, few distinct values (ties), sparse blocks, zeros and constants."""
+    rng = np.random.default_rng(seed)
+    kinds = [
+        lambda s: rng.standard_normal(s),
+        lambda s: rng.standard_normal(s) * np.exp(rng.uniform(-25, 10, (s[0], 1))),
+        lambda s: rng.standard_t(1.3, s),
+        lambda s: np.abs(rng.standard_normal(s)) + rng.uniform(0, 3, (s[0], 1)),
+        lambda s: -np.abs(rng.standard_normal(s)),
+        lambda s: rng.integers(-4, 5, s) * 0.125,
+        lambda s: rng.standard_normal(s) * (rng.random(s) < 0.03),
+        lambda s: np.zeros(s),
+        lambda s: np.full(s, rng.standard_normal()),
+    ]
+    per = n_rows // len(kinds)
+    return np.concatenate([k((per, 256)) for k in kinds]).astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q6_K])
+def test_block_bytes_equal_llama_cpp(libggml, qtype):
+    x = hard_blocks(9 * 2000)
+    theirs = llama_cpp_quantize(libggml, x, qtype)
+    ours = ggml.quantize(x, qtype).reshape(theirs.shape)
+    differing = int((ours != theirs).any(axis=1).sum())
+    print(f"{qtype.name}: {len(theirs) - differing}/{len(theirs)} blocks byte-identical to llama.cpp")
+    assert differing == 0
+    if qtype in kquants.REFERENCE:
+        assert kquants.REFERENCE[qtype](x).reshape(theirs.shape).tobytes() == theirs.tobytes()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ck")
+    return {f: make_checkpoint(root / f, f, seed=3) for f in ("llama", "mistral", "qwen2")}
+
+
+TEXT = "How vexingly quick daft zebras jump! In 1969, they're here: def main(argv)"
+# Relative logit error (Frobenius norm) allowed per type, measured with margin on these models.
+TOLERANCE = {"F32": 1e-4, "F16": 2e-3, "BF16": 1e-2, "Q8_0": 1e-2, "Q6_K": 3e-2, "Q5_1": 5e-2, "Q5_0": 5e-2,
+             "Q4_K": 0.1, "Q4_1": 0.1, "Q4_0": 0.1}
+
+
+def _transformers_logits(src: Path, ids: list[int]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def _llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=2, verbose=False)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("family, type_name", [
+    ("llama", "F32"), ("llama", "F16"), ("llama", "BF16"), ("llama", "Q8_0"), ("llama", "Q4_0"), ("llama", "Q4_1"),
+    ("llama", "Q5_0"), ("llama", "Q5_1"), ("llama", "Q4_K"), ("llama", "Q6_K"),
+    ("mistral", "Q8_0"), ("qwen2", "F32"), ("qwen2", "Q8_0"), ("qwen2", "Q4_K"),
+])  # fmt: skip
+def test_llama_cpp_logits_match_transformers(checkpoints, tmp_path, family, type_name):
+    from transformers import AutoTokenizer
+
+    src = checkpoints[family]
+    out = tmp_path / "model.gguf"
+    gc.to_gguf(open_checkpoint(src), out, gc.parse_type(type_name))
+    ids = [0, *AutoTokenizer.from_pretrained(src)(TEXT)["input_ids"]]
+    ours = _llama_cpp_logits(out, ids)
+    ref = _transformers_logits(src, ids)
+    rel = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+    print(f"{family} {type_name}: relative logit error {rel:.2e} over {len(ids)} tokens")
+    assert rel < TOLERANCE[type_name]
+    assert (ours.argmax(axis=1) == ref.argmax(axis=1)).mean() >= (1.0 if type_name == "F32" else 0.7)
+
+
+def test_llama_cpp_tokenizes_like_transformers(checkpoints, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "model.gguf"
+    gc.to_gguf(open_checkpoint(checkpoints["llama"]), out, Q.Q8_0)
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    try:
+        ours = llm.tokenize(TEXT.encode(), add_bos=False, special=False)
+        assert llm.token_bos() == 0 and llm.token_eos() == 1
+    finally:
+        llm.close()
+    assert ours == AutoTokenizer.from_pretrained(checkpoints["llama"])(TEXT)["input_ids"]
