@@ -304,3 +304,58 @@ def convert(src: str, out: Path, to: str, gguf_type: str = "F16", dtype: str | N
                 "warnings": d.warnings}
     raise QuantkitError(f"convert {src} --to {to}: not supported yet",
                         "supported: --to gguf from a safetensors checkpoint, --to safetensors from a .gguf file")
+
+
+# ---------------------------------------------------------------------------------------------- verify
+
+# Relative RMS error against the reference above which a tensor is reported: round-to-nearest at the
+# type's precision stays far below these on real weights.
+ERROR_BOUND = {QType.F32: 1e-6, QType.F16: 1e-3, QType.BF16: 8e-3, QType.Q8_0: 0.02, QType.Q6_K: 0.04,
+               QType.Q5_0: 0.08, QType.Q5_1: 0.08, QType.Q4_K: 0.15, QType.Q4_0: 0.15, QType.Q4_1: 0.15}
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    ok: bool
+    detail: str
+
+
+def verify_gguf(path: Path, reference: str | None = None) -> list[Finding]:
+    """GGUF checks: structure (offsets, sizes, alignment), names and metadata, finite data, and with a
+    reference checkpoint the per-tensor error. A damaged file is a finding, not an exception."""
+    try:
+        conv = from_gguf(Path(path))
+    except QuantkitError as e:
+        return [Finding("structure", False, e.message)]
+    findings = [Finding("structure", True, f"{len(conv.names)} tensors, offsets and sizes within the file, "
+                        f"aligned to {conv.file.alignment}")]
+    ref = None
+    if reference is not None:
+        from quantkit.source import open_checkpoint, resolve
+
+        ref = open_checkpoint(resolve(reference))
+    bad = []
+    for name, values in conv.tensors():
+        t = conv.names[name]
+        if not np.isfinite(values).all():
+            bad.append(Finding(f"finite:{name}", False, f"{t.name} ({t.qtype.name}) holds NaN or inf"))
+        if ref is not None:
+            bad += _compare(name, t, values, ref)
+    findings.append(Finding("data", not any(f.check.startswith("finite") for f in bad), "every tensor dequantizes"
+                            " to finite values" if not bad else f"{len(bad)} problem(s)"))
+    return findings + bad
+
+
+def _compare(name: str, t: gf.TensorInfo, values: np.ndarray, ref: Checkpoint) -> list[Finding]:
+    info = ref.tensors.get(name)
+    if info is None:
+        return [Finding(f"reference:{name}", False, f"{name} is not in the reference checkpoint")]
+    if tuple(info.shape) != values.shape:
+        return [Finding(f"reference:{name}", False, f"{name}: shape {values.shape}, reference {info.shape}")]
+    with ShardReader(info.file) as reader:
+        expected = to_float32(reader.read(info), info.dtype)
+    scale = float(np.sqrt(np.mean(expected.astype(np.float64) ** 2))) or 1.0
+    rel = float(np.sqrt(np.mean((values.astype(np.float64) - expected) ** 2))) / scale
+    ok = rel <= ERROR_BOUND.get(t.qtype, 0.15)
+    return [Finding(f"error:{name}", ok, f"{name} ({t.qtype.name}): relative RMS error {rel:.2e}")]

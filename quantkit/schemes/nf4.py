@@ -21,10 +21,11 @@ NF4_CODE = np.array(
     dtype=np.float32,
 )  # fmt: skip
 # FP4 (1 sign, 2 exponent, 1 mantissa bit) in bit-pattern order, normalised by its largest magnitude.
+# Code 8 would be -0, but bitsandbytes' table holds +0 there (its source writes the integer -0).
 FP4_CODE = np.array(
-    [0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3], dtype=np.float32
+    [0, 0.0625, 8, 12, 4, 6, 2, 3, 0, -0.0625, -8, -12, -4, -6, -2, -3], dtype=np.float32
 ) / np.float32(12)
-# bitsandbytes sorts the FP4 code with torch.argsort; where +0 and -0 tie it puts +0 first.
+# bitsandbytes sorts the FP4 code with torch.argsort; of the two zeros it puts code 0 first.
 FP4_ORDER = np.array([11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3], dtype=np.uint8)
 NF4_ORDER = np.arange(16, dtype=np.uint8)
 
