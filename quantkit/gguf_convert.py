@@ -335,27 +335,27 @@ def verify_gguf(path: Path, reference: str | None = None) -> list[Finding]:
         from quantkit.source import open_checkpoint, resolve
 
         ref = open_checkpoint(resolve(reference))
-    bad = []
+    not_finite, errors = [], []
     for name, values in conv.tensors():
         t = conv.names[name]
         if not np.isfinite(values).all():
-            bad.append(Finding(f"finite:{name}", False, f"{t.name} ({t.qtype.name}) holds NaN or inf"))
+            not_finite.append(Finding(f"finite:{name}", False, f"{t.name} ({t.qtype.name}) holds NaN or inf"))
         if ref is not None:
-            bad += _compare(name, t, values, ref)
-    findings.append(Finding("data", not any(f.check.startswith("finite") for f in bad), "every tensor dequantizes"
-                            " to finite values" if not bad else f"{len(bad)} problem(s)"))
-    return findings + bad
+            errors.append(_compare(name, t, values, ref))
+    findings.append(Finding("data", not not_finite, f"{len(not_finite)} tensor(s) hold NaN or inf" if not_finite
+                            else "every tensor dequantizes to finite values"))
+    return findings + not_finite + errors
 
 
-def _compare(name: str, t: gf.TensorInfo, values: np.ndarray, ref: Checkpoint) -> list[Finding]:
+def _compare(name: str, t: gf.TensorInfo, values: np.ndarray, ref: Checkpoint) -> Finding:
     info = ref.tensors.get(name)
     if info is None:
-        return [Finding(f"reference:{name}", False, f"{name} is not in the reference checkpoint")]
+        return Finding(f"error:{name}", False, f"{name} is not in the reference checkpoint")
     if tuple(info.shape) != values.shape:
-        return [Finding(f"reference:{name}", False, f"{name}: shape {values.shape}, reference {info.shape}")]
+        return Finding(f"error:{name}", False, f"{name}: shape {values.shape}, reference {info.shape}")
     with ShardReader(info.file) as reader:
         expected = to_float32(reader.read(info), info.dtype)
     scale = float(np.sqrt(np.mean(expected.astype(np.float64) ** 2))) or 1.0
     rel = float(np.sqrt(np.mean((values.astype(np.float64) - expected) ** 2))) / scale
     ok = rel <= ERROR_BOUND.get(t.qtype, 0.15)
-    return [Finding(f"error:{name}", ok, f"{name} ({t.qtype.name}): relative RMS error {rel:.2e}")]
+    return Finding(f"error:{name}", ok, f"{name} ({t.qtype.name}): relative RMS error {rel:.2e}")

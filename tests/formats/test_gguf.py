@@ -316,3 +316,29 @@ def test_cli_refuses_existing_output_and_bad_type(checkpoints, tmp_path):
     result = _cli("convert", checkpoints["llama"], tmp_path / "n.gguf", "--to", "gguf", "--gguf-type", "Q3_K")
     assert result.exit_code == 2 and "unknown GGUF type" in result.output
     assert out.read_bytes() == b"keep me" and not (tmp_path / "n.gguf").exists()
+
+
+# --------------------------------------------------------------------------------------------- verify
+
+
+def test_verify_with_reference_reports_per_tensor_error(checkpoints, llama_q8):
+    findings = gc.verify_gguf(llama_q8, str(checkpoints["llama"]))
+    assert all(f.ok for f in findings), [f for f in findings if not f.ok]
+    errors = [f for f in findings if f.check.startswith("error:")]
+    assert len(errors) == 21 and all("relative RMS error" in f.detail for f in errors)
+
+
+def test_verify_turns_damage_into_a_finding(damaged):
+    findings = gc.verify_gguf(damaged(lambda d: d[:-5000]))
+    assert [(f.check, f.ok) for f in findings] == [("structure", False)]
+    assert "runs past the end" in findings[0].detail
+
+
+def test_verify_flags_non_finite_data(llama_q8, tmp_path):
+    data = bytearray(llama_q8.read_bytes())
+    norm = {t.name: t for t in gf.read_gguf(llama_q8).tensors}["blk.0.attn_norm.weight"]
+    data[norm.offset:norm.offset + 4] = struct.pack("<f", float("nan"))
+    bad = tmp_path / "nan.gguf"
+    bad.write_bytes(bytes(data))
+    findings = {f.check: f for f in gc.verify_gguf(bad)}
+    assert not findings["data"].ok and not findings["finite:model.layers.0.input_layernorm.weight"].ok
