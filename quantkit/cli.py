@@ -153,6 +153,31 @@ def quantize(
 
 
 @app.command()
+def dequantize(
+    src: Annotated[str, typer.Argument(help="Quantized checkpoint folder (bitsandbytes, GPTQ, AWQ), hub repo id, or .gguf file.")],
+    out: Annotated[Path, typer.Argument(help="Output folder for dense safetensors.")],
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="bfloat16, float16 or float32 (default: the dtype the checkpoint records).")] = None,
+    max_shard_size: ShardSize = "5GB",
+    force: ForceFlag = False,
+    json_out: JsonFlag = False,
+    revision: Revision = None,
+) -> None:
+    """Turn a quantized checkpoint back into dense safetensors (e.g. to fine-tune it)."""
+    from quantkit import pipeline
+
+    with user_errors():
+        with progress_bar(not json_out, "dequantize") as progress:
+            result = pipeline.dequantize(src, out, dtype=dtype, max_shard_size=parse_size(max_shard_size), force=force,
+                                         revision=revision, progress=progress)
+        summary = {"out": str(result.out), "files": result.files, **result.summary}
+        if json_out:
+            emit_json(summary)
+        else:
+            err(f"wrote {result.out}: {summary.get('dequantized', summary.get('tensors', 0))} tensors dequantized"
+                f"{' to ' + summary['dtype'] if summary.get('dtype') else ''}, {summary['output_bytes'] / 1e6:.1f} MB")
+
+
+@app.command()
 def convert(
     src: Annotated[str, typer.Argument(help="Checkpoint folder, hub repo id, or a .gguf file.")],
     out: Annotated[Path, typer.Argument(help="A .gguf file for --to gguf, else a folder.")],
@@ -177,6 +202,29 @@ def convert(
         for line in summary["fallbacks"] + summary["warnings"]:
             err(f"warning: {line}")
         err(f"wrote {summary['out']}: {summary['tensors']} tensors, {summary['output_bytes'] / 1e6:.1f} MB")
+
+
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="Checkpoint folder or .gguf file to check.")],
+    reference: Annotated[Optional[str], typer.Option("--reference", help="Dense source to compare each layer with.")] = None,
+    max_error: Annotated[Optional[float], typer.Option("--max-error", help="Largest relative weight error per layer (default per scheme).")] = None,
+    junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write a JUnit XML report here.")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Check a checkpoint: structure, quantization companions, values, size, and layers against a reference.
+    Exit 0 when all pass, 1 when a problem is found."""
+    from quantkit import verify as checks
+
+    with user_errors():
+        report = checks.verify(path, reference, max_error)
+        if junit:
+            checks.write_junit(report, junit)
+        if json_out:
+            emit_json(report.as_dict())
+        else:
+            checks.print_report(report)
+    raise typer.Exit(0 if report.ok else 1)
 
 
 def main() -> None:

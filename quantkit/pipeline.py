@@ -16,8 +16,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.safetensors import CheckpointWriter, OutputTensor, ShardReader, TensorInfo, iter_row_chunks
-from quantkit.plan import Entry, Plan, QuantOptions, make_plan, quantizer_for
+from quantkit.formats.safetensors import CheckpointWriter, ShardReader, TensorInfo, iter_row_chunks
+from quantkit.dtypes import NAME_OF
+from quantkit.plan import Entry, Plan, QuantOptions, make_dequant_plan, make_plan, quantizer_for
 from quantkit.source import Checkpoint, open_checkpoint, resolve
 
 COPY_CHUNK = 16 << 20
@@ -229,5 +230,65 @@ def quantize(src: str, out: Path, options: QuantOptions, force: bool = False, re
     return Result(out, plan.output_bytes, files, summary)
 
 
-def planned_outputs(plan: Plan) -> list[OutputTensor]:
-    return plan.outputs
+# ---------------------------------------------------------------- dequantize
+
+
+class TensorReads:
+    """Reads whole tensors by name from whichever shard holds them (companions may live elsewhere)."""
+
+    def __init__(self, checkpoint: Checkpoint, current: ShardReader):
+        self.checkpoint = checkpoint
+        self.current = current
+
+    def __call__(self, name: str) -> np.ndarray:
+        info = self.checkpoint.tensors[name]
+        if info.file == self.current.path:
+            return self.current.read(info)
+        with ShardReader(info.file) as other:
+            return other.read(info)
+
+
+def dequantize(src: str, out: Path, dtype: str | None = None, max_shard_size: int = 5 * 10**9, force: bool = False,
+               revision: str | None = None, progress: Progress = _no_progress) -> Result:
+    """A quantized checkpoint back to dense safetensors with the original names; config loses quantization_config."""
+    path = resolve(src, revision)
+    if path.is_file() and path.suffix == ".gguf":
+        from quantkit import gguf_convert
+
+        summary = gguf_convert.convert(src, out, "safetensors", dtype=dtype, force=force, revision=revision,
+                                       max_shard_size=max_shard_size, progress=progress)
+        return Result(out, summary.get("output_bytes", 0), summary.get("files", []), summary)
+    checkpoint = open_checkpoint(path)
+    dequantizer, entries, dense_dtype = make_dequant_plan(checkpoint, dtype)
+    modules = dequantizer.modules(checkpoint)
+    entries = ordered(checkpoint, entries)
+    outputs = [o for e in entries for o in e.outputs]
+    check_output(checkpoint.root, out, force)
+    check_free_space(out, sum(o.nbytes for o in outputs))
+
+    def handle(reader: ShardReader, entry: Entry, info: TensorInfo) -> None:
+        if entry.fate == "dequantize":
+            names = modules[entry.module]
+            dequantizer.dequantize(checkpoint, entry.module, names, TensorReads(checkpoint, reader), dense_dtype, writer)
+        elif entry.fate == "keep":
+            copy_tensor(reader, info, entry.source, writer)
+
+    with StagedOutput(out) as staged:
+        try:
+            writer = CheckpointWriter(staged.tmp, outputs, max_shard_size)
+            stream_entries(checkpoint, entries, writer, handle, progress)
+            files = writer.finish()
+            config = {k: v for k, v in checkpoint.config.items() if k != "quantization_config"}
+            write_config(staged.tmp, config)
+            copy_side_files(checkpoint, staged.tmp)
+            staged.commit()
+        except OSError as e:
+            raise os_error(e, out) from None
+    summary = {
+        "method": dequantizer.quant_method,
+        "dtype": NAME_OF[dense_dtype],
+        "dequantized": sum(e.fate == "dequantize" for e in entries),
+        "kept": sum(e.fate == "keep" for e in entries),
+        "output_bytes": sum((out / f).stat().st_size for f in files),
+    }
+    return Result(out, sum(o.nbytes for o in outputs), files, summary)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import fnmatch
 import math
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from quantkit.dtypes import FLOATS, itemsize
+from quantkit.dtypes import BY_NAME as NAME_TO_DTYPE
+from quantkit.dtypes import FLOATS, NAME_OF
 from quantkit.errors import QuantkitError
 from quantkit.formats.safetensors import OutputTensor, TensorInfo
 from quantkit.source import Checkpoint
@@ -114,7 +115,54 @@ class Quantizer(Protocol):
     def config(self, options: QuantOptions, skipped: list[str], head: list[str]) -> dict: ...
 
 
+class Dequantizer(Protocol):
+    """Reads one quantized format back: which tensors form each module, and their dense values.
+
+    `modules` maps each quantized module to its tensors, the dense weight's name first; `layout` gives the
+    dense outputs of one module; `dequantize` writes them through the sink, reading inputs with `read`.
+    `check` returns problems (strings) for verify: companions missing, shapes or config disagreeing;
+    `options` the QuantOptions that would write this checkpoint (verify compares sizes with its layout).
+    """
+
+    quant_method: str
+
+    def modules(self, checkpoint: Checkpoint) -> dict[str, list[str]]: ...
+
+    def default_dtype(self, checkpoint: Checkpoint, modules: dict[str, list[str]]) -> str | None: ...
+
+    def layout(self, checkpoint: Checkpoint, module: str, names: list[str], dtype: str) -> list[OutputTensor]: ...
+
+    def dequantize(self, checkpoint: Checkpoint, module: str, names: list[str], read: Callable[[str], np.ndarray],
+                   dtype: str, sink: "TensorSink") -> None: ...
+
+    def check(self, checkpoint: Checkpoint, modules: dict[str, list[str]]) -> list[str]: ...
+
+    def scheme(self, checkpoint: Checkpoint) -> str: ...
+
+    def options(self, checkpoint: Checkpoint) -> QuantOptions: ...
+
+
 QUANTIZERS: dict[str, Quantizer] = {}
+DEQUANTIZERS: dict[str, Dequantizer] = {}
+
+
+def register_dequantizer(dequantizer: Dequantizer) -> Dequantizer:
+    if dequantizer.quant_method in DEQUANTIZERS:
+        raise ValueError(f"dequantizer for {dequantizer.quant_method!r} registered twice")
+    DEQUANTIZERS[dequantizer.quant_method] = dequantizer
+    return dequantizer
+
+
+def dequantizer_for(checkpoint: Checkpoint) -> Dequantizer:
+    qc = checkpoint.quantization_config
+    if qc is None:
+        raise QuantkitError(f"{checkpoint.root / 'config.json'}: the checkpoint is not quantized (no quantization_config)")
+    _load_builtin_quantizers()
+    method = qc.get("quant_method")
+    if method not in DEQUANTIZERS:
+        raise QuantkitError(f"{checkpoint.root / 'config.json'}: quant_method {method!r} is not supported",
+                            f"quantkit reads {', '.join(sorted(DEQUANTIZERS))}")
+    return DEQUANTIZERS[method]
 
 
 def register(quantizer: Quantizer) -> Quantizer:
@@ -254,11 +302,6 @@ def make_plan(checkpoint: Checkpoint, options: QuantOptions) -> Plan:
     return Plan(options.method, options, entries, config, sorted(skipped))
 
 
-def plan_bytes(checkpoint: Checkpoint, options: QuantOptions) -> int:
-    """Output bytes for quantizing with `options` (inspect's size table)."""
-    return make_plan(checkpoint, options).output_bytes
-
-
 def source_bytes(checkpoint: Checkpoint) -> int:
     return sum(info.nbytes for info in checkpoint.tensors.values())
 
@@ -267,9 +310,36 @@ def num_parameters(checkpoint: Checkpoint) -> int:
     return sum(info.numel for info in checkpoint.tensors.values() if info.dtype in FLOATS)
 
 
-def with_method(options: QuantOptions, method: str) -> QuantOptions:
-    return replace(options, method=method)
+
+def make_dequant_plan(checkpoint: Checkpoint, dtype: str | None) -> tuple[Dequantizer, list[Entry], str]:
+    """Dense outputs for a quantized checkpoint: each quantized module's weight in `dtype` (default: the
+    dtype the checkpoint records), every other tensor copied as is. Reads no data."""
+    dequantizer = dequantizer_for(checkpoint)
+    modules = dequantizer.modules(checkpoint)
+    dtype = dtype or dequantizer.default_dtype(checkpoint, modules) or default_dense_dtype(checkpoint, modules)
+    if dtype not in NAME_TO_DTYPE:
+        raise QuantkitError(f"--dtype {dtype}: choose one of {', '.join(NAME_TO_DTYPE)}")
+    consumed = {name: module for module, names in modules.items() for name in names}
+    entries = []
+    for name, info in checkpoint.tensors.items():
+        module = consumed.get(name)
+        if module is None:
+            entries.append(Entry(name, "keep", module_of(name), (OutputTensor(name, info.dtype, info.shape),)))
+        elif name == modules[module][0]:
+            outputs = tuple(dequantizer.layout(checkpoint, module, modules[module], NAME_TO_DTYPE[dtype]))
+            entries.append(Entry(name, "dequantize", module, outputs))
+        else:
+            entries.append(Entry(name, "consume", module))
+    return dequantizer, entries, NAME_TO_DTYPE[dtype]
 
 
-ProgressCallback = Callable[[str, int], None]
-__all__ = ["Entry", "Plan", "QuantOptions", "make_plan", "register", "quantizer_for", "itemsize"]
+def default_dense_dtype(checkpoint: Checkpoint, modules: dict[str, list[str]]) -> str:
+    """config.json's dtype (or torch_dtype), else the dtype of the unquantized float tensors."""
+    for key in ("dtype", "torch_dtype"):
+        if checkpoint.config.get(key) in NAME_TO_DTYPE:
+            return checkpoint.config[key]
+    quantized = {n for names in modules.values() for n in names}
+    for name, info in checkpoint.tensors.items():
+        if name not in quantized and info.dtype in FLOATS:
+            return NAME_OF[info.dtype]
+    return "float32"

@@ -1,0 +1,269 @@
+"""verify: the checks a CI gate runs on a checkpoint, each a small function returning a named result.
+
+A problem in the checkpoint is a failed check (exit 1), never an exception: a truncated shard, a
+missing companion, a NaN, a layer that does not match its reference.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+from xml.etree import ElementTree
+
+import numpy as np
+
+from quantkit import dtypes
+from quantkit.errors import QuantkitError
+from quantkit.formats.safetensors import ShardReader, iter_row_chunks
+from quantkit.plan import Dequantizer, dequantizer_for, is_conv1d, quantizer_for
+from quantkit.source import Checkpoint, open_checkpoint, read_config
+
+# Relative weight error (||W - W'|| / ||W||) above which a layer fails, per scheme.
+DEFAULT_MAX_ERROR = {"nf4": 0.2, "fp4": 0.3, "int8": 0.05, "gptq-8": 0.05, "gptq-4": 0.25, "gptq-3": 0.4, "gptq-2": 0.8, "awq-4": 0.25}
+SCALE_SUFFIXES = (".absmax", ".nested_absmax", ".SCB", ".scales")
+LEFTOVER = re.compile(r"\.quantkit-(partial|old)-\d+$")
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Layer:
+    name: str
+    scheme: str
+    rel_error: float
+    snr_db: float
+    max_error: float
+    ok: bool
+
+
+@dataclass
+class Report:
+    path: str
+    checks: list[Check] = field(default_factory=list)
+    layers: list[Layer] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks) and all(layer.ok for layer in self.layers)
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "path": self.path, "checks": [asdict(c) for c in self.checks], "layers": [asdict(x) for x in self.layers]}
+
+
+def _first(problems: list[str], more: str = "") -> str:
+    if not problems:
+        return more
+    extra = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    return problems[0] + extra
+
+
+def check_leftovers(path: Path) -> Check:
+    """An interrupted run leaves `.NAME.quantkit-partial-PID` beside OUT; that is never a finished checkpoint."""
+    if LEFTOVER.search(path.name):
+        return Check("leftovers", False, f"{path.name} is the temporary folder of an interrupted run")
+    siblings = [p.name for p in path.resolve().parent.glob(f".{path.name}.quantkit-*") if LEFTOVER.search(p.name)]
+    if siblings:
+        return Check("leftovers", False, f"an interrupted run left {siblings[0]} beside it; re-run with --force")
+    return Check("leftovers", True, "no temporary files of interrupted runs")
+
+
+def check_structure(path: Path) -> tuple[Check, Check, Checkpoint | None]:
+    try:
+        read_config(path)
+    except QuantkitError as e:
+        return Check("config", False, e.message), Check("structure", False, "not checked: config.json is unreadable"), None
+    try:
+        checkpoint = open_checkpoint(path)
+    except QuantkitError as e:
+        return Check("config", True, "config.json parses"), Check("structure", False, e.message), None
+    detail = f"{len(checkpoint.files)} shard(s), {len(checkpoint.tensors)} tensors, headers and offsets valid"
+    return Check("config", True, "config.json parses"), Check("structure", True, detail), checkpoint
+
+
+def check_values(checkpoint: Checkpoint) -> Check:
+    """Every float tensor finite; scales (absmax, SCB, scales) finite and >= 0. Streams all the data."""
+    problems = []
+    for file in checkpoint.files:
+        with ShardReader(file) as reader:
+            for info in (i for i in checkpoint.tensors.values() if i.file == file and i.dtype in dtypes.FLOATS):
+                for start, stop in iter_row_chunks(info, 16 << 20):
+                    try:
+                        values = dtypes.to_float32(reader.read_rows(info, start, stop), info.dtype)
+                    except QuantkitError as e:
+                        return Check("values", False, e.message)
+                    if not np.isfinite(values).all():
+                        problems.append(f"'{info.name}' has NaN or infinite values")
+                        break
+                    if info.name.endswith(SCALE_SUFFIXES) and (values < 0).any():
+                        problems.append(f"'{info.name}' has negative scales")
+                        break
+    return Check("values", not problems, _first(problems, "all float tensors finite, scales >= 0"))
+
+
+def check_quantization(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[str, list[str]]) -> Check:
+    problems = dequantizer.check(checkpoint, modules)
+    detail = f"{len(modules)} quantized modules with all companions, consistent with quantization_config"
+    return Check("quantization", not problems, _first(problems, detail))
+
+
+def check_size(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[str, list[str]]) -> Check:
+    """Each quantized module's tensors have the bytes the quantizer's own layout predicts for its shape."""
+    options = dequantizer.options(checkpoint)
+    try:
+        quantizer = quantizer_for(options.method)
+    except QuantkitError:
+        return Check("size", True, f"no layout to compare for {options.method}")
+    problems = []
+    actual_total = predicted_total = 0
+    for module, names in modules.items():
+        try:
+            dense = dequantizer.layout(checkpoint, module, names, "F32")[0]
+            shape = dense.shape[::-1] if is_conv1d(checkpoint.config, module) else dense.shape
+            predicted = quantizer.layout(module, shape, "F32", options)
+        except QuantkitError as e:
+            problems.append(e.message)
+            continue
+        for out in predicted:
+            info = checkpoint.tensors.get(out.name)
+            if info is None:
+                continue  # a missing companion is the quantization check's finding
+            actual_total += info.nbytes
+            predicted_total += out.nbytes
+            if info.nbytes != out.nbytes and not (out.variable and info.nbytes <= out.nbytes):
+                problems.append(f"'{out.name}': {info.nbytes} bytes on disk, {out.nbytes} predicted")
+    detail = f"{actual_total:,} bytes of quantized tensors, as predicted"
+    return Check("size", not problems, _first(problems, detail))
+
+
+def relative_error(reference: np.ndarray, approx: np.ndarray) -> tuple[float, float]:
+    ref = reference.astype(np.float64).reshape(-1)
+    diff = np.linalg.norm(ref - approx.astype(np.float64).reshape(-1))
+    norm = np.linalg.norm(ref)
+    rel = float(diff / norm) if norm else float(diff > 0)
+    snr = float(20 * math.log10(norm / diff)) if diff and norm else math.inf
+    return rel, snr
+
+
+class _Capture:
+    """A sink that keeps what a dequantizer writes, as float32."""
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+        self.parts: dict[str, list[np.ndarray]] = {}
+
+    def write(self, name: str, chunk) -> None:
+        self.parts.setdefault(name, []).append(np.asarray(chunk))
+
+    def done(self, name: str) -> None:
+        pass
+
+    def value(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        bits = np.concatenate([p.reshape(-1) for p in self.parts[name]]) if self.parts.get(name) else np.zeros(0)
+        return dtypes.to_float32(bits, self.dtype).reshape(shape)
+
+
+def compare_layers(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[str, list[str]], reference: Path,
+                   max_error: float | None) -> list[Layer]:
+    ref = open_checkpoint(reference)
+    scheme = dequantizer.scheme(checkpoint)
+    bound = max_error if max_error is not None else DEFAULT_MAX_ERROR.get(scheme, 0.3)
+    layers = []
+    for module, names in modules.items():
+        dense = dequantizer.layout(checkpoint, module, names, "F32")[0]
+        ref_info = ref.tensors.get(dense.name)
+        if ref_info is None or ref_info.shape != dense.shape:
+            layers.append(Layer(dense.name, scheme, math.inf, -math.inf, bound, False))
+            continue
+        sink = _Capture("F32")
+        with ShardReader(checkpoint.tensors[names[0]].file) as reader:
+            from quantkit.pipeline import TensorReads
+
+            dequantizer.dequantize(checkpoint, module, names, TensorReads(checkpoint, reader), "F32", sink)
+        with ShardReader(ref_info.file) as reader:
+            expected = dtypes.to_float32(reader.read(ref_info), ref_info.dtype)
+        rel, snr = relative_error(expected, sink.value(dense.name, dense.shape))
+        layers.append(Layer(dense.name, scheme, rel, snr, bound, rel <= bound))
+    return layers
+
+
+def verify(path: Path, reference: str | None = None, max_error: float | None = None,
+           progress: Callable[[str], None] = lambda name: None) -> Report:
+    if not path.exists():
+        raise QuantkitError(f"{path}: no such file or folder")
+    if path.is_file() and path.suffix == ".gguf":
+        from quantkit.formats import gguf
+
+        return gguf.verify_file(path, reference, max_error)
+    report = Report(str(path))
+    report.checks.append(check_leftovers(path))
+    config_check, structure_check, checkpoint = check_structure(path)
+    report.checks += [config_check, structure_check]
+    if checkpoint is None:
+        return report
+    report.checks.append(check_values(checkpoint))
+    if checkpoint.quantization_config is None:
+        report.checks.append(Check("quantization", True, "not quantized"))
+        return report
+    try:
+        dequantizer = dequantizer_for(checkpoint)
+        modules = dequantizer.modules(checkpoint)
+    except QuantkitError as e:
+        report.checks.append(Check("quantization", False, e.message))
+        return report
+    report.checks.append(check_quantization(checkpoint, dequantizer, modules))
+    report.checks.append(check_size(checkpoint, dequantizer, modules))
+    if reference is not None and report.ok:
+        from quantkit.source import resolve
+
+        report.layers = compare_layers(checkpoint, dequantizer, modules, resolve(reference), max_error)
+        bad = [layer.name for layer in report.layers if not layer.ok]
+        worst = max((layer.rel_error for layer in report.layers), default=0.0)
+        report.checks.append(Check("reference", not bad, _first([f"'{n}' differs from the reference beyond its bound" for n in bad],
+                                                                f"{len(report.layers)} layers within bounds (worst relative error {worst:.4f})")))
+    return report
+
+
+def write_junit(report: Report, file: Path) -> None:
+    cases = [(c.name, c.ok, c.detail) for c in report.checks]
+    cases += [(f"layer {x.name}", x.ok, f"relative error {x.rel_error:.5f} (bound {x.max_error}), SNR {x.snr_db:.1f} dB") for x in report.layers]
+    suite = ElementTree.Element("testsuite", name=f"quantkit verify {report.path}", tests=str(len(cases)),
+                                failures=str(sum(not ok for _, ok, _ in cases)))
+    for name, ok, detail in cases:
+        case = ElementTree.SubElement(suite, "testcase", classname="quantkit.verify", name=name)
+        if not ok:
+            ElementTree.SubElement(case, "failure", message=detail).text = detail
+        else:
+            ElementTree.SubElement(case, "system-out").text = detail
+    try:
+        ElementTree.ElementTree(suite).write(file, encoding="utf-8", xml_declaration=True)
+    except OSError as e:
+        raise QuantkitError(f"{file}: cannot write JUnit report ({e.strerror})") from None
+
+
+def print_report(report: Report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"verify {report.path}", title_justify="left")
+    for column in ("check", "result", "detail"):
+        table.add_column(column)
+    for c in report.checks:
+        table.add_row(c.name, "[green]pass[/green]" if c.ok else "[red]FAIL[/red]", c.detail)
+    console = Console()
+    console.print(table)
+    if report.layers:
+        layers = Table(title="layers vs reference", title_justify="left")
+        for column in ("layer", "scheme", "rel. error", "SNR dB", "result"):
+            layers.add_column(column)
+        for x in report.layers:
+            layers.add_row(x.name, x.scheme, f"{x.rel_error:.5f}", f"{x.snr_db:.1f}", "pass" if x.ok else "[red]FAIL[/red]")
+        console.print(layers)
+    console.print("[bold green]OK[/bold green]" if report.ok else "[bold red]PROBLEMS FOUND[/bold red]")
