@@ -1,0 +1,176 @@
+"""GPTQ / AWQ packing against an unpacker written here from the published layout (not quantkit's),
+v1 <-> v2 zero points, version inference, and the config dict loaders read."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantkit.errors import QuantkitError
+from quantkit.formats import gptq
+from quantkit.schemes import groupwise as gw
+
+
+def spec_unpack_along_rows(words: np.ndarray, bits: int) -> np.ndarray:
+    """GPTQ qweight: word [r, c] holds input rows r*f .. r*f+f-1 of column c, row r*f+k in bits k*bits.."""
+    f = 32 // bits
+    out = np.zeros((words.shape[0] * f, words.shape[1]), np.int64)
+    for r in range(words.shape[0]):
+        for c in range(words.shape[1]):
+            word = int(words[r, c]) & 0xFFFFFFFF
+            for k in range(f):
+                out[r * f + k, c] = (word >> (k * bits)) & (2**bits - 1)
+    return out
+
+
+def spec_unpack_along_columns(words: np.ndarray, bits: int) -> np.ndarray:
+    return spec_unpack_along_rows(words.T, bits).T
+
+
+def spec_dequantize_gptq(t: dict, bits: int, version: str) -> np.ndarray:
+    """w[o, i] = scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o]); v1 stores zero - 1."""
+    q = spec_unpack_along_rows(t["qweight"], bits)
+    zeros = spec_unpack_along_columns(t["qzeros"], bits) + (1 if version == "v1" else 0)
+    scales = t["scales"].astype(np.float64)
+    out = np.zeros((q.shape[1], q.shape[0]))
+    for i in range(q.shape[0]):
+        g = t["g_idx"][i]
+        out[:, i] = scales[g] * (q[i] - zeros[g])
+    return out
+
+
+def pack(w: np.ndarray, bits: int, group_size: int, sym: bool, version: str) -> dict[str, np.ndarray]:
+    q = gw.quantize(w, bits, group_size, sym, 1 if (version == "v1" and not sym) else 0)
+    return {
+        "qweight": gptq.pack_qweight(q.codes, bits),
+        "qzeros": gptq.pack_qzeros(q.zeros, bits, version),
+        "scales": q.scales.T.astype(np.float16),
+        "g_idx": gptq.group_index(w.shape[1], group_size),
+    }, q
+
+
+@pytest.mark.parametrize("bits", gw.SUPPORTED_BITS)
+@pytest.mark.parametrize("sym,version", [(True, "v1"), (True, "v2"), (False, "v1"), (False, "v2")])
+def test_packed_layout_matches_the_spec(bits, sym, version):
+    w = np.random.default_rng(bits).normal(0, 0.02, (32, 64)).astype(np.float32)
+    tensors, q = pack(w, bits, 32, sym, version)
+    assert tensors["qweight"].dtype == np.int32 and tensors["qweight"].shape == (64 * bits // 32, 32)
+    assert np.array_equal(spec_unpack_along_rows(tensors["qweight"], bits), q.codes.T)
+    stored = spec_unpack_along_columns(tensors["qzeros"], bits)
+    assert np.array_equal(stored, q.zeros.T.astype(np.int64) - (1 if version == "v1" else 0))
+    expected = (q.codes.astype(np.float64) - np.repeat(q.zeros, 32, axis=1)) * np.repeat(q.scales, 32, axis=1)
+    assert np.array_equal(spec_dequantize_gptq(tensors, bits, version), expected)
+    assert np.allclose(gptq.dequantize_gptq(tensors, bits, version, "m"), expected, rtol=0, atol=0)
+
+
+def test_symmetric_zero_points_as_loaders_expect():
+    tensors, _ = pack(np.random.default_rng(0).normal(size=(16, 64)).astype(np.float32), 4, 32, True, "v1")
+    assert np.all(spec_unpack_along_columns(tensors["qzeros"], 4) == 7)
+    assert np.all(tensors["qzeros"].view(np.uint32) == 0x77777777)
+    assert gptq.infer_version(tensors["qzeros"], 4, True) == "v1"
+    v2 = gptq.convert_qzeros(tensors["qzeros"], 4, "v1", "v2", "m")
+    assert np.all(v2.view(np.uint32) == 0x88888888)
+    assert gptq.infer_version(v2, 4, True) == "v2"
+    assert gptq.infer_version(gptq.pack_columns(np.full((2, 8), 3, np.uint8), 4), 4, True) is None
+
+
+def test_act_order_g_idx_dequantizes_per_feature():
+    rng = np.random.default_rng(1)
+    tensors, _ = pack(rng.normal(size=(16, 64)).astype(np.float32), 4, 16, False, "v2")
+    tensors["g_idx"] = rng.integers(0, 4, 64).astype(np.int32)  # act-order: any group per feature
+    assert np.allclose(gptq.dequantize_gptq(tensors, 4, "v2", "m"), spec_dequantize_gptq(tensors, 4, "v2"), rtol=0, atol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([2, 4, 8]), st.integers(1, 4), st.integers(1, 5), st.integers(0, 2**32 - 1))
+def test_pack_unpack_round_trip(bits, words, cols, seed):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 2**bits, (words * 32 // bits, cols)).astype(np.uint8)
+    packed = gptq.pack_rows(codes, bits)
+    assert np.array_equal(gptq.unpack_rows(packed, bits), codes)
+    assert np.array_equal(spec_unpack_along_rows(packed, bits), codes)
+    assert np.array_equal(gptq.unpack_columns(gptq.pack_columns(codes.T, bits), bits), codes.T)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([2, 4, 8]), st.booleans(), st.integers(0, 2**32 - 1))
+def test_v1_v2_v1_is_byte_identical(bits, sym, seed):
+    rng = np.random.default_rng(seed)
+    zeros = rng.integers(1, 2**bits, (3, 32)).astype(np.uint8)
+    v1 = gptq.pack_qzeros(zeros.T, bits, "v1")
+    v2 = gptq.convert_qzeros(v1, bits, "v1", "v2", "m")
+    assert np.array_equal(gptq.zero_points(v2, bits, "v2"), zeros)
+    assert gptq.convert_qzeros(v2, bits, "v2", "v1", "m").tobytes() == v1.tobytes()
+    assert gptq.convert_qzeros(v1, bits, "v1", "v1", "m") is v1
+
+
+def test_v2_zero_point_zero_cannot_become_v1():
+    zeros = np.full((2, 16), 5, np.uint8)
+    zeros[1, 3] = 0
+    v2 = gptq.pack_columns(zeros, 4)
+    with pytest.raises(QuantkitError, match="model.layers.0.mlp.up_proj: a zero point is 0"):
+        gptq.convert_qzeros(v2, 4, "v2", "v1", "model.layers.0.mlp.up_proj")
+    with pytest.raises(QuantkitError, match="zero point of 0"):
+        gptq.pack_qzeros(zeros.T, 4, "v1")
+
+
+def test_v1_field_at_the_top_is_refused():
+    v1 = gptq.pack_columns(np.full((1, 8), 15, np.uint8), 4)  # zero point 16 at 4 bits
+    with pytest.raises(QuantkitError, match="down_proj"):
+        gptq.convert_qzeros(v1, 4, "v1", "v2", "down_proj")
+    assert gptq.infer_version(v1, 4, False) == "v2"
+
+
+def spec_unpack_awq(words: np.ndarray) -> np.ndarray:
+    """AWQ GEMM: word [r, c] holds columns c*8 + (0, 2, 4, 6, 1, 3, 5, 7) in nibbles 0..7."""
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    out = np.zeros((words.shape[0], words.shape[1] * 8), np.int64)
+    for r in range(words.shape[0]):
+        for c in range(words.shape[1]):
+            word = int(words[r, c]) & 0xFFFFFFFF
+            for k in range(8):
+                out[r, c * 8 + order[k]] = (word >> (4 * k)) & 15
+    return out
+
+
+def test_awq_dequantize_matches_the_spec():
+    rng = np.random.default_rng(2)
+    codes = rng.integers(0, 16, (64, 24)).astype(np.uint8)  # [in, out]
+    zeros = rng.integers(0, 16, (2, 24)).astype(np.uint8)
+    scales = rng.uniform(0.001, 0.01, (2, 24)).astype(np.float16)
+    tensors = {"qweight": gptq.pack_awq(codes), "qzeros": gptq.pack_awq(zeros), "scales": scales}
+    assert np.array_equal(spec_unpack_awq(tensors["qweight"]), codes)
+    assert np.array_equal(gptq.unpack_awq(tensors["qweight"]), codes)
+    z = spec_unpack_awq(tensors["qzeros"])
+    expected = ((codes - np.repeat(z, 32, axis=0)) * np.repeat(scales.astype(np.float32), 32, axis=0)).T
+    assert np.array_equal(gptq.dequantize_awq(tensors, 32, "m"), expected.astype(np.float32))
+
+
+def test_shape_problems_are_named():
+    tensors, _ = pack(np.zeros((32, 64), np.float32), 4, 32, True, "v2")
+    assert gptq.gptq_shape_problem(tensors, 4, 32) is None
+    assert "scales has shape" in gptq.gptq_shape_problem(tensors, 4, 16)
+    assert "qweight" in gptq.gptq_shape_problem({**tensors, "qweight": tensors["qweight"].view(np.float32)}, 4)
+    assert gptq.gptq_shape_problem({k: v for k, v in tensors.items() if k != "g_idx"}, 4) == "missing g_idx"
+    bad = {**tensors, "g_idx": np.full(64, 9, np.int32)}
+    assert "g_idx" in gptq.gptq_shape_problem(bad, 4)
+    with pytest.raises(QuantkitError, match="^proj: g_idx"):
+        gptq.dequantize_gptq(bad, 4, "v2", "proj")
+
+
+def test_config_declares_both_format_keys():
+    config = gptq.quantization_config(4, 128, False, "v2", ("model.layers.0.mlp.down_proj",))
+    assert config["quant_method"] == "gptq" and config["desc_act"] is False and config["sym"] is False
+    assert config["checkpoint_format"] == config["format"] == "gptq_v2"
+    assert config["dynamic"] == {r"-:^model\.layers\.0\.mlp\.down_proj$": {}}
+    back = gptq.read_config(config)
+    assert (back.method, back.bits, back.group_size, back.sym, back.version) == ("gptq", 4, 128, False, "v2")
+    v1 = gptq.with_version(config, "v1")
+    assert v1["checkpoint_format"] == v1["format"] == "gptq" and gptq.read_config(v1).version == "v1"
+    assert gptq.read_config({"quant_method": "bitsandbytes"}) is None
+    awq = gptq.read_config({"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"})
+    assert (awq.method, awq.sym, awq.version) == ("awq", False, None)
+    with pytest.raises(QuantkitError, match="checkpoint_format"):
+        gptq.read_config({**config, "checkpoint_format": "marlin"})
