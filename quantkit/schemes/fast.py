@@ -56,8 +56,8 @@ def _quantize_4bit(raw, blocksize, bounds, order, packed, absmax):
                 a = abs(values[i])
                 peak = max(peak, a)
                 finite &= a <= _FLOAT_MAX
-            absmax[first + b] = peak if finite else np.float32(np.nan)
             safe = max(peak, _TINY)
+            absmax[first + b] = (peak if stop - start == blocksize else safe) if finite else np.float32(np.nan)
             if stop - start == blocksize:  # full blocks multiply by the reciprocal, the last one divides
                 inverse = one / safe
                 for i in range(start, stop):

@@ -30,6 +30,20 @@ FP4_ORDER = np.array([11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3], dty
 NF4_ORDER = np.arange(16, dtype=np.uint8)
 
 CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+# bitsandbytes' CPU dequantization kernel decodes FP4 with its own literals, -0 for code 8 included;
+# tensors whose last dimension is odd take its torch fallback, which uses FP4_CODE.
+FP4_DECODE = np.array(
+    [0.0, 0.005208333333, 0.66666667, 1.0, 0.33333333, 0.5, 0.16666667, 0.25,
+     -0.0, -0.005208333333, -0.66666667, -1.0, -0.33333333, -0.5, -0.16666667, -0.25],
+    dtype=np.float32,
+)  # fmt: skip
+
+
+def decode_table(quant_type: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The values bitsandbytes' CPU dequantization gives each code, for a tensor of `shape`."""
+    if quant_type == "fp4" and shape[-1] % 2 == 0:
+        return FP4_DECODE
+    return CODES[quant_type]
 ORDERS = {"nf4": NF4_ORDER, "fp4": FP4_ORDER}
 
 NESTED_BLOCKSIZE = 256
@@ -75,9 +89,9 @@ def quantize_4bit(x: np.ndarray, blocksize: int, quant_type: str) -> tuple[np.nd
     scaled = np.clip(blocks * inverse[:, None], -1, 1).reshape(-1)
     if full < n:
         tail = flat[full:]
-        tail_max = np.abs(tail).max()
+        tail_max = np.maximum(np.abs(tail).max(), _TINY)  # stored clamped, unlike full blocks' absmax
         absmax = np.append(absmax, tail_max).astype(np.float32)
-        scaled = np.concatenate([scaled, np.clip(tail / np.maximum(tail_max, _TINY), -1, 1)])
+        scaled = np.concatenate([scaled, np.clip(tail / tail_max, -1, 1)])
     if n % 2:
         scaled = np.append(scaled, np.float32(0))
     codes = ORDERS[quant_type][np.searchsorted(bounds(quant_type), scaled, side="left")]
@@ -93,7 +107,7 @@ def dequantize_4bit(packed: np.ndarray, absmax: np.ndarray, shape: tuple[int, ..
     codes = np.empty(flat.size * 2, dtype=np.uint8)
     codes[0::2] = flat >> 4
     codes[1::2] = flat & 0xF
-    values = CODES[quant_type][codes[:n]]
+    values = decode_table(quant_type, shape)[codes[:n]]
     scale = np.repeat(absmax.astype(np.float32), blocksize)[:n]
     return (values * scale).reshape(shape)
 

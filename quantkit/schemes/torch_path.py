@@ -28,9 +28,9 @@ def quantize_4bit(chunk: np.ndarray, dtype: str, blocksize: int, quant_type: str
     inverse = 1.0 / absmax.clamp(min=1e-38)
     scaled = (blocks * inverse[:, None]).clamp(-1, 1).reshape(-1)
     if full < n:
-        tail_max = flat[full:].abs().max()
+        tail_max = flat[full:].abs().max().clamp(min=1e-38)
         absmax = torch.cat([absmax, tail_max[None]])
-        scaled = torch.cat([scaled, (flat[full:] / tail_max.clamp(min=1e-38)).clamp(-1, 1)])
+        scaled = torch.cat([scaled, (flat[full:] / tail_max).clamp(-1, 1)])
     if n % 2:
         scaled = torch.cat([scaled, scaled.new_zeros(1)])
     bounds = torch.from_numpy(nf4.bounds(quant_type))
