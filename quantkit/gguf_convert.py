@@ -107,17 +107,17 @@ class GGUFReport:
 
 
 def _source_rows(reader: ShardReader, info: TensorInfo, permute_heads: int) -> Iterator[np.ndarray]:
-    """float32 row chunks of a source tensor; Q/K with a head permutation are read whole (rows move)."""
+    """Row chunks of a source tensor as stored; Q/K with a head permutation are read whole (rows move)."""
     if permute_heads:
-        yield gf.permute_qk(to_float32(reader.read(info), info.dtype), permute_heads)
+        yield gf.permute_qk(reader.read(info), permute_heads)
         return
     for start, stop in iter_row_chunks(info, CHUNK_BYTES):
-        yield to_float32(reader.read_rows(info, start, stop), info.dtype)
+        yield reader.read_rows(info, start, stop)
 
 
-def _quantized(rows: Iterator[np.ndarray], qtype: QType) -> Iterator[np.ndarray]:
+def _quantized(rows: Iterator[np.ndarray], dtype: str, qtype: QType) -> Iterator[np.ndarray]:
     for chunk in rows:
-        yield ggml.quantize(chunk.reshape(-1, chunk.shape[-1]) if chunk.ndim > 1 else chunk[None], qtype)
+        yield ggml.quantize_stored(chunk.reshape(-1, chunk.shape[-1]) if chunk.ndim > 1 else chunk[None], dtype, qtype)
 
 
 def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
@@ -146,7 +146,7 @@ def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
                     if reader is not None:
                         reader.close()
                     reader = ShardReader(info.file)
-                yield e.out, _quantized(_source_rows(reader, info, e.permute_heads), e.out.qtype)
+                yield e.out, _quantized(_source_rows(reader, info, e.permute_heads), info.dtype, e.out.qtype)
                 done += e.out.nbytes
                 if progress:
                     progress(done, plan.nbytes, e.hf_name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from quantkit.dtypes import bf16_bits
+from quantkit.dtypes import bf16_bits, to_float32
 from quantkit.errors import QuantkitError
 
 QType = GGMLQuantizationType
@@ -43,8 +43,10 @@ def layout(qtype: QType, shape: tuple[int, ...]) -> tuple[np.dtype, tuple[int, .
 
 
 def _f16_bytes(values: np.ndarray) -> np.ndarray:
-    """float32 [n, 1] -> [n, 2] bytes of the float16 rounded to nearest even, as GGML_FP32_TO_FP16."""
-    return values.astype(np.float16).view(np.uint8)
+    """float32 [n, 1] -> [n, 2] bytes of the float16 rounded to nearest even, as GGML_FP32_TO_FP16
+    (beyond 65504 that is inf, in llama.cpp too)."""
+    with np.errstate(over="ignore"):
+        return values.astype(np.float16).view(np.uint8)
 
 
 def _inverse(d: np.ndarray) -> np.ndarray:
@@ -127,17 +129,27 @@ def quantize_reference(rows: np.ndarray, qtype: QType) -> np.ndarray:
 
 def quantize(rows: np.ndarray, qtype: QType) -> np.ndarray:
     """Same bytes as the references, the hot types (Q8_0, Q4_K, Q6_K) through compiled kernels."""
+    return quantize_stored(rows, "F32", qtype)
+
+
+def quantize_stored(rows: np.ndarray, dtype: str, qtype: QType) -> np.ndarray:
+    """`quantize` of rows as a checkpoint stores them (safetensors dtype; BF16 as uint16 bits): the
+    Q8_0 kernel widens bfloat16 itself, everything else goes through float32 first."""
+    if qtype == QType.Q8_0 and dtype in ("F32", "BF16"):
+        return _q8_0_fast(np.ascontiguousarray(rows, dtype=np.uint16 if dtype == "BF16" else np.float32), dtype == "BF16")
+    rows = to_float32(rows, dtype) if dtype != "F32" else rows
     if qtype in (QType.Q4_K, QType.Q6_K):
         from quantkit.schemes import kquants
 
         return kquants.quantize(rows, qtype)
-    if qtype != QType.Q8_0:
-        return quantize_reference(rows, qtype)
+    return quantize_reference(rows, qtype)
+
+
+def _q8_0_fast(rows: np.ndarray, is_bf16: bool) -> np.ndarray:
     from quantkit.schemes import ggml_kernels
 
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
     n, k = rows.shape
     out = np.empty((n * k // 32, 34), dtype=np.uint8)
-    d = ggml_kernels.q8_0_codes(rows.reshape(-1, 32), out)
+    d = ggml_kernels.q8_0_codes(rows.reshape(-1, 32), is_bf16, out)
     out[:, :2] = _f16_bytes(d)
-    return out.reshape(n, row_bytes(qtype, k))
+    return out.reshape(n, row_bytes(QType.Q8_0, k))

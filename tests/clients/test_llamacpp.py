@@ -11,6 +11,7 @@ import ctypes
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
@@ -69,11 +70,21 @@ def test_block_bytes_equal_llama_cpp(libggml, qtype):
     x = hard_blocks(9 * 2000)
     theirs = llama_cpp_quantize(libggml, x, qtype)
     ours = ggml.quantize(x, qtype).reshape(theirs.shape)
-    differing = int((ours != theirs).any(axis=1).sum())
-    print(f"{qtype.name}: {len(theirs) - differing}/{len(theirs)} blocks byte-identical to llama.cpp")
-    assert differing == 0
+    differing = (ours != theirs).any(axis=1)
+    print(f"{qtype.name}: {len(theirs) - differing.sum()}/{len(theirs)} blocks byte-identical to llama.cpp")
     if qtype in kquants.REFERENCE:
+        assert not differing.any()
         assert kquants.REFERENCE[qtype](x).reshape(theirs.shape).tobytes() == theirs.tobytes()
+        return
+    # The legacy types follow gguf-py, which differs from llama.cpp in one place only: the sign of a
+    # zero float16 scale or min where the block holds -0.0 (numpy's min/argmax pick another zero
+    # than C's first-wins loop). Both decode to the same values.
+    assert ours.tobytes() == gguf.quants.quantize(x, qtype).reshape(theirs.shape).tobytes()
+    header = 4 if qtype in (Q.Q4_1, Q.Q5_1) else 2
+    assert not (ours[:, header:] != theirs[:, header:]).any()
+    ours_zero = (ours[:, :header].view(np.uint16) & 0x7FFF) == 0
+    assert (ours_zero | (ours[:, :header] == theirs[:, :header]).reshape(-1, header // 2, 2).all(axis=2))[differing].all()
+    assert np.array_equal(gguf.quants.dequantize(ours, qtype), gguf.quants.dequantize(theirs, qtype))
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +94,14 @@ def checkpoints(tmp_path_factory):
 
 
 TEXT = "How vexingly quick daft zebras jump! In 1969, they're here: def main(argv)"
-# Relative logit error (Frobenius norm) allowed per type, measured with margin on these models.
-TOLERANCE = {"F32": 1e-4, "F16": 2e-3, "BF16": 1e-2, "Q8_0": 1e-2, "Q6_K": 3e-2, "Q5_1": 5e-2, "Q5_0": 5e-2,
-             "Q4_K": 0.1, "Q4_1": 0.1, "Q4_0": 0.1}
+# Relative logit error (Frobenius norm) of llama.cpp on our GGUF against transformers on the source:
+# the type's own error, amplified by these small random models (measured, with margin). F32 is not
+# exact because llama.cpp keeps its KV cache in float16.
+TO_SOURCE = {"F32": 2e-3, "F16": 5e-3, "BF16": 2e-2, "Q8_0": 5e-2, "Q6_K": 0.12, "Q5_0": 0.25, "Q5_1": 0.25,
+             "Q4_K": 0.4, "Q4_0": 0.45, "Q4_1": 0.45}
+# ... and against transformers running the very weights our GGUF holds (dequantized by gguf-py): what
+# is left is llama.cpp's arithmetic (float16 KV cache, 8-bit activations for quantized matmuls).
+TO_SAME_WEIGHTS = 5e-2
 
 
 def _transformers_logits(src: Path, ids: list[int]) -> np.ndarray:
@@ -106,6 +122,10 @@ def _llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
         llm.close()
 
 
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
 @pytest.mark.parametrize("family, type_name", [
     ("llama", "F32"), ("llama", "F16"), ("llama", "BF16"), ("llama", "Q8_0"), ("llama", "Q4_0"), ("llama", "Q4_1"),
     ("llama", "Q5_0"), ("llama", "Q5_1"), ("llama", "Q4_K"), ("llama", "Q6_K"),
@@ -117,13 +137,15 @@ def test_llama_cpp_logits_match_transformers(checkpoints, tmp_path, family, type
     src = checkpoints[family]
     out = tmp_path / "model.gguf"
     gc.to_gguf(open_checkpoint(src), out, gc.parse_type(type_name))
+    gc.gguf_to_safetensors(out, tmp_path / "same_weights")
     ids = [0, *AutoTokenizer.from_pretrained(src)(TEXT)["input_ids"]]
     ours = _llama_cpp_logits(out, ids)
-    ref = _transformers_logits(src, ids)
-    rel = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
-    print(f"{family} {type_name}: relative logit error {rel:.2e} over {len(ids)} tokens")
-    assert rel < TOLERANCE[type_name]
-    assert (ours.argmax(axis=1) == ref.argmax(axis=1)).mean() >= (1.0 if type_name == "F32" else 0.7)
+    to_source = _relative(ours, _transformers_logits(src, ids))
+    to_same = _relative(ours, _transformers_logits(tmp_path / "same_weights", ids))
+    print(f"{family} {type_name}: relative logit error {to_source:.2e} to the source, "
+          f"{to_same:.2e} to the same weights, over {len(ids)} tokens")
+    assert to_source < TO_SOURCE[type_name]
+    assert to_same < TO_SAME_WEIGHTS
 
 
 def test_llama_cpp_tokenizes_like_transformers(checkpoints, tmp_path):

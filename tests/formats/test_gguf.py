@@ -179,10 +179,10 @@ def test_unsupported_architecture_is_refused(checkpoints, tmp_path):
 
 
 def test_failed_write_leaves_nothing_behind(checkpoints, tmp_path, monkeypatch):
-    def boom(rows, qtype):
+    def boom(rows, dtype, qtype):
         raise QuantkitError("simulated failure")
 
-    monkeypatch.setattr(ggml, "quantize", boom)
+    monkeypatch.setattr(ggml, "quantize_stored", boom)
     out = tmp_path / "m.gguf"
     out.write_bytes(b"old")
     with pytest.raises(QuantkitError, match="simulated"):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
+from quantkit.dtypes import from_float32, to_float32
 from quantkit.errors import QuantkitError
 from quantkit.schemes import ggml
 
@@ -55,3 +56,12 @@ def test_row_bytes_refuses_partial_blocks():
     assert ggml.row_bytes(Q.Q8_0, 64) == 68
     with pytest.raises(QuantkitError, match="Q8_0 blocks of 32"):
         ggml.row_bytes(Q.Q8_0, 48)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q6_K])
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+def test_stored_dtypes_quantize_like_their_float32(qtype, dtype):
+    x = _rows(4)
+    stored = from_float32(x, dtype)
+    expected = ggml.quantize(to_float32(stored, dtype), qtype)
+    assert ggml.quantize_stored(stored, dtype, qtype).tobytes() == expected.tobytes()
