@@ -181,7 +181,7 @@ def dequantize(
 def convert(
     src: Annotated[str, typer.Argument(help="Checkpoint folder, hub repo id, or a .gguf file.")],
     out: Annotated[Path, typer.Argument(help="A .gguf file for --to gguf, else a folder.")],
-    to: Annotated[str, typer.Option("--to", help="gguf or safetensors.")],
+    to: Annotated[str, typer.Option("--to", help="gguf, safetensors, gptq-v1 or gptq-v2.")],
     gguf_type: Annotated[str, typer.Option("--gguf-type", help="F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K or Q6_K.")] = "F16",
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="safetensors output: float32, float16 or bfloat16.")] = None,
     max_shard_size: ShardSize = "5GB",
@@ -189,13 +189,19 @@ def convert(
     json_out: JsonFlag = False,
     revision: Revision = None,
 ) -> None:
-    """Convert between formats: safetensors -> GGUF, GGUF -> safetensors."""
+    """Convert between formats: safetensors -> GGUF, GGUF -> safetensors, GPTQ v1 <-> v2 zero points."""
     from quantkit import gguf_convert
 
     with user_errors():
         with progress_bar(not json_out, f"convert to {to}") as progress:
-            summary = gguf_convert.convert(src, out, to, gguf_type=gguf_type, dtype=dtype, force=force, revision=revision,
-                                           max_shard_size=parse_size(max_shard_size), progress=progress)
+            if to in ("gptq-v1", "gptq-v2"):
+                from quantkit.formats import gptq
+
+                summary = gptq.convert_version(src, out, to.removeprefix("gptq-"), force, revision,
+                                               parse_size(max_shard_size), progress)
+            else:
+                summary = gguf_convert.convert(src, out, to, gguf_type=gguf_type, dtype=dtype, force=force, revision=revision,
+                                               max_shard_size=parse_size(max_shard_size), progress=progress)
         if json_out:
             emit_json(summary)
             return

@@ -11,16 +11,20 @@ features with the interleave below, zero points as is, `scales` `[groups, out]`.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from quantkit import __version__, dtypes
 from quantkit.errors import QuantkitError
-from quantkit.formats.safetensors import OutputTensor
-from quantkit.plan import QuantOptions, TensorSink, WeightSource, register
+from quantkit.formats.safetensors import OutputTensor, ShardReader
+from quantkit.plan import QuantOptions, TensorSink, WeightSource, is_conv1d, register, register_dequantizer
 from quantkit.schemes import groupwise
+from quantkit.source import Checkpoint
 
 COMPANIONS = ("qweight", "qzeros", "scales", "g_idx")
 AWQ_COMPANIONS = ("qweight", "qzeros", "scales")
@@ -113,47 +117,39 @@ def zero_points(qzeros: np.ndarray, bits: int, version: str | None) -> np.ndarra
 
 def dequantize_gptq(tensors: dict[str, np.ndarray], bits: int, version: str, module: str) -> np.ndarray:
     """float32 `[out, in]` weight from GPTQ companions (either version, act-order `g_idx` included)."""
-    check_gptq_shapes(tensors, bits, module)
-    codes = unpack_rows(tensors["qweight"], bits).astype(np.float32)  # [in, out]
+    problem = companion_problem({part: (t.dtype, t.shape) for part, t in tensors.items()}, bits)
     g_idx = tensors["g_idx"].astype(np.int64)
+    if problem is None and g_idx.size and (g_idx.min() < 0 or g_idx.max() >= tensors["scales"].shape[0]):
+        problem = f"g_idx points outside the {tensors['scales'].shape[0]} groups"
+    if problem:
+        raise QuantkitError(f"{module}: {problem}")
+    codes = unpack_rows(tensors["qweight"], bits).astype(np.float32)  # [in, out]
     zeros = zero_points(tensors["qzeros"], bits, version).astype(np.float32)
     scales = tensors["scales"].astype(np.float32)
     return np.ascontiguousarray(((codes - zeros[g_idx]) * scales[g_idx]).T)
 
 
-def check_gptq_shapes(tensors: dict[str, np.ndarray], bits: int, module: str) -> None:
-    problem = gptq_shape_problem(tensors, bits)
-    if problem:
-        raise QuantkitError(f"{module}: {problem}")
+def companion_problem(parts: dict[str, tuple[np.dtype, tuple[int, ...]]], bits: int, group_size: int | None = None) -> str | None:
+    """What is wrong with a module's GPTQ companions, given each one's (dtype, shape), or None.
 
-
-def gptq_shape_problem(tensors: dict[str, np.ndarray], bits: int, group_size: int | None = None) -> str | None:
-    """What is wrong with a module's GPTQ companions (missing, dtype, shape, g_idx range), or None."""
-    missing = [part for part in COMPANIONS if part not in tensors]
+    Without `group_size` the group count is taken from `scales`; with it, it must match.
+    """
+    missing = [part for part in COMPANIONS if part not in parts]
     if missing:
         return f"missing {', '.join(missing)}"
-    per_word = groupwise.PACK_BITS // bits
-    qweight, qzeros, scales, g_idx = (tensors[part] for part in COMPANIONS)
     for part, want in (("qweight", "int32"), ("qzeros", "int32"), ("scales", "float16"), ("g_idx", "int32")):
-        if tensors[part].dtype != np.dtype(want):
-            return f"{part} is {tensors[part].dtype}, expected {want}"
-    if qweight.ndim != 2 or scales.ndim != 2 or qzeros.ndim != 2 or g_idx.ndim != 1:
-        return "companions have the wrong number of dimensions"
-    in_features, out_features = qweight.shape[0] * per_word, qweight.shape[1]
-    groups = scales.shape[0]
-    expected = {
-        "scales": (groups, out_features),
-        "qzeros": (groups, out_features // per_word),
-        "g_idx": (in_features,),
-    }
-    if group_size is not None:
-        expected["scales"] = (groupwise.n_groups(in_features, group_size), out_features)
-        expected["qzeros"] = (expected["scales"][0], out_features // per_word)
+        if np.dtype(parts[part][0]) != np.dtype(want):
+            return f"{part} is {np.dtype(parts[part][0])}, expected {want}"
+    per_word = groupwise.PACK_BITS // bits
+    qweight, scales = parts["qweight"][1], parts["scales"][1]
+    if len(qweight) != 2 or len(scales) != 2:
+        return "qweight and scales must be 2-D"
+    in_features, out_features = qweight[0] * per_word, qweight[1]
+    groups = scales[0] if group_size is None else groupwise.n_groups(in_features, group_size)
+    expected = {"scales": (groups, out_features), "qzeros": (groups, out_features // per_word), "g_idx": (in_features,)}
     for part, shape in expected.items():
-        if tensors[part].shape != shape:
-            return f"{part} has shape {list(tensors[part].shape)}, expected {list(shape)} at {bits} bits"
-    if g_idx.size and (g_idx.min() < 0 or g_idx.max() >= groups):
-        return f"g_idx points outside the {groups} groups"
+        if tuple(parts[part][1]) != shape:
+            return f"{part} has shape {list(parts[part][1])}, expected {list(shape)} at {bits} bits"
     return None
 
 
@@ -349,3 +345,180 @@ class Gptq:
 
 
 register(Gptq())
+
+
+# ---- reading GPTQ / AWQ checkpoints back: dequantize, verify, convert between versions ----------
+
+
+def checkpoint_config(checkpoint: Checkpoint) -> GptqConfig:
+    config = read_config(checkpoint.quantization_config or {}, str(checkpoint.root / "config.json"))
+    if config is None:
+        raise QuantkitError(f"{checkpoint.root / 'config.json'}: not a GPTQ or AWQ checkpoint")
+    return config
+
+
+def read_tensor(checkpoint: Checkpoint, name: str) -> np.ndarray:
+    info = checkpoint.tensors[name]
+    with ShardReader(info.file) as reader:
+        return reader.read(info)
+
+
+class GptqReader:
+    """Dequantizer and checker for checkpoints whose quant_method is "gptq" or "awq" (GEMM)."""
+
+    def __init__(self, quant_method: str):
+        self.quant_method = quant_method
+        self.parts = COMPANIONS if quant_method == "gptq" else AWQ_COMPANIONS
+
+    def modules(self, checkpoint: Checkpoint) -> dict[str, list[str]]:
+        found = {}
+        for name in checkpoint.tensors:
+            if name.endswith(".qweight"):
+                module = name.removesuffix(".qweight")
+                found[module] = [f"{module}.{part}" for part in self.parts if f"{module}.{part}" in checkpoint.tensors]
+        return found
+
+    def scheme(self, checkpoint: Checkpoint) -> str:
+        config = checkpoint_config(checkpoint)
+        return f"{config.method}-{config.bits}"
+
+    def options(self, checkpoint: Checkpoint) -> QuantOptions:
+        config = checkpoint_config(checkpoint)
+        return QuantOptions(method=config.method, bits=config.bits, group_size=config.group_size, sym=config.sym,
+                            format=config.version)  # fmt: skip
+
+    def default_dtype(self, checkpoint: Checkpoint, modules: dict[str, list[str]]) -> str | None:
+        return None  # scales are float16 whatever the model was; config.json's dtype says more
+
+    def layout(self, checkpoint: Checkpoint, module: str, names: list[str], dtype: str) -> list[OutputTensor]:
+        config = checkpoint_config(checkpoint)
+        rows, cols = checkpoint.tensors[f"{module}.qweight"].shape
+        per_word = groupwise.PACK_BITS // config.bits
+        shape = (cols, rows * per_word) if config.method == "gptq" else (cols * per_word, rows)
+        return [OutputTensor(f"{module}.weight", dtype, shape[::-1] if is_conv1d(checkpoint.config, module) else shape)]
+
+    def dequantize(self, checkpoint: Checkpoint, module: str, names: list[str], read: Callable[[str], np.ndarray],
+                   dtype: str, sink: TensorSink) -> None:  # fmt: skip
+        config = checkpoint_config(checkpoint)
+        missing = [part for part in self.parts if f"{module}.{part}" not in names]
+        if missing:
+            raise QuantkitError(f"{module}: missing {', '.join(missing)}")
+        tensors = {part: read(f"{module}.{part}") for part in self.parts}
+        if config.method == "awq":
+            values = dequantize_awq(tensors, config.group_size, module)
+        else:
+            values = dequantize_gptq(tensors, config.bits, config.version, module)
+        if is_conv1d(checkpoint.config, module):  # GPT-2's Conv1D stores [in, out]
+            values = np.ascontiguousarray(values.T)
+        name = f"{module}.weight"
+        rows = max(1, CHUNK_ELEMENTS // values.shape[1])
+        for start in range(0, values.shape[0], rows):
+            sink.write(name, dtypes.from_float32(values[start : start + rows], dtype))
+        sink.done(name)
+
+    def check(self, checkpoint: Checkpoint, modules: dict[str, list[str]]) -> list[str]:
+        try:
+            config = checkpoint_config(checkpoint)
+        except QuantkitError as e:
+            return [e.message]
+        problems = []
+        for module in modules:
+            parts = {p: checkpoint.tensors[f"{module}.{p}"] for p in self.parts if f"{module}.{p}" in checkpoint.tensors}
+            if config.method == "awq":
+                problems += self._check_awq(module, parts, config)
+                continue
+            problem = companion_problem({p: (dtypes.STORAGE[i.dtype], i.shape) for p, i in parts.items()}, config.bits,
+                                        config.group_size)  # fmt: skip
+            if problem:
+                problems.append(f"'{module}': {problem}")
+                continue
+            g_idx = read_tensor(checkpoint, f"{module}.g_idx")
+            if g_idx.size and (g_idx.min() < 0 or g_idx.max() >= parts["scales"].shape[0]):
+                problems.append(f"'{module}': g_idx points outside the {parts['scales'].shape[0]} groups")
+            found = infer_version(read_tensor(checkpoint, f"{module}.qzeros"), config.bits, config.sym)
+            if found and found != config.version:
+                problems.append(
+                    f"'{module}': zero points are stored as GPTQ {found} but config.json declares "
+                    f"checkpoint_format {CHECKPOINT_FORMATS[config.version]!r} ({config.version})"
+                )
+        return problems
+
+    def _check_awq(self, module: str, parts: dict, config: GptqConfig) -> list[str]:
+        missing = [p for p in AWQ_COMPANIONS if p not in parts]
+        if missing:
+            return [f"'{module}': missing {', '.join(missing)}"]
+        rows, cols = parts["qweight"].shape
+        groups = groupwise.n_groups(rows, config.group_size)
+        expected = {"qzeros": ("I32", (groups, cols)), "scales": ("F16", (groups, cols * 8)), "qweight": ("I32", (rows, cols))}
+        return [
+            f"'{module}.{p}': {parts[p].dtype}{list(parts[p].shape)}, expected {d}{list(shape)}"
+            for p, (d, shape) in expected.items() if (parts[p].dtype, parts[p].shape) != (d, shape)
+        ]  # fmt: skip
+
+
+register_dequantizer(GptqReader("gptq"))
+register_dequantizer(GptqReader("awq"))
+
+
+def convert_version(src: str, out: Path, version: str, force: bool = False, revision: str | None = None,
+                    max_shard_size: int = 5 * 10**9, progress: Callable[[int, int, str], None] | None = None) -> dict:
+    """`convert --to gptq-v1|gptq-v2`: rewrite every `qzeros` and the declared format, copy the rest as is.
+
+    Every zero point is checked (one small tensor at a time) before anything is written, so a v2
+    checkpoint holding a zero point of 0 is refused up front, naming the module.
+    """
+    from quantkit import pipeline
+    from quantkit.plan import Entry
+
+    checkpoint = pipeline.open_checkpoint(pipeline.resolve(src, revision))
+    config = checkpoint_config(checkpoint)
+    if config.method != "gptq":
+        raise QuantkitError(f"{checkpoint.root}: --to gptq-{version} converts GPTQ checkpoints, this one is {config.method}")
+    modules = GptqReader("gptq").modules(checkpoint)
+    for module in modules:
+        qzeros = f"{module}.qzeros"
+        if qzeros in checkpoint.tensors:
+            convert_qzeros(read_tensor(checkpoint, qzeros), config.bits, config.version, version, module)
+    rewritten = {f"{module}.qzeros": module for module in modules}
+    entries = pipeline.ordered(checkpoint, [
+        Entry(name, "rewrite" if name in rewritten else "keep", outputs=(OutputTensor(name, info.dtype, info.shape),))
+        for name, info in checkpoint.tensors.items()
+    ])  # fmt: skip
+    pipeline.check_output(checkpoint.root, out, force)
+    pipeline.check_free_space(out, sum(info.nbytes for info in checkpoint.tensors.values()))
+
+    def handle(reader: ShardReader, entry: Entry, info) -> None:
+        if entry.fate == "keep":
+            pipeline.copy_tensor(reader, info, entry.source, writer)
+            return
+        module = rewritten[entry.source]
+        writer.write(entry.source, convert_qzeros(reader.read(info), config.bits, config.version, version, module))
+        writer.done(entry.source)
+
+    with pipeline.StagedOutput(out) as staged:
+        try:
+            writer = pipeline.CheckpointWriter(staged.tmp, [o for e in entries for o in e.outputs], max_shard_size)
+            pipeline.stream_entries(checkpoint, entries, writer, handle, progress or pipeline._no_progress)
+            files = writer.finish()
+            declared = with_version(checkpoint.quantization_config, version)
+            pipeline.write_config(staged.tmp, dict(checkpoint.config, quantization_config=declared))
+            pipeline.copy_side_files(checkpoint, staged.tmp)
+            _rewrite_quantize_config(staged.tmp / "quantize_config.json", version)
+            staged.commit()
+        except OSError as e:
+            raise pipeline.os_error(e, out) from None
+    return {"out": str(out), "to": f"gptq-{version}", "from": f"gptq-{config.version}", "modules": len(modules),
+            "tensors": len(entries), "files": files, "output_bytes": sum((out / f).stat().st_size for f in files),
+            "fallbacks": [], "warnings": []}  # fmt: skip
+
+
+def _rewrite_quantize_config(path: Path, version: str) -> None:
+    """GPTQModel also writes quantize_config.json; it must declare the same format as config.json."""
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return
+    if isinstance(config, dict) and config.get("quant_method", "gptq") == "gptq":
+        path.write_text(json.dumps(with_version(config, version), indent=2) + "\n", encoding="utf-8")

@@ -10,14 +10,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 
 def tiny_llama(folder: str) -> None:
@@ -62,9 +63,8 @@ def load(qdir: str, npz: str) -> None:
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
-    import json
-
-    method = json.load(open(os.path.join(qdir, "config.json")))["quantization_config"]["quant_method"]
+    with open(os.path.join(qdir, "config.json"), encoding="utf-8") as f:
+        method = json.load(f)["quantization_config"]["quant_method"]
     backend = BACKEND.AWQ_TORCH if method == "awq" else BACKEND.TORCH
     model = GPTQModel.load(qdir, device="cpu", dtype=torch.float16, backend=backend)
     generator = torch.Generator().manual_seed(1)

@@ -150,14 +150,13 @@ def test_awq_dequantize_matches_the_spec():
 
 def test_shape_problems_are_named():
     tensors, _ = pack(np.zeros((32, 64), np.float32), 4, 32, True, "v2")
-    assert gptq.gptq_shape_problem(tensors, 4, 32) is None
-    assert "scales has shape" in gptq.gptq_shape_problem(tensors, 4, 16)
-    assert "qweight" in gptq.gptq_shape_problem({**tensors, "qweight": tensors["qweight"].view(np.float32)}, 4)
-    assert gptq.gptq_shape_problem({k: v for k, v in tensors.items() if k != "g_idx"}, 4) == "missing g_idx"
-    bad = {**tensors, "g_idx": np.full(64, 9, np.int32)}
-    assert "g_idx" in gptq.gptq_shape_problem(bad, 4)
-    with pytest.raises(QuantkitError, match="^proj: g_idx"):
-        gptq.dequantize_gptq(bad, 4, "v2", "proj")
+    spec = {k: (v.dtype, v.shape) for k, v in tensors.items()}
+    assert gptq.companion_problem(spec, 4, 32) is None
+    assert "scales has shape" in gptq.companion_problem(spec, 4, 16)
+    assert "qweight is float32" in gptq.companion_problem({**spec, "qweight": (np.float32, (8, 32))}, 4)
+    assert gptq.companion_problem({k: v for k, v in spec.items() if k != "g_idx"}, 4) == "missing g_idx"
+    with pytest.raises(QuantkitError, match="^proj: g_idx points outside"):
+        gptq.dequantize_gptq({**tensors, "g_idx": np.full(64, 9, np.int32)}, 4, "v2", "proj")
 
 
 def test_config_declares_both_format_keys():
