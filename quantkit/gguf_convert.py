@@ -308,54 +308,55 @@ def convert(src: str, out: Path, to: str, gguf_type: str = "F16", dtype: str | N
 
 # ---------------------------------------------------------------------------------------------- verify
 
-# Relative RMS error against the reference above which a tensor is reported: round-to-nearest at the
-# type's precision stays far below these on real weights.
+# Relative weight error (||W - W'|| / ||W||) above which a tensor fails against its reference:
+# round-to-nearest at the type's precision stays well below these on real weights.
 ERROR_BOUND = {QType.F32: 1e-6, QType.F16: 1e-3, QType.BF16: 8e-3, QType.Q8_0: 0.02, QType.Q6_K: 0.04,
                QType.Q5_0: 0.08, QType.Q5_1: 0.08, QType.Q4_K: 0.15, QType.Q4_0: 0.15, QType.Q4_1: 0.15}
 
 
-@dataclass(frozen=True)
-class Finding:
-    check: str
-    ok: bool
-    detail: str
+def verify_gguf(path: Path, reference: str | None = None, max_error: float | None = None):
+    """verify's GGUF branch: leftovers, structure (offsets, sizes, alignment, names, metadata), finite
+    values, and with a reference checkpoint each tensor's relative error. Damage is a failed check."""
+    from quantkit import verify as v
 
-
-def verify_gguf(path: Path, reference: str | None = None) -> list[Finding]:
-    """GGUF checks: structure (offsets, sizes, alignment), names and metadata, finite data, and with a
-    reference checkpoint the per-tensor error. A damaged file is a finding, not an exception."""
+    report = v.Report(str(path), [v.check_leftovers(Path(path))])
     try:
         conv = from_gguf(Path(path))
     except QuantkitError as e:
-        return [Finding("structure", False, e.message)]
-    findings = [Finding("structure", True, f"{len(conv.names)} tensors, offsets and sizes within the file, "
-                        f"aligned to {conv.file.alignment}")]
+        report.checks.append(v.Check("structure", False, e.message))
+        return report
+    report.checks.append(v.Check("structure", True, f"{len(conv.names)} tensors; offsets, sizes and alignment "
+                                 f"({conv.file.alignment}) within the file; names and metadata for "
+                                 f"{conv.config['architectures'][0]}"))
     ref = None
     if reference is not None:
         from quantkit.source import open_checkpoint, resolve
 
         ref = open_checkpoint(resolve(reference))
-    not_finite, errors = [], []
+    not_finite = []
     for name, values in conv.tensors():
         t = conv.names[name]
         if not np.isfinite(values).all():
-            not_finite.append(Finding(f"finite:{name}", False, f"{t.name} ({t.qtype.name}) holds NaN or inf"))
+            not_finite.append(f"{t.name} ({t.qtype.name}) holds NaN or inf")
         if ref is not None:
-            errors.append(_compare(name, t, values, ref))
-    findings.append(Finding("data", not not_finite, f"{len(not_finite)} tensor(s) hold NaN or inf" if not_finite
-                            else "every tensor dequantizes to finite values"))
-    return findings + not_finite + errors
+            bound = max_error if max_error is not None else ERROR_BOUND.get(t.qtype, 0.15)
+            report.layers.append(_compare(name, t.qtype.name, values, ref, bound))
+    report.checks.append(v.Check("values", not not_finite, v._first(not_finite, "every tensor dequantizes to finite values")))
+    if ref is not None:
+        bad = [f"'{x.name}' differs from the reference beyond its bound" for x in report.layers if not x.ok]
+        worst = max((x.rel_error for x in report.layers), default=0.0)
+        report.checks.append(v.Check("reference", not bad, v._first(
+            bad, f"{len(report.layers)} tensors within bounds (worst relative error {worst:.4f})")))
+    return report
 
 
-def _compare(name: str, t: gf.TensorInfo, values: np.ndarray, ref: Checkpoint) -> Finding:
+def _compare(name: str, scheme: str, values: np.ndarray, ref: Checkpoint, bound: float):
+    from quantkit.verify import Layer, relative_error
+
     info = ref.tensors.get(name)
-    if info is None:
-        return Finding(f"error:{name}", False, f"{name} is not in the reference checkpoint")
-    if tuple(info.shape) != values.shape:
-        return Finding(f"error:{name}", False, f"{name}: shape {values.shape}, reference {info.shape}")
+    if info is None or tuple(info.shape) != values.shape:
+        return Layer(name, scheme, float("inf"), float("-inf"), bound, False)
     with ShardReader(info.file) as reader:
         expected = to_float32(reader.read(info), info.dtype)
-    scale = float(np.sqrt(np.mean(expected.astype(np.float64) ** 2))) or 1.0
-    rel = float(np.sqrt(np.mean((values.astype(np.float64) - expected) ** 2))) / scale
-    ok = rel <= ERROR_BOUND.get(t.qtype, 0.15)
-    return Finding(f"error:{name}", ok, f"{name} ({t.qtype.name}): relative RMS error {rel:.2e}")
+    rel, snr = relative_error(expected, values)
+    return Layer(name, scheme, rel, snr, bound, rel <= bound)

@@ -375,6 +375,13 @@ def inspect_file(path: Path) -> dict[str, Any]:
     }
 
 
+def verify_file(path: Path, reference: str | None = None, max_error: float | None = None):
+    """`verify` on a .gguf (the checks live beside the conversion: quantkit.gguf_convert.verify_gguf)."""
+    from quantkit.gguf_convert import verify_gguf
+
+    return verify_gguf(path, reference, max_error)
+
+
 # --------------------------------------------------------------------------------------------- writer
 
 
@@ -397,7 +404,7 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
     """Write header, metadata and tensor infos, then each tensor's data from its chunk iterator as it is
     produced, into a temporary file beside `out` that replaces `out` only when complete. Returns bytes."""
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    tmp = out.with_name(f".{out.name}.quantkit-partial-{os.getpid()}")  # verify spots leftovers
     writer = GGUFWriter(None, arch)
     add_metadata(writer)
     for t in tensors:

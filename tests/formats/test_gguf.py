@@ -322,16 +322,16 @@ def test_cli_refuses_existing_output_and_bad_type(checkpoints, tmp_path):
 
 
 def test_verify_with_reference_reports_per_tensor_error(checkpoints, llama_q8):
-    findings = gc.verify_gguf(llama_q8, str(checkpoints["llama"]))
-    assert all(f.ok for f in findings), [f for f in findings if not f.ok]
-    errors = [f for f in findings if f.check.startswith("error:")]
-    assert len(errors) == 21 and all("relative RMS error" in f.detail for f in errors)
+    report = gc.verify_gguf(llama_q8, str(checkpoints["llama"]))
+    assert report.ok, report.as_dict()
+    assert len(report.layers) == 21 and all(x.rel_error < 0.01 for x in report.layers)
 
 
 def test_verify_turns_damage_into_a_finding(damaged):
-    findings = gc.verify_gguf(damaged(lambda d: d[:-5000]))
-    assert [(f.check, f.ok) for f in findings] == [("structure", False)]
-    assert "runs past the end" in findings[0].detail
+    report = gc.verify_gguf(damaged(lambda d: d[:-5000]))
+    assert not report.ok
+    assert [(c.name, c.ok) for c in report.checks] == [("leftovers", True), ("structure", False)]
+    assert "runs past the end" in report.checks[1].detail
 
 
 def test_verify_flags_non_finite_data(llama_q8, tmp_path):
@@ -340,5 +340,17 @@ def test_verify_flags_non_finite_data(llama_q8, tmp_path):
     data[norm.offset:norm.offset + 4] = struct.pack("<f", float("nan"))
     bad = tmp_path / "nan.gguf"
     bad.write_bytes(bytes(data))
-    findings = {f.check: f for f in gc.verify_gguf(bad)}
-    assert not findings["data"].ok and not findings["finite:model.layers.0.input_layernorm.weight"].ok
+    checks = {c.name: c for c in gc.verify_gguf(bad).checks}
+    assert not checks["values"].ok and "blk.0.attn_norm.weight" in checks["values"].detail
+
+
+def test_cli_verify_and_dequantize(checkpoints, llama_q8, tmp_path):
+    result = _cli("verify", llama_q8, "--reference", checkpoints["llama"], "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["ok"]
+    result = _cli("dequantize", llama_q8, tmp_path / "dense", "--dtype", "bfloat16", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "dense" / "config.json").read_text())["dtype"] == "bfloat16"
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(llama_q8.read_bytes()[:-100])
+    assert _cli("verify", truncated).exit_code == 1
