@@ -49,3 +49,18 @@ def make_checkpoint(out: Path, family: str = "llama", hidden: int = 256, ffn: in
     model.save_pretrained(out)
     train_tokenizer(out, vocab)
     return Path(out)
+
+
+def train_sentencepiece(out: Path, vocab_size: int = 300) -> None:
+    """A llama-style sentencepiece tokenizer.model (BPE, byte fallback) in place of tokenizer.json."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines() * 5), model_writer=model,
+                                   vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+                                   bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (out / name).unlink(missing_ok=True)
+    (out / "tokenizer.model").write_bytes(model.getvalue())

@@ -423,6 +423,8 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
             if written != t.nbytes:
                 raise AssertionError(f"{t.name}: wrote {written} bytes, planned {t.nbytes}")
         fp.write(b"\0" * (-fp.tell() % writer.data_alignment))
+        fp.flush()
+        os.fsync(fp.fileno())
         total = fp.tell()
         writer.close()
         os.replace(tmp, out)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUFWriter, TokenType
+from gguf import GGUFWriter, Keys, TokenType
 
 from quantkit.errors import QuantkitError
 
@@ -24,6 +24,8 @@ _SPLIT_PATTERNS = {
 }  # fmt: skip
 _PATTERN_OF = {name: pattern for pattern, name in _SPLIT_PATTERNS.items()}
 _SPECIALS = ("bos", "eos", "unk", "pad")
+SPECIAL_KEYS = {"bos": Keys.Tokenizer.BOS_ID, "eos": Keys.Tokenizer.EOS_ID, "unk": Keys.Tokenizer.UNK_ID,
+                "pad": Keys.Tokenizer.PAD_ID}
 
 
 @dataclass
@@ -201,7 +203,7 @@ def write_hf_tokenizer(meta: dict[str, Any], out: Path, warnings: list[str]) -> 
                         "yet; only tokenizer_config.json is written")
     tc: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
     for kind in _SPECIALS:
-        token_id = meta.get(f"tokenizer.ggml.{kind}_token_id")
+        token_id = meta.get(SPECIAL_KEYS[kind])
         if isinstance(token_id, int) and 0 <= token_id < len(tokens):
             tc[f"{kind}_token"] = tokens[token_id]
     for kind in ("bos", "eos"):

@@ -160,3 +160,21 @@ def test_llama_cpp_tokenizes_like_transformers(checkpoints, tmp_path):
     finally:
         llm.close()
     assert ours == AutoTokenizer.from_pretrained(checkpoints["llama"])(TEXT)["input_ids"]
+
+
+def test_llama_cpp_reads_our_sentencepiece_vocab(tmp_path):
+    import sentencepiece
+
+    from gguf_checkpoints import train_sentencepiece
+
+    src = make_checkpoint(tmp_path / "spm", "llama", hidden=64, ffn=128, vocab=320)
+    train_sentencepiece(src, 320)
+    out = tmp_path / "model.gguf"
+    gc.to_gguf(open_checkpoint(src), out, Q.F16)
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    try:
+        ours = llm.tokenize(TEXT.encode(), add_bos=False, special=False)
+        assert (llm.token_bos(), llm.token_eos()) == (1, 2)
+    finally:
+        llm.close()
+    assert ours == sentencepiece.SentencePieceProcessor(model_file=str(src / "tokenizer.model")).encode(TEXT)

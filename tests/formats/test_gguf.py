@@ -354,3 +354,21 @@ def test_cli_verify_and_dequantize(checkpoints, llama_q8, tmp_path):
     truncated = tmp_path / "cut.gguf"
     truncated.write_bytes(llama_q8.read_bytes()[:-100])
     assert _cli("verify", truncated).exit_code == 1
+
+
+def test_sentencepiece_vocab(tmp_path):
+    import sentencepiece
+
+    from gguf_checkpoints import train_sentencepiece
+
+    src = make_checkpoint(tmp_path / "spm", "llama", hidden=64, ffn=128, vocab=320)
+    train_sentencepiece(src, 320)
+    gc.to_gguf(open_checkpoint(src), tmp_path / "m.gguf", Q.F16)
+    meta = gf.read_gguf(tmp_path / "m.gguf").metadata
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+    assert meta["tokenizer.ggml.model"] == "llama"
+    assert meta["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(320)]
+    assert np.allclose(meta["tokenizer.ggml.scores"], [sp.get_score(i) for i in range(320)])
+    assert meta["tokenizer.ggml.token_type"][:4] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL,
+                                                     gguf.TokenType.CONTROL, gguf.TokenType.BYTE]
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.unknown_token_id"]) == (1, 0)
