@@ -168,20 +168,34 @@ class FromGGUF:
     file: gf.GGUFFile
     warnings: list[str]
 
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(HF name, float32 array) one tensor at a time, Q/K permutation undone."""
+    def _heads(self, hf_name: str) -> int:
+        """The head count to undo llama.cpp's Q/K permutation with, 0 where there is none."""
         arch = gf.BY_GGUF_ARCH[self.file.metadata["general.architecture"]]
-        n_head, n_kv = self.config["num_attention_heads"], self.config["num_key_value_heads"]
+        if not arch.permute_qk or not hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            return 0
+        return self.config["num_attention_heads" if "q_proj" in hf_name else "num_key_value_heads"]
+
+    def chunks(self, hf_name: str, max_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+        """float32 row chunks of one tensor, in HF order (Q/K, whose rows move, come whole)."""
+        t = self.names[hf_name]
+        heads = self._heads(hf_name)
+        if heads:
+            yield gf.unpermute_qk(dequantize_rows(self.file, t).reshape(t.shape), heads)
+            return
+        n_rows = int(np.prod(t.shape[:-1], dtype=np.int64))
+        step = max(1, max_bytes // (4 * t.shape[-1]))
+        for start in range(0, n_rows, step):
+            yield dequantize_rows(self.file, t, start, start + step)
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(HF name, whole float32 tensor) one at a time."""
         for hf_name, t in self.names.items():
-            values = dequantize_tensor(self.file, t)
-            if arch.permute_qk and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-                values = gf.unpermute_qk(values, n_head if "q_proj" in hf_name else n_kv)
-            yield hf_name, values
+            yield hf_name, np.concatenate([c.reshape(-1) for c in self.chunks(hf_name)]).reshape(t.shape)
 
 
-def dequantize_tensor(file: gf.GGUFFile, t: gf.TensorInfo) -> np.ndarray:
+def dequantize_rows(file: gf.GGUFFile, t: gf.TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
     try:
-        return np.asarray(dequantize(file.array(t), t.qtype), dtype=np.float32).reshape(t.shape)
+        return np.asarray(dequantize(file.rows(t, start, stop), t.qtype), dtype=np.float32)
     except NotImplementedError:
         raise QuantkitError(f"{file.path}: tensor {t.name} is {t.qtype.name}, which gguf-py cannot "
                             "dequantize") from None
@@ -273,12 +287,13 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
         try:
             writer = CheckpointWriter(staged.tmp, outputs, max_shard_size)
             done = 0
-            for name, values in conv.tensors():
-                writer.write(name, from_float32(values, st_dtype))
-                writer.done(name)
-                done += values.size * itemsize(st_dtype)
+            for o in outputs:
+                for values in conv.chunks(o.name):
+                    writer.write(o.name, from_float32(values, st_dtype))
+                writer.done(o.name)
+                done += o.nbytes
                 if progress:
-                    progress(done, total, name)
+                    progress(done, total, o.name)
             files = writer.finish()
             write_config(staged.tmp, conv.config)
             files += ["config.json", *write_tokenizer_files(conv, staged.tmp)]

@@ -223,17 +223,22 @@ class GGUFFile:
     alignment: int = GGUF_DEFAULT_ALIGNMENT
     data_offset: int = 0
 
-    def array(self, t: TensorInfo) -> np.ndarray:
-        """The stored bytes of one tensor (memory-mapped, read-only): float arrays for F32/F16,
-        uint8 rows of blocks otherwise, shaped like gguf-py's dequantizer expects."""
-        if t.qtype == QType.F32:
-            dtype, shape = np.float32, t.shape
-        elif t.qtype == QType.F16:
-            dtype, shape = np.float16, t.shape
-        else:
-            block, size = GGML_QUANT_SIZES[t.qtype]
-            dtype, shape = np.uint8, (*t.shape[:-1], t.shape[-1] // block * size)
-        return np.memmap(self.path, dtype=dtype, mode="r", offset=t.offset, shape=shape)
+    def rows(self, t: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Stored rows [start, stop) of a tensor, read with pread (no memory map, so memory follows
+        the rows asked for): float rows for F32/F16, uint8 rows of blocks otherwise, as gguf-py's
+        dequantizer takes them. A 1-D tensor is one row."""
+        n_rows = int(np.prod(t.shape[:-1], dtype=np.int64))
+        stop = n_rows if stop is None else min(stop, n_rows)
+        row_bytes = t.nbytes // n_rows
+        dtype = {QType.F32: np.float32, QType.F16: np.float16}.get(t.qtype, np.uint8)
+        try:
+            with open(self.path, "rb") as fp:
+                data = os.pread(fp.fileno(), (stop - start) * row_bytes, t.offset + start * row_bytes)
+        except OSError as e:
+            raise QuantkitError(f"{self.path}: cannot read tensor {t.name} ({e.strerror})") from e
+        if len(data) != (stop - start) * row_bytes:
+            raise QuantkitError(f"{self.path}: truncated while reading tensor {t.name}")
+        return np.frombuffer(data, dtype=dtype).reshape(stop - start, -1)
 
 
 class _Cursor:

@@ -87,7 +87,7 @@ def test_qwen2_is_not_permuted_llama_is(checkpoints, tmp_path):
         gc.to_gguf(open_checkpoint(checkpoints[family]), out, Q.F32)
         file = gf.read_gguf(out)
         q = {t.name: t for t in file.tensors}["blk.0.attn_q.weight"]
-        stored = np.asarray(file.array(q))
+        stored = file.rows(q).reshape(q.shape)
         hf = _source(checkpoints[family])["model.layers.0.self_attn.q_proj.weight"]
         assert np.array_equal(stored, _llama_cpp_permute(hf, 4) if permuted else hf)
 
@@ -372,3 +372,11 @@ def test_sentencepiece_vocab(tmp_path):
     assert meta["tokenizer.ggml.token_type"][:4] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL,
                                                      gguf.TokenType.CONTROL, gguf.TokenType.BYTE]
     assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.unknown_token_id"]) == (1, 0)
+
+
+def test_small_chunks_dequantize_like_whole_tensors(llama_q8):
+    conv = gc.from_gguf(llama_q8)
+    for name, whole in conv.tensors():
+        pieces = list(conv.chunks(name, max_bytes=3000))
+        assert np.array_equal(np.concatenate([p.reshape(-1) for p in pieces]), whole.reshape(-1)), name
+        assert len(pieces) > 1 or whole.ndim == 1 or "q_proj" in name or "k_proj" in name
