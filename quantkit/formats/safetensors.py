@@ -13,7 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -63,7 +63,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise QuantkitError(f"{path}: cannot read ({e.strerror})") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested absurdly deep
         raise QuantkitError(f"{path}: header is not valid JSON") from None
     if not isinstance(header, dict):
         raise QuantkitError(f"{path}: header is not a JSON object")
@@ -141,7 +141,7 @@ class ShardReader:
         row_bytes = math.prod(row_shape) * itemsize(info.dtype)
         offset = info.start + row_start * row_bytes
         count = (row_stop - row_start) * row_bytes
-        buffer = bytearray(count)
+        buffer = np.empty(count, np.uint8)
         view = memoryview(buffer)
         done = 0
         while done < count:
@@ -149,7 +149,7 @@ class ShardReader:
             if got == 0:
                 raise QuantkitError(f"{self.path}: truncated while reading tensor '{info.name}'")
             done += got
-        array = np.frombuffer(buffer, dtype=STORAGE[info.dtype])
+        array = buffer.view(STORAGE[info.dtype])
         if not info.shape:
             return array.reshape(())
         return array.reshape((row_stop - row_start,) + row_shape)
@@ -219,14 +219,20 @@ class CheckpointWriter:
     """Streams planned tensors into bounded shards inside `folder`, in plan order, chunk by chunk.
 
     `write(name, chunk)` appends bytes to the tensor that is due and `done(name)` closes it; a tensor
-    must be done before the next one starts. `finish()` writes the index when sharded.
+    must be done before the next one starts. `finish()` writes the index when sharded. `on_shard(name)`
+    hears of each shard but the last once it is complete and fsynced; `reuse` skips shards a resumed run
+    already holds.
     """
 
-    def __init__(self, folder: Path, tensors: list[OutputTensor], max_shard_size: int):
+    def __init__(self, folder: Path, tensors: list[OutputTensor], max_shard_size: int,
+                 on_shard: Callable[[str], None] | None = None):
         self.folder = folder
         self.shards = assign_shards(tensors, max_shard_size)
         self.names = shard_names(len(self.shards))
         self._queue = [(i, t) for i, shard in enumerate(self.shards) for t in shard]
+        self._shard_of = {t.name: i for i, t in self._queue}
+        self._reused: set[int] = set()
+        self._on_shard = on_shard
         self._next = 0
         self._written = 0
         self._sizes: dict[str, int] = {}
@@ -240,9 +246,26 @@ class CheckpointWriter:
         shard_index, due = self._queue[self._next]
         if due.name != name:
             raise RuntimeError(f"plan order broken: '{name}' written while '{due.name}' is due")
-        if shard_index != self._file_index:
+        if shard_index != self._file_index and shard_index not in self._reused:
             self._open_shard(shard_index)
         return due
+
+    def reuse(self, names: set[str]) -> None:
+        """Shards already complete in the folder (checked by the caller): their tensors are not written again."""
+        for index, name in enumerate(self.names):
+            if name in names:
+                tensors, _ = read_header(self.folder / name)
+                self._sizes.update({t: info.nbytes for t, info in tensors.items()})
+                self._reused.add(index)
+
+    def skip_reused(self, names: Iterable[str]) -> bool:
+        """True (and those tensors count as done) when every one of `names` lies in a reused shard."""
+        names = list(names)
+        if not names or not all(self._shard_of[n] in self._reused for n in names):
+            return False
+        for name in names:
+            self.done(name)
+        return True
 
     def _open_shard(self, index: int) -> None:
         self._close_file()
@@ -254,7 +277,9 @@ class CheckpointWriter:
 
     def write(self, name: str, chunk: np.ndarray | bytes) -> None:
         due = self._due(name)
-        data = chunk if isinstance(chunk, bytes) else np.ascontiguousarray(chunk).tobytes()
+        if self._shard_of[name] in self._reused:
+            return
+        data = chunk if isinstance(chunk, bytes) else memoryview(np.ascontiguousarray(chunk)).cast("B")
         if self._written + len(data) > due.nbytes:
             raise RuntimeError(f"'{name}': more bytes than planned ({due.nbytes})")
         assert self._file is not None
@@ -263,6 +288,9 @@ class CheckpointWriter:
 
     def done(self, name: str) -> None:
         due = self._due(name)
+        if self._shard_of[name] in self._reused:
+            self._next += 1
+            return
         if self._written != due.nbytes and not due.variable:
             raise RuntimeError(f"'{name}': {self._written} bytes written, {due.nbytes} planned")
         self._sizes[name] = self._written
@@ -280,6 +308,8 @@ class CheckpointWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
+        if self._on_shard and self._file_index < len(self.names) - 1:  # the last one closes right before commit
+            self._on_shard(self.names[self._file_index])
 
     def finish(self) -> list[str]:
         """Close the last shard, write the index if there are several; returns the files written."""

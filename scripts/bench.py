@@ -1,0 +1,203 @@
+"""make bench: quantkit against the tools people use today, in one run, on the same generated checkpoint.
+
+A random bf16 Llama of ~1 GB (4 shards) is generated once and cached outside the repo. Each job runs
+as its own process under /usr/bin/time -v, so wall time and peak RSS include start-up:
+  quantkit quantize nf4 / int8 / gptq, dequantize, convert --to gguf Q8_0;
+  anchors: transformers + bitsandbytes load-quantize-save (nf4, int8), bitsandbytes dequantize_4bit
+  of every weight, gguf-py's own Q8_0 quantizer.
+The nf4 and int8 outputs are compared tensor for tensor with the anchors' (identical bytes or it fails).
+
+    python scripts/bench.py [--size GB] [--only quantkit] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("QUANTKIT_BENCH_CACHE", Path.home() / ".cache" / "quantkit-bench"))
+PY = sys.executable
+
+ANCHOR_QUANTIZE = """
+import sys, torch, warnings
+warnings.filterwarnings("ignore")
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+kind = sys.argv[3]
+config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4") if kind == "nf4" else BitsAndBytesConfig(load_in_8bit=True)
+AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=config, device_map="cpu").save_pretrained(sys.argv[2])
+"""
+ANCHOR_DEQUANTIZE = """
+import sys, json, torch, bitsandbytes.functional as F
+from pathlib import Path
+from bitsandbytes.functional import QuantState
+from safetensors import safe_open
+from safetensors.torch import save_file
+src, out = Path(sys.argv[1]), Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)
+for shard in sorted(src.glob("*.safetensors")):
+    dense = {}
+    with safe_open(shard, "pt") as f:
+        keys = list(f.keys())
+        for key in keys:
+            if key.endswith(".quant_state.bitsandbytes__nf4"):
+                weight = key.split(".quant_state.")[0]
+                parts = {k[len(weight) + 1:]: f.get_tensor(k) for k in keys if k.startswith(weight + ".")}
+                dense[weight] = F.dequantize_4bit(f.get_tensor(weight), QuantState.from_dict(parts, "cpu"))
+    save_file(dense, out / shard.name)
+"""
+ANCHOR_GGUF_Q8 = """
+import sys, numpy as np, gguf
+from pathlib import Path
+from safetensors import safe_open
+writer = gguf.GGUFWriter(sys.argv[2], "llama")
+for shard in sorted(Path(sys.argv[1]).glob("*.safetensors")):
+    with safe_open(shard, "pt") as f:
+        for key in f.keys():
+            x = f.get_tensor(key).float().numpy()
+            if x.ndim == 2:
+                writer.add_tensor(key, gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            else:
+                writer.add_tensor(key, x)
+writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+"""
+
+
+def make_checkpoint(size_gb: float) -> Path:
+    """A random bf16 LlamaForCausalLM of about `size_gb` GB in 4 shards, written once and cached."""
+    hidden, inter, vocab = 2048, 5504, 32000
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
+    layers = max(1, round((size_gb * 1e9 / 2 - 2 * vocab * hidden) / per_layer))
+    folder = CACHE / f"llama-bf16-{layers}L"
+    if (folder / "config.json").exists():
+        return folder
+    sys.path.insert(0, str(ROOT))
+    from quantkit.dtypes import bf16_bits
+    from quantkit.formats.safetensors import CheckpointWriter, OutputTensor
+
+    tensors = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors += [(p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,))]
+        tensors += [(p + f"self_attn.{n}_proj.weight", (hidden, hidden)) for n in "qkvo"]
+        tensors += [(p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
+                    (p + "mlp.down_proj.weight", (hidden, inter))]  # fmt: skip
+    tensors += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    total = sum(int(np.prod(s)) * 2 for _, s in tensors)
+    tmp = Path(tempfile.mkdtemp(dir=CACHE.parent if CACHE.parent.exists() else None))
+    writer = CheckpointWriter(tmp, [OutputTensor(n, "BF16", s) for n, s in tensors], total // 4 + 1)
+    rng = np.random.default_rng(0)
+    for name, shape in tensors:
+        values = np.ones(shape, np.float32) if len(shape) == 1 else (rng.standard_normal(shape, np.float32) * np.float32(0.02))
+        writer.write(name, bf16_bits(values))
+        writer.done(name)
+    writer.finish()
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": vocab,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "dtype": "bfloat16", "hidden_act": "silu",
+    }  # fmt: skip
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    os.rename(tmp, folder)
+    return folder
+
+
+def timed(label: str, argv: list[str], input_bytes: int) -> dict:
+    """Run argv under /usr/bin/time -v: wall seconds, peak RSS (MB), input MB/s."""
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})  # fmt: skip
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    return {"job": label, "seconds": round(wall, 2), "peak_rss_mb": round(rss_kb / 1024), "mb_per_s": round(input_bytes / 1e6 / wall, 1)}
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Tensor-for-tensor byte equality of two safetensors folders (any sharding)."""
+    sys.path.insert(0, str(ROOT))
+    from quantkit.source import open_checkpoint
+    from quantkit.formats.safetensors import ShardReader
+
+    ca, cb = open_checkpoint(a), open_checkpoint(b)
+    if set(ca.tensors) != set(cb.tensors):
+        return False
+    for name, info in ca.tensors.items():
+        other = cb.tensors[name]
+        if (info.dtype, info.shape) != (other.dtype, other.shape):
+            return False
+        with ShardReader(info.file) as ra, ShardReader(other.file) as rb:
+            if not np.array_equal(ra.read(info), rb.read(other)):
+                return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=float, default=1.0, help="checkpoint size in GB (e.g. 10 to show memory stays flat)")
+    parser.add_argument("--only", choices=["all", "quantkit"], default="all", help="skip the anchors (they take minutes)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    src = make_checkpoint(args.size)
+    size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    work = Path(tempfile.mkdtemp(prefix="quantkit-bench-"))
+    qk = [PY, "-m", "quantkit"]
+    try:
+        subprocess.run([*qk, "quantize", str(src), str(work / "warm"), "--method", "int8", "--max-shard-size", "1GB"],
+                       check=True, capture_output=True)  # compiles (or loads) numba's cached kernels; not timed
+        shutil.rmtree(work / "warm")
+        jobs = [
+            ("quantkit nf4", [*qk, "quantize", str(src), str(work / "qk-nf4"), "--method", "nf4"], size),
+            ("quantkit int8", [*qk, "quantize", str(src), str(work / "qk-int8"), "--method", "int8"], size),
+            ("quantkit gptq 4-bit", [*qk, "quantize", str(src), str(work / "qk-gptq"), "--method", "gptq", "--bits", "4"], size),
+            ("quantkit dequantize nf4", [*qk, "dequantize", str(work / "qk-nf4"), str(work / "qk-dense")], size),
+            ("quantkit gguf Q8_0", [*qk, "convert", str(src), str(work / "qk.gguf"), "--to", "gguf", "--gguf-type", "Q8_0"], size),
+        ]
+        if args.only == "all":
+            jobs += [
+                ("transformers+bnb nf4", [PY, "-c", ANCHOR_QUANTIZE, str(src), str(work / "tf-nf4"), "nf4"], size),
+                ("transformers+bnb int8", [PY, "-c", ANCHOR_QUANTIZE, str(src), str(work / "tf-int8"), "int8"], size),
+                ("bitsandbytes dequantize nf4", [PY, "-c", ANCHOR_DEQUANTIZE, str(work / "qk-nf4"), str(work / "bnb-dense")], size),
+                ("gguf-py Q8_0", [PY, "-c", ANCHOR_GGUF_Q8, str(src), str(work / "gguf-py.gguf")], size),
+            ]
+        results = {label: timed(label, argv, nbytes) for label, argv, nbytes in jobs}
+        anchors = {"quantkit nf4": "transformers+bnb nf4", "quantkit int8": "transformers+bnb int8",
+                   "quantkit gptq 4-bit": "transformers+bnb nf4",
+                   "quantkit dequantize nf4": "bitsandbytes dequantize nf4", "quantkit gguf Q8_0": "gguf-py Q8_0"}  # fmt: skip
+        for label, anchor in anchors.items():
+            if label in results and anchor in results:
+                results[label]["vs_anchor"] = round(results[label]["seconds"] / results[anchor]["seconds"], 3)
+        identical = {}
+        if args.only == "all":
+            identical = {m: same_tensors(work / f"qk-{m}", work / f"tf-{m}") for m in ("nf4", "int8")}
+        report = {"checkpoint": str(src), "input_mb": round(size / 1e6), "results": list(results.values()), "identical_to_transformers": identical}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"checkpoint {report['checkpoint']} ({report['input_mb']} MB bf16)")
+    print(f"{'job':32} {'seconds':>8} {'MB/s':>8} {'peak RSS MB':>12} {'vs anchor':>10}")
+    for r in report["results"]:
+        print(f"{r['job']:32} {r['seconds']:8.2f} {r['mb_per_s']:8.1f} {r['peak_rss_mb']:12d} {r.get('vs_anchor', ''):>10}")
+    if identical:
+        print("identical bytes to transformers + bitsandbytes: " + ", ".join(f"{k}: {v}" for k, v in identical.items()))
+    if identical and not all(identical.values()):
+        raise SystemExit("output differs from transformers + bitsandbytes")
+
+
+if __name__ == "__main__":
+    main()
