@@ -118,15 +118,20 @@ def zero_points(qzeros: np.ndarray, bits: int, version: str | None) -> np.ndarra
 def dequantize_gptq(tensors: dict[str, np.ndarray], bits: int, version: str, module: str) -> np.ndarray:
     """float32 `[out, in]` weight from GPTQ companions (either version, act-order `g_idx` included)."""
     problem = companion_problem({part: (t.dtype, t.shape) for part, t in tensors.items()}, bits)
-    g_idx = tensors["g_idx"].astype(np.int64)
-    if problem is None and g_idx.size and (g_idx.min() < 0 or g_idx.max() >= tensors["scales"].shape[0]):
-        problem = f"g_idx points outside the {tensors['scales'].shape[0]} groups"
+    problem = problem or g_idx_problem(tensors["g_idx"], tensors["scales"].shape[0])
     if problem:
         raise QuantkitError(f"{module}: {problem}")
+    g_idx = tensors["g_idx"].astype(np.int64)
     codes = unpack_rows(tensors["qweight"], bits).astype(np.float32)  # [in, out]
     zeros = zero_points(tensors["qzeros"], bits, version).astype(np.float32)
     scales = tensors["scales"].astype(np.float32)
     return np.ascontiguousarray(((codes - zeros[g_idx]) * scales[g_idx]).T)
+
+
+def g_idx_problem(g_idx: np.ndarray, groups: int) -> str | None:
+    if g_idx.size and (g_idx.min() < 0 or g_idx.max() >= groups):
+        return f"g_idx points outside the {groups} groups"
+    return None
 
 
 def companion_problem(parts: dict[str, tuple[np.dtype, tuple[int, ...]]], bits: int, group_size: int | None = None) -> str | None:
@@ -432,9 +437,9 @@ class GptqReader:
             if problem:
                 problems.append(f"'{module}': {problem}")
                 continue
-            g_idx = read_tensor(checkpoint, f"{module}.g_idx")
-            if g_idx.size and (g_idx.min() < 0 or g_idx.max() >= parts["scales"].shape[0]):
-                problems.append(f"'{module}': g_idx points outside the {parts['scales'].shape[0]} groups")
+            problem = g_idx_problem(read_tensor(checkpoint, f"{module}.g_idx"), parts["scales"].shape[0])
+            if problem:
+                problems.append(f"'{module}': {problem}")
             found = infer_version(read_tensor(checkpoint, f"{module}.qzeros"), config.bits, config.sym)
             if found and found != config.version:
                 problems.append(
