@@ -178,3 +178,27 @@ def test_llama_cpp_reads_our_sentencepiece_vocab(tmp_path):
     finally:
         llm.close()
     assert ours == sentencepiece.SentencePieceProcessor(model_file=str(src / "tokenizer.model")).encode(TEXT)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q6_K])
+def test_llama_quantize_writes_our_tensors(checkpoints, tmp_path, qtype):
+    """llama-quantize (llama.cpp's own tool) run on our F32 GGUF: every tensor it stores in `qtype`
+    is byte for byte the tensor our direct conversion wrote (it picks other types for a few tensors,
+    e.g. Q6_K for the output head of a Q4_K file; those are not compared)."""
+    from quantkit.formats import gguf as gf
+
+    src = open_checkpoint(checkpoints["llama"])
+    f32, theirs, ours = tmp_path / "f32.gguf", tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
+    gc.to_gguf(src, f32, Q.F32)
+    gc.to_gguf(src, ours, qtype)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(gc.FILE_TYPE[qtype])
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    theirs_file, ours_file = gf.read_gguf(theirs), gf.read_gguf(ours)
+    ours_by_name = {t.name: t for t in ours_file.tensors}
+    compared = [t for t in theirs_file.tensors if t.qtype == qtype]
+    assert len(compared) >= 13
+    for t in compared:
+        assert theirs_file.rows(t).tobytes() == ours_file.rows(ours_by_name[t.name]).tobytes(), t.name
+    assert gguf.GGUFReader(ours).fields["general.file_type"].contents() == params.ftype
