@@ -122,7 +122,7 @@ def quantize(
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe; flags override it.")] = None,
     backend: Annotated[Optional[str], typer.Option("--backend", help="auto, numba, torch or numpy (all give the same bytes).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda.")] = None,
-    bits: Annotated[Optional[int], typer.Option("--bits", help="gptq: 2, 3, 4 or 8.")] = None,
+    bits: Annotated[Optional[int], typer.Option("--bits", help="gptq: 2, 4 or 8.")] = None,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="gptq: columns per group, -1 for one group per row.")] = None,
     sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="gptq: symmetric or asymmetric zero points.")] = None,
     format: Annotated[Optional[str], typer.Option("--format", help="gptq: v1 or v2 zero points.")] = None,
