@@ -237,7 +237,7 @@ def read_quant_state(checkpoint: Checkpoint, key: str) -> dict:
         raw = reader.read(info).tobytes()
     try:
         state = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise QuantkitError(f"{info.file}: tensor '{key}' does not hold quant_state JSON") from None
     shape = state.get("shape") if isinstance(state, dict) else None
     if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape) or state.get("dtype") not in dtypes.BY_NAME:
@@ -306,25 +306,50 @@ class BitsAndBytesReader:
 
     def dequantize(self, checkpoint: Checkpoint, module: str, names: list[str], read: Callable[[str], np.ndarray],
                    dtype: str, sink: TensorSink) -> None:
-        if _STATE_KEY.match(names[-1]):
-            values = self._dense_4bit(checkpoint, names, read)
+        weight = names[0]
+        if is_conv1d(checkpoint.config, module):  # Conv1D weights are small: turn them around whole
+            dense = self._dense_4bit(checkpoint, names, read) if _STATE_KEY.match(names[-1]) else \
+                int8.dequantize_int8(read(weight), read(f"{module}.SCB"))
+            sink.write(weight, dtypes.from_float32(np.ascontiguousarray(dense.T), dtype))
+        elif _STATE_KEY.match(names[-1]):
+            for chunk in self._chunks_4bit(checkpoint, names, read, dtype):
+                sink.write(weight, chunk)
         else:
-            values = int8.dequantize_int8(read(names[0]), read(f"{module}.SCB"))
-        if is_conv1d(checkpoint.config, module):
-            values = np.ascontiguousarray(values.T)
-        for start in range(0, values.shape[0], max(1, (8 << 20) // max(values[0].size, 1))):
-            sink.write(names[0], dtypes.from_float32(values[start : start + (8 << 20) // max(values[0].size, 1)], dtype))
-        sink.done(names[0])
+            codes, scb = read(weight), read(f"{module}.SCB")
+            step = max(1, CHUNK_ELEMENTS // max(codes.shape[1], 1))
+            for start in range(0, codes.shape[0], step):
+                dense = int8.dequantize_int8(codes[start : start + step], scb[start : start + step])
+                sink.write(weight, dtypes.from_float32(dense, dtype))
+        sink.done(weight)
+
+    def _absmax(self, state: dict, weight: str, read: Callable[[str], np.ndarray]) -> np.ndarray:
+        absmax = read(weight + ".absmax")
+        if "nested_offset" not in state:
+            return absmax
+        return nf4.dequantize_absmax(absmax, read(weight + ".nested_absmax"), read(weight + ".nested_quant_map"),
+                                     state["nested_offset"], state.get("nested_blocksize", nf4.NESTED_BLOCKSIZE))
+
+    def _chunks_4bit(self, checkpoint: Checkpoint, names: list[str], read: Callable[[str], np.ndarray], dtype: str):
+        """Dense rows of a 4-bit weight, a chunk at a time, in `dtype`'s stored bits."""
+        state = read_quant_state(checkpoint, names[-1])
+        shape, blocksize = tuple(state["shape"]), state["blocksize"]
+        absmax, packed = self._absmax(state, names[0], read), read(names[0])
+        table = nf4.decode_table(state["quant_type"], shape)
+        cols = math.prod(shape[1:])
+        rows = _rows_per_chunk(shape, blocksize)
+        for start in range(0, shape[0], rows):
+            count = (min(shape[0], start + rows) - start) * cols
+            if resolve_backend(QuantOptions(method="nf4")) == "numba":
+                from quantkit.schemes import fast
+
+                yield fast.dequantize_4bit(packed, absmax, table, blocksize, start * cols, count, dtype)
+            else:
+                yield dtypes.from_float32(nf4.dequantize_range(packed, absmax, table, blocksize, start * cols, count), dtype)
 
     def _dense_4bit(self, checkpoint: Checkpoint, names: list[str], read: Callable[[str], np.ndarray]) -> np.ndarray:
         state = read_quant_state(checkpoint, names[-1])
-        weight = names[0]
-        absmax = read(weight + ".absmax")
-        if "nested_offset" in state:
-            absmax = nf4.dequantize_absmax(absmax, read(weight + ".nested_absmax"), read(weight + ".nested_quant_map"),
-                                           state["nested_offset"], state.get("nested_blocksize", nf4.NESTED_BLOCKSIZE))
-        packed = read(weight).reshape(-1).view(np.uint8)
-        return nf4.dequantize_4bit(packed, absmax, tuple(state["shape"]), state["blocksize"], state["quant_type"])
+        absmax = self._absmax(state, names[0], read)
+        return nf4.dequantize_4bit(read(names[0]), absmax, tuple(state["shape"]), state["blocksize"], state["quant_type"])
 
     def check(self, checkpoint: Checkpoint, modules: dict[str, list[str]]) -> list[str]:
         qc = checkpoint.quantization_config or {}

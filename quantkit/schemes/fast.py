@@ -167,3 +167,46 @@ def quantize_int8(chunk: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray
     scb = np.empty(rows, np.float32)
     _quantize_int8(raw, rows, cols, codes, scb)
     return codes.reshape(rows, cols), scb
+
+
+def _store(out, i, value):
+    """out[i] := value in out's dtype: float32 as is, bfloat16 bits (uint16) rounded to nearest even."""
+
+
+@overload(_store, inline="always")
+def _store_typed(out, i, value):
+    if out.dtype == types.uint16:
+
+        def to_bf16(out, i, value):
+            bits = _as_uint32(value)
+            out[i] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+        return to_bf16
+
+    def to_f32(out, i, value):
+        out[i] = value
+
+    return to_f32
+
+
+@njit(cache=True, parallel=True)
+def _dequantize_4bit(packed, absmax, table, blocksize, first, out):
+    """Elements [first, first + out.size) of a 4-bit tensor: table[code] * absmax[block], as float32."""
+    n = out.size
+    groups = (n + 16383) // 16384
+    for g in prange(groups):
+        start = g * 16384
+        stop = min(n, start + 16384)
+        for i in range(stop - start):
+            e = first + start + i
+            byte = packed[e >> 1]
+            code = (byte >> np.uint8(4)) if (e & 1) == 0 else (byte & np.uint8(15))
+            _store(out, start + i, table[code] * absmax[e // blocksize])
+
+
+def dequantize_4bit(packed: np.ndarray, absmax: np.ndarray, table: np.ndarray, blocksize: int, first: int, count: int,
+                    dtype: str) -> np.ndarray:
+    """Stored bits (BF16 as uint16, else float32 values) of `count` elements starting at element `first`."""
+    out = np.empty(count, np.uint16 if dtype == "BF16" else np.float32)
+    _dequantize_4bit(packed.reshape(-1).view(np.uint8), absmax, table, blocksize, first, out)
+    return out if dtype in ("BF16", "F32") else out.astype(np.float16 if dtype == "F16" else np.float64)

@@ -103,13 +103,16 @@ def dequantize_4bit(packed: np.ndarray, absmax: np.ndarray, shape: tuple[int, ..
                     quant_type: str) -> np.ndarray:
     """Reference: float32 values of `shape`, computed as bitsandbytes does (code * absmax in float32)."""
     n = int(np.prod(shape))
-    flat = packed.reshape(-1)
-    codes = np.empty(flat.size * 2, dtype=np.uint8)
-    codes[0::2] = flat >> 4
-    codes[1::2] = flat & 0xF
-    values = decode_table(quant_type, shape)[codes[:n]]
-    scale = np.repeat(absmax.astype(np.float32), blocksize)[:n]
-    return (values * scale).reshape(shape)
+    return dequantize_range(packed, absmax, decode_table(quant_type, shape), blocksize, 0, n).reshape(shape)
+
+
+def dequantize_range(packed: np.ndarray, absmax: np.ndarray, table: np.ndarray, blocksize: int, first: int,
+                     count: int) -> np.ndarray:
+    """float32 values of elements [first, first + count) of a packed 4-bit tensor."""
+    index = np.arange(first, first + count)
+    flat = packed.reshape(-1).view(np.uint8)
+    codes = np.where(index % 2 == 0, flat[index // 2] >> 4, flat[index // 2] & 0xF)
+    return (table[codes] * absmax.astype(np.float32)[index // blocksize]).astype(np.float32)
 
 
 # ---- double quantization: the absmax in bitsandbytes' signed 8-bit dynamic code, blocks of 256 ----

@@ -121,3 +121,14 @@ def test_torch_mean_reproduced(n, threads):
     finally:
         torch.set_num_threads(previous)
     assert float(torchsum.torch_mean_f32(x, torchsum.cpu_vector_width(), threads)) == expected
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", ["BF16", "F32", "F16"])
+def test_fast_dequantize_equals_reference(quant_type, dtype):
+    values = sample((96, 70), 5, scale=1.0)
+    packed, absmax = nf4.quantize_4bit(values, 64, quant_type)
+    table = nf4.decode_table(quant_type, values.shape)
+    for first, count in ((0, values.size), (128, 640), (values.size - 17, 17)):
+        expected = dtypes.from_float32(nf4.dequantize_range(packed, absmax, table, 64, first, count), dtype)
+        assert np.array_equal(fast.dequantize_4bit(packed, absmax, table, 64, first, count, dtype), expected)
