@@ -270,7 +270,7 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
                         progress: Callable[[int, int, str], None] | None = None) -> DenseResult:
     """`convert MODEL.gguf OUT --to safetensors` / `dequantize MODEL.gguf OUT`: HF names, config.json,
     tokenizer files; every tensor dequantized by gguf-py, one at a time."""
-    from quantkit.dtypes import BY_NAME, from_float32, itemsize
+    from quantkit.dtypes import BY_NAME, from_float32
     from quantkit.formats.safetensors import CheckpointWriter, OutputTensor
     from quantkit.pipeline import StagedOutput, check_free_space, check_output, os_error, write_config
 

@@ -35,7 +35,7 @@ def _llama_cpp_quantizer(qtype: Q):
         import llama_cpp
     except ImportError:
         return None
-    lib = ctypes.CDLL(str(sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))[0]))
+    lib = ctypes.CDLL(str(min((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))))
     fn = getattr(lib, f"quantize_row_{qtype.name.lower().replace('_k', '_K')}_ref")
     block, size = GGML_QUANT_SIZES[qtype]
 
@@ -56,9 +56,9 @@ def main() -> None:
     x = np.random.default_rng(0).standard_normal(((args.mb << 20) // 4 // 4096, 4096)).astype(np.float32)
     results = {}
     for qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q6_K):
-        row = {"quantkit_MBps": _rate(lambda a: ggml.quantize(a, qtype), x)}
+        row = {"quantkit_MBps": _rate(lambda a, q=qtype: ggml.quantize(a, q), x)}
         if qtype in ggml.LEGACY_TYPES:
-            row["gguf_py_MBps"] = _rate(lambda a: gguf.quants.quantize(a, qtype), x)
+            row["gguf_py_MBps"] = _rate(lambda a, q=qtype: gguf.quants.quantize(a, q), x)
         llama = _llama_cpp_quantizer(qtype)
         if llama is not None:
             row["llama_cpp_ref_MBps"] = _rate(llama, x)

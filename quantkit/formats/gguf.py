@@ -16,8 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import (GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, MODEL_ARCH, GGMLQuantizationType,
-                  GGUFValueType, GGUFWriter, LlamaFileType, get_tensor_name_map)
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGUF_DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    MODEL_ARCH,
+    GGMLQuantizationType,
+    GGUFValueType,
+    GGUFWriter,
+    LlamaFileType,
+    get_tensor_name_map,
+)
 
 from quantkit.errors import QuantkitError
 
@@ -290,41 +299,44 @@ def read_gguf(path: Path | str) -> GGUFFile:
     """Parse and bounds-check a GGUF file's header, metadata and tensor infos; no tensor data is read."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        fp = open(path, "rb")
+        with open(path, "rb") as fp:
+            size = path.stat().st_size
+            version, meta, raw, header_end = _read_header(_Cursor(fp, size, path))
     except OSError as e:
         raise QuantkitError(f"{path}: cannot read ({e.strerror})") from e
-    with fp:
-        c = _Cursor(fp, size, path)
-        if c.take(4, "magic") != struct.pack("<I", GGUF_MAGIC):
-            raise QuantkitError(f"{path}: not a GGUF file (bad magic)")
-        version = c.scalar("<I", "version")
-        if version not in (2, 3):
-            raise QuantkitError(f"{path}: GGUF version {version} is not supported", "versions 2 and 3 are")
-        n_tensors = c.count("tensor count", 8 + 4 + 4 + 8 + 8)
-        n_kv = c.count("metadata count", 8 + 4)
-        meta: dict[str, Any] = {}
-        for i in range(n_kv):
-            key = c.string(f"metadata key #{i}")
-            meta[key] = c.value(c.scalar("<I", f"type of {key}"), f"metadata {key}")
-        alignment = meta.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise QuantkitError(f"{path}: general.alignment {alignment!r} is not a power of two")
-        raw = []
-        for i in range(n_tensors):
-            name = c.string(f"tensor name #{i}")
-            n_dims = c.scalar("<I", f"dimension count of {name}")
-            if not 1 <= n_dims <= MAX_DIMS:
-                raise QuantkitError(f"{path}: tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
-            ne = [c.scalar("<Q", f"shape of {name}") for _ in range(n_dims)]
-            qtype = c.scalar("<I", f"type of {name}")
-            offset = c.scalar("<Q", f"offset of {name}")
-            raw.append((name, ne, qtype, offset))
-        data_offset = -(-fp.tell() // alignment) * alignment
-    gf = GGUFFile(path, version, meta, [], alignment, data_offset)
+    alignment = meta.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise QuantkitError(f"{path}: general.alignment {alignment!r} is not a power of two")
+    gf = GGUFFile(path, version, meta, [], alignment, -(-header_end // alignment) * alignment)
     gf.tensors = [_tensor_info(gf, size, *r) for r in raw]
     _check_overlaps(gf)
     return gf
+
+
+def _read_header(c: _Cursor) -> tuple[int, dict[str, Any], list[tuple], int]:
+    """(version, metadata, raw tensor infos, offset where the header ends)."""
+    if c.take(4, "magic") != struct.pack("<I", GGUF_MAGIC):
+        raise QuantkitError(f"{c.path}: not a GGUF file (bad magic)")
+    version = c.scalar("<I", "version")
+    if version not in (2, 3):
+        raise QuantkitError(f"{c.path}: GGUF version {version} is not supported", "versions 2 and 3 are")
+    n_tensors = c.count("tensor count", 8 + 4 + 4 + 8 + 8)
+    n_kv = c.count("metadata count", 8 + 4)
+    meta: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = c.string(f"metadata key #{i}")
+        meta[key] = c.value(c.scalar("<I", f"type of {key}"), f"metadata {key}")
+    raw = []
+    for i in range(n_tensors):
+        name = c.string(f"tensor name #{i}")
+        n_dims = c.scalar("<I", f"dimension count of {name}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise QuantkitError(f"{c.path}: tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+        ne = [c.scalar("<Q", f"shape of {name}") for _ in range(n_dims)]
+        qtype = c.scalar("<I", f"type of {name}")
+        offset = c.scalar("<Q", f"offset of {name}")
+        raw.append((name, ne, qtype, offset))
+    return version, meta, raw, c.fp.tell()
 
 
 def _tensor_info(gf: GGUFFile, size: int, name: str, ne: list[int], qtype: int, offset: int) -> TensorInfo:

@@ -76,9 +76,9 @@ def _make_qkx2_quants(x, w, L, Laux, nmax, rmin, rdelta, nstep):
     sum_w = w[0]
     sum_x = sum_w * x[0]
     for i in range(1, n):
-        if x[i] < lo:
+        if x[i] < lo:  # noqa: PLR1730 - C's strict compares, kept literal (signed zeros)
             lo = x[i]
-        if x[i] > hi:
+        if x[i] > hi:  # noqa: PLR1730
             hi = x[i]
         sum_w += w[i]
         sum_x += w[i] * x[i]
@@ -151,9 +151,9 @@ def q4_k_blocks(x, out, d_scales):
                 weights[k] = av_x + abs(xs[k])
             scales[j], mins[j] = _make_qkx2_quants(xs, weights, L[32 * j:32 * j + 32], Laux,
                                                    15, f32(-1), f32(0.1), 20)
-            if scales[j] > max_scale:
+            if scales[j] > max_scale:  # noqa: PLR1730
                 max_scale = scales[j]
-            if mins[j] > max_min:
+            if mins[j] > max_min:  # noqa: PLR1730
                 max_min = mins[j]
         d_scales[i, 0] = _f16_round(max_scale / f32(63))
         d_scales[i, 1] = _f16_round(max_min / f32(63))

@@ -21,11 +21,11 @@ pytestmark = pytest.mark.clients
 llama_cpp = pytest.importorskip("llama_cpp")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gguf_checkpoints import make_checkpoint  # noqa: E402
+from gguf_checkpoints import make_checkpoint
 
-from quantkit import gguf_convert as gc  # noqa: E402
-from quantkit.schemes import ggml, kquants  # noqa: E402
-from quantkit.source import open_checkpoint  # noqa: E402
+from quantkit import gguf_convert as gc
+from quantkit.schemes import ggml, kquants
+from quantkit.source import open_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,6 @@ def test_llama_cpp_tokenizes_like_transformers(checkpoints, tmp_path):
 
 def test_llama_cpp_reads_our_sentencepiece_vocab(tmp_path):
     import sentencepiece
-
     from gguf_checkpoints import train_sentencepiece
 
     src = make_checkpoint(tmp_path / "spm", "llama", hidden=64, ffn=128, vocab=320)

@@ -15,13 +15,13 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gguf_checkpoints import make_checkpoint  # noqa: E402
+from gguf_checkpoints import make_checkpoint
 
-from quantkit import gguf_convert as gc  # noqa: E402
-from quantkit.errors import QuantkitError  # noqa: E402
-from quantkit.formats import gguf as gf  # noqa: E402
-from quantkit.schemes import ggml  # noqa: E402
-from quantkit.source import open_checkpoint  # noqa: E402
+from quantkit import gguf_convert as gc
+from quantkit.errors import QuantkitError
+from quantkit.formats import gguf as gf
+from quantkit.schemes import ggml
+from quantkit.source import open_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -358,7 +358,6 @@ def test_cli_verify_and_dequantize(checkpoints, llama_q8, tmp_path):
 
 def test_sentencepiece_vocab(tmp_path):
     import sentencepiece
-
     from gguf_checkpoints import train_sentencepiece
 
     src = make_checkpoint(tmp_path / "spm", "llama", hidden=64, ffn=128, vocab=320)
