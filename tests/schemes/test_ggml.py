@@ -4,6 +4,8 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quantkit.dtypes import from_float32, to_float32
 from quantkit.errors import QuantkitError
@@ -65,3 +67,16 @@ def test_stored_dtypes_quantize_like_their_float32(qtype, dtype):
     stored = from_float32(x, dtype)
     expected = ggml.quantize(to_float32(stored, dtype), qtype)
     assert ggml.quantize_stored(stored, dtype, qtype).tobytes() == expected.tobytes()
+
+
+ALL_TYPES = [*ggml.LEGACY_TYPES, Q.Q4_K, Q.Q6_K, Q.F16, Q.F32]
+
+
+@settings(max_examples=40, deadline=None)
+@given(qtype=st.sampled_from(ALL_TYPES), rows=st.integers(1, 3), blocks=st.integers(1, 3), seed=st.integers(0, 99))
+def test_layout_is_what_quantize_returns(qtype, rows, blocks, seed):
+    k = blocks * gguf.GGML_QUANT_SIZES[qtype][0] * (8 if qtype in ggml.LEGACY_TYPES else 1)
+    x = np.random.default_rng(seed).standard_normal((rows, k)).astype(np.float32)
+    out = ggml.quantize(x, qtype)
+    assert (out.dtype, out.shape) == ggml.layout(qtype, x.shape)
+    assert out.nbytes == rows * ggml.row_bytes(qtype, k)
