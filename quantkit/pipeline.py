@@ -6,9 +6,12 @@ the source is only ever read. One tensor at a time, in source-shard order, in ro
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -16,7 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.safetensors import CheckpointWriter, ShardReader, TensorInfo, iter_row_chunks
+from quantkit.formats.safetensors import CheckpointWriter, OutputTensor, ShardReader, TensorInfo, iter_row_chunks
 from quantkit.dtypes import NAME_OF
 from quantkit.plan import Entry, Plan, QuantOptions, make_dequant_plan, make_plan, quantizer_for
 from quantkit.source import Checkpoint, open_checkpoint, resolve
@@ -58,29 +61,109 @@ def check_free_space(out: Path, needed: int) -> None:
         raise QuantkitError(f"{out}: needs {needed / 1e6:.1f} MB but only {free / 1e6:.1f} MB are free on {parent}")
 
 
-class StagedOutput:
-    """A temporary folder beside OUT that becomes OUT on commit() and vanishes on any failure."""
+MANIFEST = ".quantkit-manifest.json"  # in a partial folder: the run's fingerprint and its finished shards
 
-    def __init__(self, out: Path):
+
+def sha256_of(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while block := f.read(COPY_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _running(leftover: Path) -> bool:
+    """Whether the process whose pid ends a leftover's name still runs (then it is not a leftover yet)."""
+    try:
+        os.kill(int(leftover.name.rsplit("-", 1)[1]), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_fingerprint(sources: list[Path], outputs: list[OutputTensor], settings: object) -> str:
+    """What makes two runs write the same shards: the source files as they are, the plan, the settings."""
+    files = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in sources]
+    plan = [(o.name, o.dtype, list(o.shape)) for o in outputs]
+    return hashlib.sha256(json.dumps([files, plan, repr(settings)]).encode()).hexdigest()
+
+
+class StagedOutput:
+    """A temporary folder beside OUT that becomes OUT on commit() and vanishes on any failure.
+
+    A SIGKILL leaves the folder behind with a manifest of the shards finished so far (sha256 each);
+    `resume` adopts such a folder when its fingerprint matches and keeps the shards that still hash right.
+    """
+
+    def __init__(self, out: Path, fingerprint: str = "", resume: bool = False):
         self.out = out
+        self.fingerprint = fingerprint
+        self.finished: dict[str, str] = {}  # shard file name -> sha256
+        self._writer: CheckpointWriter | None = None
         parent = out.resolve().parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self.tmp = parent / f".{out.name}.quantkit-partial-{os.getpid()}"
             if self.tmp.exists():
                 shutil.rmtree(self.tmp)
-            self.tmp.mkdir()
+            if not (resume and self._adopt_leftover()):
+                self.tmp.mkdir()
         except OSError as e:
-            raise QuantkitError(f"{out}: cannot create the output folder ({e.strerror})") from None
+            raise QuantkitError(f"{out}: cannot create the output folder ({e.strerror})", "check permissions") from None
+
+    def _leftovers(self) -> list[Path]:
+        found = self.out.resolve().parent.glob(f".{glob.escape(self.out.name)}.quantkit-*-*")
+        return [p for p in found if p != self.tmp and not _running(p)]
+
+    def _adopt_leftover(self) -> bool:
+        for old in sorted(self._leftovers(), key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                manifest = json.loads((old / MANIFEST).read_text(encoding="utf-8"))
+                shards = manifest["shards"] if manifest.get("fingerprint") == self.fingerprint else None
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                continue
+            if not isinstance(shards, dict):
+                continue
+            os.rename(old, self.tmp)
+            for name, digest in shards.items():
+                if isinstance(name, str) and "/" not in name and (self.tmp / name).is_file() and sha256_of(self.tmp / name) == digest:
+                    self.finished[name] = digest
+            self._write_manifest()
+            return True
+        return False
+
+    def _write_manifest(self) -> None:
+        staging = self.tmp / (MANIFEST + ".new")
+        with open(staging, "w", encoding="utf-8") as f:
+            json.dump({"fingerprint": self.fingerprint, "shards": self.finished}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, self.tmp / MANIFEST)
+
+    def shard_done(self, name: str) -> None:
+        """Record a finished (fsynced) shard, so that a run killed later can resume after it."""
+        self.finished[name] = sha256_of(self.tmp / name)
+        self._write_manifest()
 
     def __enter__(self) -> "StagedOutput":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
+            if self._writer is not None:
+                self._writer.abort()  # an open shard would keep its blocks (a full disk stays full)
             shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def writer(self, outputs: list[OutputTensor], max_shard_size: int) -> CheckpointWriter:
+        """The shard writer for this folder: it skips shards a resumed run holds and records finished ones."""
+        self._writer = CheckpointWriter(self.tmp, outputs, max_shard_size, self.shard_done)
+        self._writer.reuse(set(self.finished))
+        return self._writer
+
     def commit(self) -> None:
+        (self.tmp / MANIFEST).unlink(missing_ok=True)
         fd = os.open(self.tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -93,6 +176,8 @@ class StagedOutput:
         os.rename(self.tmp, self.out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        for leftover in self._leftovers():  # of runs killed before this one: OUT is finished now
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def os_error(e: OSError, out: Path) -> QuantkitError:
@@ -124,8 +209,16 @@ class ShardWeight:
             for start in range(0, whole.shape[0], rows):
                 yield whole[start : start + rows]
             return
-        for start in range(0, self.shape[0], rows):
-            yield self.reader.read_rows(self.info, start, min(self.shape[0], start + rows))
+        # Read the next chunk on a thread while the caller quantizes this one (pread and the
+        # compiled kernels both release the GIL): two chunks in memory at most.
+        ranges = [(start, min(self.shape[0], start + rows)) for start in range(0, self.shape[0], rows)]
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(self.reader.read_rows, self.info, *ranges[0])
+            for following in ranges[1:] + [None]:
+                chunk = pending.result()
+                if following is not None:
+                    pending = pool.submit(self.reader.read_rows, self.info, *following)
+                yield chunk
 
 
 def copy_tensor(reader: ShardReader, info: TensorInfo, name: str, writer: CheckpointWriter) -> None:
@@ -146,7 +239,8 @@ def stream_entries(checkpoint: Checkpoint, entries: list[Entry], writer: Checkpo
         with ShardReader(file) as reader:
             for entry in todo:
                 info = checkpoint.tensors[entry.source]
-                handle(reader, entry, info)
+                if not writer.skip_reused(o.name for o in entry.outputs):
+                    handle(reader, entry, info)
                 done += info.nbytes
                 progress(done, total, entry.source)
 
@@ -192,7 +286,7 @@ def prepare_quantize(src: str, options: QuantOptions, revision: str | None = Non
 
 
 def quantize(src: str, out: Path, options: QuantOptions, force: bool = False, revision: str | None = None,
-             progress: Progress = _no_progress) -> Result:
+             progress: Progress = _no_progress, resume: bool = False) -> Result:
     checkpoint, plan = prepare_quantize(src, options, revision)
     check_output(checkpoint.root, out, force)
     check_free_space(out, plan.output_bytes)
@@ -204,9 +298,10 @@ def quantize(src: str, out: Path, options: QuantOptions, force: bool = False, re
         elif entry.fate == "keep":
             copy_tensor(reader, info, entry.source, writer)
 
-    with StagedOutput(out) as staged:
+    fingerprint = run_fingerprint(checkpoint.files, plan.outputs, options)
+    with StagedOutput(out, fingerprint, resume) as staged:
         try:
-            writer = CheckpointWriter(staged.tmp, plan.outputs, options.max_shard_size)
+            writer = staged.writer(plan.outputs, options.max_shard_size)
             stream_entries(checkpoint, plan.entries, writer, handle, progress)
             files = writer.finish()
             config = dict(checkpoint.config)
@@ -249,7 +344,7 @@ class TensorReads:
 
 
 def dequantize(src: str, out: Path, dtype: str | None = None, max_shard_size: int = 5 * 10**9, force: bool = False,
-               revision: str | None = None, progress: Progress = _no_progress) -> Result:
+               revision: str | None = None, progress: Progress = _no_progress, resume: bool = False) -> Result:
     """A quantized checkpoint back to dense safetensors with the original names; config loses quantization_config."""
     path = resolve(src, revision)
     if path.is_file() and path.suffix == ".gguf":
@@ -273,9 +368,10 @@ def dequantize(src: str, out: Path, dtype: str | None = None, max_shard_size: in
         elif entry.fate == "keep":
             copy_tensor(reader, info, entry.source, writer)
 
-    with StagedOutput(out) as staged:
+    fingerprint = run_fingerprint(checkpoint.files, outputs, (dense_dtype, max_shard_size))
+    with StagedOutput(out, fingerprint, resume) as staged:
         try:
-            writer = CheckpointWriter(staged.tmp, outputs, max_shard_size)
+            writer = staged.writer(outputs, max_shard_size)
             stream_entries(checkpoint, entries, writer, handle, progress)
             files = writer.finish()
             config = {k: v for k, v in checkpoint.config.items() if k != "quantization_config"}
