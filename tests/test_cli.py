@@ -1,0 +1,90 @@
+"""The command line as users and scripts meet it: hub ids, recipes, --json, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+from tests.conftest import load_tensors
+
+
+def fake_hub_cache(tmp_path, src, repo="acme/tiny-llama"):
+    """A huggingface_hub cache holding `src` as repo `repo` at revision main (what a download leaves)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(src, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    return tmp_path / "hub"
+
+
+def run_quantkit(*args, **env):
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "quantkit", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **env})  # fmt: skip
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_hub_repo_id_from_the_offline_cache(models, tmp_path):
+    env = {"HF_HUB_CACHE": str(fake_hub_cache(tmp_path, models["llama"])), "HF_HUB_OFFLINE": "1"}
+    code, out, err = run_quantkit("inspect", "acme/tiny-llama", "--json", **env)
+    assert code == 0, err
+    assert json.loads(out)["architecture"] == "LlamaForCausalLM"
+    code, _, err = run_quantkit("quantize", "acme/tiny-llama", tmp_path / "q", "--method", "nf4", **env)
+    assert code == 0, err
+    code, _, err = run_quantkit("inspect", "acme/not-there", **env)
+    assert code == 2 and "acme/not-there" in err and "Traceback" not in err
+
+
+def test_inspect_json_and_quantized_detection(models, tmp_path, cli):
+    code, out, _ = cli("inspect", models["gpt2"], "--json")
+    data = json.loads(out)
+    assert data["architecture"] == "GPT2LMHeadModel" and data["quant_method"] is None
+    assert data["num_parameters"] > 0 and {"name", "dtype", "shape"} <= set(data["tensors"][0])
+    assert data["plan_bytes"]["nf4"] < data["plan_bytes"]["int8"] < data["bytes"]
+    cli("quantize", models["gpt2"], tmp_path / "q", "--method", "nf4", "--double-quant")
+    data = json.loads(cli("inspect", tmp_path / "q", "--json")[1])
+    assert data["quant_method"] == "bitsandbytes" and data["quantization"]["method"] == "nf4"
+
+
+def test_recipe_and_flags_override_it(models, tmp_path, cli):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('method = "nf4"\ndouble_quant = true\ncompute_dtype = "bfloat16"\nskip = ["*.mlp.up_proj"]\n')
+    code, _, err = cli("quantize", models["llama"], tmp_path / "q", "--recipe", recipe, "--no-double-quant")
+    assert code == 0, err
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["bnb_4bit_use_double_quant"] is False and qc["bnb_4bit_compute_dtype"] == "bfloat16"
+    assert "model.layers.1.mlp.up_proj" in qc["llm_int8_skip_modules"]
+
+
+def test_shipped_recipes_load(models, tmp_path, cli):
+    from pathlib import Path
+
+    for recipe in sorted((Path(__file__).parent.parent / "configs").glob("*.toml")):
+        code, _, err = cli("quantize", models["llama"], tmp_path / recipe.stem, "--recipe", recipe)
+        assert code == 0, (recipe, err)
+
+
+def test_already_quantized_is_refused(models, tmp_path, cli):
+    cli("quantize", models["llama"], tmp_path / "q", "--method", "int8")
+    code, _, err = cli("quantize", tmp_path / "q", tmp_path / "qq", "--method", "nf4")
+    assert code == 2 and "already quantized" in err and "dequantize" in err
+
+
+def test_bad_usage_is_one_line_exit_2(models, tmp_path, cli):
+    for args in (["--method", "nf5"], ["--method", "nf4", "--blocksize", "128"], ["--method", "nf4", "--max-shard-size", "lots"],
+                 ["--method", "nf4", "--compute-dtype", "int3"]):
+        code, _, err = cli("quantize", models["llama"], tmp_path / "q", *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)
+    assert not (tmp_path / "q").exists()
+
+
+def test_json_output_is_clean_and_real_console_script(models, tmp_path):
+    code, out, err = run_quantkit("quantize", models["bert"], tmp_path / "q", "--method", "int8", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["quantized"] > 0 and summary["files"] == ["model.safetensors"]
+    assert set(load_tensors(tmp_path / "q")) >= {"encoder.layer.0.attention.self.query.SCB"}
