@@ -186,40 +186,29 @@ def resolve_backend(options: QuantOptions) -> str:
     return "numba"
 
 
+def _kernel(options: QuantOptions, name: str, reference: Callable):
+    """The scheme function `name` of the chosen compute path (numba, torch, cuda) or the numpy reference."""
+    backend = resolve_backend(options)
+    if backend == "numpy":
+        return reference
+    if backend == "numba":
+        from quantkit.schemes import fast as module
+    elif backend == "torch":
+        from quantkit.schemes import torch_path as module
+    else:
+        from quantkit.schemes import cuda_path as module
+    return getattr(module, name)
+
+
 def nf4_kernel(options: QuantOptions):
     """(stored bits of a row chunk, dtype, blocksize, quant_type) -> (packed uint8, absmax float32)."""
-    backend = resolve_backend(options)
-    if backend == "numba":
-        from quantkit.schemes import fast
-
-        return fast.quantize_4bit
-    if backend == "torch":
-        from quantkit.schemes import torch_path
-
-        return torch_path.quantize_4bit
-    if backend == "cuda":
-        from quantkit.schemes import cuda_path
-
-        return cuda_path.quantize_4bit
-    return lambda chunk, dtype, blocksize, quant_type: nf4.quantize_4bit(dtypes.to_float32(chunk, dtype), blocksize, quant_type)
+    reference = lambda chunk, dtype, blocksize, quant_type: nf4.quantize_4bit(dtypes.to_float32(chunk, dtype), blocksize, quant_type)  # noqa: E731
+    return _kernel(options, "quantize_4bit", reference)
 
 
 def int8_kernel(options: QuantOptions):
     """(stored bits of a row chunk, dtype) -> (codes int8, SCB float32)."""
-    backend = resolve_backend(options)
-    if backend == "numba":
-        from quantkit.schemes import fast
-
-        return fast.quantize_int8
-    if backend == "torch":
-        from quantkit.schemes import torch_path
-
-        return torch_path.quantize_int8
-    if backend == "cuda":
-        from quantkit.schemes import cuda_path
-
-        return cuda_path.quantize_int8
-    return lambda chunk, dtype: int8.quantize_int8(dtypes.to_float32(chunk, dtype))
+    return _kernel(options, "quantize_int8", lambda chunk, dtype: int8.quantize_int8(dtypes.to_float32(chunk, dtype)))
 
 
 register(BitsAndBytes())
