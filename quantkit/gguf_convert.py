@@ -7,6 +7,7 @@ chunks and writes each chunk as it is produced. from_gguf yields HF-named float3
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,7 @@ def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
 
     def chunks():
         reader: ShardReader | None = None
-        done = 0
+        done, total = 0, plan.nbytes
         try:
             for e in plan.entries:
                 info = checkpoint.tensors[e.hf_name]
@@ -149,7 +150,7 @@ def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
                 yield e.out, _quantized(_source_rows(reader, info, e.permute_heads), info.dtype, e.out.qtype)
                 done += e.out.nbytes
                 if progress:
-                    progress(done, plan.nbytes, e.hf_name)
+                    progress(done, total, e.hf_name)
         finally:
             if reader is not None:
                 reader.close()
@@ -182,7 +183,7 @@ class FromGGUF:
         if heads:
             yield gf.unpermute_qk(dequantize_rows(self.file, t).reshape(t.shape), heads)
             return
-        n_rows = int(np.prod(t.shape[:-1], dtype=np.int64))
+        n_rows = math.prod(t.shape[:-1])
         step = max(1, max_bytes // (4 * t.shape[-1]))
         for start in range(0, n_rows, step):
             yield dequantize_rows(self.file, t, start, start + step)

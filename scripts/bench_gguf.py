@@ -1,7 +1,10 @@
 """Throughput of our GGUF quantizers against gguf-py's own (Q8_0 and the legacy types) and, when
-llama-cpp-python is installed, llama.cpp's reference K-quant quantizer (one thread).
+llama-cpp-python is installed, llama.cpp's reference quantizers (one thread).
 
     python scripts/bench_gguf.py [--mb 64] [--json]
+    python scripts/bench_gguf.py --checkpoint DIR [--json]   # whole `quantkit convert --to gguf`
+        (a fresh process, start-up, reading, writing and fsync included) against gguf-py quantizing
+        the same tensors in-process (reading included, writing not)
 """
 
 from __future__ import annotations
@@ -9,6 +12,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,11 +54,38 @@ def _llama_cpp_quantizer(qtype: Q):
     return run
 
 
+def convert_vs_gguf_py(checkpoint: str) -> dict:
+    from quantkit.dtypes import to_float32
+    from quantkit.formats.safetensors import ShardReader
+    from quantkit.source import open_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "quantkit", "convert", checkpoint, f"{tmp}/m.gguf", "--to", "gguf",
+                        "--gguf-type", "Q8_0", "--json"], check=True, stdout=subprocess.DEVNULL)
+        ours = time.perf_counter() - start
+    ck = open_checkpoint(Path(checkpoint))
+    start = time.perf_counter()
+    for file in ck.files:
+        with ShardReader(file) as reader:
+            for info in (i for i in ck.tensors.values() if i.file == file):
+                values = to_float32(reader.read(info), info.dtype)
+                if values.ndim == 2:
+                    gguf.quants.quantize(values, Q.Q8_0)
+    theirs = time.perf_counter() - start
+    return {"quantkit_convert_s": round(ours, 2), "gguf_py_quantize_s": round(theirs, 2),
+            "speedup": round(theirs / ours, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=int, default=64, help="float32 megabytes to quantize")
+    parser.add_argument("--checkpoint", help="time a whole Q8_0 conversion of this safetensors checkpoint")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.checkpoint:
+        print(json.dumps(convert_vs_gguf_py(args.checkpoint)))
+        return
     x = np.random.default_rng(0).standard_normal(((args.mb << 20) // 4 // 4096, 4096)).astype(np.float32)
     results = {}
     for qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q6_K):

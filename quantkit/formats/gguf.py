@@ -8,6 +8,7 @@ for header, metadata and tensor infos, then streams tensor data as it is produce
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
@@ -236,7 +237,7 @@ class GGUFFile:
         """Stored rows [start, stop) of a tensor, read with pread (no memory map, so memory follows
         the rows asked for): float rows for F32/F16, uint8 rows of blocks otherwise, as gguf-py's
         dequantizer takes them. A 1-D tensor is one row."""
-        n_rows = int(np.prod(t.shape[:-1], dtype=np.int64))
+        n_rows = math.prod(t.shape[:-1])
         stop = n_rows if stop is None else min(stop, n_rows)
         row_bytes = t.nbytes // n_rows
         dtype = {QType.F32: np.float32, QType.F16: np.float16}.get(t.qtype, np.uint8)
@@ -348,7 +349,7 @@ def _tensor_info(gf: GGUFFile, size: int, name: str, ne: list[int], qtype: int, 
         raise QuantkitError(f"{where} has unknown type {qtype}") from None
     if any(d <= 0 for d in ne) or ne[0] % block:
         raise QuantkitError(f"{where} has shape {ne}, which {qt.name} (blocks of {block}) cannot hold")
-    n = int(np.prod(ne, dtype=object))
+    n = math.prod(ne)
     nbytes = n // block * type_size
     if offset % gf.alignment:
         raise QuantkitError(f"{where}: data offset {offset} is not aligned to {gf.alignment}")
@@ -382,7 +383,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
     return {
         "path": str(path), "format": "gguf", "version": file.version,
         "architecture": meta.get("general.architecture"),
-        "num_parameters": sum(int(np.prod(t.shape)) for t in file.tensors),
+        "num_parameters": sum(math.prod(t.shape) for t in file.tensors),
         "bytes": path.stat().st_size, "dtypes": types,
         "quantization": {"method": "gguf", "file_type": LlamaFileType(file_type).name
                          if file_type in LlamaFileType._value2member_map_ else file_type},
@@ -413,7 +414,7 @@ class TensorOut:
     @property
     def nbytes(self) -> int:
         block, size = GGML_QUANT_SIZES[self.qtype]
-        return int(np.prod(self.shape, dtype=np.int64)) // block * size
+        return math.prod(self.shape) // block * size
 
 
 def write_gguf(out: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
