@@ -29,6 +29,7 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable J
 ForceFlag = Annotated[bool, typer.Option("--force", help="Replace an existing OUT (only once the new one is complete).")]
 ShardSize = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")]
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit) for a hub SRC.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Reuse the finished shards of an interrupted run (checked by sha256).")]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -129,6 +130,7 @@ def quantize(
     optimize: Annotated[Optional[bool], typer.Option("--optimize", help="gptq: search clipping ranges to lower weight MSE.")] = None,
     max_shard_size: ShardSize = "5GB",
     force: ForceFlag = False,
+    resume: Resume = False,
     json_out: JsonFlag = False,
     revision: Revision = None,
 ) -> None:
@@ -143,7 +145,7 @@ def quantize(
                      max_shard_size=parse_size(max_shard_size))  # fmt: skip
         options = merge_options(load_recipe(recipe) if recipe else {}, flags)
         with progress_bar(not json_out, f"quantize {options.method}") as progress:
-            result = pipeline.quantize(src, out, options, force=force, revision=revision, progress=progress)
+            result = pipeline.quantize(src, out, options, force=force, revision=revision, progress=progress, resume=resume)
         summary = {"out": str(result.out), "files": result.files, **result.summary}
         if json_out:
             emit_json(summary)
@@ -159,6 +161,7 @@ def dequantize(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="bfloat16, float16 or float32 (default: the dtype the checkpoint records).")] = None,
     max_shard_size: ShardSize = "5GB",
     force: ForceFlag = False,
+    resume: Resume = False,
     json_out: JsonFlag = False,
     revision: Revision = None,
 ) -> None:
@@ -168,7 +171,7 @@ def dequantize(
     with user_errors():
         with progress_bar(not json_out, "dequantize") as progress:
             result = pipeline.dequantize(src, out, dtype=dtype, max_shard_size=parse_size(max_shard_size), force=force,
-                                         revision=revision, progress=progress)
+                                         revision=revision, progress=progress, resume=resume)
         summary = {"out": str(result.out), "files": result.files, **result.summary}
         if json_out:
             emit_json(summary)
@@ -189,7 +192,7 @@ def convert(
     json_out: JsonFlag = False,
     revision: Revision = None,
 ) -> None:
-    """Convert between formats: safetensors -> GGUF, GGUF -> safetensors, GPTQ v1 <-> v2 zero points."""
+    """Convert between formats: safetensors -> GGUF, GGUF or PyTorch .bin -> safetensors, GPTQ v1 <-> v2 zero points."""
     from quantkit import gguf_convert
 
     with user_errors():
@@ -199,6 +202,10 @@ def convert(
 
                 summary = gptq.convert_version(src, out, to.removeprefix("gptq-"), force, revision,
                                                parse_size(max_shard_size), progress)
+            elif to == "safetensors" and not src.endswith(".gguf"):
+                from quantkit.formats import torchbin
+
+                summary = torchbin.convert(src, out, dtype, force, revision, parse_size(max_shard_size), progress)
             else:
                 summary = gguf_convert.convert(src, out, to, gguf_type=gguf_type, dtype=dtype, force=force, revision=revision,
                                                max_shard_size=parse_size(max_shard_size), progress=progress)

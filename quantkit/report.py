@@ -47,6 +47,10 @@ def inspect(src: str, revision: str | None = None) -> dict:
         from quantkit.formats import gguf
 
         return gguf.inspect_file(path)
+    from quantkit.formats import torchbin
+
+    if torchbin.is_torch_checkpoint(path):
+        return torchbin.inspect(path)
     checkpoint = open_checkpoint(path)
     qc = checkpoint.quantization_config
     dtypes = Counter(info.dtype for info in checkpoint.tensors.values())
@@ -84,6 +88,8 @@ def print_inspect(data: dict, limit: int = 40) -> None:
         console.print(f"shards        {len(data['shards'])}: " + ", ".join(data["shards"][:4]) + (" …" if len(data["shards"]) > 4 else ""))
     q = data.get("quantization")
     console.print("quantization  " + (", ".join(f"{k}={v}" for k, v in q.items()) if q else "none"))
+    if data.get("note"):
+        console.print(f"note          {data['note']}", markup=False)
     if data.get("plan_bytes"):
         table = Table(title="size after quantizing", title_justify="left")
         table.add_column("method")

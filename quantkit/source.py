@@ -59,8 +59,9 @@ class Checkpoint:
         return found
 
 
-def resolve(src: str, revision: str | None = None) -> Path:
-    """A local path as is; a hub repo id downloaded (or found in the cache) with huggingface_hub."""
+def resolve(src: str, revision: str | None = None, patterns: list[str] = HUB_PATTERNS) -> Path:
+    """A local path as is; a hub repo id downloaded (or found in the cache) with huggingface_hub:
+    the files `patterns` match (`.bin` weights only when converting them)."""
     path = Path(src).expanduser()
     if path.exists():
         return path
@@ -72,7 +73,7 @@ def resolve(src: str, revision: str | None = None) -> Path:
     except ImportError:  # pragma: no cover - a declared dependency
         raise QuantkitError(f"{src}: not a local path, and huggingface_hub is not installed") from None
     try:
-        return Path(snapshot_download(src, revision=revision, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(src, revision=revision, allow_patterns=patterns))
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QuantkitError(f"{src}: not a local path and not available from the hub ({first_line})") from None
@@ -84,7 +85,7 @@ def read_config(root: Path) -> dict:
         raise QuantkitError(f"{path}: missing", "a checkpoint folder needs its config.json")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise QuantkitError(f"{path}: not valid JSON ({e})") from None
     except OSError as e:
         raise QuantkitError(f"{path}: cannot read ({e.strerror})") from None
@@ -107,12 +108,24 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
 
 def inside(root: Path, name: str, what: str) -> Path:
     """`root/name`, refused when it would leave root (absolute path, '..', or a symlink pointing out)."""
-    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise QuantkitError(f"{what}: path {name!r} is not a file name")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
         raise QuantkitError(f"{what}: path {name!r} leaves the checkpoint folder")
-    target = (root / name).resolve()
+    try:
+        target = (root / name).resolve()
+    except RuntimeError:  # pathlib's word for a symlink loop
+        raise QuantkitError(f"{what}: path {name!r} is a symlink loop") from None
     if not target.is_relative_to(root.resolve()):
         raise QuantkitError(f"{what}: path {name!r} leaves the checkpoint folder")
     return root / name
+
+
+def is_file(path: Path, what: str) -> bool:
+    try:
+        return path.is_file()
+    except OSError as e:  # a name too long, say
+        raise QuantkitError(f"{what}: cannot open {str(path)[:200]!r} ({e.strerror})") from None
 
 
 def read_index(root: Path, index_name: str = INDEX_NAME) -> dict[str, str]:
@@ -122,13 +135,14 @@ def read_index(root: Path, index_name: str = INDEX_NAME) -> dict[str, str]:
         index = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
     except QuantkitError as e:
         raise QuantkitError(f"{path}: {e.message}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise QuantkitError(f"{path}: not valid JSON ({e})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise QuantkitError(f"{path}: weight_map must map tensor names to shard file names")
     for name, shard in weight_map.items():
-        if not inside(root, shard, f"{path}: tensor '{name}'").is_file():
+        where = f"{path}: tensor '{name}'"
+        if not is_file(inside(root, shard, where), where):
             raise QuantkitError(f"{path}: tensor '{name}' points at missing shard '{shard}'")
     return weight_map
 

@@ -197,7 +197,10 @@ def compare_layers(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: di
 def verify(path: Path, reference: str | None = None, max_error: float | None = None,
            progress: Callable[[str], None] = lambda name: None) -> Report:
     if not path.exists():
-        raise QuantkitError(f"{path}: no such file or folder")
+        leftovers = check_leftovers(path)
+        if leftovers.ok:
+            raise QuantkitError(f"{path}: no such file or folder")
+        return Report(str(path), [leftovers, Check("structure", False, f"{path} does not exist: the run never finished")])
     if path.is_file() and path.suffix == ".gguf":
         from quantkit.formats import gguf
 
