@@ -11,6 +11,8 @@ import json
 import math
 import os
 import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
@@ -239,6 +241,10 @@ class CheckpointWriter:
         self._file: BinaryIO | None = None
         self._file_index = -1
         self._reserved = 0
+        # Writes go to one background thread (at most two chunks queued) so disk I/O overlaps compute;
+        # callers hand over fresh arrays they do not touch again.
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="quantkit-writer")
+        self._pending: deque[Future] = deque()
 
     def _due(self, name: str) -> OutputTensor:
         if self._next >= len(self._queue):
@@ -283,7 +289,9 @@ class CheckpointWriter:
         if self._written + len(data) > due.nbytes:
             raise RuntimeError(f"'{name}': more bytes than planned ({due.nbytes})")
         assert self._file is not None
-        self._file.write(data)
+        self._pending.append(self._io.submit(self._file.write, data))
+        while len(self._pending) > 2:
+            self._pending.popleft().result()
         self._written += len(data)
 
     def done(self, name: str) -> None:
@@ -297,7 +305,12 @@ class CheckpointWriter:
         self._next += 1
         self._written = 0
 
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
     def _close_file(self) -> None:
+        self._drain()
         if self._file is None:
             return
         shard = self.shards[self._file_index]
@@ -316,6 +329,7 @@ class CheckpointWriter:
         if self._next != len(self._queue):
             raise RuntimeError(f"'{self._queue[self._next][1].name}' was planned but never written")
         self._close_file()
+        self._io.shutdown()
         files = list(self.names)
         if len(self.names) > 1:
             weight_map = {t.name: self.names[i] for i, t in self._queue}
@@ -325,6 +339,10 @@ class CheckpointWriter:
         return files
 
     def abort(self) -> None:
+        for pending in self._pending:
+            pending.cancel()
+        self._io.shutdown(wait=True)
+        self._pending.clear()
         if self._file is not None:
             self._file.close()
             self._file = None
