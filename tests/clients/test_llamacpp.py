@@ -1,14 +1,14 @@
 """llama.cpp as the real client (through llama-cpp-python, which builds it from source).
 
 - our block bytes == llama.cpp's own quantize_row_*_ref for the same float32 input, all seven types;
+- llama-quantize run on our F32 GGUF writes our tensors byte for byte;
 - llama.cpp loads our GGUFs and its logits match transformers' on the source checkpoint within each
-  type's error; its tokenizer splits text as transformers' does.
+  type's error; its tokenizer splits text as transformers' (and sentencepiece) does.
 
 Run with `make test-clients` (pytest -m clients); needs `pip install llama-cpp-python`.
 """
 
 import ctypes
-import sys
 from pathlib import Path
 
 import gguf
@@ -17,15 +17,13 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-pytestmark = pytest.mark.clients
-llama_cpp = pytest.importorskip("llama_cpp")
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gguf_checkpoints import make_checkpoint
-
 from quantkit import gguf_convert as gc
 from quantkit.schemes import ggml, kquants
 from quantkit.source import open_checkpoint
+from tests.gguf_checkpoints import make_checkpoint
+
+pytestmark = pytest.mark.clients
+llama_cpp = pytest.importorskip("llama_cpp")
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +88,9 @@ def test_block_bytes_equal_llama_cpp(libggml, qtype):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ck")
-    return {f: make_checkpoint(root / f, f, seed=3) for f in ("llama", "mistral", "qwen2")}
+    models = {f: make_checkpoint(root / f, f, seed=3) for f in ("llama", "mistral", "qwen2")}
+    models["llama-tied"] = make_checkpoint(root / "tied", "llama", seed=3, tied=True)  # no output.weight
+    return models
 
 
 TEXT = "How vexingly quick daft zebras jump! In 1969, they're here: def main(argv)"
@@ -129,7 +129,7 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("family, type_name", [
     ("llama", "F32"), ("llama", "F16"), ("llama", "BF16"), ("llama", "Q8_0"), ("llama", "Q4_0"), ("llama", "Q4_1"),
     ("llama", "Q5_0"), ("llama", "Q5_1"), ("llama", "Q4_K"), ("llama", "Q6_K"),
-    ("mistral", "Q8_0"), ("qwen2", "F32"), ("qwen2", "Q8_0"), ("qwen2", "Q4_K"),
+    ("mistral", "Q8_0"), ("qwen2", "F32"), ("qwen2", "Q8_0"), ("qwen2", "Q4_K"), ("llama-tied", "Q8_0"),
 ])  # fmt: skip
 def test_llama_cpp_logits_match_transformers(checkpoints, tmp_path, family, type_name):
     from transformers import AutoTokenizer
@@ -164,7 +164,8 @@ def test_llama_cpp_tokenizes_like_transformers(checkpoints, tmp_path):
 
 def test_llama_cpp_reads_our_sentencepiece_vocab(tmp_path):
     import sentencepiece
-    from gguf_checkpoints import train_sentencepiece
+
+    from tests.gguf_checkpoints import train_sentencepiece
 
     src = make_checkpoint(tmp_path / "spm", "llama", hidden=64, ffn=128, vocab=320)
     train_sentencepiece(src, 320)
