@@ -90,9 +90,7 @@ def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], qtype: QType) ->
             raise QuantkitError(f"tensor {hf_name} has no GGUF name for {arch.gguf_arch}",
                                 "is the checkpoint what its config.json says?")
         gguf_name = table[hf_name]
-        heads = 0
-        if arch.permute_qk and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = hyper.n_head if "q_proj" in hf_name else hyper.n_kv_head
+        heads = gf.permuted_heads(arch, hf_name, hyper.n_head, hyper.n_kv_head)
         t_type = _tensor_type(gguf_name, tuple(shape), qtype, fallbacks)
         entries.append(Entry(hf_name, gf.TensorOut(gguf_name, tuple(shape), t_type), heads))
     return Plan(arch, hyper, qtype, entries, fallbacks)
@@ -169,17 +167,11 @@ class FromGGUF:
     file: gf.GGUFFile
     warnings: list[str]
 
-    def _heads(self, hf_name: str) -> int:
-        """The head count to undo llama.cpp's Q/K permutation with, 0 where there is none."""
-        arch = gf.BY_GGUF_ARCH[self.file.metadata["general.architecture"]]
-        if not arch.permute_qk or not hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            return 0
-        return self.config["num_attention_heads" if "q_proj" in hf_name else "num_key_value_heads"]
-
     def chunks(self, hf_name: str, max_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
         """float32 row chunks of one tensor, in HF order (Q/K, whose rows move, come whole)."""
         t = self.names[hf_name]
-        heads = self._heads(hf_name)
+        arch = gf.BY_GGUF_ARCH[self.file.metadata["general.architecture"]]
+        heads = gf.permuted_heads(arch, hf_name, self.config["num_attention_heads"], self.config["num_key_value_heads"])
         if heads:
             yield gf.unpermute_qk(dequantize_rows(self.file, t).reshape(t.shape), heads)
             return

@@ -30,7 +30,7 @@ def train_tokenizer(out: Path, vocab_size: int = 320) -> None:
 
 
 def make_checkpoint(out: Path, family: str = "llama", hidden: int = 256, ffn: int = 512, layers: int = 2,
-                    heads: int = 4, kv_heads: int = 2, vocab: int = 320, seed: int = 0, tied: bool = False) -> Path:
+                    heads: int = 4, kv_heads: int = 2, vocab: int = 320, seed: int = 0, tied: bool = False, **config_extra) -> Path:
     """A random *ForCausalLM in float32 saved as safetensors, with tokenizer files beside it."""
     import torch
     import transformers
@@ -40,11 +40,12 @@ def make_checkpoint(out: Path, family: str = "llama", hidden: int = 256, ffn: in
     config = getattr(transformers, CLASSES[family].replace("ForCausalLM", "Config"))(
         hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=256, rms_norm_eps=1e-5,
-        tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1)
+        tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, **config_extra)
     model = cls(config).eval()
+    name_of = {id(p): n for n, p in model.named_parameters()}
     with torch.no_grad():  # random init is tiny; give the weights a spread that exercises the quantizers
         for p in model.parameters():
-            if p.ndim == 2:
+            if p.ndim == 2 or "proj.bias" in name_of[id(p)]:
                 p.normal_(0, 0.05)
     model.save_pretrained(out)
     train_tokenizer(out, vocab)

@@ -43,13 +43,12 @@ class Architecture:
     hf_class: str  # what GGUF -> HF writes back
     model_type: str
     permute_qk: bool  # llama.cpp's converter permutes Q/K heads for llama-family rope only
-    qkv_bias: bool
 
 
 ARCHITECTURES = {
-    "LlamaForCausalLM": Architecture("llama", MODEL_ARCH.LLAMA, "LlamaForCausalLM", "llama", True, False),
-    "MistralForCausalLM": Architecture("llama", MODEL_ARCH.LLAMA, "LlamaForCausalLM", "llama", True, False),
-    "Qwen2ForCausalLM": Architecture("qwen2", MODEL_ARCH.QWEN2, "Qwen2ForCausalLM", "qwen2", False, True),
+    "LlamaForCausalLM": Architecture("llama", MODEL_ARCH.LLAMA, "LlamaForCausalLM", "llama", True),
+    "MistralForCausalLM": Architecture("llama", MODEL_ARCH.LLAMA, "LlamaForCausalLM", "llama", True),
+    "Qwen2ForCausalLM": Architecture("qwen2", MODEL_ARCH.QWEN2, "Qwen2ForCausalLM", "qwen2", False),
 }
 BY_GGUF_ARCH = {"llama": ARCHITECTURES["LlamaForCausalLM"], "qwen2": ARCHITECTURES["Qwen2ForCausalLM"]}
 
@@ -67,15 +66,14 @@ def architecture_of(config: dict, where: str = "config.json") -> Architecture:
 # ----------------------------------------------------------------------------------------------- names
 
 
-def _hf_names(n_layers: int, arch: Architecture) -> list[str]:
+def _hf_names(n_layers: int) -> list[str]:
+    """Every tensor name these architectures can have (biases: qwen2, and llama with attention_bias)."""
     names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
     for i in range(n_layers):
         p = f"model.layers.{i}."
         names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        names += [f"{p}self_attn.{m}_proj.weight" for m in "qkvo"]
+        names += [f"{p}self_attn.{m}_proj.{kind}" for m in "qkvo" for kind in ("weight", "bias")]
         names += [f"{p}mlp.{m}_proj.weight" for m in ("gate", "up", "down")]
-        if arch.qkv_bias:
-            names += [f"{p}self_attn.{m}_proj.bias" for m in "qkv"]
     return names
 
 
@@ -83,7 +81,7 @@ def name_table(arch: Architecture, n_layers: int) -> dict[str, str]:
     """HF tensor name -> GGUF tensor name for every tensor the architecture can have."""
     tmap = get_tensor_name_map(arch.model_arch, n_layers)
     table = {}
-    for hf in _hf_names(n_layers, arch):
+    for hf in _hf_names(n_layers):
         gguf_name = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, hf  # our own list of names: a miss is our bug
         table[hf] = gguf_name
@@ -100,8 +98,15 @@ def _head_rows(n_rows: int, n_head: int) -> np.ndarray:
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF q_proj/k_proj weight -> llama.cpp order (n_head: the KV head count for k_proj)."""
+    """HF q_proj/k_proj weight or bias -> llama.cpp order (n_head: the KV head count for k_proj)."""
     return w[_head_rows(w.shape[0], n_head)]
+
+
+def permuted_heads(arch: Architecture, hf_name: str, n_head: int, n_kv_head: int) -> int:
+    """The head count llama.cpp's converter permutes this tensor's rows with; 0 when it does not."""
+    if not arch.permute_qk or not hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+        return 0
+    return n_head if ".q_proj." in hf_name else n_kv_head
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -201,6 +206,8 @@ def hf_config(meta: dict[str, Any], tensor_names: set[str], dtype: str) -> dict:
             config[field_name] = int(meta[f"tokenizer.ggml.{key}"])
     if arch.model_type == "qwen2":
         config["use_sliding_window"] = False
+    else:
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
     return config
 
 

@@ -90,6 +90,7 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ck")
     models = {f: make_checkpoint(root / f, f, seed=3) for f in ("llama", "mistral", "qwen2")}
     models["llama-tied"] = make_checkpoint(root / "tied", "llama", seed=3, tied=True)  # no output.weight
+    models["llama-bias"] = make_checkpoint(root / "bias", "llama", seed=3, attention_bias=True)  # permuted biases
     return models
 
 
@@ -130,6 +131,7 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
     ("llama", "F32"), ("llama", "F16"), ("llama", "BF16"), ("llama", "Q8_0"), ("llama", "Q4_0"), ("llama", "Q4_1"),
     ("llama", "Q5_0"), ("llama", "Q5_1"), ("llama", "Q4_K"), ("llama", "Q6_K"),
     ("mistral", "Q8_0"), ("qwen2", "F32"), ("qwen2", "Q8_0"), ("qwen2", "Q4_K"), ("llama-tied", "Q8_0"),
+    ("llama-bias", "F32"), ("llama-bias", "Q6_K"),
 ])  # fmt: skip
 def test_llama_cpp_logits_match_transformers(checkpoints, tmp_path, family, type_name):
     from transformers import AutoTokenizer

@@ -379,3 +379,17 @@ def test_small_chunks_dequantize_like_whole_tensors(llama_q8):
         pieces = list(conv.chunks(name, max_bytes=3000))
         assert np.array_equal(np.concatenate([p.reshape(-1) for p in pieces]), whole.reshape(-1)), name
         assert len(pieces) > 1 or whole.ndim == 1 or "q_proj" in name or "k_proj" in name
+
+
+def test_llama_attention_bias_is_permuted_like_its_weight(tmp_path):
+    src = make_checkpoint(tmp_path / "bias", "llama", hidden=64, ffn=128, attention_bias=True)
+    out = tmp_path / "m.gguf"
+    gc.to_gguf(open_checkpoint(src), out, Q.F32)
+    file = gf.read_gguf(out)
+    stored = {t.name: t for t in file.tensors}
+    hf = _source(src)
+    bias = file.rows(stored["blk.0.attn_k.bias"]).reshape(-1)
+    assert np.array_equal(bias, _llama_cpp_permute(hf["model.layers.0.self_attn.k_proj.bias"], 2))
+    back = gc.from_gguf(out)
+    assert back.config["attention_bias"] is True
+    assert all(np.array_equal(values, hf[name]) for name, values in back.tensors())
