@@ -3,7 +3,8 @@
   dense OUT                                         a tiny float16 Llama with a tokenizer (loaders want one)
   produce OUT gptq BITS GROUP SYM DESC_ACT FORMAT   a tiny Llama quantized by GPTQModel itself
   produce OUT awq BITS GROUP                        the same, AWQ GEMM
-  load QDIR NPZ                                     load QDIR with GPTQModel's torch kernels and dump,
+  load QDIR NPZ [transformers]                      load QDIR with GPTQModel's torch kernels (directly,
+                                                    or through transformers' from_pretrained) and dump,
                                                     per quantized module, its own dequantized weight
                                                     and its output on a fixed input
 """
@@ -59,17 +60,24 @@ def produce(out: str, method: str, bits: int, group_size: int, sym: bool = True,
     model.save(out)
 
 
-def load(qdir: str, npz: str) -> None:
+def load(qdir: str, npz: str, loader: str = "gptqmodel") -> None:
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
     with open(os.path.join(qdir, "config.json"), encoding="utf-8") as f:
-        method = json.load(f)["quantization_config"]["quant_method"]
-    backend = BACKEND.AWQ_TORCH if method == "awq" else BACKEND.TORCH
-    model = GPTQModel.load(qdir, device="cpu", dtype=torch.float16, backend=backend)
+        config = json.load(f)["quantization_config"]
+    method = config["quant_method"]
+    if loader == "transformers":
+        from transformers import AutoModelForCausalLM, GPTQConfig
+
+        model = AutoModelForCausalLM.from_pretrained(qdir, device_map="cpu", dtype=torch.float16,
+                                                     quantization_config=GPTQConfig(bits=config["bits"], backend="torch"))
+    else:
+        backend = BACKEND.AWQ_TORCH if method == "awq" else BACKEND.TORCH
+        model = GPTQModel.load(qdir, device="cpu", dtype=torch.float16, backend=backend).model
     generator = torch.Generator().manual_seed(1)
     dump = {}
-    for name, module in model.model.named_modules():
+    for name, module in model.named_modules():
         if not isinstance(module, BaseQuantLinear):
             continue
         x = torch.randn(4, module.in_features, generator=generator).to(torch.float16)

@@ -48,11 +48,11 @@ def worker(*args: object) -> None:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 
-def gptqmodel_view(qdir: Path) -> dict[str, dict[str, np.ndarray]]:
+def gptqmodel_view(qdir: Path, loader: str = "gptqmodel") -> dict[str, dict[str, np.ndarray]]:
     """Per quantized module, what GPTQModel's torch kernel makes of `qdir`: weight, input, output."""
-    npz = qdir.with_suffix(".npz")
+    npz = qdir.with_name(f"{qdir.name}-{loader}.npz")
     if not npz.exists():
-        worker("load", qdir, npz)
+        worker("load", qdir, npz, loader)
     modules: dict[str, dict[str, np.ndarray]] = {}
     with np.load(npz) as data:
         for key in data.files:
@@ -144,3 +144,18 @@ def test_convert_their_v1_to_v2_and_back(theirs, clients_root, cli):
     for module in before:
         assert np.array_equal(before[module]["weight"], after[module]["weight"]), module
         assert np.array_equal(before[module]["output"], after[module]["output"]), module
+
+
+def test_v1_asymmetric_loads_through_transformers_not_gptqmodel(dense, clients_root, cli):
+    """GPTQModel.load refuses sym=false in v1 unless gptqmodel >= 0.9 wrote it (hence v2 by default);
+    transformers' from_pretrained accepts it and reads the same weights."""
+    out = clients_root / "ours-v1-asym"
+    assert cli("quantize", dense, out, "--method", "gptq", "--asym", "--format", "v1", "--group-size", "32")[0] == 0
+    assert cli("dequantize", out, clients_root / "ours-v1-asym-dense", "--dtype", "float32")[0] == 0
+    ours = dense_weights(clients_root / "ours-v1-asym-dense")
+    view = gptqmodel_view(out, "transformers")
+    assert len(view) == 7
+    for module, seen in view.items():
+        assert np.array_equal(seen["weight"], ours[f"{module}.weight"].astype(np.float16).astype(np.float32)), module
+    with pytest.raises(AssertionError, match="only supported if produced by gptqmodel"):
+        gptqmodel_view(out)
