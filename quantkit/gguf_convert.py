@@ -83,6 +83,11 @@ def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], qtype: QType) ->
     arch = gf.architecture_of(config)
     hyper = gf.Hyper.from_config(config)
     table = gf.name_table(arch, hyper.n_layers)
+    problems = gf.shape_problems(config, shapes)
+    if problems:
+        raise QuantkitError(f"config.json and the weights disagree: {problems[0]}"
+                            + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
+                            "llama.cpp would refuse such a GGUF")
     fallbacks: list[str] = []
     entries = []
     for hf_name, shape in shapes.items():
@@ -334,8 +339,10 @@ def verify_gguf(path: Path, reference: str | None = None, max_error: float | Non
         report.checks.append(v.Check("structure", False, e.message))
         return report
     report.checks.append(v.Check("structure", True, f"{len(conv.names)} tensors; offsets, sizes and alignment "
-                                 f"({conv.file.alignment}) within the file; names and metadata for "
-                                 f"{conv.config['architectures'][0]}"))
+                                 f"({conv.file.alignment}) within the file; names for {conv.config['architectures'][0]}"))
+    problems = gf.shape_problems(conv.config, {name: t.shape for name, t in conv.names.items()})
+    report.checks.append(v.Check("metadata", not problems, v._first(problems, "tensor shapes agree with the sizes "
+                                                                   "in the metadata")))
     ref = None
     if reference is not None:
         from quantkit.source import open_checkpoint, resolve

@@ -393,3 +393,22 @@ def test_llama_attention_bias_is_permuted_like_its_weight(tmp_path):
     back = gc.from_gguf(out)
     assert back.config["attention_bias"] is True
     assert all(np.array_equal(values, hf[name]) for name, values in back.tensors())
+
+
+def test_config_contradicting_the_weights_is_refused_before_writing(checkpoints, tmp_path):
+    ck = open_checkpoint(checkpoints["llama"])
+    ck.config = {**ck.config, "intermediate_size": 384}
+    with pytest.raises(QuantkitError, match=r"disagree: model.layers.0.mlp.\w+_proj.weight has shape .* implies .*384"):
+        gc.to_gguf(ck, tmp_path / "m.gguf", Q.F16)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_catches_metadata_that_contradicts_the_tensors(checkpoints, tmp_path, monkeypatch):
+    ck = open_checkpoint(checkpoints["llama"])
+    ck.config = {**ck.config, "intermediate_size": 384}
+    out = tmp_path / "m.gguf"
+    with monkeypatch.context() as m:
+        m.setattr(gf, "shape_problems", lambda config, shapes: [])
+        gc.to_gguf(ck, out, Q.F16)
+    checks = {c.name: c for c in gc.verify_gguf(out).checks}
+    assert not checks["metadata"].ok and "mlp" in checks["metadata"].detail and "384" in checks["metadata"].detail
