@@ -256,9 +256,15 @@ def write_config(folder: Path, config: dict) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def copy_side_files(checkpoint: Checkpoint, folder: Path) -> list[str]:
+# Side files that describe a quantization; a dense output must not carry them.
+QUANTIZATION_SIDE_FILES = ("quantize_config.json", "quant_config.json")
+
+
+def copy_side_files(checkpoint: Checkpoint, folder: Path, dense: bool = False) -> list[str]:
     copied = []
     for rel in checkpoint.side_files():
+        if dense and rel.name in QUANTIZATION_SIDE_FILES:
+            continue
         target = folder / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(checkpoint.root / rel, target)
@@ -376,7 +382,7 @@ def dequantize(src: str, out: Path, dtype: str | None = None, max_shard_size: in
             files = writer.finish()
             config = {k: v for k, v in checkpoint.config.items() if k != "quantization_config"}
             write_config(staged.tmp, config)
-            copy_side_files(checkpoint, staged.tmp)
+            copy_side_files(checkpoint, staged.tmp, dense=True)
             staged.commit()
         except OSError as e:
             raise os_error(e, out) from None

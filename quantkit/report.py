@@ -24,6 +24,7 @@ def describe_quantization(qc: dict | None) -> dict | None:
         return {"method": "int8", "threshold": qc.get("llm_int8_threshold")}
     if method in ("gptq", "awq"):
         fmt = qc.get("checkpoint_format") or qc.get("format") or qc.get("version")
+        fmt = {"gptq": "v1", "gptq_v2": "v2"}.get(fmt, fmt)
         return {"method": method, "bits": qc.get("bits"), "group_size": qc.get("group_size"), "sym": qc.get("sym"),
                 "format": fmt, "desc_act": qc.get("desc_act")}  # fmt: skip
     return {"method": method}

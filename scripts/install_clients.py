@@ -1,0 +1,57 @@
+"""make test-clients: install the real third-party clients the `clients` tests drive.
+
+- llama-cpp-python into .venv (builds llama.cpp from source: a few minutes on 2 cores);
+- GPTQModel 7.7.0 in a venv of its own, .venv-gptq (its requirements ask for a newer torch, which would
+  pull CUDA wheels, so torch 2.13.0 goes in first and gptqmodel itself without dependencies).
+Each step is skipped when its client already imports.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GPTQ_VENV = ROOT / ".venv-gptq"
+
+
+def run(*argv: str) -> None:
+    print("$ " + " ".join(argv), flush=True)
+    subprocess.run(argv, check=True)
+
+
+def imports(python: Path | str, module: str) -> bool:
+    return subprocess.run([str(python), "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+def install_llama_cpp() -> None:
+    if not imports(sys.executable, "llama_cpp"):
+        run(sys.executable, "-m", "pip", "install", "-q", "llama-cpp-python==0.3.36")
+
+
+def install_gptqmodel() -> None:
+    python = GPTQ_VENV / "bin" / "python"
+    if python.exists() and imports(python, "gptqmodel"):
+        return
+    run(sys.executable, "-m", "venv", str(GPTQ_VENV))
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    run(*pip, "torch==2.13.0")
+    run(*pip, "transformers", "accelerate", "optimum")
+    with tempfile.TemporaryDirectory() as tmp:
+        run(str(python), "-m", "pip", "download", "-q", "gptqmodel==7.7.0", "--no-deps", "--no-binary", ":all:", "-d", tmp)
+        with tarfile.open(next(Path(tmp).glob("gptqmodel-*.tar.gz"))) as sdist:
+            member = next(m for m in sdist.getmembers() if m.name.endswith("/requirements.txt") and m.name.count("/") == 1)
+            requirements = sdist.extractfile(member).read().decode()
+        wanted = [line for line in requirements.splitlines() if line.strip() and not re.match(r"^\s*torch\b", line, re.I)]
+        (Path(tmp) / "req.txt").write_text("\n".join(wanted) + "\n")
+        run(*pip, "-r", str(Path(tmp) / "req.txt"))
+    run(*pip, "--no-deps", "gptqmodel==7.7.0")
+
+
+if __name__ == "__main__":
+    install_llama_cpp()
+    install_gptqmodel()
