@@ -326,6 +326,15 @@ def test_verify_with_reference_reports_per_tensor_error(checkpoints, llama_q8):
     assert len(report.layers) == 21 and all(x.rel_error < 0.01 for x in report.layers)
 
 
+@pytest.mark.parametrize("type_name", [t for t in gc.GGUF_TYPES if t not in ("F32", "Q8_0")])
+def test_verify_bounds_pass_every_type(checkpoints, tmp_path, type_name):
+    out = tmp_path / "m.gguf"
+    gc.to_gguf(open_checkpoint(checkpoints["llama"]), out, gc.parse_type(type_name))
+    report = gc.verify_gguf(out, str(checkpoints["llama"]))
+    assert report.ok, [x for x in report.layers if not x.ok]
+    assert gc.verify_gguf(out, str(checkpoints["qwen2"])).ok is False  # another model is caught
+
+
 def test_verify_turns_damage_into_a_finding(damaged):
     report = gc.verify_gguf(damaged(lambda d: d[:-5000]))
     assert not report.ok
