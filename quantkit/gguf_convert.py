@@ -58,6 +58,7 @@ class Plan:
     qtype: QType
     entries: list[Entry]
     fallbacks: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # tensors llama.cpp needs that the source lacks
 
     @property
     def nbytes(self) -> int:
@@ -83,10 +84,10 @@ def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], qtype: QType) ->
     arch = gf.architecture_of(config)
     hyper = gf.Hyper.from_config(config)
     table = gf.name_table(arch, hyper.n_layers)
-    problems = gf.shape_problems(config, shapes)
-    if problems:
-        raise QuantkitError(f"config.json and the weights disagree: {problems[0]}"
-                            + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
+    missing, wrong = gf.shape_problems(config, shapes)
+    if wrong:
+        raise QuantkitError(f"config.json and the weights disagree: {wrong[0]}"
+                            + (f" (+{len(wrong) - 1} more)" if len(wrong) > 1 else ""),
                             "llama.cpp would refuse such a GGUF")
     fallbacks: list[str] = []
     entries = []
@@ -98,7 +99,7 @@ def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], qtype: QType) ->
         heads = gf.permuted_heads(arch, hf_name, hyper.n_head, hyper.n_kv_head)
         t_type = _tensor_type(gguf_name, tuple(shape), qtype, fallbacks)
         entries.append(Entry(hf_name, gf.TensorOut(gguf_name, tuple(shape), t_type), heads))
-    return Plan(arch, hyper, qtype, entries, fallbacks)
+    return Plan(arch, hyper, qtype, entries, fallbacks, missing)
 
 
 @dataclass
@@ -130,6 +131,9 @@ def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
     shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
     plan = plan_gguf(checkpoint.config, shapes, qtype)
     warnings: list[str] = []
+    if plan.missing:
+        warnings.append(f"llama.cpp will not load this GGUF: {plan.missing[0]}"
+                        + (f" (+{len(plan.missing) - 1} more)" if len(plan.missing) > 1 else ""))
     vocab = read_vocab(checkpoint.root, checkpoint.config, warnings)
 
     def add_metadata(writer) -> None:
@@ -340,7 +344,8 @@ def verify_gguf(path: Path, reference: str | None = None, max_error: float | Non
         return report
     report.checks.append(v.Check("structure", True, f"{len(conv.names)} tensors; offsets, sizes and alignment "
                                  f"({conv.file.alignment}) within the file; names for {conv.config['architectures'][0]}"))
-    problems = gf.shape_problems(conv.config, {name: t.shape for name, t in conv.names.items()})
+    missing, wrong = gf.shape_problems(conv.config, {name: t.shape for name, t in conv.names.items()})
+    problems = wrong + missing
     report.checks.append(v.Check("metadata", not problems, v._first(problems, "tensor shapes agree with the sizes "
                                                                    "in the metadata")))
     ref = None

@@ -230,10 +230,11 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def shape_problems(config: dict, shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Where a checkpoint's tensors disagree with the sizes in its metadata (llama.cpp refuses such files)."""
+def shape_problems(config: dict, shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str]]:
+    """(tensors missing, tensors whose shape contradicts the sizes in the config): llama.cpp refuses both."""
     expected = expected_shapes(config)
-    problems = [f"{name} is missing" for name in expected if name not in shapes]
+    missing = [f"{name} is missing" for name in expected if name not in shapes]
+    wrong = []
     for name, shape in shapes.items():
         want = expected.get(name)
         if want is None and name.endswith(".bias"):
@@ -241,8 +242,8 @@ def shape_problems(config: dict, shapes: dict[str, tuple[int, ...]]) -> list[str
         if name == "lm_head.weight":
             want = expected.get("model.embed_tokens.weight")
         if want is not None and tuple(shape) != want:
-            problems.append(f"{name} has shape {tuple(shape)}, the config implies {want}")
-    return problems
+            wrong.append(f"{name} has shape {tuple(shape)}, the config implies {want}")
+    return missing, wrong
 
 
 # --------------------------------------------------------------------------------------------- reader

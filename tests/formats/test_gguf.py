@@ -412,12 +412,25 @@ def test_config_contradicting_the_weights_is_refused_before_writing(checkpoints,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_missing_tensors_are_a_warning_then_a_verify_failure(checkpoints, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in checkpoints["llama"].iterdir():
+        (src / f.name).symlink_to(f)
+    ck = open_checkpoint(src)
+    ck.tensors = {n: i for n, i in ck.tensors.items() if "layers.1.mlp.up_proj" not in n}
+    report = gc.to_gguf(ck, tmp_path / "m.gguf", Q.F16)
+    assert any("will not load" in w and "layers.1.mlp.up_proj" in w for w in report.warnings)
+    checks = {c.name: c for c in gc.verify_gguf(tmp_path / "m.gguf").checks}
+    assert not checks["metadata"].ok and "is missing" in checks["metadata"].detail
+
+
 def test_verify_catches_metadata_that_contradicts_the_tensors(checkpoints, tmp_path, monkeypatch):
     ck = open_checkpoint(checkpoints["llama"])
     ck.config = {**ck.config, "intermediate_size": 384}
     out = tmp_path / "m.gguf"
     with monkeypatch.context() as m:
-        m.setattr(gf, "shape_problems", lambda config, shapes: [])
+        m.setattr(gf, "shape_problems", lambda config, shapes: ([], []))
         gc.to_gguf(ck, out, Q.F16)
     checks = {c.name: c for c in gc.verify_gguf(out).checks}
     assert not checks["metadata"].ok and "mlp" in checks["metadata"].detail and "384" in checks["metadata"].detail
