@@ -204,3 +204,27 @@ def test_llama_quantize_writes_our_tensors(checkpoints, tmp_path, qtype):
     for t in compared:
         assert theirs_file.rows(t).tobytes() == ours_file.rows(ours_by_name[t.name]).tobytes(), t.name
     assert gguf.GGUFReader(ours).fields["general.file_type"].contents() == params.ftype
+
+
+@pytest.mark.parametrize("ftype", ["MOSTLY_Q2_K", "MOSTLY_Q3_K_M", "MOSTLY_Q4_K_M", "MOSTLY_Q5_K_M", "MOSTLY_IQ4_NL"])
+def test_gguf_files_llama_quantize_writes_come_back_as_the_same_model(checkpoints, tmp_path, ftype):
+    """GGUF -> safetensors on llama.cpp's own mixes (Q2_K ... Q6_K, IQ4_NL): transformers on our dense
+    output computes what llama.cpp computes on the GGUF."""
+    from transformers import AutoTokenizer
+
+    from quantkit.formats import gguf as gf
+
+    src = checkpoints["llama"]
+    f32, quantized = tmp_path / "f32.gguf", tmp_path / "q.gguf"
+    gc.to_gguf(open_checkpoint(src), f32, Q.F32)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(getattr(gguf.LlamaFileType, ftype))
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(quantized).encode(), ctypes.byref(params)) == 0
+    types = {t.qtype.name for t in gf.read_gguf(quantized).tensors}
+    gc.gguf_to_safetensors(quantized, tmp_path / "dense")
+    ids = [0, *AutoTokenizer.from_pretrained(tmp_path / "dense")(TEXT)["input_ids"]]
+    rel = _relative(_llama_cpp_logits(quantized, ids), _transformers_logits(tmp_path / "dense", ids))
+    print(f"{ftype} ({', '.join(sorted(types))}): relative logit error {rel:.2e} between llama.cpp and "
+          "transformers on our dense output")
+    assert rel < TO_SAME_WEIGHTS
