@@ -65,3 +65,19 @@ def train_sentencepiece(out: Path, vocab_size: int = 300) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (out / name).unlink(missing_ok=True)
     (out / "tokenizer.model").write_bytes(model.getvalue())
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def use_llama3_pre_tokenizer(folder: Path) -> None:
+    """Give the checkpoint's tokenizer.json Llama 3's pre-tokenizer (a regex Split, then bytes)."""
+    import json
+
+    path = folder / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    path.write_text(json.dumps(tok))

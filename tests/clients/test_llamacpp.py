@@ -228,3 +228,21 @@ def test_gguf_files_llama_quantize_writes_come_back_as_the_same_model(checkpoint
     print(f"{ftype} ({', '.join(sorted(types))}): relative logit error {rel:.2e} between llama.cpp and "
           "transformers on our dense output")
     assert rel < TO_SAME_WEIGHTS
+
+
+def test_llama_cpp_splits_like_transformers_with_llama3_pre_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.gguf_checkpoints import use_llama3_pre_tokenizer
+
+    src = make_checkpoint(tmp_path / "src", "llama", hidden=64, ffn=128)
+    use_llama3_pre_tokenizer(src)
+    out = tmp_path / "model.gguf"
+    gc.to_gguf(open_checkpoint(src), out, Q.F16)
+    text = TEXT + " 12345 I'd\n\n  x"
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    try:
+        ours = llm.tokenize(text.encode(), add_bos=False, special=False)
+    finally:
+        llm.close()
+    assert ours == AutoTokenizer.from_pretrained(src)(text)["input_ids"]

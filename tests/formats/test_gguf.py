@@ -434,3 +434,19 @@ def test_verify_catches_metadata_that_contradicts_the_tensors(checkpoints, tmp_p
         gc.to_gguf(ck, out, Q.F16)
     checks = {c.name: c for c in gc.verify_gguf(out).checks}
     assert not checks["metadata"].ok and "mlp" in checks["metadata"].detail and "384" in checks["metadata"].detail
+
+
+def test_llama3_pre_tokenizer_is_recognised_and_written_back(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.gguf_checkpoints import use_llama3_pre_tokenizer
+
+    src = make_checkpoint(tmp_path / "src", "llama", hidden=64, ffn=128)
+    use_llama3_pre_tokenizer(src)
+    report = gc.to_gguf(open_checkpoint(src), tmp_path / "m.gguf", Q.F16)
+    assert report.warnings == []
+    assert gf.read_gguf(tmp_path / "m.gguf").metadata["tokenizer.ggml.pre"] == "llama-bpe"
+    gc.gguf_to_safetensors(tmp_path / "m.gguf", tmp_path / "back")
+    text = "I'd say it's 12345 fine,\n\n  def main(argv):"
+    ours = AutoTokenizer.from_pretrained(tmp_path / "back")(text)["input_ids"]
+    assert ours == AutoTokenizer.from_pretrained(src)(text)["input_ids"]
