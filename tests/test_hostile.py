@@ -357,6 +357,43 @@ def test_gguf_with_impossible_counts_fails_in_one_line(tmp_path, cli, counts):
     assert code == 1 and "Traceback" not in stderr
 
 
+def _gguf_with(path, **metadata):
+    """A small llama GGUF the reader accepts, with metadata set by hand (GGUFWriter's add_* by value type)."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    for key, value in {"embedding_length": 32, "feed_forward_length": 32, "attention.head_count": 4,
+                       "context_length": 64, **metadata}.items():  # fmt: skip
+        add = {list: writer.add_array, float: writer.add_float32, str: writer.add_string}.get(type(value), writer.add_uint32)
+        add(key if key.startswith("general.") else f"llama.{key}", value)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    writer.add_tensor("token_embd.weight", np.zeros((2, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"attention.head_count": 0}, "llama.attention.head_count = 0 is not a positive number"),
+    ({"embedding_length": 1.5}, "llama.embedding_length = 1.5 is not a positive number"),
+    ({"block_count": 2**31}, "exceeds the tensor count"),
+    ({"general.architecture": [1, 2]}, "architecture [1, 2] is not supported"),
+], ids=["zero-heads", "float-size", "huge-block-count", "architecture-not-a-string"])  # fmt: skip
+def test_gguf_metadata_that_makes_no_model_is_refused(tmp_path, cli, metadata, message):
+    path = _gguf_with(tmp_path / "m.gguf", **metadata)
+    refused(cli, "dequantize", path, tmp_path / "out", naming=message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gguf_inspect_shows_an_odd_file_type_as_is(tmp_path, cli):
+    code, stdout, err = cli("inspect", _gguf_with(tmp_path / "m.gguf", **{"general.file_type": [7]}), "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["quantization"]["file_type"] == [7]
+
+
 def test_open_checkpoint_reads_no_data(ckpt, monkeypatch):
     from quantkit.formats import safetensors
 

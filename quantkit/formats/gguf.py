@@ -173,28 +173,36 @@ def write_hyper(writer: GGUFWriter, h: Hyper) -> None:
 def hf_config(meta: dict[str, Any], tensor_names: set[str], dtype: str) -> dict:
     """config.json rebuilt from GGUF metadata (the inverse of write_hyper)."""
     arch_name = meta.get("general.architecture")
-    if arch_name not in BY_GGUF_ARCH:
+    if not isinstance(arch_name, str) or arch_name not in BY_GGUF_ARCH:
         raise QuantkitError(f"GGUF architecture {arch_name!r} is not supported yet",
                             f"supported: {', '.join(BY_GGUF_ARCH)}")
     arch = BY_GGUF_ARCH[arch_name]
 
-    def get(key: str, default: Any = None) -> Any:
+    def get(key: str, default: Any = None, kind: type | tuple[type, ...] = int) -> Any:
+        """A size (or, with kind=float, a constant) of the model: present, positive and finite."""
         value = meta.get(f"{arch_name}.{key}", default)
         if value is None:
             raise QuantkitError(f"GGUF metadata lacks {arch_name}.{key}")
+        if isinstance(value, bool) or not isinstance(value, kind) or not 0 < value < 2**63:
+            raise QuantkitError(f"GGUF metadata {arch_name}.{key} = {str(value)[:40]} is not a positive number",
+                                "the file is damaged")
         return value
 
     n_head = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
-    vocab = meta.get(f"{arch_name}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or []) or None
+    if get("block_count") > len(tensor_names):  # name tables are built per block
+        raise QuantkitError(f"GGUF metadata {arch_name}.block_count = {get('block_count')} exceeds the tensor count")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    has_vocab = f"{arch_name}.vocab_size" in meta or (isinstance(tokens, list) and tokens)
+    vocab = get("vocab_size", len(tokens) if isinstance(tokens, list) else None) if has_vocab else None
     config = {
         "architectures": [arch.hf_class], "model_type": arch.model_type,
         "hidden_size": hidden, "intermediate_size": int(get("feed_forward_length")),
         "num_hidden_layers": int(get("block_count")), "num_attention_heads": n_head,
         "num_key_value_heads": int(get("attention.head_count_kv", n_head)),
         "max_position_embeddings": int(get("context_length")),
-        "rms_norm_eps": float(str(np.float32(get("attention.layer_norm_rms_epsilon")))),  # 1e-05, not 9.99e-06
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rms_norm_eps": float(str(np.float32(get("attention.layer_norm_rms_epsilon", kind=(int, float))))),  # 1e-05, not 9.99e-06
+        "rope_theta": float(get("rope.freq_base", 10000.0, kind=(int, float))),
         "head_dim": int(get("attention.key_length", hidden // n_head)),
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "hidden_act": "silu", "dtype": dtype,
@@ -203,7 +211,10 @@ def hf_config(meta: dict[str, Any], tensor_names: set[str], dtype: str) -> dict:
         config["vocab_size"] = int(vocab)
     for key, field_name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
         if f"tokenizer.ggml.{key}" in meta:
-            config[field_name] = int(meta[f"tokenizer.ggml.{key}"])
+            token_id = meta[f"tokenizer.ggml.{key}"]
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                raise QuantkitError(f"GGUF metadata tokenizer.ggml.{key} = {str(token_id)[:40]} is not a token id")
+            config[field_name] = token_id
     if arch.model_type == "qwen2":
         config["use_sliding_window"] = False
     else:
@@ -428,7 +439,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
         "num_parameters": sum(math.prod(t.shape) for t in file.tensors),
         "bytes": path.stat().st_size, "dtypes": types,
         "quantization": {"method": "gguf", "file_type": LlamaFileType(file_type).name
-                         if file_type in LlamaFileType._value2member_map_ else file_type},
+                         if isinstance(file_type, int) and file_type in LlamaFileType._value2member_map_ else file_type},
         "metadata": meta,
         "tensors": [{"name": t.name, "dtype": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes}
                     for t in file.tensors],
