@@ -138,27 +138,30 @@ def quantize_4bit(chunk: np.ndarray, dtype: str, blocksize: int, quant_type: str
 
 @njit(cache=True, parallel=True, nogil=True)
 def _quantize_int8(raw, rows, cols, codes, scb):
-    one = np.float32(1.0)
     for r in prange(rows):
         values = np.empty(cols, np.float32)
         _widen_into(raw, r * cols, (r + 1) * cols, values)
         # Round to float16 precision (ties to even): 11 significant bits in the normal range, multiples
-        # of 2**-24 below it, infinity above 65504.
+        # of 2**-24 below it, infinity above 65504. Branch-free, so it vectorizes.
         for i in range(cols):
             bits = _as_uint32(values[i])
             magnitude = bits & np.uint32(0x7FFFFFFF)
             rounded = (magnitude + np.uint32(0xFFF) + ((magnitude >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
-            rounded = _EXPONENT if rounded > np.uint32(0x477FE000) and magnitude < _EXPONENT else rounded
+            overflow = (rounded > np.uint32(0x477FE000)) & (magnitude < _EXPONENT)
+            rounded = _EXPONENT if overflow else rounded
             normal = _as_float32((bits & np.uint32(0x80000000)) | rounded)
             tiny = np.float32(np.rint(values[i] * np.float32(16777216.0))) * np.float32(5.960464477539063e-08)
             values[i] = normal if magnitude >= np.uint32(0x38800000) else tiny
         peak_bits = _peak_bits(values)
         peak = _as_float32(peak_bits)
         scb[r] = np.float32(np.nan) if peak_bits >= _EXPONENT else peak
-        factor = (one / peak) * np.float32(127.0)
+        row = codes[r * cols : (r + 1) * cols]
+        if peak_bits == 0:  # an all-zero row: 0 * inf; bitsandbytes writes zeros
+            row[:] = 0
+            continue
+        factor = (np.float32(1.0) / peak) * np.float32(127.0)
         for i in range(cols):
-            q = np.rint(values[i] * factor)
-            codes[r * cols + i] = np.int8(q) if peak_bits > 0 else np.int8(0)
+            row[i] = np.int8(np.rint(values[i] * factor))
 
 
 def quantize_int8(chunk: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
