@@ -134,17 +134,21 @@ def read_vocab(src: Path, config: dict, warnings: list[str]) -> Vocab | None:
     vocab_size = int(config.get("vocab_size") or 0)
     tok_json = src / "tokenizer.json"
     tok = _load_json(tok_json) if tok_json.is_file() else None
-    if tok is not None and tok.get("model", {}).get("type") == "BPE" and not (src / "tokenizer.model").is_file():
-        vocab = _bpe_vocab(tok, tok_json, vocab_size, warnings)
-    elif (src / "tokenizer.model").is_file():
-        vocab = _spm_vocab(src / "tokenizer.model", vocab_size)
-    elif tok is not None:
-        raise QuantkitError(f"{tok_json}: a {tok.get('model', {}).get('type')} tokenizer is not supported yet "
-                            "for GGUF", "byte-level BPE tokenizer.json and sentencepiece tokenizer.model are")
-    else:
-        warnings.append(f"{src}: no tokenizer.json or tokenizer.model; the GGUF has no vocabulary")
-        return None
-    _add_tokenizer_config(vocab, src, config)
+    model_type = tok.get("model", {}).get("type") if isinstance(tok, dict) and isinstance(tok.get("model"), dict) else None
+    try:
+        if model_type == "BPE" and not (src / "tokenizer.model").is_file():
+            vocab = _bpe_vocab(tok, tok_json, vocab_size, warnings)
+        elif (src / "tokenizer.model").is_file():
+            vocab = _spm_vocab(src / "tokenizer.model", vocab_size)
+        elif tok is not None:
+            raise QuantkitError(f"{tok_json}: a {model_type} tokenizer is not supported yet for GGUF",
+                                "byte-level BPE tokenizer.json and sentencepiece tokenizer.model are")
+        else:
+            warnings.append(f"{src}: no tokenizer.json or tokenizer.model; the GGUF has no vocabulary")
+            return None
+        _add_tokenizer_config(vocab, src, config)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise QuantkitError(f"{src}: tokenizer files have an unexpected structure ({type(e).__name__}: {e})") from e
     return vocab
 
 
@@ -178,11 +182,15 @@ def _pre_tokenizer_json(pre: str | None) -> dict:
 def write_hf_tokenizer(meta: dict[str, Any], out: Path, warnings: list[str]) -> list[str]:
     """Tokenizer files for the GGUF's vocab into `out`; returns the file names written."""
     tokens = meta.get("tokenizer.ggml.tokens")
-    if not tokens:
-        warnings.append("the GGUF has no vocabulary; no tokenizer files written")
+    if not tokens or not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        warnings.append("the GGUF has no usable vocabulary; no tokenizer files written")
         return []
-    types = meta.get("tokenizer.ggml.token_type") or [int(TokenType.NORMAL)] * len(tokens)
+    types = meta.get("tokenizer.ggml.token_type")
+    if not isinstance(types, list) or len(types) != len(tokens):
+        types = [int(TokenType.NORMAL)] * len(tokens)
     written = []
+    merges = meta.get("tokenizer.ggml.merges")
+    merges = merges if isinstance(merges, list) else []
     if meta.get("tokenizer.ggml.model") == "gpt2":
         added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                   "normalized": types[i] != TokenType.CONTROL, "special": types[i] == TokenType.CONTROL}
@@ -194,7 +202,7 @@ def write_hf_tokenizer(meta: dict[str, Any], out: Path, warnings: list[str]) -> 
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                       "ignore_merges": False, "vocab": {t: i for i, t in enumerate(tokens)},
-                      "merges": list(meta.get("tokenizer.ggml.merges") or [])},
+                      "merges": [m for m in merges if isinstance(m, str)]},
         }
         (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
         written.append("tokenizer.json")

@@ -450,3 +450,24 @@ def test_llama3_pre_tokenizer_is_recognised_and_written_back(tmp_path):
     text = "I'd say it's 12345 fine,\n\n  def main(argv):"
     ours = AutoTokenizer.from_pretrained(tmp_path / "back")(text)["input_ids"]
     assert ours == AutoTokenizer.from_pretrained(src)(text)["input_ids"]
+
+
+def test_damaged_tokenizer_json_is_one_error(checkpoints, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in checkpoints["llama"].iterdir():
+        if f.name != "tokenizer.json":
+            (src / f.name).symlink_to(f)
+    (src / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": ["not", "a", "dict"]}}))
+    with pytest.raises(QuantkitError, match="tokenizer files have an unexpected structure"):
+        gc.to_gguf(open_checkpoint(src), tmp_path / "m.gguf", Q.F16)
+
+
+def test_vocabulary_with_mismatched_token_types_still_writes_tokenizer(tmp_path):
+    from quantkit.formats.gguf_vocab import write_hf_tokenizer
+
+    warnings: list[str] = []
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.token_type": [1],
+            "tokenizer.ggml.merges": ["a b", 7]}
+    assert "tokenizer.json" in write_hf_tokenizer(meta, tmp_path, warnings)
+    assert write_hf_tokenizer({"tokenizer.ggml.tokens": [1, 2]}, tmp_path, warnings) == []
