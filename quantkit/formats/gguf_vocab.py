@@ -162,10 +162,12 @@ def _add_tokenizer_config(vocab: Vocab, src: Path, config: dict) -> None:
             vocab.special_ids[kind] = index[text]
         elif isinstance(config.get(f"{kind}_token_id"), int):
             vocab.special_ids.setdefault(kind, config[f"{kind}_token_id"])
-    vocab.add_bos = tc.get("add_bos_token", vocab.add_bos)
-    vocab.add_eos = tc.get("add_eos_token", vocab.add_eos)
+    for kind in ("bos", "eos"):
+        if isinstance(tc.get(f"add_{kind}_token"), bool):
+            setattr(vocab, f"add_{kind}", tc[f"add_{kind}_token"])
     template = src / "chat_template.jinja"
-    vocab.chat_template = template.read_text(encoding="utf-8") if template.is_file() else tc.get("chat_template")
+    chat_template = template.read_text(encoding="utf-8") if template.is_file() else tc.get("chat_template")
+    vocab.chat_template = chat_template if isinstance(chat_template, str) else None
 
 
 # ------------------------------------------------------------------------------------------ GGUF -> HF
