@@ -39,7 +39,7 @@ class Vocab:
     special_ids: dict[str, int] = field(default_factory=dict)  # "bos" -> id
     add_bos: bool | None = None
     add_eos: bool | None = None
-    chat_template: str | None = None
+    chat_template: str | list[dict[str, str]] | None = None  # HF allows a list of named templates
 
     def write(self, writer: GGUFWriter) -> None:
         writer.add_tokenizer_model(self.model)
@@ -167,7 +167,9 @@ def _add_tokenizer_config(vocab: Vocab, src: Path, config: dict) -> None:
             setattr(vocab, f"add_{kind}", tc[f"add_{kind}_token"])
     template = src / "chat_template.jinja"
     chat_template = template.read_text(encoding="utf-8") if template.is_file() else tc.get("chat_template")
-    vocab.chat_template = chat_template if isinstance(chat_template, str) else None
+    named = isinstance(chat_template, list) and all(
+        isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("template"), str) for c in chat_template)
+    vocab.chat_template = chat_template if isinstance(chat_template, str) or named else None
 
 
 # ------------------------------------------------------------------------------------------ GGUF -> HF
@@ -219,8 +221,13 @@ def write_hf_tokenizer(meta: dict[str, Any], out: Path, warnings: list[str]) -> 
     for kind in ("bos", "eos"):
         if f"tokenizer.ggml.add_{kind}_token" in meta:
             tc[f"add_{kind}_token"] = bool(meta[f"tokenizer.ggml.add_{kind}_token"])
-    if meta.get("tokenizer.chat_template"):
-        tc["chat_template"] = meta["tokenizer.chat_template"]
+    template = meta.get("tokenizer.chat_template")
+    names = meta.get("tokenizer.chat_templates")
+    if isinstance(template, str) and isinstance(names, list) and names:
+        named = [{"name": n, "template": meta.get(f"tokenizer.chat_template.{n}")} for n in names if isinstance(n, str)]
+        tc["chat_template"] = [{"name": "default", "template": template}] + [c for c in named if isinstance(c["template"], str)]
+    elif isinstance(template, str) and template:
+        tc["chat_template"] = template
     (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2, ensure_ascii=False), encoding="utf-8")
     specials = {k: v for k, v in tc.items() if k.endswith("_token") and not k.startswith("add_")}
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -471,3 +471,19 @@ def test_vocabulary_with_mismatched_token_types_still_writes_tokenizer(tmp_path)
             "tokenizer.ggml.merges": ["a b", 7]}
     assert "tokenizer.json" in write_hf_tokenizer(meta, tmp_path, warnings)
     assert write_hf_tokenizer({"tokenizer.ggml.tokens": [1, 2]}, tmp_path, warnings) == []
+
+
+def test_named_chat_templates_go_both_ways(checkpoints, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in checkpoints["llama"].iterdir():
+        if f.name not in ("tokenizer_config.json", "chat_template.jinja"):
+            (src / f.name).symlink_to(f)
+    config = json.loads((checkpoints["llama"] / "tokenizer_config.json").read_text())
+    templates = [{"name": "default", "template": "{{ a }}"}, {"name": "tool_use", "template": "{{ b }}"}]
+    (src / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": templates}))
+    gc.to_gguf(open_checkpoint(src), tmp_path / "m.gguf", Q.F16)
+    meta = gf.read_gguf(tmp_path / "m.gguf").metadata
+    assert meta["tokenizer.chat_template"] == "{{ a }}" and meta["tokenizer.chat_template.tool_use"] == "{{ b }}"
+    gc.gguf_to_safetensors(tmp_path / "m.gguf", tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())["chat_template"] == templates
