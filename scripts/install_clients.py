@@ -8,6 +8,7 @@ Each step is skipped when its client already imports.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -29,8 +30,13 @@ def imports(python: Path | str, module: str) -> bool:
 
 
 def install_llama_cpp() -> None:
-    if not imports(sys.executable, "llama_cpp"):
-        run(sys.executable, "-m", "pip", "install", "-q", "llama-cpp-python==0.3.36")
+    if imports(sys.executable, "llama_cpp"):
+        return
+    # Portable build (no -march=native: its fused multiply-adds could change the reference quantizers'
+    # bytes), without the multimodal library the tests do not use.
+    env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    print("$ pip install llama-cpp-python==0.3.36  (builds llama.cpp from source)", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "llama-cpp-python==0.3.36"], check=True, env=env)
 
 
 def install_gptqmodel() -> None:

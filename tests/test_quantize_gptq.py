@@ -116,7 +116,7 @@ def test_inspect_and_verify(models, tmp_path, cli):
     cli("quantize", models["llama"], tmp_path / "q", "--method", "gptq", "--asym", *GROUP)
     code, out, _ = cli("inspect", tmp_path / "q", "--json")
     info = json.loads(out)["quantization"]
-    assert (info["method"], info["bits"], info["group_size"], info["sym"], info["format"]) == ("gptq", 4, 32, False, "gptq_v2")
+    assert (info["method"], info["bits"], info["group_size"], info["sym"], info["format"]) == ("gptq", 4, 32, False, "v2")
     code, out, _ = cli("verify", tmp_path / "q", "--reference", models["llama"], "--json")
     report = json.loads(out)
     assert code == 0 and report["ok"] and len(report["layers"]) == 14, report
