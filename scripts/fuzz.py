@@ -22,8 +22,8 @@ import tempfile
 import time
 import traceback
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -31,10 +31,10 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quantkit.errors import QuantkitError  # noqa: E402
-from quantkit.gguf_convert import gguf_to_safetensors  # noqa: E402
 from quantkit.formats import gguf as gf  # noqa: E402
 from quantkit.formats.safetensors import INDEX_NAME, read_header  # noqa: E402
 from quantkit.formats.torchbin import read_state_dict_meta  # noqa: E402
+from quantkit.gguf_convert import gguf_to_safetensors  # noqa: E402
 from quantkit.source import open_checkpoint  # noqa: E402
 
 WORK = Path(tempfile.mkdtemp(prefix="quantkit-fuzz-"))

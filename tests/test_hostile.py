@@ -366,7 +366,7 @@ def _gguf_with(path, **metadata):
     for key, value in {"embedding_length": 32, "feed_forward_length": 32, "attention.head_count": 4,
                        "context_length": 64, **metadata}.items():  # fmt: skip
         add = {list: writer.add_array, float: writer.add_float32, str: writer.add_string}.get(type(value), writer.add_uint32)
-        add(key if key.startswith("general.") else f"llama.{key}", value)
+        add(key if key.startswith(("general.", "tokenizer.")) else f"llama.{key}", value)
     writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
     writer.add_tensor("token_embd.weight", np.zeros((2, 32), np.float32))
     writer.write_header_to_file()

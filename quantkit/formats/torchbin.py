@@ -13,9 +13,10 @@ import math
 import pickle
 import pickletools
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from quantkit.dtypes import BY_NAME, FLOATS, itemsize
 from quantkit.errors import QuantkitError
@@ -294,9 +295,16 @@ def convert(src: str, out: Path, dtype: str | None = None, force: bool = False, 
             max_shard_size: int = 5 * 10**9, progress: Callable[[int, int, str], None] | None = None) -> dict:
     """`quantkit convert SRC OUT --to safetensors` for a torch checkpoint: described and checked inertly,
     then loaded shard by shard with weights_only and written as safetensors beside config and side files."""
-    from quantkit.pipeline import (COPY_CHUNK, StagedOutput, check_free_space, check_output, copy_side_files, os_error,
-                                   write_config)
-    from quantkit.source import Checkpoint, HUB_PATTERNS, resolve
+    from quantkit.pipeline import (
+        COPY_CHUNK,
+        StagedOutput,
+        check_free_space,
+        check_output,
+        copy_side_files,
+        os_error,
+        write_config,
+    )
+    from quantkit.source import HUB_PATTERNS, Checkpoint, resolve
 
     path = resolve(src, revision, patterns=HUB_PATTERNS + ["*.bin", TORCH_INDEX])
     if not is_torch_checkpoint(path):
