@@ -11,16 +11,16 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
+from quantkit.dtypes import NAME_OF
 from quantkit.errors import QuantkitError
 from quantkit.formats.safetensors import CheckpointWriter, OutputTensor, ShardReader, TensorInfo, iter_row_chunks
-from quantkit.dtypes import NAME_OF
 from quantkit.plan import Entry, Plan, QuantOptions, make_dequant_plan, make_plan, quantizer_for
 from quantkit.source import Checkpoint, open_checkpoint, resolve
 
@@ -147,7 +147,7 @@ class StagedOutput:
         self.finished[name] = sha256_of(self.tmp / name)
         self._write_manifest()
 
-    def __enter__(self) -> "StagedOutput":
+    def __enter__(self) -> StagedOutput:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

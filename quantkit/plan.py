@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
+import tomllib
 
 from quantkit.dtypes import BY_NAME as NAME_TO_DTYPE
 from quantkit.dtypes import FLOATS, NAME_OF
@@ -133,7 +134,7 @@ class Dequantizer(Protocol):
     def layout(self, checkpoint: Checkpoint, module: str, names: list[str], dtype: str) -> list[OutputTensor]: ...
 
     def dequantize(self, checkpoint: Checkpoint, module: str, names: list[str], read: Callable[[str], np.ndarray],
-                   dtype: str, sink: "TensorSink") -> None: ...
+                   dtype: str, sink: TensorSink) -> None: ...
 
     def check(self, checkpoint: Checkpoint, modules: dict[str, list[str]]) -> list[str]: ...
 
@@ -182,11 +183,7 @@ def quantizer_for(method: str) -> Quantizer:
 
 def _load_builtin_quantizers() -> None:
     import quantkit.formats.bnb  # noqa: F401  (registers nf4, fp4, int8)
-
-    try:
-        import quantkit.formats.gptq  # noqa: F401  (registers gptq, when present)
-    except ImportError:
-        pass
+    import quantkit.formats.gptq  # noqa: F401  (registers gptq and the GPTQ/AWQ reader)
 
 
 # ---------------------------------------------------------------- recipes

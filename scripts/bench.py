@@ -128,8 +128,8 @@ def timed(label: str, argv: list[str], input_bytes: int) -> dict:
 def same_tensors(a: Path, b: Path) -> bool:
     """Tensor-for-tensor byte equality of two safetensors folders (any sharding)."""
     sys.path.insert(0, str(ROOT))
-    from quantkit.source import open_checkpoint
     from quantkit.formats.safetensors import ShardReader
+    from quantkit.source import open_checkpoint
 
     ca, cb = open_checkpoint(a), open_checkpoint(b)
     if set(ca.tensors) != set(cb.tensors):

@@ -4,9 +4,9 @@ result, and show its sentence embeddings still agree with the original."""
 from __future__ import annotations
 
 import os
-import warnings
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -65,7 +65,7 @@ def load_tensors(folder: Path) -> dict:
     tensors = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(file, "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
     return tensors
 
 

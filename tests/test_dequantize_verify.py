@@ -38,7 +38,6 @@ def written(models, tmp_path_factory):
 def bnb_dequantized(folder, torch_dtype):
     """Each quantized weight as bitsandbytes itself dequantizes it, in the checkpoint's dtype."""
     import bitsandbytes.functional as F
-    import torch
     from bitsandbytes.functional import QuantState
 
     tensors = load_tensors(folder)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import struct
 import time
 import tracemalloc
@@ -275,6 +276,23 @@ def test_convert_bin_to_safetensors(tmp_path, cli, torch_state, legacy):
     assert (tmp_path / "st" / "tokenizer.json").exists() and json.loads((tmp_path / "st" / "config.json").read_text()) == CONFIG
     code, _, err = cli("quantize", tmp_path / "st", tmp_path / "q", "--method", "nf4")
     assert code == 0, err
+
+
+def test_convert_a_transformers_state_dict_gives_what_transformers_saves(models, tmp_path, cli):
+    """A real model's state_dict() (an OrderedDict carrying _metadata) through torch.save, as transformers 4
+    wrote pytorch_model.bin; converted, it holds the tensors transformers itself writes as safetensors."""
+    import torch
+
+    from tests.conftest import assert_same_tensors, auto_class, load_tensors
+
+    model = auto_class(models["llama"]).from_pretrained(models["llama"], dtype=torch.bfloat16)
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    shutil.copy(models["llama"] / "config.json", folder)
+    code, _, err = cli("convert", folder, tmp_path / "st", "--to", "safetensors")
+    assert code == 0, err
+    assert_same_tensors(load_tensors(tmp_path / "st"), load_tensors(models["llama"]))
 
 
 def test_convert_sharded_bin_with_index(tmp_path, cli, torch_state):

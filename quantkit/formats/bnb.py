@@ -11,15 +11,24 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from quantkit import dtypes
 from quantkit.errors import QuantkitError
-from quantkit.formats.safetensors import OutputTensor, ShardReader, iter_row_chunks
-from quantkit.plan import (QuantOptions, TensorSink, WeightSource, head_modules, is_conv1d, is_linear_weight, module_of,
-                           register, register_dequantizer)
+from quantkit.formats.safetensors import OutputTensor, ShardReader
+from quantkit.plan import (
+    QuantOptions,
+    TensorSink,
+    WeightSource,
+    head_modules,
+    is_conv1d,
+    is_linear_weight,
+    module_of,
+    register,
+    register_dequantizer,
+)
 from quantkit.schemes import int8, nf4
 from quantkit.source import Checkpoint
 

@@ -12,10 +12,11 @@ import math
 import os
 import struct
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO
 
 import numpy as np
 
@@ -124,7 +125,7 @@ class ShardReader:
         except OSError as e:
             raise QuantkitError(f"{path}: cannot open ({e.strerror})") from None
 
-    def __enter__(self) -> "ShardReader":
+    def __enter__(self) -> ShardReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+
 os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")  # starts in half the time of OpenMP
 
 from llvmlite import ir  # noqa: E402
