@@ -205,6 +205,11 @@ def test_config_missing_what_gguf_needs_is_named(ckpt, tmp_path, cli):
     assert "num_attention_heads" in line
 
 
+def test_side_json_nested_too_deep_is_named(ckpt, tmp_path, cli):
+    (ckpt / "tokenizer.json").write_text('{"model": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    refused(cli, "convert", ckpt, tmp_path / "m.gguf", "--to", "gguf", naming="tokenizer.json: cannot read as JSON")
+
+
 # ---------------------------------------------------------------- non-finite weights
 
 

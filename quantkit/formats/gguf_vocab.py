@@ -64,7 +64,7 @@ class Vocab:
 def _load_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested absurdly deep
         raise QuantkitError(f"{path}: cannot read as JSON ({e})") from e
 
 

@@ -523,7 +523,7 @@ def _rewrite_quantize_config(path: Path, version: str) -> None:
         return
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return
     if isinstance(config, dict) and config.get("quant_method", "gptq") == "gptq":
         path.write_text(json.dumps(with_version(config, version), indent=2) + "\n", encoding="utf-8")
