@@ -273,7 +273,7 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
     """`convert MODEL.gguf OUT --to safetensors` / `dequantize MODEL.gguf OUT`: HF names, config.json,
     tokenizer files; every tensor dequantized by gguf-py, one at a time."""
     from quantkit.dtypes import BY_NAME, from_float32
-    from quantkit.formats.safetensors import CheckpointWriter, OutputTensor
+    from quantkit.formats.safetensors import OutputTensor
     from quantkit.pipeline import StagedOutput, check_free_space, check_output, os_error, write_config
 
     conv = from_gguf(Path(src), dtype)
@@ -287,7 +287,7 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
     check_free_space(Path(out), total)
     with StagedOutput(Path(out)) as staged:
         try:
-            writer = CheckpointWriter(staged.tmp, outputs, max_shard_size)
+            writer = staged.writer(outputs, max_shard_size)
             done = 0
             for o in outputs:
                 for values in conv.chunks(o.name):

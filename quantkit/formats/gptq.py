@@ -502,7 +502,7 @@ def convert_version(src: str, out: Path, version: str, force: bool = False, revi
 
     with pipeline.StagedOutput(out) as staged:
         try:
-            writer = pipeline.CheckpointWriter(staged.tmp, [o for e in entries for o in e.outputs], max_shard_size)
+            writer = staged.writer([o for e in entries for o in e.outputs], max_shard_size)
             pipeline.stream_entries(checkpoint, entries, writer, handle, progress or pipeline._no_progress)
             files = writer.finish()
             declared = with_version(checkpoint.quantization_config, version)
