@@ -152,26 +152,39 @@ def relative_error(reference: np.ndarray, approx: np.ndarray) -> tuple[float, fl
     return rel, snr
 
 
-class _Capture:
-    """A sink that keeps what a dequantizer writes, as float32."""
+class _ErrorSink:
+    """Takes what a dequantizer writes (float32 rows, in order) and compares it on the fly with the same
+    rows of the reference, so memory follows a chunk, not a tensor."""
 
-    def __init__(self, dtype: str):
-        self.dtype = dtype
-        self.parts: dict[str, list[np.ndarray]] = {}
+    def __init__(self, reference: ShardReader, info):
+        self.reference, self.info = reference, info
+        self.row_size = max(1, math.prod(info.shape[1:]))
+        self.row = 0
+        self.norm = self.diff = 0.0
 
     def write(self, name: str, chunk) -> None:
-        self.parts.setdefault(name, []).append(np.asarray(chunk))
+        approx = np.asarray(chunk).reshape(-1).view(np.float32).astype(np.float64)
+        rows = approx.size // self.row_size
+        expected = dtypes.to_float32(self.reference.read_rows(self.info, self.row, self.row + rows), self.info.dtype)
+        expected = expected.reshape(-1).astype(np.float64)
+        self.norm += float(expected @ expected)
+        self.diff += float(((expected - approx) ** 2).sum())
+        self.row += rows
 
     def done(self, name: str) -> None:
         pass
 
-    def value(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        bits = np.concatenate([p.reshape(-1) for p in self.parts[name]]) if self.parts.get(name) else np.zeros(0)
-        return dtypes.to_float32(bits, self.dtype).reshape(shape)
+    def result(self) -> tuple[float, float]:
+        norm, diff = math.sqrt(self.norm), math.sqrt(self.diff)
+        rel = diff / norm if norm else float(diff > 0)
+        snr = 20 * math.log10(norm / diff) if diff and norm else math.inf
+        return rel, snr
 
 
 def compare_layers(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[str, list[str]], reference: Path,
                    max_error: float | None) -> list[Layer]:
+    from quantkit.pipeline import TensorReads
+
     ref = open_checkpoint(reference)
     scheme = dequantizer.scheme(checkpoint)
     bound = max_error if max_error is not None else DEFAULT_MAX_ERROR.get(scheme, 0.3)
@@ -182,14 +195,10 @@ def compare_layers(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: di
         if ref_info is None or ref_info.shape != dense.shape:
             layers.append(Layer(dense.name, scheme, math.inf, -math.inf, bound, False))
             continue
-        sink = _Capture("F32")
-        with ShardReader(checkpoint.tensors[names[0]].file) as reader:
-            from quantkit.pipeline import TensorReads
-
+        with ShardReader(checkpoint.tensors[names[0]].file) as reader, ShardReader(ref_info.file) as ref_reader:
+            sink = _ErrorSink(ref_reader, ref_info)
             dequantizer.dequantize(checkpoint, module, names, TensorReads(checkpoint, reader), "F32", sink)
-        with ShardReader(ref_info.file) as reader:
-            expected = dtypes.to_float32(reader.read(ref_info), ref_info.dtype)
-        rel, snr = relative_error(expected, sink.value(dense.name, dense.shape))
+        rel, snr = sink.result()
         layers.append(Layer(dense.name, scheme, rel, snr, bound, rel <= bound))
     return layers
 
