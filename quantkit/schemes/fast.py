@@ -199,17 +199,29 @@ def _store_typed(out, i, value):
 
 @njit(cache=True, parallel=True, nogil=True)
 def _dequantize_4bit(packed, absmax, table, blocksize, first, out):
-    """Elements [first, first + out.size) of a 4-bit tensor: table[code] * absmax[block], as float32."""
+    """Elements [first, first + out.size) of a 4-bit tensor: table[code] * absmax[block], as float32.
+    Whole blocks go byte by byte (two values per byte, one scale per block); a ragged start or end
+    element by element."""
     n = out.size
-    groups = (n + 16383) // 16384
-    for g in prange(groups):
-        start = g * 16384
-        stop = min(n, start + 16384)
-        for i in range(stop - start):
-            e = first + start + i
-            byte = packed[e >> 1]
-            code = (byte >> np.uint8(4)) if (e & 1) == 0 else (byte & np.uint8(15))
-            _store(out, start + i, table[code] * absmax[e // blocksize])
+    aligned = first % blocksize == 0 and blocksize % 2 == 0
+    blocks = (n + blocksize - 1) // blocksize if aligned else 0
+    for b in prange(blocks):
+        start = b * blocksize
+        stop = min(n, start + blocksize)
+        scale = absmax[(first + start) // blocksize]
+        pairs = packed[(first + start) // 2 : (first + stop) // 2]
+        target = out[start:stop]
+        for j in range(pairs.size):
+            byte = pairs[j]
+            _store(target, 2 * j, table[byte >> np.uint8(4)] * scale)
+            _store(target, 2 * j + 1, table[byte & np.uint8(15)] * scale)
+        if (stop - start) % 2:
+            _store(target, stop - start - 1, table[packed[(first + stop - 1) // 2] >> np.uint8(4)] * scale)
+    for i in range(0 if not aligned else n, n):
+        e = first + i
+        byte = packed[e >> 1]
+        code = (byte >> np.uint8(4)) if (e & 1) == 0 else (byte & np.uint8(15))
+        _store(out, i, table[code] * absmax[e // blocksize])
 
 
 def dequantize_4bit(packed: np.ndarray, absmax: np.ndarray, table: np.ndarray, blocksize: int, first: int, count: int,
