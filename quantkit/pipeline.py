@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from quantkit.dtypes import NAME_OF
 from quantkit.errors import QuantkitError
-from quantkit.formats.safetensors import CheckpointWriter, OutputTensor, ShardReader, TensorInfo, iter_row_chunks
+from quantkit.formats.safetensors import CheckpointWriter, OutputTensor, ShardReader, TensorInfo, iter_row_chunks, prefetched_rows
 from quantkit.plan import Entry, Plan, QuantOptions, make_dequant_plan, make_plan, quantizer_for
 from quantkit.source import Checkpoint, open_checkpoint, resolve
 
@@ -209,16 +208,8 @@ class ShardWeight:
             for start in range(0, whole.shape[0], rows):
                 yield whole[start : start + rows]
             return
-        # Read the next chunk on a thread while the caller quantizes this one (pread and the
-        # compiled kernels both release the GIL): two chunks in memory at most.
         ranges = [(start, min(self.shape[0], start + rows)) for start in range(0, self.shape[0], rows)]
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(self.reader.read_rows, self.info, *ranges[0])
-            for following in ranges[1:] + [None]:
-                chunk = pending.result()
-                if following is not None:
-                    pending = pool.submit(self.reader.read_rows, self.info, *following)
-                yield chunk
+        yield from prefetched_rows(self.reader, self.info, ranges)
 
 
 def copy_tensor(reader: ShardReader, info: TensorInfo, name: str, writer: CheckpointWriter) -> None:

@@ -158,6 +158,20 @@ class ShardReader:
         return array.reshape((row_stop - row_start,) + row_shape)
 
 
+def prefetched_rows(reader: ShardReader, info: TensorInfo, ranges: list[tuple[int, int]]) -> Iterator[np.ndarray]:
+    """Row ranges of a tensor, each read on a thread while the caller works on the one before (pread and
+    the compiled kernels release the GIL): two chunks in memory at most."""
+    if not ranges:
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(reader.read_rows, info, *ranges[0])
+        for following in [*ranges[1:], None]:
+            chunk = pending.result()
+            if following is not None:
+                pending = pool.submit(reader.read_rows, info, *following)
+            yield chunk
+
+
 def iter_row_chunks(info: TensorInfo, max_bytes: int) -> Iterator[tuple[int, int]]:
     """Row ranges of at most ~max_bytes each (at least one row) covering the tensor."""
     rows = info.shape[0] if info.shape else 1
