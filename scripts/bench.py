@@ -113,16 +113,23 @@ def make_checkpoint(size_gb: float) -> Path:
     return folder
 
 
-def timed(label: str, argv: list[str], input_bytes: int) -> dict:
-    """Run argv under /usr/bin/time -v: wall seconds, peak RSS (MB), input MB/s."""
-    start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})  # fmt: skip
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    return {"job": label, "seconds": round(wall, 2), "peak_rss_mb": round(rss_kb / 1024), "mb_per_s": round(input_bytes / 1e6 / wall, 1)}
+def timed(label: str, argv: list[str], input_bytes: int, repeat: int) -> dict:
+    """Run argv under /usr/bin/time -v `repeat` times: median wall seconds, largest peak RSS (MB), input
+    MB/s. Each run starts after a sync, so none pays for the previous one's writeback (this machine's disk
+    makes single runs vary by 2x)."""
+    walls, peaks = [], []
+    for _ in range(repeat):
+        os.sync()
+        start = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})  # fmt: skip
+        walls.append(time.perf_counter() - start)
+        if proc.returncode != 0:
+            raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
+        peaks.append(int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)))
+    wall = sorted(walls)[len(walls) // 2]
+    return {"job": label, "seconds": round(wall, 2), "runs": [round(w, 2) for w in walls], "peak_rss_mb": round(max(peaks) / 1024),
+            "mb_per_s": round(input_bytes / 1e6 / wall, 1)}
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -148,6 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=float, default=1.0, help="checkpoint size in GB (e.g. 10 to show memory stays flat)")
     parser.add_argument("--only", choices=["all", "quantkit"], default="all", help="skip the anchors (they take minutes)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per job; the median is reported")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -155,16 +163,17 @@ def main() -> None:
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     work = Path(tempfile.mkdtemp(prefix="quantkit-bench-"))
     qk = [PY, "-m", "quantkit"]
+    force = ["--force"]  # repeated runs replace their own output
     try:
         subprocess.run([*qk, "quantize", str(src), str(work / "warm"), "--method", "int8", "--max-shard-size", "1GB"],
                        check=True, capture_output=True)  # compiles (or loads) numba's cached kernels; not timed
         shutil.rmtree(work / "warm")
         jobs = [
-            ("quantkit nf4", [*qk, "quantize", str(src), str(work / "qk-nf4"), "--method", "nf4"], size),
-            ("quantkit int8", [*qk, "quantize", str(src), str(work / "qk-int8"), "--method", "int8"], size),
-            ("quantkit gptq 4-bit", [*qk, "quantize", str(src), str(work / "qk-gptq"), "--method", "gptq", "--bits", "4"], size),
-            ("quantkit dequantize nf4", [*qk, "dequantize", str(work / "qk-nf4"), str(work / "qk-dense")], size),
-            ("quantkit gguf Q8_0", [*qk, "convert", str(src), str(work / "qk.gguf"), "--to", "gguf", "--gguf-type", "Q8_0"], size),
+            ("quantkit nf4", [*qk, "quantize", str(src), str(work / "qk-nf4"), "--method", "nf4", *force], size),
+            ("quantkit int8", [*qk, "quantize", str(src), str(work / "qk-int8"), "--method", "int8", *force], size),
+            ("quantkit gptq 4-bit", [*qk, "quantize", str(src), str(work / "qk-gptq"), "--method", "gptq", "--bits", "4", *force], size),
+            ("quantkit dequantize nf4", [*qk, "dequantize", str(work / "qk-nf4"), str(work / "qk-dense"), *force], size),
+            ("quantkit gguf Q8_0", [*qk, "convert", str(src), str(work / "qk.gguf"), "--to", "gguf", "--gguf-type", "Q8_0", *force], size),
         ]
         if args.only == "all":
             jobs += [
@@ -173,7 +182,7 @@ def main() -> None:
                 ("bitsandbytes dequantize nf4", [PY, "-c", ANCHOR_DEQUANTIZE, str(work / "qk-nf4"), str(work / "bnb-dense")], size),
                 ("gguf-py Q8_0", [PY, "-c", ANCHOR_GGUF_Q8, str(src), str(work / "gguf-py.gguf")], size),
             ]
-        results = {label: timed(label, argv, nbytes) for label, argv, nbytes in jobs}
+        results = {label: timed(label, argv, nbytes, args.repeat) for label, argv, nbytes in jobs}
         anchors = {"quantkit nf4": "transformers+bnb nf4", "quantkit int8": "transformers+bnb int8",
                    "quantkit gptq 4-bit": "transformers+bnb nf4",
                    "quantkit dequantize nf4": "bitsandbytes dequantize nf4", "quantkit gguf Q8_0": "gguf-py Q8_0"}  # fmt: skip
@@ -190,9 +199,9 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     print(f"checkpoint {report['checkpoint']} ({report['input_mb']} MB bf16)")
-    print(f"{'job':32} {'seconds':>8} {'MB/s':>8} {'peak RSS MB':>12} {'vs anchor':>10}")
+    print(f"{'job':32} {'seconds':>8} {'MB/s':>8} {'peak RSS MB':>12} {'vs anchor':>10}  runs")
     for r in report["results"]:
-        print(f"{r['job']:32} {r['seconds']:8.2f} {r['mb_per_s']:8.1f} {r['peak_rss_mb']:12d} {r.get('vs_anchor', ''):>10}")
+        print(f"{r['job']:32} {r['seconds']:8.2f} {r['mb_per_s']:8.1f} {r['peak_rss_mb']:12d} {r.get('vs_anchor', ''):>10}  {r['runs']}")
     if identical:
         print("identical bytes to transformers + bitsandbytes: " + ", ".join(f"{k}: {v}" for k, v in identical.items()))
     if identical and not all(identical.values()):
