@@ -108,7 +108,9 @@ def inspect(
         if json_out:
             emit_json(data)
         else:
-            report.print_inspect(data)
+            from quantkit.render import print_inspect
+
+            print_inspect(data)
 
 
 @app.command()
@@ -237,7 +239,9 @@ def verify(
         if json_out:
             emit_json(report.as_dict())
         else:
-            checks.print_report(report)
+            from quantkit.render import print_report
+
+            print_report(report)
     raise typer.Exit(0 if report.ok else 1)
 
 

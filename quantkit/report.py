@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from pathlib import Path
 
+from quantkit.dtypes import FLOATS
 from quantkit.errors import QuantkitError
-from quantkit.plan import QuantOptions, make_plan, num_parameters, source_bytes
+from quantkit.plan import QuantOptions, dequantizer_for, make_plan, num_parameters, source_bytes
 from quantkit.source import Checkpoint, open_checkpoint, resolve
 
 PLAN_METHODS = ("nf4", "fp4", "int8")
@@ -28,6 +29,21 @@ def describe_quantization(qc: dict | None) -> dict | None:
         return {"method": method, "bits": qc.get("bits"), "group_size": qc.get("group_size"), "sym": qc.get("sym"),
                 "format": fmt, "desc_act": qc.get("desc_act")}  # fmt: skip
     return {"method": method}
+
+
+def logical_parameters(checkpoint: Checkpoint) -> int:
+    """Parameters of the model the checkpoint holds: quantized weights count at their dense shape, their
+    companions (absmax, scales, ...) not at all."""
+    if checkpoint.quantization_config is None:
+        return num_parameters(checkpoint)
+    try:
+        dequantizer = dequantizer_for(checkpoint)
+        modules = dequantizer.modules(checkpoint)
+        dense = sum(math.prod(dequantizer.layout(checkpoint, m, names, "F32")[0].shape) for m, names in modules.items())
+    except QuantkitError:
+        return num_parameters(checkpoint)
+    quantized = {n for names in modules.values() for n in names}
+    return dense + sum(i.numel for n, i in checkpoint.tensors.items() if n not in quantized and i.dtype in FLOATS)
 
 
 def size_plan(checkpoint: Checkpoint) -> dict[str, int] | None:
@@ -60,7 +76,7 @@ def inspect(src: str, revision: str | None = None) -> dict:
         "format": "safetensors",
         "architecture": checkpoint.architecture,
         "model_type": checkpoint.config.get("model_type"),
-        "num_parameters": num_parameters(checkpoint),
+        "num_parameters": logical_parameters(checkpoint),
         "bytes": source_bytes(checkpoint),
         "dtypes": dict(dtypes),
         "shards": [f.name for f in checkpoint.files],
@@ -71,45 +87,3 @@ def inspect(src: str, revision: str | None = None) -> dict:
         "tensors": [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in checkpoint.tensors.values()],
     }
 
-
-def _mb(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 1e6:,.1f} MB"
-
-
-def print_inspect(data: dict, limit: int = 40) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.print(f"[bold]{data['path']}[/bold] ({data['format']})")
-    console.print(f"architecture  {data.get('architecture')}   parameters {data.get('num_parameters', 0):,}   size {_mb(data.get('bytes'))}")
-    if data.get("dtypes"):
-        console.print("dtypes        " + ", ".join(f"{k}×{v}" for k, v in data["dtypes"].items()))
-    if data.get("shards"):
-        console.print(f"shards        {len(data['shards'])}: " + ", ".join(data["shards"][:4]) + (" …" if len(data["shards"]) > 4 else ""))
-    q = data.get("quantization")
-    console.print("quantization  " + (", ".join(f"{k}={v}" for k, v in q.items()) if q else "none"))
-    if data.get("note"):
-        console.print(f"note          {data['note']}", markup=False)
-    if data.get("plan_bytes"):
-        table = Table(title="size after quantizing", title_justify="left")
-        table.add_column("method")
-        table.add_column("bytes", justify="right")
-        table.add_column("of source", justify="right")
-        for method, size in data["plan_bytes"].items():
-            ratio = f"{size / data['bytes']:.0%}" if size and data.get("bytes") else ""
-            table.add_row(method, _mb(size), ratio)
-        console.print(table)
-    tensors = data.get("tensors", [])
-    table = Table(title=f"tensors ({len(tensors)})", title_justify="left")
-    for column in ("name", "dtype", "shape"):
-        table.add_column(column)
-    for t in tensors[:limit]:
-        table.add_row(t["name"], t["dtype"], str(tuple(t["shape"])))
-    if len(tensors) > limit:
-        table.add_row(f"… {len(tensors) - limit} more (--json lists all)", "", "")
-    console.print(table)
-
-
-def is_gguf(path: Path) -> bool:
-    return path.is_file() and path.suffix == ".gguf"

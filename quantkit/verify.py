@@ -258,24 +258,3 @@ def write_junit(report: Report, file: Path) -> None:
         ElementTree.ElementTree(suite).write(file, encoding="utf-8", xml_declaration=True)
     except OSError as e:
         raise QuantkitError(f"{file}: cannot write JUnit report ({e.strerror})") from None
-
-
-def print_report(report: Report) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"verify {report.path}", title_justify="left")
-    for column in ("check", "result", "detail"):
-        table.add_column(column)
-    for c in report.checks:
-        table.add_row(c.name, "[green]pass[/green]" if c.ok else "[red]FAIL[/red]", c.detail)
-    console = Console()
-    console.print(table)
-    if report.layers:
-        layers = Table(title="layers vs reference", title_justify="left")
-        for column in ("layer", "scheme", "rel. error", "SNR dB", "result"):
-            layers.add_column(column)
-        for x in report.layers:
-            layers.add_row(x.name, x.scheme, f"{x.rel_error:.5f}", f"{x.snr_db:.1f}", "pass" if x.ok else "[red]FAIL[/red]")
-        console.print(layers)
-    console.print("[bold green]OK[/bold green]" if report.ok else "[bold red]PROBLEMS FOUND[/bold red]")

@@ -88,3 +88,10 @@ def test_json_output_is_clean_and_real_console_script(models, tmp_path):
     summary = json.loads(out)
     assert summary["quantized"] > 0 and summary["files"] == ["model.safetensors"]
     assert set(load_tensors(tmp_path / "q")) >= {"encoder.layer.0.attention.self.query.SCB"}
+
+
+def test_inspect_counts_quantized_weights_at_their_dense_size(models, tmp_path, cli):
+    dense = json.loads(cli("inspect", models["llama"], "--json")[1])["num_parameters"]
+    for method in ("nf4", "int8"):
+        cli("quantize", models["llama"], tmp_path / method, "--method", method)
+        assert json.loads(cli("inspect", tmp_path / method, "--json")[1])["num_parameters"] == dense
