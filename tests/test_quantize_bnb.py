@@ -87,3 +87,15 @@ def test_sharded_output_has_an_index(models, tmp_path, cli):
     assert set(index["weight_map"]) == set(load_tensors(tmp_path / "q"))
     model = auto_class(tmp_path / "q").from_pretrained(tmp_path / "q", device_map="cpu")
     assert model is not None
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("case", ["nf4-dq", "int8"])
+def test_identical_for_other_source_dtypes(tmp_path, cli, dtype, case):
+    from tests.conftest import build_model
+
+    src = build_model("llama", tmp_path / "src", dtype=dtype)
+    flags, bnb_kwargs = CASES[case]
+    assert cli("quantize", src, tmp_path / "ours", *flags)[0] == 0
+    theirs = reference_bnb(src, tmp_path / "theirs", **bnb_kwargs)
+    assert_same_tensors(load_tensors(tmp_path / "ours"), load_tensors(theirs))
