@@ -201,7 +201,7 @@ def _kernel(options: QuantOptions, name: str, reference: Callable):
     if backend == "numpy":
         return reference
     if backend == "numba":
-        from quantkit.schemes import fast as module
+        from quantkit.schemes import bnb_kernels as module
     elif backend == "torch":
         from quantkit.schemes import torch_path as module
     else:
@@ -338,9 +338,9 @@ class BitsAndBytesReader:
         for start in range(0, shape[0], rows):
             count = (min(shape[0], start + rows) - start) * cols
             if resolve_backend(QuantOptions(method="nf4")) == "numba":
-                from quantkit.schemes import fast
+                from quantkit.schemes import bnb_kernels
 
-                yield fast.dequantize_4bit(packed, absmax, table, blocksize, start * cols, count, dtype)
+                yield bnb_kernels.dequantize_4bit(packed, absmax, table, blocksize, start * cols, count, dtype)
             else:
                 yield dtypes.from_float32(nf4.dequantize_range(packed, absmax, table, blocksize, start * cols, count), dtype)
 

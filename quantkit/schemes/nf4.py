@@ -2,7 +2,7 @@
 
 The numpy functions here are the spec: they reproduce, bit for bit, what bitsandbytes computes on CPU
 (`quantize_4bit`, then `quantize_blockwise` of the absmax for double quantization). The numba kernels
-in `nf4_fast.py` must give the same bytes; tests hold them to it.
+in `bnb_kernels.py` must give the same bytes; tests hold them to it.
 """
 
 from __future__ import annotations
