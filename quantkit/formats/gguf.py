@@ -8,6 +8,7 @@ for header, metadata and tensor infos, then streams tensor data as it is produce
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
@@ -522,5 +523,6 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
     except OSError as e:
         raise QuantkitError(f"{out}: cannot write ({e.strerror})", "check free space and permissions") from e
     finally:
-        writer.close()
+        with contextlib.suppress(OSError):  # on a full disk, closing flushes a tail that cannot fit either
+            writer.close()
         tmp.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ output tensor up front (from the plan), writes each shard's header first and the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -364,10 +365,13 @@ class CheckpointWriter:
         return files
 
     def abort(self) -> None:
+        """Drop the run: stop queued writes and close the open shard, whose buffered tail may not fit on
+        a full disk (the file is about to be deleted, so that error is not news)."""
         for pending in self._pending:
             pending.cancel()
         self._io.shutdown(wait=True)
         self._pending.clear()
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
