@@ -185,14 +185,31 @@ def iter_row_chunks(info: TensorInfo, max_bytes: int) -> Iterator[tuple[int, int
 # ---------------------------------------------------------------- writing
 
 
+def _start_writeback():
+    """libc's sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE): starts writing dirty pages back
+    without waiting and keeps them cached (Linux only; elsewhere the final fsync does all the work)."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        call = libc.sync_file_range
+        call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    except (OSError, AttributeError):
+        return lambda fd, offset, nbytes: None
+    return lambda fd, offset, nbytes: call(fd, offset, nbytes, 2)  # 2 = SYNC_FILE_RANGE_WRITE
+
+
+_writeback = _start_writeback()
+
+
 def write_through(file: BinaryIO, data) -> None:
-    """Write, and start the disk writing it back now (posix_fadvise DONTNEED starts writeback of dirty
-    pages without waiting): the fsync at the end then finds little left, and the disk works while we compute."""
+    """Write, and have the disk start writing it back now: the fsync at the end then finds little left,
+    and the disk works while we compute."""
     start = file.tell()
     file.write(data)
     file.flush()
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(file.fileno(), start, len(data), os.POSIX_FADV_DONTNEED)
+    _writeback(file.fileno(), start, len(data))
 
 
 @dataclass(frozen=True)
