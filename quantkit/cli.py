@@ -153,6 +153,8 @@ def quantize(
         if json_out:
             emit_json(summary)
         else:
+            for glob in summary.get("unmatched_skips", []):
+                err(f"warning: --skip {glob!r} matched no linear module")
             err(f"wrote {result.out}: {summary['quantized']} tensors quantized to {options.method}, "
                 f"{summary['kept']} kept, {summary['output_bytes'] / 1e6:.1f} MB in {len(result.files)} file(s)")
 

@@ -315,6 +315,7 @@ def quantize(src: str, out: Path, options: QuantOptions, force: bool = False, re
         "kept": counts.get("keep", 0),
         "dropped": counts.get("drop", 0),
         "skipped_modules": plan.skipped_modules,
+        "unmatched_skips": plan.unmatched_skips,
         "input_bytes": sum(checkpoint.tensors[e.source].nbytes for e in plan.entries),
         "output_bytes": sum((out / f).stat().st_size for f in files),
         "side_files": side,

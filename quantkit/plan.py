@@ -71,6 +71,7 @@ class Plan:
     entries: list[Entry]
     quantization_config: dict
     skipped_modules: list[str] = field(default_factory=list)
+    unmatched_skips: list[str] = field(default_factory=list)  # --skip globs that matched no linear module
 
     @property
     def outputs(self) -> list[OutputTensor]:
@@ -296,7 +297,8 @@ def make_plan(checkpoint: Checkpoint, options: QuantOptions) -> Plan:
     # must name the head too.
     skipped_list = sorted(skipped | set(heads)) if skipped else []
     config = quantizer.config(options, skipped_list, heads)
-    return Plan(options.method, options, entries, config, sorted(skipped))
+    unmatched = [g for g in options.skip if not any(fnmatch.fnmatchcase(m, g) for m in skipped)]
+    return Plan(options.method, options, entries, config, sorted(skipped), unmatched)
 
 
 def source_bytes(checkpoint: Checkpoint) -> int:

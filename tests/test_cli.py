@@ -95,3 +95,10 @@ def test_inspect_counts_quantized_weights_at_their_dense_size(models, tmp_path, 
     for method in ("nf4", "int8"):
         cli("quantize", models["llama"], tmp_path / method, "--method", method)
         assert json.loads(cli("inspect", tmp_path / method, "--json")[1])["num_parameters"] == dense
+
+
+def test_a_skip_glob_that_matches_nothing_is_reported(models, tmp_path, cli):
+    code, out, err = cli("quantize", models["llama"], tmp_path / "q", "--method", "nf4", "--skip", "*.no_such_module", "--skip", "*.mlp.up_proj")
+    assert code == 0 and "'*.no_such_module' matched no linear module" in err and "up_proj" not in err
+    code, out, _ = cli("quantize", models["llama"], tmp_path / "j", "--method", "nf4", "--skip", "*.nope", "--json")
+    assert json.loads(out)["unmatched_skips"] == ["*.nope"]
