@@ -116,9 +116,26 @@ def cpu_vector_width() -> int:
 
 
 def torch_threads() -> int:
-    """torch's default intra-op thread count: OMP_NUM_THREADS, else the CPUs this process may use."""
-    for var in ("QUANTKIT_TORCH_THREADS", "OMP_NUM_THREADS"):
+    """torch's default intra-op thread count: OMP_NUM_THREADS or MKL_NUM_THREADS, else the number of
+    physical cores (torch counts cores, not hyper-threads), else the CPUs this process may use."""
+    for var in ("QUANTKIT_TORCH_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         value = os.environ.get(var, "")
         if value.isdigit() and int(value) > 0:
             return int(value)
-    return len(os.sched_getaffinity(0))
+    return physical_cores() or len(os.sched_getaffinity(0))
+
+
+def physical_cores() -> int:
+    """Distinct (package, core) pairs in /proc/cpuinfo; 0 when it cannot be read."""
+    cores, package = set(), "0"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "physical id":
+                    package = value.strip()
+                elif key.strip() == "core id":
+                    cores.add((package, value.strip()))
+    except OSError:
+        return 0
+    return len(cores)

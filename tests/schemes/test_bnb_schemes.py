@@ -133,3 +133,11 @@ def test_fast_dequantize_equals_reference(quant_type, dtype):
     for first, count in ((0, values.size), (128, 640), (values.size - 17, 17)):
         expected = dtypes.from_float32(nf4.dequantize_range(packed, absmax, table, 64, first, count), dtype)
         assert np.array_equal(fast.dequantize_4bit(packed, absmax, table, 64, first, count, dtype), expected)
+
+
+def test_thread_and_lane_counts_match_this_torch():
+    """The defaults the offset emulation assumes are what torch itself uses here."""
+    import torch
+
+    assert torchsum.torch_threads() == torch.get_num_threads()
+    assert torchsum.cpu_vector_width() == (16 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 8)
