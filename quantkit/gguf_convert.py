@@ -273,7 +273,7 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
     tokenizer files; every tensor dequantized by gguf-py, one at a time."""
     from quantkit.dtypes import BY_NAME, from_float32
     from quantkit.formats.safetensors import OutputTensor
-    from quantkit.pipeline import StagedOutput, check_free_space, check_output, os_error, write_config
+    from quantkit.pipeline import check_free_space, check_output, write_config, write_staged
 
     conv = from_gguf(Path(src), dtype)
     dtype = conv.config["dtype"]
@@ -284,23 +284,22 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
     outputs = [OutputTensor(name, st_dtype, t.shape) for name, t in conv.names.items()]
     total = sum(o.nbytes for o in outputs)
     check_free_space(Path(out), total)
-    with StagedOutput(Path(out)) as staged:
-        try:
-            writer = staged.writer(outputs, max_shard_size)
-            done = 0
-            for o in outputs:
-                for values in conv.chunks(o.name):
-                    writer.write(o.name, from_float32(values, st_dtype))
-                writer.done(o.name)
-                done += o.nbytes
-                if progress:
-                    progress(done, total, o.name)
-            files = writer.finish()
-            write_config(staged.tmp, conv.config)
-            files += ["config.json", *write_tokenizer_files(conv, staged.tmp)]
-            staged.commit()
-        except OSError as e:
-            raise os_error(e, Path(out)) from None
+    def fill(writer) -> None:
+        done = 0
+        for o in outputs:
+            for values in conv.chunks(o.name):
+                writer.write(o.name, from_float32(values, st_dtype))
+            writer.done(o.name)
+            done += o.nbytes
+            if progress:
+                progress(done, total, o.name)
+
+    def finish(folder: Path) -> list[str]:
+        write_config(folder, conv.config)
+        return ["config.json", *write_tokenizer_files(conv, folder)]
+
+    files, extra = write_staged(Path(out), outputs, max_shard_size, fill, finish)
+    files += extra
     return DenseResult(Path(out), files, len(outputs), dtype, conv.warnings)
 
 

@@ -183,6 +183,23 @@ def os_error(e: OSError, out: Path) -> QuantkitError:
     return QuantkitError(f"{out}: {e.strerror or e} while writing", "check free space and permissions")
 
 
+def write_staged(out: Path, outputs: list[OutputTensor], max_shard_size: int, fill: Callable[[CheckpointWriter], None],
+                 finish: Callable[[Path], list[str]], fingerprint: str = "", resume: bool = False) -> tuple[list[str], list[str]]:
+    """Write a checkpoint folder the safe way: `fill` streams the planned tensors through a shard writer,
+    `finish` adds config and side files to the folder (returning their names), then the folder becomes OUT.
+    Returns (weight files, finish's files); a disk error becomes one QuantkitError naming OUT."""
+    with StagedOutput(out, fingerprint, resume) as staged:
+        try:
+            writer = staged.writer(outputs, max_shard_size)
+            fill(writer)
+            files = writer.finish()
+            extra = finish(staged.tmp)
+            staged.commit()
+        except OSError as e:
+            raise os_error(e, out) from None
+    return files, extra
+
+
 # ---------------------------------------------------------------- streaming
 
 
@@ -218,8 +235,11 @@ def copy_tensor(reader: ShardReader, info: TensorInfo, name: str, writer: Checkp
     writer.done(name)
 
 
-def stream_entries(checkpoint: Checkpoint, entries: list[Entry], writer: CheckpointWriter,
-                   handle: Callable[[ShardReader, Entry, TensorInfo], None], progress: Progress) -> None:
+Handle = Callable[[ShardReader, Entry, TensorInfo, CheckpointWriter], None]
+
+
+def stream_entries(checkpoint: Checkpoint, entries: list[Entry], writer: CheckpointWriter, handle: Handle,
+                   progress: Progress) -> None:
     """Visit entries in source order, one shard open at a time, and let `handle` write each one."""
     total = sum(checkpoint.tensors[e.source].nbytes for e in entries)
     done = 0
@@ -231,7 +251,7 @@ def stream_entries(checkpoint: Checkpoint, entries: list[Entry], writer: Checkpo
             for entry in todo:
                 info = checkpoint.tensors[entry.source]
                 if not writer.skip_reused(o.name for o in entry.outputs):
-                    handle(reader, entry, info)
+                    handle(reader, entry, info, writer)
                 done += info.nbytes
                 progress(done, total, entry.source)
 
@@ -289,25 +309,19 @@ def quantize(src: str, out: Path, options: QuantOptions, force: bool = False, re
     check_free_space(out, plan.output_bytes)
     quantizer = quantizer_for(options.method)
 
-    def handle(reader: ShardReader, entry: Entry, info: TensorInfo) -> None:
+    def handle(reader: ShardReader, entry: Entry, info: TensorInfo, writer: CheckpointWriter) -> None:
         if entry.fate == "quantize":
             quantizer.quantize(entry.module, ShardWeight(reader, info, entry.transposed), options, writer)
         elif entry.fate == "keep":
             copy_tensor(reader, info, entry.source, writer)
 
-    fingerprint = run_fingerprint(checkpoint.files, plan.outputs, options)
-    with StagedOutput(out, fingerprint, resume) as staged:
-        try:
-            writer = staged.writer(plan.outputs, options.max_shard_size)
-            stream_entries(checkpoint, plan.entries, writer, handle, progress)
-            files = writer.finish()
-            config = dict(checkpoint.config)
-            config["quantization_config"] = plan.quantization_config
-            write_config(staged.tmp, config)
-            side = copy_side_files(checkpoint, staged.tmp)
-            staged.commit()
-        except OSError as e:
-            raise os_error(e, out) from None
+    def finish(folder: Path) -> list[str]:
+        write_config(folder, {**checkpoint.config, "quantization_config": plan.quantization_config})
+        return copy_side_files(checkpoint, folder)
+
+    files, side = write_staged(out, plan.outputs, options.max_shard_size,
+                               lambda writer: stream_entries(checkpoint, plan.entries, writer, handle, progress), finish,
+                               run_fingerprint(checkpoint.files, plan.outputs, options), resume)
     counts = plan.counts()
     summary = {
         "method": options.method,
@@ -359,25 +373,20 @@ def dequantize(src: str, out: Path, dtype: str | None = None, max_shard_size: in
     check_output(checkpoint.root, out, force)
     check_free_space(out, sum(o.nbytes for o in outputs))
 
-    def handle(reader: ShardReader, entry: Entry, info: TensorInfo) -> None:
+    def handle(reader: ShardReader, entry: Entry, info: TensorInfo, writer: CheckpointWriter) -> None:
         if entry.fate == "dequantize":
             names = modules[entry.module]
             dequantizer.dequantize(checkpoint, entry.module, names, TensorReads(checkpoint, reader), dense_dtype, writer)
         elif entry.fate == "keep":
             copy_tensor(reader, info, entry.source, writer)
 
-    fingerprint = run_fingerprint(checkpoint.files, outputs, (dense_dtype, max_shard_size))
-    with StagedOutput(out, fingerprint, resume) as staged:
-        try:
-            writer = staged.writer(outputs, max_shard_size)
-            stream_entries(checkpoint, entries, writer, handle, progress)
-            files = writer.finish()
-            config = {k: v for k, v in checkpoint.config.items() if k != "quantization_config"}
-            write_config(staged.tmp, config)
-            copy_side_files(checkpoint, staged.tmp, dense=True)
-            staged.commit()
-        except OSError as e:
-            raise os_error(e, out) from None
+    def finish(folder: Path) -> list[str]:
+        write_config(folder, {k: v for k, v in checkpoint.config.items() if k != "quantization_config"})
+        return copy_side_files(checkpoint, folder, dense=True)
+
+    files, _ = write_staged(out, outputs, max_shard_size,
+                            lambda writer: stream_entries(checkpoint, entries, writer, handle, progress), finish,
+                            run_fingerprint(checkpoint.files, outputs, (dense_dtype, max_shard_size)), resume)
     summary = {
         "method": dequantizer.quant_method,
         "dtype": NAME_OF[dense_dtype],

@@ -492,7 +492,7 @@ def convert_version(src: str, out: Path, version: str, force: bool = False, revi
     pipeline.check_output(checkpoint.root, out, force)
     pipeline.check_free_space(out, sum(info.nbytes for info in checkpoint.tensors.values()))
 
-    def handle(reader: ShardReader, entry: Entry, info) -> None:
+    def handle(reader: ShardReader, entry: Entry, info, writer) -> None:
         if entry.fate == "keep":
             pipeline.copy_tensor(reader, info, entry.source, writer)
             return
@@ -500,18 +500,15 @@ def convert_version(src: str, out: Path, version: str, force: bool = False, revi
         writer.write(entry.source, convert_qzeros(reader.read(info), config.bits, config.version, version, module))
         writer.done(entry.source)
 
-    with pipeline.StagedOutput(out) as staged:
-        try:
-            writer = staged.writer([o for e in entries for o in e.outputs], max_shard_size)
-            pipeline.stream_entries(checkpoint, entries, writer, handle, progress or pipeline._no_progress)
-            files = writer.finish()
-            declared = with_version(checkpoint.quantization_config, version)
-            pipeline.write_config(staged.tmp, dict(checkpoint.config, quantization_config=declared))
-            pipeline.copy_side_files(checkpoint, staged.tmp)
-            _rewrite_quantize_config(staged.tmp / "quantize_config.json", version)
-            staged.commit()
-        except OSError as e:
-            raise pipeline.os_error(e, out) from None
+    def finish(folder: Path) -> list[str]:
+        declared = with_version(checkpoint.quantization_config, version)
+        pipeline.write_config(folder, dict(checkpoint.config, quantization_config=declared))
+        side = pipeline.copy_side_files(checkpoint, folder)
+        _rewrite_quantize_config(folder / "quantize_config.json", version)
+        return side
+
+    fill = lambda writer: pipeline.stream_entries(checkpoint, entries, writer, handle, progress or pipeline._no_progress)  # noqa: E731
+    files, _ = pipeline.write_staged(out, [o for e in entries for o in e.outputs], max_shard_size, fill, finish)
     return {"out": str(out), "to": f"gptq-{version}", "from": f"gptq-{config.version}", "modules": len(modules),
             "tensors": len(entries), "files": files, "output_bytes": sum((out / f).stat().st_size for f in files),
             "fallbacks": [], "warnings": []}  # fmt: skip

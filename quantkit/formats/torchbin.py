@@ -295,15 +295,7 @@ def convert(src: str, out: Path, dtype: str | None = None, force: bool = False, 
             max_shard_size: int = 5 * 10**9, progress: Callable[[int, int, str], None] | None = None) -> dict:
     """`quantkit convert SRC OUT --to safetensors` for a torch checkpoint: described and checked inertly,
     then loaded shard by shard with weights_only and written as safetensors beside config and side files."""
-    from quantkit.pipeline import (
-        COPY_CHUNK,
-        StagedOutput,
-        check_free_space,
-        check_output,
-        copy_side_files,
-        os_error,
-        write_config,
-    )
+    from quantkit.pipeline import COPY_CHUNK, check_free_space, check_output, copy_side_files, write_config, write_staged
     from quantkit.source import HUB_PATTERNS, Checkpoint, resolve
 
     path = resolve(src, revision, patterns=HUB_PATTERNS + ["*.bin", TORCH_INDEX])
@@ -317,32 +309,29 @@ def convert(src: str, out: Path, dtype: str | None = None, force: bool = False, 
     outputs = [OutputTensor(n, out_dtype[n], m.shape) for n, m in ckpt.tensors.items()]
     check_output(path, out, force)
     check_free_space(out, sum(o.nbytes for o in outputs))
-    total, done = sum(m.nbytes for m in ckpt.tensors.values()), 0
-    with StagedOutput(out) as staged:
-        try:
-            writer = staged.writer(outputs, max_shard_size)
-            for file in ckpt.files:
-                state = _torch_load(file)
-                for name, meta in ((n, m) for n, m in ckpt.tensors.items() if ckpt.file_of[n] == file):
-                    tensor = state.get(name)
-                    if tensor is None or tuple(tensor.shape) != meta.shape or tensor.element_size() != itemsize(meta.dtype):
-                        raise QuantkitError(f"{file}: tensor '{name}' reads back differently from what its pickle describes")
-                    for chunk in _row_chunks(tensor, out_dtype[name], COPY_CHUNK):
-                        writer.write(name, chunk)
-                    writer.done(name)
-                    done += meta.nbytes
-                    if progress:
-                        progress(done, total, name)
-                del state
-            files = writer.finish()
-            side = []
-            if ckpt.config is not None:
-                write_config(staged.tmp, ckpt.config)
-            if path.is_dir():
-                side = copy_side_files(Checkpoint(ckpt.root, ckpt.config or {}, []), staged.tmp)
-            staged.commit()
-        except OSError as e:
-            raise os_error(e, out) from None
+    total = sum(m.nbytes for m in ckpt.tensors.values())
+    def fill(writer) -> None:
+        done = 0
+        for file in ckpt.files:
+            state = _torch_load(file)
+            for name, meta in ((n, m) for n, m in ckpt.tensors.items() if ckpt.file_of[n] == file):
+                tensor = state.get(name)
+                if tensor is None or tuple(tensor.shape) != meta.shape or tensor.element_size() != itemsize(meta.dtype):
+                    raise QuantkitError(f"{file}: tensor '{name}' reads back differently from what its pickle describes")
+                for chunk in _row_chunks(tensor, out_dtype[name], COPY_CHUNK):
+                    writer.write(name, chunk)
+                writer.done(name)
+                done += meta.nbytes
+                if progress:
+                    progress(done, total, name)
+            del state
+
+    def finish(folder: Path) -> list[str]:
+        if ckpt.config is not None:
+            write_config(folder, ckpt.config)
+        return copy_side_files(Checkpoint(ckpt.root, ckpt.config or {}, []), folder) if path.is_dir() else []
+
+    files, side = write_staged(out, outputs, max_shard_size, fill, finish)
     return {"out": str(out), "to": "safetensors", "dtype": dtype, "tensors": len(outputs), "files": files,
             "output_bytes": sum((out / f).stat().st_size for f in files), "side_files": side,
             "fallbacks": [], "warnings": []}
