@@ -198,8 +198,6 @@ def convert(
     revision: Revision = None,
 ) -> None:
     """Convert between formats: safetensors -> GGUF, GGUF or PyTorch .bin -> safetensors, GPTQ v1 <-> v2 zero points."""
-    from quantkit import gguf_convert
-
     with user_errors():
         with progress_bar(not json_out, f"convert to {to}") as progress:
             if to in ("gptq-v1", "gptq-v2"):
@@ -212,6 +210,8 @@ def convert(
 
                 summary = torchbin.convert(src, out, dtype, force, revision, parse_size(max_shard_size), progress)
             else:
+                from quantkit import gguf_convert
+
                 summary = gguf_convert.convert(src, out, to, gguf_type=gguf_type, dtype=dtype, force=force, revision=revision,
                                                max_shard_size=parse_size(max_shard_size), progress=progress)
         if json_out:

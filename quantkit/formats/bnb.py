@@ -220,6 +220,14 @@ def int8_kernel(options: QuantOptions):
     return _kernel(options, "quantize_int8", lambda chunk, dtype: int8.quantize_int8(dtypes.to_float32(chunk, dtype)))
 
 
+def dequantize_kernel(options: QuantOptions):
+    """(packed, absmax, decode table, blocksize, first element, count, dtype) -> stored bits in `dtype`."""
+    def reference(packed, absmax, table, blocksize, first, count, dtype):
+        return dtypes.from_float32(nf4.dequantize_range(packed, absmax, table, blocksize, first, count), dtype)
+
+    return _kernel(options, "dequantize_4bit", reference)
+
+
 register(BitsAndBytes())
 
 
@@ -333,16 +341,12 @@ class BitsAndBytesReader:
         shape, blocksize = tuple(state["shape"]), state["blocksize"]
         absmax, packed = self._absmax(state, names[0], read), read(names[0])
         table = nf4.decode_table(state["quant_type"], shape)
+        kernel = dequantize_kernel(QuantOptions(method=state["quant_type"]))
         cols = math.prod(shape[1:])
         rows = _rows_per_chunk(shape, blocksize)
         for start in range(0, shape[0], rows):
             count = (min(shape[0], start + rows) - start) * cols
-            if resolve_backend(QuantOptions(method="nf4")) == "numba":
-                from quantkit.schemes import bnb_kernels
-
-                yield bnb_kernels.dequantize_4bit(packed, absmax, table, blocksize, start * cols, count, dtype)
-            else:
-                yield dtypes.from_float32(nf4.dequantize_range(packed, absmax, table, blocksize, start * cols, count), dtype)
+            yield kernel(packed, absmax, table, blocksize, start * cols, count, dtype)
 
     def _dense_4bit(self, checkpoint: Checkpoint, names: list[str], read: Callable[[str], np.ndarray]) -> np.ndarray:
         state = read_quant_state(checkpoint, names[-1])
@@ -354,11 +358,10 @@ class BitsAndBytesReader:
         problems: list[str] = []
         four_bit = bool(qc.get("load_in_4bit"))
         for module, names in modules.items():
-            problems += self._check_4bit(checkpoint, module, names, qc) if _STATE_KEY.match(names[-1]) else []
-            if not _STATE_KEY.match(names[-1]):
-                problems += self._check_int8(checkpoint, module)
-            if four_bit != bool(_STATE_KEY.match(names[-1])):
-                problems.append(f"'{module}': stored as {'4-bit' if not four_bit else 'int8'} but config says {'4-bit' if four_bit else 'int8'}")
+            stored_4bit = bool(_STATE_KEY.match(names[-1]))
+            problems += self._check_4bit(checkpoint, module, names, qc) if stored_4bit else self._check_int8(checkpoint, module)
+            if four_bit != stored_4bit:
+                problems.append(f"'{module}': stored as {'4-bit' if stored_4bit else 'int8'} but config says {'4-bit' if four_bit else 'int8'}")
         skip = qc.get("llm_int8_skip_modules") or head_modules(checkpoint)
         for module in modules:
             if skip_matches(module, skip):
