@@ -366,9 +366,9 @@ def dequantize(src: str, out: Path, dtype: str | None = None, max_shard_size: in
                                        max_shard_size=max_shard_size, progress=progress)
         return Result(out, summary.get("output_bytes", 0), summary.get("files", []), summary)
     checkpoint = open_checkpoint(path)
-    dequantizer, entries, dense_dtype = make_dequant_plan(checkpoint, dtype)
-    modules = dequantizer.modules(checkpoint)
-    entries = ordered(checkpoint, entries)
+    plan = make_dequant_plan(checkpoint, dtype)
+    dequantizer, modules, dense_dtype = plan.dequantizer, plan.modules, plan.dtype
+    entries = ordered(checkpoint, plan.entries)
     outputs = [o for e in entries for o in e.outputs]
     check_output(checkpoint.root, out, force)
     check_free_space(out, sum(o.nbytes for o in outputs))

@@ -297,7 +297,7 @@ def make_plan(checkpoint: Checkpoint, options: QuantOptions) -> Plan:
     # must name the head too.
     skipped_list = sorted(skipped | set(heads)) if skipped else []
     config = quantizer.config(options, skipped_list, heads)
-    unmatched = [g for g in options.skip if not any(fnmatch.fnmatchcase(m, g) for m in skipped)]
+    unmatched = [g for g in options.skip if not any(matches(m, (g,)) for m in skipped)]
     return Plan(options.method, options, entries, config, sorted(skipped), unmatched)
 
 
@@ -309,10 +309,17 @@ def num_parameters(checkpoint: Checkpoint) -> int:
     return sum(info.numel for info in checkpoint.tensors.values() if info.dtype in FLOATS)
 
 
+@dataclass
+class DequantPlan:
+    dequantizer: Dequantizer
+    modules: dict[str, list[str]]  # quantized module -> its tensors, the dense weight's name first
+    entries: list[Entry]
+    dtype: str  # safetensors dtype of the dense weights
 
-def make_dequant_plan(checkpoint: Checkpoint, dtype: str | None) -> tuple[Dequantizer, list[Entry], str]:
+
+def make_dequant_plan(checkpoint: Checkpoint, dtype: str | None) -> DequantPlan:
     """Dense outputs for a quantized checkpoint: each quantized module's weight in `dtype` (default: the
-    dtype the checkpoint records), every other tensor copied as is. Reads no data."""
+    dtype the checkpoint records), every other tensor copied as is. Reads no weight data."""
     dequantizer = dequantizer_for(checkpoint)
     modules = dequantizer.modules(checkpoint)
     dtype = dtype or dequantizer.default_dtype(checkpoint, modules) or default_dense_dtype(checkpoint, modules)
@@ -329,7 +336,7 @@ def make_dequant_plan(checkpoint: Checkpoint, dtype: str | None) -> tuple[Dequan
             entries.append(Entry(name, "dequantize", module, outputs))
         else:
             entries.append(Entry(name, "consume", module))
-    return dequantizer, entries, NAME_TO_DTYPE[dtype]
+    return DequantPlan(dequantizer, modules, entries, NAME_TO_DTYPE[dtype])
 
 
 def default_dense_dtype(checkpoint: Checkpoint, modules: dict[str, list[str]]) -> str:
