@@ -143,13 +143,16 @@ def check_size(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[s
     return Check("size", not problems, _first(problems, detail))
 
 
+def error_figures(norm: float, diff: float) -> tuple[float, float]:
+    """(relative error, SNR in dB) from ||reference|| and ||reference - approximation||."""
+    rel = diff / norm if norm else float(diff > 0)
+    snr = 20 * math.log10(norm / diff) if diff and norm else math.inf
+    return rel, snr
+
+
 def relative_error(reference: np.ndarray, approx: np.ndarray) -> tuple[float, float]:
     ref = reference.astype(np.float64).reshape(-1)
-    diff = np.linalg.norm(ref - approx.astype(np.float64).reshape(-1))
-    norm = np.linalg.norm(ref)
-    rel = float(diff / norm) if norm else float(diff > 0)
-    snr = float(20 * math.log10(norm / diff)) if diff and norm else math.inf
-    return rel, snr
+    return error_figures(float(np.linalg.norm(ref)), float(np.linalg.norm(ref - approx.astype(np.float64).reshape(-1))))
 
 
 class _ErrorSink:
@@ -160,7 +163,7 @@ class _ErrorSink:
         self.reference, self.info = reference, info
         self.row_size = max(1, math.prod(info.shape[1:]))
         self.row = 0
-        self.norm = self.diff = 0.0
+        self.norm = self.diff = 0.0  # sums of squares
 
     def write(self, name: str, chunk) -> None:
         approx = np.asarray(chunk).reshape(-1).view(np.float32).astype(np.float64)
@@ -175,10 +178,7 @@ class _ErrorSink:
         pass
 
     def result(self) -> tuple[float, float]:
-        norm, diff = math.sqrt(self.norm), math.sqrt(self.diff)
-        rel = diff / norm if norm else float(diff > 0)
-        snr = 20 * math.log10(norm / diff) if diff and norm else math.inf
-        return rel, snr
+        return error_figures(math.sqrt(self.norm), math.sqrt(self.diff))
 
 
 def compare_layers(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[str, list[str]], reference: Path,
