@@ -94,6 +94,16 @@ def emit_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def emit_result(result, json_out: bool, warnings: list[str], line: str) -> None:
+    """A pipeline result: its summary as JSON on stdout, or warnings and one line on stderr."""
+    if json_out:
+        emit_json({"out": str(result.out), "files": result.files, **result.summary})
+        return
+    for warning in warnings:
+        err(warning)
+    err(f"wrote {result.out}: {line}")
+
+
 @app.command()
 def inspect(
     src: Annotated[str, typer.Argument(help="Checkpoint folder, hub repo id, or a .gguf file.")],
@@ -149,14 +159,10 @@ def quantize(
         options = merge_options(load_recipe(recipe) if recipe else {}, flags)
         with progress_bar(not json_out, f"quantize {options.method}") as progress:
             result = pipeline.quantize(src, out, options, force=force, revision=revision, progress=progress, resume=resume)
-        summary = {"out": str(result.out), "files": result.files, **result.summary}
-        if json_out:
-            emit_json(summary)
-        else:
-            for glob in summary.get("unmatched_skips", []):
-                err(f"warning: --skip {glob!r} matched no linear module")
-            err(f"wrote {result.out}: {summary['quantized']} tensors quantized to {options.method}, "
-                f"{summary['kept']} kept, {summary['output_bytes'] / 1e6:.1f} MB in {len(result.files)} file(s)")
+        s = result.summary
+        emit_result(result, json_out, [f"warning: --skip {glob!r} matched no linear module" for glob in s["unmatched_skips"]],
+                    f"{s['quantized']} tensors quantized to {options.method}, {s['kept']} kept, "
+                    f"{s['output_bytes'] / 1e6:.1f} MB in {len(result.files)} file(s)")
 
 
 @app.command()
@@ -177,12 +183,9 @@ def dequantize(
         with progress_bar(not json_out, "dequantize") as progress:
             result = pipeline.dequantize(src, out, dtype=dtype, max_shard_size=parse_size(max_shard_size), force=force,
                                          revision=revision, progress=progress, resume=resume)
-        summary = {"out": str(result.out), "files": result.files, **result.summary}
-        if json_out:
-            emit_json(summary)
-        else:
-            err(f"wrote {result.out}: {summary.get('dequantized', summary.get('tensors', 0))} tensors dequantized"
-                f"{' to ' + summary['dtype'] if summary.get('dtype') else ''}, {summary['output_bytes'] / 1e6:.1f} MB")
+        s = result.summary
+        emit_result(result, json_out, [], f"{s.get('dequantized', s.get('tensors', 0))} tensors dequantized"
+                                          f"{' to ' + s['dtype'] if s.get('dtype') else ''}, {s['output_bytes'] / 1e6:.1f} MB")
 
 
 @app.command()
