@@ -12,9 +12,7 @@ import contextlib
 import math
 import os
 import struct
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from gguf import (
 )
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.safetensors import write_through
+from quantkit.formats.outfile import OutputFile
 
 QType = GGMLQuantizationType
 
@@ -489,34 +487,21 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         fp = writer.fout[0]
-        position = fp.tell()
-        # Disk writes run on a thread (two chunks in flight) and start writeback as they go, so I/O
-        # overlaps quantizing and the final fsync finds little left.
-        with ThreadPoolExecutor(1) as io:
-            pending: deque = deque()
-
-            def put(data) -> None:
-                pending.append(io.submit(write_through, fp, data))
-                while len(pending) > 2:
-                    pending.popleft().result()
-
-            for t, parts in chunks:
-                pad = -position % writer.data_alignment
-                put(b"\0" * pad)
-                position += pad
-                written = 0
-                for part in parts:
-                    put(np.ascontiguousarray(part).data)
-                    written += part.nbytes
-                position += written
-                if written != t.nbytes:
-                    raise AssertionError(f"{t.name}: wrote {written} bytes, planned {t.nbytes}")
-            put(b"\0" * (-position % writer.data_alignment))
-            while pending:
-                pending.popleft().result()
         fp.flush()
-        os.fsync(fp.fileno())
-        total = fp.tell()
+        data = OutputFile(tmp, keep=fp.tell())  # tensor data goes out from a thread, bypassing the page cache
+        try:
+            for t, parts in chunks:
+                data.write(bytes(-data.tell() % writer.data_alignment))
+                start = data.tell()
+                for part in parts:
+                    data.write(np.ascontiguousarray(part))
+                if data.tell() - start != t.nbytes:
+                    raise AssertionError(f"{t.name}: wrote {data.tell() - start} bytes, planned {t.nbytes}")
+            data.write(bytes(-data.tell() % writer.data_alignment))
+        except BaseException:
+            data.abort()
+            raise
+        total = data.close()
         writer.close()
         os.replace(tmp, out)
         return total

@@ -1,20 +1,18 @@
 """safetensors on disk: validated header parsing, chunked reads, and a size-bounded streaming writer.
 
-Headers are checked against the file size before anything is allocated. Reads use pread into
-chunk-sized buffers (no memory map), so memory follows a chunk, not a shard. The writer knows every
+Headers are checked against the file size before anything is allocated. Reads map row ranges of
+the file (no copy), so memory follows a chunk, not a shard. The writer knows every
 output tensor up front (from the plan), writes each shard's header first and the data as it is produced.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
+import mmap
 import os
 import struct
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -23,6 +21,7 @@ import numpy as np
 
 from quantkit.dtypes import STORAGE, itemsize
 from quantkit.errors import QuantkitError
+from quantkit.formats.outfile import OutputFile
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -117,7 +116,11 @@ def _check_coverage(path: Path, tensors: dict[str, TensorInfo], data_start: int,
 
 
 class ShardReader:
-    """Reads tensors (or row ranges of them) of one file by pread; open one at a time, in file order."""
+    """Reads tensors (or row ranges of them) of one file, each range through a memory map of its own.
+
+    A map costs no copy (the page cache's pages are mapped, copy-on-write) and is unmapped when the
+    last array viewing it is dropped, so memory follows the chunks in use, not the shard.
+    """
 
     def __init__(self, path: Path):
         self.path = path
@@ -139,20 +142,23 @@ class ShardReader:
         """The whole tensor as its stored bits (BF16 as uint16)."""
         return self.read_rows(info, 0, info.shape[0] if info.shape else 1)
 
-    def read_rows(self, info: TensorInfo, row_start: int, row_stop: int) -> np.ndarray:
-        """Rows [row_start, row_stop) of a tensor (the whole tensor for a scalar)."""
+    def read_rows(self, info: TensorInfo, row_start: int, row_stop: int, prefetch: bool = False) -> np.ndarray:
+        """Rows [row_start, row_stop) of a tensor (the whole tensor for a scalar), as a writable array.
+        `prefetch`: ask the kernel to start reading the range from disk now (no wait)."""
         row_shape = info.shape[1:]
         row_bytes = math.prod(row_shape) * itemsize(info.dtype)
         offset = info.start + row_start * row_bytes
         count = (row_stop - row_start) * row_bytes
-        buffer = np.empty(count, np.uint8)
-        view = memoryview(buffer)
-        done = 0
-        while done < count:
-            got = os.preadv(self._f.fileno(), [view[done:]], offset + done)
-            if got == 0:
-                raise QuantkitError(f"{self.path}: truncated while reading tensor '{info.name}'")
-            done += got
+        if os.fstat(self._f.fileno()).st_size < offset + count:  # a map past the end would crash (SIGBUS)
+            raise QuantkitError(f"{self.path}: truncated while reading tensor '{info.name}'")
+        if count == 0:
+            buffer = np.empty(0, np.uint8)
+        else:
+            skip = offset % mmap.ALLOCATIONGRANULARITY
+            view = mmap.mmap(self._f.fileno(), skip + count, access=mmap.ACCESS_COPY, offset=offset - skip)
+            if prefetch and hasattr(view, "madvise"):
+                view.madvise(mmap.MADV_WILLNEED)
+            buffer = np.frombuffer(view, np.uint8, count, skip)
         array = buffer.view(STORAGE[info.dtype])
         if not info.shape:
             return array.reshape(())
@@ -160,17 +166,12 @@ class ShardReader:
 
 
 def prefetched_rows(reader: ShardReader, info: TensorInfo, ranges: list[tuple[int, int]]) -> Iterator[np.ndarray]:
-    """Row ranges of a tensor, each read on a thread while the caller works on the one before (pread and
-    the compiled kernels release the GIL): two chunks in memory at most."""
-    if not ranges:
-        return
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(reader.read_rows, info, *ranges[0])
-        for following in [*ranges[1:], None]:
-            chunk = pending.result()
-            if following is not None:
-                pending = pool.submit(reader.read_rows, info, *following)
-            yield chunk
+    """Row ranges of a tensor; the disk starts reading each one while the caller works on the one before."""
+    following = None
+    for i, (start, stop) in enumerate(ranges):
+        chunk = following if following is not None else reader.read_rows(info, start, stop)
+        following = reader.read_rows(info, *ranges[i + 1], prefetch=True) if i + 1 < len(ranges) else None
+        yield chunk
 
 
 def iter_row_chunks(info: TensorInfo, max_bytes: int) -> Iterator[tuple[int, int]]:
@@ -183,33 +184,6 @@ def iter_row_chunks(info: TensorInfo, max_bytes: int) -> Iterator[tuple[int, int
 
 
 # ---------------------------------------------------------------- writing
-
-
-def _start_writeback():
-    """libc's sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE): starts writing dirty pages back
-    without waiting and keeps them cached (Linux only; elsewhere the final fsync does all the work)."""
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        call = libc.sync_file_range
-        call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    except (OSError, AttributeError):
-        return lambda fd, offset, nbytes: None
-    return lambda fd, offset, nbytes: call(fd, offset, nbytes, 2)  # 2 = SYNC_FILE_RANGE_WRITE
-
-
-_writeback = _start_writeback()
-
-
-def write_through(file: BinaryIO, data) -> None:
-    """Write, and have the disk start writing it back now: the fsync at the end then finds little left,
-    and the disk works while we compute."""
-    start = file.tell()
-    file.write(data)
-    file.flush()
-    _writeback(file.fileno(), start, len(data))
 
 
 @dataclass(frozen=True)
@@ -281,13 +255,9 @@ class CheckpointWriter:
         self._next = 0
         self._written = 0
         self._sizes: dict[str, int] = {}
-        self._file: BinaryIO | None = None
+        self._file: OutputFile | None = None  # writes go out on a thread, so disk I/O overlaps compute
         self._file_index = -1
         self._reserved = 0
-        # Writes go to one background thread (at most two chunks queued) so disk I/O overlaps compute;
-        # callers hand over fresh arrays they do not touch again.
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="quantkit-writer")
-        self._pending: deque[Future] = deque()
 
     def _due(self, name: str) -> OutputTensor:
         if self._next >= len(self._queue):
@@ -318,7 +288,7 @@ class CheckpointWriter:
 
     def _open_shard(self, index: int) -> None:
         self._close_file()
-        self._file = open(self.folder / self.names[index], "wb")
+        self._file = OutputFile(self.folder / self.names[index])
         placeholder = encode_header(self.shards[index])
         self._reserved = len(placeholder) - 8
         self._file.write(placeholder)
@@ -328,14 +298,12 @@ class CheckpointWriter:
         due = self._due(name)
         if self._shard_of[name] in self._reused:
             return
-        data = chunk if isinstance(chunk, bytes) else memoryview(np.ascontiguousarray(chunk)).cast("B")
-        if self._written + len(data) > due.nbytes:
+        nbytes = len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
+        if self._written + nbytes > due.nbytes:
             raise RuntimeError(f"'{name}': more bytes than planned ({due.nbytes})")
         assert self._file is not None
-        self._pending.append(self._io.submit(write_through, self._file, data))
-        while len(self._pending) > 2:
-            self._pending.popleft().result()
-        self._written += len(data)
+        self._file.write(chunk)
+        self._written += nbytes
 
     def done(self, name: str) -> None:
         due = self._due(name)
@@ -348,22 +316,14 @@ class CheckpointWriter:
         self._next += 1
         self._written = 0
 
-    def _drain(self) -> None:
-        while self._pending:
-            self._pending.popleft().result()
-
     def _close_file(self) -> None:
-        self._drain()
         if self._file is None:
             return
         shard = self.shards[self._file_index]
-        if any(t.variable for t in shard):  # the true sizes are known now
-            self._file.seek(0)
-            self._file.write(encode_header(shard, self._sizes, reserve=self._reserved))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
+        # Variable-length tensors: the true sizes are known now, and the header is rewritten in place.
+        head = encode_header(shard, self._sizes, reserve=self._reserved) if any(t.variable for t in shard) else b""
+        file, self._file = self._file, None
+        file.close(head)
         if self._on_shard and self._file_index < len(self.names) - 1:  # the last one closes right before commit
             self._on_shard(self.names[self._file_index])
 
@@ -372,7 +332,6 @@ class CheckpointWriter:
         if self._next != len(self._queue):
             raise RuntimeError(f"'{self._queue[self._next][1].name}' was planned but never written")
         self._close_file()
-        self._io.shutdown()
         files = list(self.names)
         if len(self.names) > 1:
             weight_map = {t.name: self.names[i] for i, t in self._queue}
@@ -382,13 +341,7 @@ class CheckpointWriter:
         return files
 
     def abort(self) -> None:
-        """Drop the run: stop queued writes and close the open shard, whose buffered tail may not fit on
-        a full disk (the file is about to be deleted, so that error is not news)."""
-        for pending in self._pending:
-            pending.cancel()
-        self._io.shutdown(wait=True)
-        self._pending.clear()
+        """Drop the run: stop queued writes and close the open shard (the caller deletes the folder)."""
         if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
+            self._file.abort()
             self._file = None
