@@ -134,7 +134,7 @@ def quantize(
     quant_storage: Annotated[Optional[str], typer.Option("--quant-storage", help="4-bit storage dtype (uint8, or bfloat16 for FSDP-QLoRA).")] = None,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Glob of module names to keep dense (repeatable).")] = None,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe; flags override it.")] = None,
-    backend: Annotated[Optional[str], typer.Option("--backend", help="auto, numba, torch or numpy (all give the same bytes).")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="bitsandbytes: auto, c, torch or numpy; gptq: auto, numba or numpy (all give the same bytes).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda.")] = None,
     bits: Annotated[Optional[int], typer.Option("--bits", help="gptq: 2, 4 or 8.")] = None,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="gptq: columns per group, -1 for one group per row.")] = None,

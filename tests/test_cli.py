@@ -76,7 +76,7 @@ def test_already_quantized_is_refused(models, tmp_path, cli):
 
 def test_bad_usage_is_one_line_exit_2(models, tmp_path, cli):
     for args in (["--method", "nf5"], ["--method", "nf4", "--blocksize", "128"], ["--method", "nf4", "--max-shard-size", "lots"],
-                 ["--method", "nf4", "--compute-dtype", "int3"]):
+                 ["--method", "nf4", "--compute-dtype", "int3"], ["--method", "nf4", "--backend", "numba"]):
         code, _, err = cli("quantize", models["llama"], tmp_path / "q", *args)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)
     assert not (tmp_path / "q").exists()

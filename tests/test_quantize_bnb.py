@@ -33,7 +33,7 @@ def test_identical_to_transformers(models, tmp_path, cli, arch, case):
     assert ours_qc == json.loads((theirs / "config.json").read_text())["quantization_config"]
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch", "numba"])
+@pytest.mark.parametrize("backend", ["numpy", "torch", "c"])
 def test_backends_give_the_same_bytes(models, tmp_path, cli, backend):
     code, _, err = cli("quantize", models["gpt2"], tmp_path / backend, "--method", "fp4", "--double-quant", "--backend", backend)
     assert code == 0, err

@@ -8,7 +8,9 @@ For LLM.int8: `m.weight` (int8), `m.SCB` and `m.weight_format`.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -29,7 +31,7 @@ from quantkit.plan import (
     register,
     register_dequantizer,
 )
-from quantkit.schemes import int8, nf4
+from quantkit.schemes import int8, native, nf4
 from quantkit.source import Checkpoint
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -93,8 +95,11 @@ class BitsAndBytes:
             raise QuantkitError(f"--compute-dtype {options.compute_dtype}: choose one of {', '.join(COMPUTE_DTYPES)}")
         if options.quant_storage not in STORAGE_DTYPES:
             raise QuantkitError(f"--quant-storage {options.quant_storage}: choose one of {', '.join(STORAGE_DTYPES)}")
-        if options.backend not in ("auto", "numpy", "numba", "torch"):
-            raise QuantkitError(f"--backend {options.backend}: choose auto, numba, torch or numpy")
+        if options.backend not in ("auto", "c", "torch", "numpy"):
+            raise QuantkitError(f"--backend {options.backend}: choose auto, c, torch or numpy (numba is for gptq)")
+        if options.backend == "c" and not native.AVAILABLE:
+            raise QuantkitError("--backend c: quantkit's compiled kernels (quantkit._kernels) are not built",
+                                "reinstall quantkit where a C compiler is present, or use --backend numpy")
         if options.device == "cuda":
             _check_cuda()
         elif options.device != "cpu":
@@ -188,20 +193,27 @@ def resolve_backend(options: QuantOptions) -> str:
         return "cuda"
     if options.backend != "auto":
         return options.backend
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return "numpy"
-    return "numba"
+    if native.AVAILABLE:
+        return "c"
+    _warn_numpy_fallback()
+    return "numpy"
+
+
+@functools.cache
+def _warn_numpy_fallback() -> None:
+    """Once per process; logging's last-resort handler writes it to stderr as one line."""
+    logging.getLogger(__name__).warning(
+        "warning: quantkit's compiled kernels (quantkit._kernels) are missing, so the slow numpy path runs; "
+        "reinstall quantkit where a C compiler is present")
 
 
 def _kernel(options: QuantOptions, name: str, reference: Callable):
-    """The scheme function `name` of the chosen compute path (numba, torch, cuda) or the numpy reference."""
+    """The scheme function `name` of the chosen compute path (c, torch, cuda) or the numpy reference."""
     backend = resolve_backend(options)
     if backend == "numpy":
         return reference
-    if backend == "numba":
-        from quantkit.schemes import bnb_kernels as module
+    if backend == "c":
+        module = native
     elif backend == "torch":
         from quantkit.schemes import torch_path as module
     else:

@@ -2,7 +2,8 @@
 
 `quantize_reference` is the spec: numpy on whole blocks at once, giving the bytes of gguf-py's
 `gguf.quants.quantize` (and so of llama.cpp's `quantize_row_*_ref`). `quantize` is the same bytes, with
-Q8_0 (and Q4_K / Q6_K from kquants) done by numba kernels. Dequantizing is left to gguf-py's decoder.
+Q8_0 done by the C kernel (native.py) and Q4_K / Q6_K by kquants' numba kernels, imported only for those.
+Dequantizing is left to gguf-py's decoder.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from quantkit.dtypes import bf16_bits, to_float32
 from quantkit.errors import QuantkitError
+from quantkit.schemes import native
 
 QType = GGMLQuantizationType
 LEGACY_TYPES = (QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1)
@@ -135,8 +137,8 @@ def quantize(rows: np.ndarray, qtype: QType) -> np.ndarray:
 def quantize_stored(rows: np.ndarray, dtype: str, qtype: QType) -> np.ndarray:
     """`quantize` of rows as a checkpoint stores them (safetensors dtype; BF16 as uint16 bits): the
     Q8_0 kernel widens bfloat16 itself, everything else goes through float32 first."""
-    if qtype == QType.Q8_0 and dtype in ("F32", "BF16"):
-        return _q8_0_fast(np.ascontiguousarray(rows, dtype=np.uint16 if dtype == "BF16" else np.float32), dtype == "BF16")
+    if qtype == QType.Q8_0 and native.AVAILABLE:
+        return _q8_0_fast(rows, dtype)
     rows = to_float32(rows, dtype) if dtype != "F32" else rows
     if qtype in (QType.Q4_K, QType.Q6_K):
         from quantkit.schemes import kquants
@@ -145,11 +147,9 @@ def quantize_stored(rows: np.ndarray, dtype: str, qtype: QType) -> np.ndarray:
     return quantize_reference(rows, qtype)
 
 
-def _q8_0_fast(rows: np.ndarray, is_bf16: bool) -> np.ndarray:
-    from quantkit.schemes import ggml_kernels
-
+def _q8_0_fast(rows: np.ndarray, dtype: str) -> np.ndarray:
     n, k = rows.shape
     out = np.empty((n * k // 32, 34), dtype=np.uint8)
-    d = ggml_kernels.q8_0_codes(rows.reshape(-1, 32), is_bf16, out)
+    d = native.q8_0_codes(rows.reshape(-1, 32), dtype == "BF16", out)
     out[:, :2] = _f16_bytes(d)
     return out.reshape(n, row_bytes(QType.Q8_0, k))

@@ -1,6 +1,6 @@
-"""numba kernels for the GGUF types whose numpy reference is too slow: Q8_0, Q4_K, Q6_K.
+"""numba kernels for the K-quants, whose numpy reference is too slow: Q4_K, Q6_K (Q8_0 is in C, _kernels.c).
 
-Imported only when a fast path runs (numba costs ~0.4 s to import). Each kernel is a scalar port of the
+Imported only when a K-quant is written (numba costs ~0.4 s to import). Each kernel is a scalar port of the
 C reference with every value held in float32 (`f32(...)` everywhere: numba would otherwise widen an
 int times a float32 to float64) and no fastmath, so the bytes equal the numpy reference's.
 Float16 rounding of the block scales is left to numpy, outside the kernels.
@@ -35,37 +35,6 @@ def _f16_round(v):
     if r > 65504.0:
         r = np.inf
     return f32(-r if v < 0 else r)
-
-
-@numba.njit(cache=True, parallel=True)
-def q8_0_codes(blocks, is_bf16, out):
-    """blocks [n, 32] float32, or bfloat16 bits (uint16) when is_bf16 -> codes into out[:, 2:];
-    returns the float32 scales [n, 1]. Widening bfloat16 here saves a pass over the data."""
-    n = blocks.shape[0]
-    scales = np.empty((n, 1), dtype=np.float32)
-    n_seg = min(n, 256)
-    for s in numba.prange(n_seg):
-        values = np.empty(32, dtype=np.float32)
-        bits = values.view(np.uint32)
-        codes = out.view(np.int8)
-        for i in range(s * n // n_seg, (s + 1) * n // n_seg):
-            if is_bf16:
-                for j in range(32):
-                    bits[j] = np.uint32(blocks[i, j]) << 16
-            else:
-                for j in range(32):
-                    values[j] = blocks[i, j]
-            amax = f32(0)
-            for j in range(32):
-                amax = max(amax, abs(values[j]))
-            d = amax / f32(127)
-            inv = f32(1) / d if d != 0 else f32(0)
-            scales[i, 0] = d
-            for j in range(32):
-                # C's roundf: |v| <= 127 and v + 0.5 is exact in float64, so trunc rounds half away
-                v = np.float64(values[j] * inv)
-                codes[i, 2 + j] = np.int8(np.trunc(v + (0.5 if v >= 0 else -0.5)))
-    return scales
 
 
 @numba.njit(cache=True)

@@ -1,8 +1,8 @@
 """bitsandbytes 4-bit blockwise quantization (NF4 and FP4) with optional double quantization.
 
 The numpy functions here are the spec: they reproduce, bit for bit, what bitsandbytes computes on CPU
-(`quantize_4bit`, then `quantize_blockwise` of the absmax for double quantization). The numba kernels
-in `bnb_kernels.py` must give the same bytes; tests hold them to it.
+(`quantize_4bit`, then `quantize_blockwise` of the absmax for double quantization). The C kernels
+(quantkit/_kernels.c, through `native.py`) must give the same bytes; tests hold them to it.
 """
 
 from __future__ import annotations
