@@ -14,6 +14,7 @@ joined before it returns.
 #include <Python.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -88,41 +89,39 @@ static inline uint32_t peak_bits(const void *src, int bf16, Py_ssize_t start, Py
 static inline int32_t rint_int(float v) { return (int32_t)(as_bits(v + 12582912.0f) - 0x4B400000u); }
 
 /* ------------------------------------------------------------------------------------------------
-   Fork-join: fn(ctx, lo, hi) over contiguous parts of [0, count), the caller's thread taking the first. */
+   Fork-join: fn(ctx, lo, hi) over [0, count) in slices taken from a shared counter by the caller's thread
+   and `threads - 1` new ones. Slices rather than one part each, because a new thread can take a few
+   hundred microseconds to get going; meanwhile the others do its share. Every unit's output depends on
+   that unit alone, so the bytes do not depend on who did which slice. */
 
 typedef void (*part_fn)(const void *ctx, Py_ssize_t lo, Py_ssize_t hi);
 
 typedef struct {
     part_fn fn;
     const void *ctx;
-    Py_ssize_t lo, hi;
-} part_t;
+    Py_ssize_t count, slice;
+    atomic_ptrdiff_t next;
+} job_t;
 
-static void *run_part(void *arg) {
-    const part_t *part = arg;
-    part->fn(part->ctx, part->lo, part->hi);
-    return NULL;
+static void *work(void *arg) {
+    job_t *job = arg;
+    for (;;) {
+        const Py_ssize_t lo = atomic_fetch_add_explicit(&job->next, job->slice, memory_order_relaxed);
+        if (lo >= job->count)
+            return NULL;
+        job->fn(job->ctx, lo, min_size(job->count, lo + job->slice));
+    }
 }
 
 static void parallel_for(part_fn fn, const void *ctx, Py_ssize_t count, int threads) {
-    part_t parts[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS];
-    if (threads > count)
-        threads = (int)count;
-    if (threads < 1)
-        threads = 1;
-    for (int k = 0; k < threads; k++)
-        parts[k] = (part_t){fn, ctx, count * k / threads, count * (k + 1) / threads};
-    for (int k = 1; k < threads; k++) {
-        started[k] = pthread_create(&ids[k], NULL, run_part, &parts[k]) == 0;
-        if (!started[k]) /* no thread to be had: do that part here */
-            run_part(&parts[k]);
-    }
-    run_part(&parts[0]);
-    for (int k = 1; k < threads; k++)
-        if (started[k])
-            pthread_join(ids[k], NULL);
+    int started = 0;
+    job_t job = {fn, ctx, count, count / ((Py_ssize_t)threads * 16) + 1, 0};
+    while (started < threads - 1 && pthread_create(&ids[started], NULL, work, &job) == 0)
+        started++;
+    work(&job);
+    for (int k = 0; k < started; k++)
+        pthread_join(ids[k], NULL);
 }
 
 static int thread_count(int requested, Py_ssize_t elements) {
