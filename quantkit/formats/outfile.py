@@ -1,4 +1,4 @@
-"""An output file written front to back from aligned staging buffers by one background thread.
+"""An output file written front to back from aligned staging buffers by background threads.
 
 Where the filesystem allows it the file is opened with O_DIRECT: the disk reads our buffers itself, so
 the bytes are not copied into the page cache (on a 2-core machine that copy costs as much CPU as
@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 ALIGN = 4096  # O_DIRECT wants buffer address, file offset and length aligned to the logical block size
-BUFFER = 8 << 20  # bytes per write; the disk here peaks from 8 MiB up
-DEPTH = 3  # staging buffers: one filling, up to two in flight
+BUFFER = 8 << 20  # bytes per write
+WRITERS = 3  # writes in flight: a disk answers several at once faster than one after another
+DEPTH = WRITERS + 2  # staging buffers: one filling, the rest in flight or queued
 
 
 def _start_writeback():
@@ -46,8 +47,8 @@ class OutputFile:
     """Append-only writes into `path` (created, or continued after its first `keep` bytes), then
     `close()`: the tail, the true length, an optional rewrite of the file's head, fsync.
 
-    `write` copies the data into a staging buffer and returns; full buffers are written by a thread.
-    Errors of that thread surface at a later `write` or at `close`.
+    `write` copies the data into a staging buffer and returns; full buffers are written by threads
+    (pwrite at their own offsets, so in any order). Their errors surface at a later `write` or at `close`.
     """
 
     def __init__(self, path: Path, keep: int = 0):
@@ -72,7 +73,7 @@ class OutputFile:
                 head = f.read(keep % ALIGN)
             self._views[0][: len(head)] = np.frombuffer(head, np.uint8)
             self._fill = len(head)
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="quantkit-writer")
+        self._io = ThreadPoolExecutor(WRITERS, thread_name_prefix="quantkit-writer")
         self._pending: deque[tuple[Future, int]] = deque()  # (write, buffer index)
 
     def tell(self) -> int:
