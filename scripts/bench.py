@@ -113,12 +113,16 @@ def make_checkpoint(size_gb: float) -> Path:
     return folder
 
 
-def timed(label: str, argv: list[str], input_bytes: int, repeat: int) -> dict:
+def timed(label: str, argv: list[str], output: Path, input_bytes: int, repeat: int) -> dict:
     """Run argv under /usr/bin/time -v `repeat` times: median wall seconds, median CPU seconds (user + system,
     steadier than wall time on a shared machine), largest peak RSS (MB), input MB/s. Each run starts after
-    a sync, so none pays for the previous one's writeback (this machine's disk makes single runs vary by 2x)."""
+    a sync, so none pays for the previous one's writeback (this machine's disk makes single runs vary by 2x),
+    and with its `output` removed beforehand, so none pays for deleting the previous one's either."""
     walls, cpus, peaks = [], [], []
     for _ in range(repeat):
+        if output.is_dir():
+            shutil.rmtree(output)
+        output.unlink(missing_ok=True)
         os.sync()
         start = time.perf_counter()
         proc = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True,
@@ -165,26 +169,25 @@ def main() -> None:
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     work = Path(tempfile.mkdtemp(prefix="quantkit-bench-"))
     qk = [PY, "-m", "quantkit"]
-    force = ["--force"]  # repeated runs replace their own output
     try:
         subprocess.run([*qk, "quantize", str(src), str(work / "warm"), "--method", "int8", "--max-shard-size", "1GB"],
-                       check=True, capture_output=True)  # compiles (or loads) numba's cached kernels; not timed
+                       check=True, capture_output=True)  # reads the checkpoint into the page cache; not timed
         shutil.rmtree(work / "warm")
         jobs = [
-            ("quantkit nf4", [*qk, "quantize", str(src), str(work / "qk-nf4"), "--method", "nf4", *force], size),
-            ("quantkit int8", [*qk, "quantize", str(src), str(work / "qk-int8"), "--method", "int8", *force], size),
-            ("quantkit gptq 4-bit", [*qk, "quantize", str(src), str(work / "qk-gptq"), "--method", "gptq", "--bits", "4", *force], size),
-            ("quantkit dequantize nf4", [*qk, "dequantize", str(work / "qk-nf4"), str(work / "qk-dense"), *force], size),
-            ("quantkit gguf Q8_0", [*qk, "convert", str(src), str(work / "qk.gguf"), "--to", "gguf", "--gguf-type", "Q8_0", *force], size),
+            ("quantkit nf4", [*qk, "quantize", str(src), str(work / "qk-nf4"), "--method", "nf4"], work / "qk-nf4", size),
+            ("quantkit int8", [*qk, "quantize", str(src), str(work / "qk-int8"), "--method", "int8"], work / "qk-int8", size),
+            ("quantkit gptq 4-bit", [*qk, "quantize", str(src), str(work / "qk-gptq"), "--method", "gptq", "--bits", "4"], work / "qk-gptq", size),
+            ("quantkit dequantize nf4", [*qk, "dequantize", str(work / "qk-nf4"), str(work / "qk-dense")], work / "qk-dense", size),
+            ("quantkit gguf Q8_0", [*qk, "convert", str(src), str(work / "qk.gguf"), "--to", "gguf", "--gguf-type", "Q8_0"], work / "qk.gguf", size),
         ]
         if args.only == "all":
             jobs += [
-                ("transformers+bnb nf4", [PY, "-c", ANCHOR_QUANTIZE, str(src), str(work / "tf-nf4"), "nf4"], size),
-                ("transformers+bnb int8", [PY, "-c", ANCHOR_QUANTIZE, str(src), str(work / "tf-int8"), "int8"], size),
-                ("bitsandbytes dequantize nf4", [PY, "-c", ANCHOR_DEQUANTIZE, str(work / "qk-nf4"), str(work / "bnb-dense")], size),
-                ("gguf-py Q8_0", [PY, "-c", ANCHOR_GGUF_Q8, str(src), str(work / "gguf-py.gguf")], size),
+                ("transformers+bnb nf4", [PY, "-c", ANCHOR_QUANTIZE, str(src), str(work / "tf-nf4"), "nf4"], work / "tf-nf4", size),
+                ("transformers+bnb int8", [PY, "-c", ANCHOR_QUANTIZE, str(src), str(work / "tf-int8"), "int8"], work / "tf-int8", size),
+                ("bitsandbytes dequantize nf4", [PY, "-c", ANCHOR_DEQUANTIZE, str(work / "qk-nf4"), str(work / "bnb-dense")], work / "bnb-dense", size),
+                ("gguf-py Q8_0", [PY, "-c", ANCHOR_GGUF_Q8, str(src), str(work / "gguf-py.gguf")], work / "gguf-py.gguf", size),
             ]
-        results = {label: timed(label, argv, nbytes, args.repeat) for label, argv, nbytes in jobs}
+        results = {label: timed(label, argv, output, nbytes, args.repeat) for label, argv, output, nbytes in jobs}
         anchors = {"quantkit nf4": "transformers+bnb nf4", "quantkit int8": "transformers+bnb int8",
                    "quantkit gptq 4-bit": "transformers+bnb nf4",
                    "quantkit dequantize nf4": "bitsandbytes dequantize nf4", "quantkit gguf Q8_0": "gguf-py Q8_0"}  # fmt: skip
