@@ -47,9 +47,8 @@ def parse_size(text: str) -> int:
 
 
 def err(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, highlight=False, soft_wrap=True).print(message, markup=False)
+    """One plain line on stderr (no markup, no wrapping: paths and tensor names print as they are)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 @contextmanager
