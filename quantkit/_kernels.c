@@ -170,12 +170,15 @@ BODY void scale_run(const void *src, int bf16, Py_ssize_t start, Py_ssize_t coun
 }
 
 /* Two codes a byte, the first in the high nibble; an odd count ends with the code of a padding zero, as
-   the reference pads an odd-length tensor. One long loop over many blocks' values, so the midpoints and
-   steps are loaded once, not once a block. */
+   the reference pads an odd-length tensor. Codes first, in one long loop over many blocks' values (the
+   midpoints and steps are loaded once, not once a block), then the packing: faster than both in one. */
 static inline void pack_codes(float *values, Py_ssize_t count, const float *bounds, const int32_t *steps, uint8_t *packed) {
+    uint8_t codes[TILE + 1];
     values[count] = 0.0f;
+    for (Py_ssize_t i = 0; i < count + 1; i++)
+        codes[i] = code_of(values[i], bounds, steps);
     for (Py_ssize_t k = 0; k < (count + 1) / 2; k++)
-        packed[k] = (uint8_t)((code_of(values[2 * k], bounds, steps) << 4) | code_of(values[2 * k + 1], bounds, steps));
+        packed[k] = (uint8_t)((codes[2 * k] << 4) | codes[2 * k + 1]);
 }
 
 /* Block pairs [lo, hi): pairs, so that every part starts on a whole byte. Scaled values are gathered in
