@@ -244,6 +244,21 @@ static inline float float16_round(uint32_t bits) {
     return as_float((((bits & SIGN) | rounded) & normal) | (subnormal & ~normal));
 }
 
+/* The float16 bits of v rounded to nearest even, as numpy's astype(np.float16) and ggml's FP32_TO_FP16:
+   infinity beyond 65504, and a NaN keeps the top of its payload (never all of it zero). */
+static inline uint16_t float16_bits(float v) {
+    const uint32_t bits = as_bits(v), sign = (bits >> 16) & 0x8000u;
+    const float rounded = fabsf(float16_round(bits));
+    const uint32_t magnitude = as_bits(rounded);
+    if (magnitude > EXPONENT)
+        return (uint16_t)(sign | 0x7C00u | ((bits & 0x7FFFFFu) >> 13) | ((bits & 0x7FE000u) == 0));
+    if (magnitude == EXPONENT)
+        return (uint16_t)(sign | 0x7C00u);
+    if (magnitude < 0x38800000u) /* float16 subnormal or zero: a whole number of 2**-24 */
+        return (uint16_t)(sign | (uint32_t)(rounded * 16777216.0f));
+    return (uint16_t)(sign | (((magnitude >> 23) - 112) << 10) | ((magnitude >> 13) & 0x3FFu));
+}
+
 /* Rows [lo, hi). Rounding is monotonic, so the rounded row's absmax is the rounded raw absmax. */
 BODY void quantize_int8_body(const quantize_int8_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) {
     const void *src = q->src;
@@ -326,14 +341,13 @@ PART(dequantize_4bit, dequantize_4bit_t)
 
 /* ------------------------------------------------------------------------------------------------
    GGUF Q8_0 (ggml._q8_0, llama.cpp's quantize_row_q8_0_ref): blocks of 32, d = absmax / 127, codes =
-   roundf(v * (1 / d)) with ties away from zero. The scales go to a float32 buffer (the wrapper rounds
-   them to float16); the codes to bytes 2..33 of each 34-byte block. */
+   roundf(v * (1 / d)) with ties away from zero. Each block is stored as 34 bytes: d as float16 (little
+   endian), then the 32 codes. */
 
 typedef struct {
     const void *src;
     int bf16;
-    int8_t *blocks;
-    float *scales;
+    uint8_t *blocks;
 } q8_0_t;
 
 /* C's roundf (ties away from zero) for |x| < 2**22: the nearest-even integer to |x|, one further out on an
@@ -353,10 +367,12 @@ BODY void q8_0_body(const q8_0_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf1
         const Py_ssize_t start = b * Q8_0_BLOCK;
         const float d = as_float(peak_bits(src, bf16, start, Q8_0_BLOCK)) / 127.0f;
         const float inverse = d != 0.0f ? 1.0f / d : 0.0f;
-        int8_t *codes = q->blocks + b * (Q8_0_BLOCK + 2) + 2;
-        q->scales[b] = d;
+        const uint16_t scale = float16_bits(d);
+        uint8_t *block = q->blocks + b * (Q8_0_BLOCK + 2);
+        block[0] = (uint8_t)scale;
+        block[1] = (uint8_t)(scale >> 8);
         for (int j = 0; j < Q8_0_BLOCK; j++)
-            codes[j] = round_half_away(as_float(load_bits(src, bf16, start + j)) * inverse);
+            block[2 + j] = (uint8_t)round_half_away(as_float(load_bits(src, bf16, start + j)) * inverse);
     }
 }
 
@@ -464,24 +480,23 @@ static PyObject *py_dequantize_4bit(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_q8_0(PyObject *self, PyObject *args) {
-    Py_buffer v[3];
+    Py_buffer v[2];
     q8_0_t q;
     int threads;
-    if (!PyArg_ParseTuple(args, "y*pw*w*i", &v[0], &q.bf16, &v[1], &v[2], &threads))
+    if (!PyArg_ParseTuple(args, "y*pw*i", &v[0], &q.bf16, &v[1], &threads))
         return NULL;
     const Py_ssize_t item = q.bf16 ? 2 : 4, blocks = v[0].len / (item * Q8_0_BLOCK);
     q.src = v[0].buf;
     q.blocks = v[1].buf;
-    q.scales = v[2].buf;
     if (check_length(&v[0], blocks * item * Q8_0_BLOCK, "input (whole blocks of 32)") ||
-        check_length(&v[1], blocks * (Q8_0_BLOCK + 2), "blocks") || check_length(&v[2], blocks * 4, "scales")) {
-        release(v, 3);
+        check_length(&v[1], blocks * (Q8_0_BLOCK + 2), "blocks")) {
+        release(v, 2);
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
     parallel_for(q8_0_part, &q, blocks, thread_count(threads, blocks * Q8_0_BLOCK));
     Py_END_ALLOW_THREADS
-    release(v, 3);
+    release(v, 2);
     Py_RETURN_NONE;
 }
 
@@ -492,7 +507,7 @@ static PyMethodDef methods[] = {
      "quantize_int8(src, bf16, cols, codes, scb, threads): LLM.int8 codes and SCB, row by row"},
     {"dequantize_4bit", py_dequantize_4bit, METH_VARARGS,
      "dequantize_4bit(packed, absmax, table, blocksize, first, bf16, out, threads): elements first.. into out"},
-    {"q8_0", py_q8_0, METH_VARARGS, "q8_0(src, bf16, blocks, scales, threads): GGUF Q8_0 codes and float32 scales"},
+    {"q8_0", py_q8_0, METH_VARARGS, "q8_0(src, bf16, blocks, threads): GGUF Q8_0 blocks of 34 bytes"},
     {NULL, NULL, 0, NULL},
 };
 

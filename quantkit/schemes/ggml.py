@@ -138,18 +138,11 @@ def quantize_stored(rows: np.ndarray, dtype: str, qtype: QType) -> np.ndarray:
     """`quantize` of rows as a checkpoint stores them (safetensors dtype; BF16 as uint16 bits): the
     Q8_0 kernel widens bfloat16 itself, everything else goes through float32 first."""
     if qtype == QType.Q8_0 and native.AVAILABLE:
-        return _q8_0_fast(rows, dtype)
+        length = row_bytes(qtype, rows.shape[1])  # refuses partial blocks before the kernel runs
+        return native.quantize_q8_0(rows, dtype).reshape(rows.shape[0], length)
     rows = to_float32(rows, dtype) if dtype != "F32" else rows
     if qtype in (QType.Q4_K, QType.Q6_K):
         from quantkit.schemes import kquants
 
         return kquants.quantize(rows, qtype)
     return quantize_reference(rows, qtype)
-
-
-def _q8_0_fast(rows: np.ndarray, dtype: str) -> np.ndarray:
-    n, k = rows.shape
-    out = np.empty((n * k // 32, 34), dtype=np.uint8)
-    d = native.q8_0_codes(rows.reshape(-1, 32), dtype == "BF16", out)
-    out[:, :2] = _f16_bytes(d)
-    return out.reshape(n, row_bytes(QType.Q8_0, k))

@@ -79,10 +79,10 @@ def dequantize_4bit(packed: np.ndarray, absmax: np.ndarray, table: np.ndarray, b
     return out if dtype in ("BF16", "F32") else out.astype(np.float16 if dtype == "F16" else np.float64)
 
 
-def q8_0_codes(blocks: np.ndarray, is_bf16: bool, out: np.ndarray) -> np.ndarray:
-    """blocks [n, 32] float32, or bfloat16 bits (uint16) when is_bf16 -> the codes into out[:, 2:] (out is
-    [n, 34] uint8); returns the float32 scales [n, 1] for the caller to store as float16 in out[:, :2]."""
-    scales = np.empty((blocks.shape[0], 1), np.float32)
-    raw = np.ascontiguousarray(blocks, np.uint16 if is_bf16 else np.float32)
-    _kernels.q8_0(raw, is_bf16, out, scales, threads())
-    return scales
+def quantize_q8_0(rows: np.ndarray, dtype: str) -> np.ndarray:
+    """GGUF Q8_0 of stored rows whose length is a multiple of 32: [blocks, 34] uint8, each block its
+    float16 scale then its 32 codes, the bytes of ggml.quantize_reference."""
+    raw, bf16 = _stored(rows, dtype)
+    blocks = np.empty((raw.size // 32, 34), np.uint8)
+    _kernels.q8_0(raw, bf16, blocks, threads())
+    return blocks

@@ -111,7 +111,8 @@ def test_dequantize_refuses_ranges_beyond_the_data():
 
 def q8_0_rows(seed: int) -> np.ndarray:
     """Rows [24, 512] with the blocks that matter for Q8_0: zeros, ties, equal +/- maxima, heavy tails,
-    denormals (whose 1/d overflows) and non-finite values."""
+    denormals (whose 1/d overflows), non-finite values, and scales d that are float16 subnormals, beyond
+    float16's range, or halfway between two float16 values (both ways of rounding to even)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((24, 512)) * rng.uniform(1e-3, 10, (24, 1))
     x[0] = 0
@@ -122,6 +123,9 @@ def q8_0_rows(seed: int) -> np.ndarray:
     x[5] *= 1e-39
     x[6, :32] = np.linspace(-127.5, 127.5, 32) * 1e-3
     x[7, 3], x[7, 40], x[7, 70] = np.nan, np.inf, -np.inf
+    x[8] *= 1e-5 / np.abs(x[8]).max()
+    x[9] *= 1e7 / np.abs(x[9]).max()
+    x[10, :64] = np.tile(np.linspace(-1, 1, 32), 2) * np.repeat([127 * (1 + 2**-11), 127 * (1 + 3 * 2**-11)], 32)
     return x.astype(np.float32)
 
 
