@@ -99,3 +99,19 @@ def test_identical_for_other_source_dtypes(tmp_path, cli, dtype, case):
     assert cli("quantize", src, tmp_path / "ours", *flags)[0] == 0
     theirs = reference_bnb(src, tmp_path / "theirs", **bnb_kwargs)
     assert_same_tensors(load_tensors(tmp_path / "ours"), load_tensors(theirs))
+
+
+@pytest.mark.parametrize("method, bad, message", [("int8", 70000.0, "beyond float16's range"), ("int8", float("inf"), "infinite"),
+                                                  ("nf4", float("nan"), "NaN or infinite")])
+def test_values_the_method_cannot_hold_are_refused_naming_the_tensor(models, tmp_path, cli, method, bad, message):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = shutil.copytree(models["llama"], tmp_path / "src")
+    tensors = load_tensors(src)
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = bad
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = cli("quantize", src, tmp_path / "q", "--method", method)
+    assert code == 2 and "model.layers.1.mlp.up_proj.weight" in err and message in err, err
+    assert not (tmp_path / "q").exists()

@@ -30,8 +30,9 @@ def values(n: int, seed: int, scale: float = 0.02) -> np.ndarray:
 
 
 def stored(x: np.ndarray, dtype: str) -> np.ndarray:
-    """x in `dtype`'s stored bits, read-only (as a view of a read-only memory map is)."""
-    raw = dtypes.from_float32(x, dtype)
+    """x in `dtype`'s stored bits (beyond float16's range: infinity), read-only as a read-only map is."""
+    with np.errstate(over="ignore"):
+        raw = dtypes.from_float32(x, dtype)
     raw.setflags(write=False)
     return raw
 
@@ -99,6 +100,16 @@ def test_dequantize_ragged_ranges_equal_reference(quant_type, blocksize, dtype):
         expected = dtypes.from_float32(nf4.dequantize_range(packed, absmax, table, blocksize, first, count), dtype)
         got = native.dequantize_4bit(packed, absmax, table, blocksize, first, count, dtype)
         assert same(got, expected), (first, count)
+
+
+def test_kernels_read_a_read_only_memory_map(tmp_path):
+    x = values(64 * 33, 4, scale=1.0)
+    dtypes.bf16_bits(x).tofile(tmp_path / "bits")
+    raw = np.memmap(tmp_path / "bits", np.uint16, mode="r")
+    widened = dtypes.to_float32(raw, "BF16")
+    assert all(map(same, native.quantize_4bit(raw, "BF16", 64, "nf4"), nf4.quantize_4bit(widened, 64, "nf4")))
+    assert all(map(same, native.quantize_int8(raw.reshape(33, 64), "BF16"), int8.quantize_int8(widened.reshape(33, 64))))
+    assert same(ggml.quantize_stored(raw.reshape(33, 64), "BF16", Q.Q8_0), ggml.quantize_reference(widened.reshape(33, 64), Q.Q8_0))
 
 
 def test_dequantize_refuses_ranges_beyond_the_data():
