@@ -19,6 +19,7 @@ import numpy as np
 
 from quantkit.dtypes import NAME_OF
 from quantkit.errors import QuantkitError
+from quantkit.formats.outfile import file_digest
 from quantkit.formats.safetensors import CheckpointWriter, OutputTensor, ShardReader, TensorInfo, iter_row_chunks, prefetched_rows
 from quantkit.plan import Entry, Plan, QuantOptions, make_dequant_plan, make_plan, quantizer_for
 from quantkit.source import Checkpoint, open_checkpoint, resolve
@@ -63,14 +64,6 @@ def check_free_space(out: Path, needed: int) -> None:
 MANIFEST = ".quantkit-manifest.json"  # in a partial folder: the run's fingerprint and its finished shards
 
 
-def sha256_of(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        while block := f.read(COPY_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _running(leftover: Path) -> bool:
     """Whether the process whose pid ends a leftover's name still runs (then it is not a leftover yet)."""
     try:
@@ -92,14 +85,14 @@ def run_fingerprint(sources: list[Path], outputs: list[OutputTensor], settings: 
 class StagedOutput:
     """A temporary folder beside OUT that becomes OUT on commit() and vanishes on any failure.
 
-    A SIGKILL leaves the folder behind with a manifest of the shards finished so far (sha256 each);
+    A SIGKILL leaves the folder behind with a manifest of the shards finished so far (a digest each);
     `resume` adopts such a folder when its fingerprint matches and keeps the shards that still hash right.
     """
 
     def __init__(self, out: Path, fingerprint: str = "", resume: bool = False):
         self.out = out
         self.fingerprint = fingerprint
-        self.finished: dict[str, str] = {}  # shard file name -> sha256
+        self.finished: dict[str, str] = {}  # shard file name -> outfile.file_digest
         self._writer: CheckpointWriter | None = None
         parent = out.resolve().parent
         try:
@@ -127,7 +120,7 @@ class StagedOutput:
                 continue
             os.rename(old, self.tmp)
             for name, digest in shards.items():
-                if isinstance(name, str) and "/" not in name and (self.tmp / name).is_file() and sha256_of(self.tmp / name) == digest:
+                if isinstance(name, str) and "/" not in name and (self.tmp / name).is_file() and file_digest(self.tmp / name) == digest:
                     self.finished[name] = digest
             self._write_manifest()
             return True
@@ -141,9 +134,9 @@ class StagedOutput:
             os.fsync(f.fileno())
         os.replace(staging, self.tmp / MANIFEST)
 
-    def shard_done(self, name: str) -> None:
-        """Record a finished (fsynced) shard, so that a run killed later can resume after it."""
-        self.finished[name] = sha256_of(self.tmp / name)
+    def shard_done(self, name: str, digest: str) -> None:
+        """Record a finished (fsynced) shard and its digest, so that a run killed later can resume after it."""
+        self.finished[name] = digest
         self._write_manifest()
 
     def __enter__(self) -> StagedOutput:

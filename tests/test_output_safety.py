@@ -240,8 +240,8 @@ def test_dequantize_resume(tmp_path, cli, monkeypatch):
     assert code == 0, err
     record = pipeline.StagedOutput.shard_done
 
-    def killed_after_first_shard(self, name):
-        record(self, name)
+    def killed_after_first_shard(self, name, digest):
+        record(self, name, digest)
         raise Killed
 
     with monkeypatch.context() as m:

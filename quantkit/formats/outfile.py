@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import mmap
 import os
 from collections import deque
@@ -43,16 +44,35 @@ _writeback = _start_writeback()
 _DIRECT = getattr(os, "O_DIRECT", 0)
 
 
+def _combine(pieces: list[bytes]) -> str:
+    return hashlib.sha256(b"".join(pieces)).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """A file's digest as OutputFile computes it while writing: the sha256 of the sha256s of its
+    BUFFER-sized pieces (pieces hash on several threads and need no second read of the file)."""
+    pieces = []
+    with open(path, "rb") as f:
+        while piece := f.read(BUFFER):
+            pieces.append(hashlib.sha256(piece).digest())
+    return _combine(pieces)
+
+
 class OutputFile:
     """Append-only writes into `path` (created, or continued after its first `keep` bytes), then
     `close()`: the tail, the true length, an optional rewrite of the file's head, fsync.
 
     `write` copies the data into a staging buffer and returns; full buffers are written by threads
     (pwrite at their own offsets, so in any order). Their errors surface at a later `write` or at `close`.
+    With `digest`, the threads also hash what they write, and close() sets `self.digest` (file_digest's).
     """
 
-    def __init__(self, path: Path, keep: int = 0):
+    def __init__(self, path: Path, keep: int = 0, digest: bool = False):
+        if digest and keep:
+            raise ValueError("a digest covers whole files only")
         self.path = path
+        self.digest = ""
+        self._pieces: dict[int, bytes] | None = {} if digest else None
         flags = os.O_WRONLY | os.O_CREAT | (0 if keep else os.O_TRUNC)
         self.direct = bool(_DIRECT)
         try:
@@ -102,6 +122,8 @@ class OutputFile:
 
     def _pwrite(self, index: int, length: int, offset: int) -> None:
         view = memoryview(self._buffers[index])
+        if self._pieces is not None:
+            self._pieces[offset // BUFFER] = hashlib.sha256(view[:length]).digest()
         padded = -length % ALIGN if self.direct else 0  # only the last buffer can be short
         if padded:
             view[length : length + padded] = bytes(padded)
@@ -143,6 +165,11 @@ class OutputFile:
                 if self.direct:
                     self._buffered()
                 os.pwrite(self._fd, head, 0)
+            if self._pieces is not None:
+                if head:  # the first piece changed: hash it again as it is now
+                    with open(self.path, "rb") as f:
+                        self._pieces[0] = hashlib.sha256(f.read(BUFFER)).digest()
+                self.digest = _combine([self._pieces[i] for i in range(len(self._pieces))])
             os.fsync(self._fd)
         finally:
             self.abort()

@@ -238,13 +238,13 @@ class CheckpointWriter:
     """Streams planned tensors into bounded shards inside `folder`, in plan order, chunk by chunk.
 
     `write(name, chunk)` appends bytes to the tensor that is due and `done(name)` closes it; a tensor
-    must be done before the next one starts. `finish()` writes the index when sharded. `on_shard(name)`
-    hears of each shard but the last once it is complete and fsynced; `reuse` skips shards a resumed run
-    already holds.
+    must be done before the next one starts. `finish()` writes the index when sharded. `on_shard(name,
+    digest)` hears of each shard but the last once it is complete and fsynced, with its outfile.file_digest
+    (computed while writing); `reuse` skips shards a resumed run already holds.
     """
 
     def __init__(self, folder: Path, tensors: list[OutputTensor], max_shard_size: int,
-                 on_shard: Callable[[str], None] | None = None):
+                 on_shard: Callable[[str, str], None] | None = None):
         self.folder = folder
         self.shards = assign_shards(tensors, max_shard_size)
         self.names = shard_names(len(self.shards))
@@ -288,7 +288,7 @@ class CheckpointWriter:
 
     def _open_shard(self, index: int) -> None:
         self._close_file()
-        self._file = OutputFile(self.folder / self.names[index])
+        self._file = OutputFile(self.folder / self.names[index], digest=self._reports(index))
         placeholder = encode_header(self.shards[index])
         self._reserved = len(placeholder) - 8
         self._file.write(placeholder)
@@ -324,8 +324,12 @@ class CheckpointWriter:
         head = encode_header(shard, self._sizes, reserve=self._reserved) if any(t.variable for t in shard) else b""
         file, self._file = self._file, None
         file.close(head)
-        if self._on_shard and self._file_index < len(self.names) - 1:  # the last one closes right before commit
-            self._on_shard(self.names[self._file_index])
+        if self._reports(self._file_index):
+            self._on_shard(self.names[self._file_index], file.digest)
+
+    def _reports(self, index: int) -> bool:
+        """Whether on_shard hears of shard `index` (the last one closes right before commit)."""
+        return self._on_shard is not None and index < len(self.names) - 1
 
     def finish(self) -> list[str]:
         """Close the last shard, write the index if there are several; returns the files written."""

@@ -1,0 +1,50 @@
+"""OutputFile: the bytes land as written (direct or buffered), and its digest equals file_digest's."""
+
+import fcntl
+import os
+
+import numpy as np
+import pytest
+
+from quantkit.formats.outfile import BUFFER, OutputFile, file_digest
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, BUFFER, 3 * BUFFER + 12345])
+@pytest.mark.parametrize("head", [b"", b"HEAD-REWRITTEN"])
+def test_bytes_and_digest(tmp_path, size, head):
+    data = np.random.default_rng(size).integers(0, 256, size + len(head), dtype=np.uint8)
+    path = tmp_path / "f.bin"
+    f = OutputFile(path, digest=True)
+    f.write(bytes(len(head)))  # a placeholder, rewritten at close
+    for start in range(len(head), data.size, 1_000_003):  # pieces that straddle the buffers
+        f.write(data[start : start + 1_000_003])
+    assert f.close(head) == data.size
+    expected = head + data[len(head) :].tobytes()
+    assert path.read_bytes() == expected
+    assert f.digest == file_digest(path)
+
+
+def test_continues_after_kept_bytes(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 5000)  # a header someone else wrote, not block aligned
+    f = OutputFile(path, keep=5000)
+    f.write(b"y" * (BUFFER + 7))
+    f.close()
+    assert path.read_bytes() == b"x" * 5000 + b"y" * (BUFFER + 7)
+
+
+def test_buffered_when_direct_io_is_refused(tmp_path, monkeypatch):
+    """A filesystem that accepts O_DIRECT at open but refuses the writes: the file falls back to plain writes."""
+    real_pwrite = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            raise OSError(22, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    path = tmp_path / "f.bin"
+    f = OutputFile(path)
+    f.write(b"z" * (2 * BUFFER + 3))
+    f.close(b"ab")
+    assert path.read_bytes() == b"ab" + b"z" * (2 * BUFFER + 1)
