@@ -24,6 +24,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.outfile import OutputFile
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+READAHEAD = 64 << 20  # source bytes asked of the disk beyond each read
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -142,9 +143,10 @@ class ShardReader:
         """The whole tensor as its stored bits (BF16 as uint16)."""
         return self.read_rows(info, 0, info.shape[0] if info.shape else 1)
 
-    def read_rows(self, info: TensorInfo, row_start: int, row_stop: int, prefetch: bool = False) -> np.ndarray:
+    def read_rows(self, info: TensorInfo, row_start: int, row_stop: int) -> np.ndarray:
         """Rows [row_start, row_stop) of a tensor (the whole tensor for a scalar), as a writable array.
-        `prefetch`: ask the kernel to start reading the range from disk now (no wait)."""
+        The disk is asked for the range and the READAHEAD bytes after it now, without waiting, so a cold
+        file streams while the caller computes (reads go front to back)."""
         row_shape = info.shape[1:]
         row_bytes = math.prod(row_shape) * itemsize(info.dtype)
         offset = info.start + row_start * row_bytes
@@ -155,9 +157,9 @@ class ShardReader:
             buffer = np.empty(0, np.uint8)
         else:
             skip = offset % mmap.ALLOCATIONGRANULARITY
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._f.fileno(), offset, count + READAHEAD, os.POSIX_FADV_WILLNEED)
             view = mmap.mmap(self._f.fileno(), skip + count, access=mmap.ACCESS_COPY, offset=offset - skip)
-            if prefetch and hasattr(view, "madvise"):
-                view.madvise(mmap.MADV_WILLNEED)
             buffer = np.frombuffer(view, np.uint8, count, skip)
         array = buffer.view(STORAGE[info.dtype])
         if not info.shape:
@@ -166,12 +168,9 @@ class ShardReader:
 
 
 def prefetched_rows(reader: ShardReader, info: TensorInfo, ranges: list[tuple[int, int]]) -> Iterator[np.ndarray]:
-    """Row ranges of a tensor; the disk starts reading each one while the caller works on the one before."""
-    following = None
-    for i, (start, stop) in enumerate(ranges):
-        chunk = following if following is not None else reader.read_rows(info, start, stop)
-        following = reader.read_rows(info, *ranges[i + 1], prefetch=True) if i + 1 < len(ranges) else None
-        yield chunk
+    """Row ranges of a tensor, each read asking the disk for what follows it."""
+    for start, stop in ranges:
+        yield reader.read_rows(info, start, stop)
 
 
 def iter_row_chunks(info: TensorInfo, max_bytes: int) -> Iterator[tuple[int, int]]:
