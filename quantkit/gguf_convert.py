@@ -20,7 +20,7 @@ from quantkit.dtypes import to_float32
 from quantkit.errors import QuantkitError
 from quantkit.formats import gguf as gf
 from quantkit.formats.gguf_vocab import read_vocab, write_hf_tokenizer
-from quantkit.formats.safetensors import ShardReader, TensorInfo, iter_row_chunks, prefetched_rows
+from quantkit.formats.safetensors import ShardReader, TensorInfo, iter_row_chunks
 from quantkit.schemes import ggml
 from quantkit.source import Checkpoint
 
@@ -116,7 +116,8 @@ def _source_rows(reader: ShardReader, info: TensorInfo, permute_heads: int) -> I
     if permute_heads:
         yield gf.permute_qk(reader.read(info), permute_heads)
         return
-    yield from prefetched_rows(reader, info, list(iter_row_chunks(info, CHUNK_BYTES)))
+    for start, stop in iter_row_chunks(info, CHUNK_BYTES):
+        yield reader.read_rows(info, start, stop)
 
 
 def _quantized(rows: Iterator[np.ndarray], dtype: str, qtype: QType) -> Iterator[np.ndarray]:

@@ -20,7 +20,7 @@ import numpy as np
 from quantkit.dtypes import NAME_OF
 from quantkit.errors import QuantkitError
 from quantkit.formats.outfile import file_digest
-from quantkit.formats.safetensors import CheckpointWriter, OutputTensor, ShardReader, TensorInfo, iter_row_chunks, prefetched_rows
+from quantkit.formats.safetensors import CheckpointWriter, OutputTensor, ShardReader, TensorInfo, iter_row_chunks
 from quantkit.plan import Entry, Plan, QuantOptions, make_dequant_plan, make_plan, quantizer_for
 from quantkit.source import Checkpoint, open_checkpoint, resolve
 
@@ -218,8 +218,8 @@ class ShardWeight:
             for start in range(0, whole.shape[0], rows):
                 yield whole[start : start + rows]
             return
-        ranges = [(start, min(self.shape[0], start + rows)) for start in range(0, self.shape[0], rows)]
-        yield from prefetched_rows(self.reader, self.info, ranges)
+        for start in range(0, self.shape[0], rows):
+            yield self.reader.read_rows(self.info, start, min(self.shape[0], start + rows))
 
 
 def copy_tensor(reader: ShardReader, info: TensorInfo, name: str, writer: CheckpointWriter) -> None:

@@ -111,7 +111,7 @@ class OutputFile:
                 self._submit()
 
     def _submit(self) -> None:
-        """Hand the current buffer to the writer thread and move on to a free one."""
+        """Hand the current buffer to the writer threads and move on to a free one."""
         index, length, offset = self._current, self._fill, self._offset
         self._pending.append((self._io.submit(self._pwrite, index, length, offset), index))
         self._offset += length

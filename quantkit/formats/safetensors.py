@@ -167,12 +167,6 @@ class ShardReader:
         return array.reshape((row_stop - row_start,) + row_shape)
 
 
-def prefetched_rows(reader: ShardReader, info: TensorInfo, ranges: list[tuple[int, int]]) -> Iterator[np.ndarray]:
-    """Row ranges of a tensor, each read asking the disk for what follows it."""
-    for start, stop in ranges:
-        yield reader.read_rows(info, start, stop)
-
-
 def iter_row_chunks(info: TensorInfo, max_bytes: int) -> Iterator[tuple[int, int]]:
     """Row ranges of at most ~max_bytes each (at least one row) covering the tensor."""
     rows = info.shape[0] if info.shape else 1
