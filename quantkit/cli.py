@@ -1,7 +1,8 @@
 """The command line: parse flags, call one library function, print (rich for people, --json for scripts).
 
 Data goes to stdout, chatter and progress to stderr. A QuantkitError becomes one line and exit code 2;
-Ctrl-C exits 130 after the library has removed its temporary files.
+Ctrl-C exits 130 after the library has removed its temporary files. The library (numpy, gguf-py) and rich
+are imported inside each command, so that `--help` and shell completion start in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -93,12 +94,12 @@ def emit_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def emit_result(result, json_out: bool, warnings: list[str], line: str) -> None:
-    """A pipeline result: its summary as JSON on stdout, or warnings and one line on stderr."""
+def emit_result(result, json_out: bool, line: str) -> None:
+    """A pipeline result: its summary as JSON on stdout, or its warnings and one line on stderr."""
     if json_out:
-        emit_json({"out": str(result.out), "files": result.files, **result.summary})
+        emit_json(result.as_dict())
         return
-    for warning in warnings:
+    for warning in result.warnings:
         err(warning)
     err(f"wrote {result.out}: {line}")
 
@@ -110,10 +111,10 @@ def inspect(
     revision: Revision = None,
 ) -> None:
     """Show architecture, tensors, detected quantization and the size plan, from headers only."""
-    from quantkit import report
+    from quantkit import inspect as describe
 
     with user_errors():
-        data = report.inspect(src, revision)
+        data = describe.inspect(src, revision)
         if json_out:
             emit_json(data)
         else:
@@ -155,12 +156,11 @@ def quantize(
                      quant_storage=quant_storage, skip=tuple(skip) if skip else None, backend=backend, device=device,
                      bits=bits, group_size=group_size, sym=sym, format=format, optimize=optimize,
                      max_shard_size=parse_size(max_shard_size))  # fmt: skip
-        options = merge_options(load_recipe(recipe) if recipe else {}, flags)
+        options = merge_options(load_recipe(recipe) if recipe else {}, flags, recipe)
         with progress_bar(not json_out, f"quantize {options.method}") as progress:
             result = pipeline.quantize(src, out, options, force=force, revision=revision, progress=progress, resume=resume)
         s = result.summary
-        emit_result(result, json_out, [f"warning: --skip {glob!r} matched no linear module" for glob in s["unmatched_skips"]],
-                    f"{s['quantized']} tensors quantized to {options.method}, {s['kept']} kept, "
+        emit_result(result, json_out, f"{s['quantized']} tensors quantized to {options.method}, {s['kept']} kept, "
                     f"{s['output_bytes'] / 1e6:.1f} MB in {len(result.files)} file(s)")
 
 
@@ -183,7 +183,7 @@ def dequantize(
             result = pipeline.dequantize(src, out, dtype=dtype, max_shard_size=parse_size(max_shard_size), force=force,
                                          revision=revision, progress=progress, resume=resume)
         s = result.summary
-        emit_result(result, json_out, [], f"{s.get('dequantized', s.get('tensors', 0))} tensors dequantized"
+        emit_result(result, json_out, f"{s.get('dequantized', s.get('tensors', 0))} tensors dequantized"
                                           f"{' to ' + s['dtype'] if s.get('dtype') else ''}, {s['output_bytes'] / 1e6:.1f} MB")
 
 
@@ -200,28 +200,14 @@ def convert(
     revision: Revision = None,
 ) -> None:
     """Convert between formats: safetensors -> GGUF, GGUF or PyTorch .bin -> safetensors, GPTQ v1 <-> v2 zero points."""
+    from quantkit import pipeline
+
     with user_errors():
         with progress_bar(not json_out, f"convert to {to}") as progress:
-            if to in ("gptq-v1", "gptq-v2"):
-                from quantkit.formats import gptq
-
-                summary = gptq.convert_version(src, out, to.removeprefix("gptq-"), force, revision,
-                                               parse_size(max_shard_size), progress)
-            elif to == "safetensors" and not src.endswith(".gguf"):
-                from quantkit.formats import torchbin
-
-                summary = torchbin.convert(src, out, dtype, force, revision, parse_size(max_shard_size), progress)
-            else:
-                from quantkit import gguf_convert
-
-                summary = gguf_convert.convert(src, out, to, gguf_type=gguf_type, dtype=dtype, force=force, revision=revision,
-                                               max_shard_size=parse_size(max_shard_size), progress=progress)
-        if json_out:
-            emit_json(summary)
-            return
-        for line in summary["fallbacks"] + summary["warnings"]:
-            err(f"warning: {line}")
-        err(f"wrote {summary['out']}: {summary['tensors']} tensors, {summary['output_bytes'] / 1e6:.1f} MB")
+            result = pipeline.convert(src, out, to, gguf_type=gguf_type, dtype=dtype, force=force, revision=revision,
+                                      max_shard_size=parse_size(max_shard_size), progress=progress)
+        s = result.summary
+        emit_result(result, json_out, f"{s['tensors']} tensors, {s['output_bytes'] / 1e6:.1f} MB")
 
 
 @app.command()

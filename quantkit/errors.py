@@ -13,3 +13,7 @@ class QuantkitError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class InternalError(Exception):
+    """A broken invariant: quantkit's own bug, never the user's input. It keeps its traceback."""

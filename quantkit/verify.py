@@ -7,72 +7,23 @@ missing companion, a NaN, a layer that does not match its reference.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from xml.etree import ElementTree
 
 import numpy as np
 
-from quantkit import dtypes
+from quantkit import api, dtypes, methods
+from quantkit.api import Check, Dequantizer, Layer, Report, check_leftovers, first_of
 from quantkit.errors import QuantkitError
-from quantkit.formats.safetensors import ShardReader, iter_row_chunks
-from quantkit.plan import Dequantizer, dequantizer_for, is_conv1d, quantizer_for
-from quantkit.source import Checkpoint, open_checkpoint, read_config
+from quantkit.io.safetensors import ShardReader, iter_row_chunks
+from quantkit.io.source import Checkpoint, open_checkpoint, read_config, resolve
+from quantkit.io.stream import TensorReads
+from quantkit.modules import is_conv1d
+from quantkit.numerics import error_figures
+from quantkit.plan import dequantizer_for, quantizer_for
 
-# Relative weight error (||W - W'|| / ||W||) above which a layer fails, per scheme.
-DEFAULT_MAX_ERROR = {"nf4": 0.2, "fp4": 0.3, "int8": 0.05, "gptq-8": 0.05, "gptq-4": 0.25, "gptq-3": 0.4, "gptq-2": 0.8, "awq-4": 0.25}
 SCALE_SUFFIXES = (".absmax", ".nested_absmax", ".SCB", ".scales")
-LEFTOVER = re.compile(r"\.quantkit-(partial|old)-\d+$")
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
-
-
-@dataclass
-class Layer:
-    name: str
-    scheme: str
-    rel_error: float
-    snr_db: float
-    max_error: float
-    ok: bool
-
-
-@dataclass
-class Report:
-    path: str
-    checks: list[Check] = field(default_factory=list)
-    layers: list[Layer] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks) and all(layer.ok for layer in self.layers)
-
-    def as_dict(self) -> dict:
-        return {"ok": self.ok, "path": self.path, "checks": [asdict(c) for c in self.checks], "layers": [asdict(x) for x in self.layers]}
-
-
-def _first(problems: list[str], more: str = "") -> str:
-    if not problems:
-        return more
-    extra = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-    return problems[0] + extra
-
-
-def check_leftovers(path: Path) -> Check:
-    """An interrupted run leaves `.NAME.quantkit-partial-PID` beside OUT; that is never a finished checkpoint."""
-    if LEFTOVER.search(path.name):
-        return Check("leftovers", False, f"{path.name} is the temporary folder of an interrupted run")
-    siblings = [p.name for p in path.resolve().parent.glob(f".{path.name}.quantkit-*") if LEFTOVER.search(p.name)]
-    if siblings:
-        return Check("leftovers", False, f"an interrupted run left {siblings[0]} beside it; re-run with --force")
-    return Check("leftovers", True, "no temporary files of interrupted runs")
 
 
 def check_structure(path: Path) -> tuple[Check, Check, Checkpoint | None]:
@@ -105,13 +56,13 @@ def check_values(checkpoint: Checkpoint) -> Check:
                     if info.name.endswith(SCALE_SUFFIXES) and (values < 0).any():
                         problems.append(f"'{info.name}' has negative scales")
                         break
-    return Check("values", not problems, _first(problems, "all float tensors finite, scales >= 0"))
+    return Check("values", not problems, first_of(problems, "all float tensors finite, scales >= 0"))
 
 
 def check_quantization(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[str, list[str]]) -> Check:
     problems = dequantizer.check(checkpoint, modules)
     detail = f"{len(modules)} quantized modules with all companions, consistent with quantization_config"
-    return Check("quantization", not problems, _first(problems, detail))
+    return Check("quantization", not problems, first_of(problems, detail))
 
 
 def check_size(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[str, list[str]]) -> Check:
@@ -140,19 +91,7 @@ def check_size(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[s
             if info.nbytes != out.nbytes and not (out.variable and info.nbytes <= out.nbytes):
                 problems.append(f"'{out.name}': {info.nbytes} bytes on disk, {out.nbytes} predicted")
     detail = f"{actual_total:,} bytes of quantized tensors, as predicted"
-    return Check("size", not problems, _first(problems, detail))
-
-
-def error_figures(norm: float, diff: float) -> tuple[float, float]:
-    """(relative error, SNR in dB) from ||reference|| and ||reference - approximation||."""
-    rel = diff / norm if norm else float(diff > 0)
-    snr = 20 * math.log10(norm / diff) if diff and norm else math.inf
-    return rel, snr
-
-
-def relative_error(reference: np.ndarray, approx: np.ndarray) -> tuple[float, float]:
-    ref = reference.astype(np.float64).reshape(-1)
-    return error_figures(float(np.linalg.norm(ref)), float(np.linalg.norm(ref - approx.astype(np.float64).reshape(-1))))
+    return Check("size", not problems, first_of(problems, detail))
 
 
 class _ErrorSink:
@@ -183,11 +122,9 @@ class _ErrorSink:
 
 def compare_layers(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[str, list[str]], reference: Path,
                    max_error: float | None) -> list[Layer]:
-    from quantkit.pipeline import TensorReads
-
     ref = open_checkpoint(reference)
     scheme = dequantizer.scheme(checkpoint)
-    bound = max_error if max_error is not None else DEFAULT_MAX_ERROR.get(scheme, 0.3)
+    bound = max_error if max_error is not None else dequantizer.error_bound(scheme)
     layers = []
     for module, names in modules.items():
         dense = dequantizer.layout(checkpoint, module, names, "F32")[0]
@@ -210,10 +147,11 @@ def verify(path: Path, reference: str | None = None, max_error: float | None = N
         if leftovers.ok:
             raise QuantkitError(f"{path}: no such file or folder")
         return Report(str(path), [leftovers, Check("structure", False, f"{path} does not exist: the run never finished")])
-    if path.is_file() and path.suffix == ".gguf":
-        from quantkit.formats import gguf
-
-        return gguf.verify_file(path, reference, max_error)
+    methods.load()
+    file_format = api.file_format_of(path)
+    report = file_format.verify(path, reference, max_error) if file_format else None
+    if report is not None:
+        return report
     report = Report(str(path))
     report.checks.append(check_leftovers(path))
     config_check, structure_check, checkpoint = check_structure(path)
@@ -233,12 +171,10 @@ def verify(path: Path, reference: str | None = None, max_error: float | None = N
     report.checks.append(check_quantization(checkpoint, dequantizer, modules))
     report.checks.append(check_size(checkpoint, dequantizer, modules))
     if reference is not None and report.ok:
-        from quantkit.source import resolve
-
         report.layers = compare_layers(checkpoint, dequantizer, modules, resolve(reference), max_error)
         bad = [layer.name for layer in report.layers if not layer.ok]
         worst = max((layer.rel_error for layer in report.layers), default=0.0)
-        report.checks.append(Check("reference", not bad, _first([f"'{n}' differs from the reference beyond its bound" for n in bad],
+        report.checks.append(Check("reference", not bad, first_of([f"'{n}' differs from the reference beyond its bound" for n in bad],
                                                                 f"{len(report.layers)} layers within bounds (worst relative error {worst:.4f})")))
     return report
 

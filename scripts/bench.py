@@ -82,7 +82,7 @@ def make_checkpoint(size_gb: float) -> Path:
         return folder
     sys.path.insert(0, str(ROOT))
     from quantkit.dtypes import bf16_bits
-    from quantkit.formats.safetensors import CheckpointWriter, OutputTensor
+    from quantkit.io.safetensors import CheckpointWriter, OutputTensor
 
     tensors = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
@@ -141,7 +141,7 @@ def same_tensors(a: Path, b: Path, common_only: bool = False) -> bool:
     """Tensor-for-tensor byte equality of two safetensors folders (any sharding); `common_only`: of the
     tensors both hold (the dequantize anchor writes only the weights it dequantized)."""
     sys.path.insert(0, str(ROOT))
-    from quantkit.formats.safetensors import ShardReader, read_header
+    from quantkit.io.safetensors import ShardReader, read_header
 
     ta, tb = ({n: i for f in sorted(d.glob("*.safetensors")) for n, i in read_header(f)[0].items()} for d in (a, b))
     names = set(ta) & set(tb)

@@ -23,7 +23,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-from quantkit.schemes import ggml
+from quantkit.methods.gguf import types as ggml
 
 
 def _rate(fn, x: np.ndarray, repeat: int = 2) -> float:
@@ -56,8 +56,8 @@ def _llama_cpp_quantizer(qtype: Q):
 
 def convert_vs_gguf_py(checkpoint: str) -> dict:
     from quantkit.dtypes import to_float32
-    from quantkit.formats.safetensors import ShardReader
-    from quantkit.source import open_checkpoint
+    from quantkit.io.safetensors import ShardReader
+    from quantkit.io.source import open_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

@@ -31,11 +31,11 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quantkit.errors import QuantkitError  # noqa: E402
-from quantkit.formats import gguf as gf  # noqa: E402
-from quantkit.formats.safetensors import INDEX_NAME, read_header  # noqa: E402
-from quantkit.formats.torchbin import read_state_dict_meta  # noqa: E402
-from quantkit.gguf_convert import gguf_to_safetensors  # noqa: E402
-from quantkit.source import open_checkpoint  # noqa: E402
+from quantkit.io.safetensors import INDEX_NAME, read_header  # noqa: E402
+from quantkit.io.source import open_checkpoint  # noqa: E402
+from quantkit.io.torchpickle import read_state_dict_meta  # noqa: E402
+from quantkit.methods.gguf import file as gf  # noqa: E402
+from quantkit.methods.gguf.convert import gguf_to_safetensors  # noqa: E402
 
 WORK = Path(tempfile.mkdtemp(prefix="quantkit-fuzz-"))
 INTERESTING = [0, 1, 7, 8, 255, 2**16, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**50, 2**63 - 1, 2**63, 2**64 - 1]

@@ -102,3 +102,25 @@ def test_a_skip_glob_that_matches_nothing_is_reported(models, tmp_path, cli):
     assert code == 0 and "'*.no_such_module' matched no linear module" in err and "up_proj" not in err
     code, out, _ = cli("quantize", models["llama"], tmp_path / "j", "--method", "nf4", "--skip", "*.nope", "--json")
     assert json.loads(out)["unmatched_skips"] == ["*.nope"]
+
+
+def test_a_flag_the_method_lacks_is_refused(models, tmp_path, cli):
+    for args, flag in ((["--method", "nf4", "--bits", "3"], "--bits"), (["--method", "int8", "--group-size", "32", "--format", "v1"], "--group-size"),
+                       (["--method", "gptq", "--double-quant"], "--double-quant"), (["--method", "gptq", "--device", "cuda"], "--device")):
+        code, _, err = cli("quantize", models["llama"], tmp_path / "q", *args)
+        assert code == 2 and f"{flag} does not apply to method" in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not (tmp_path / "q").exists()
+
+
+def test_recipe_values_must_have_the_option_type(models, tmp_path, cli):
+    for line, expected in (('double_quant = "false"', "double_quant = 'false': expected true or false"),
+                           ('sym = "false"', "expected true or false"), ("bits = 4.0", "bits = 4.0: expected a whole number"),
+                           ("bits = true", "expected a whole number"), ('skip = "*.q_proj"', "expected a list of strings"),
+                           ("group_sizes = 32", "group_sizes: unknown setting")):
+        recipe = tmp_path / "r.toml"
+        recipe.write_text(f'method = "gptq"\n{line}\n' if "double" not in line else f'method = "nf4"\n{line}\n')
+        code, _, err = cli("quantize", models["llama"], tmp_path / "q", "--recipe", recipe)
+        assert code == 2 and expected in err and str(recipe) in err, (line, err)
+    recipe.write_text('method = "nf4"\nbits = 4\n')
+    code, _, err = cli("quantize", models["llama"], tmp_path / "q", "--recipe", recipe)
+    assert code == 2 and "bits does not apply to method nf4" in err

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.safetensors import read_header
-from quantkit.source import open_checkpoint
+from quantkit.io.safetensors import read_header
+from quantkit.io.source import open_checkpoint
 from tests.hostile_files import CONFIG, one_error_line, raw_shard, tiny_tensors, write_checkpoint
 
 
@@ -349,7 +349,7 @@ def test_pickle_that_runs_code_is_refused_and_never_run(tmp_path, cli, torch_sta
 def test_tensor_reaching_past_its_storage_is_refused(tmp_path):
     import torch
 
-    from quantkit.formats.torchbin import read_state_dict_meta
+    from quantkit.io.torchpickle import read_state_dict_meta
 
     path = tmp_path / "w.bin"
     torch.save({"w": torch.zeros(4, 4)}, path)
@@ -418,7 +418,7 @@ def test_gguf_inspect_shows_an_odd_file_type_as_is(tmp_path, cli):
 
 
 def test_open_checkpoint_reads_no_data(ckpt, monkeypatch):
-    from quantkit.formats import safetensors
+    from quantkit.io import safetensors
 
     monkeypatch.setattr(safetensors.ShardReader, "read_rows", lambda *a: pytest.fail("data read while opening"))
     assert len(open_checkpoint(ckpt).tensors) == 6

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from quantkit import pipeline
+from quantkit.io import staged
 from tests.hostile_files import one_error_line, tiny_tensors, tree_digest, write_checkpoint
 
 QUANTKIT = str(Path(sys.executable).with_name("quantkit"))
@@ -167,7 +168,7 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 60) -> None:
 def finished_shards(folder: Path) -> dict:
     for partial in folder.glob(".out.quantkit-partial-*"):
         try:
-            return json.loads((partial / pipeline.MANIFEST).read_text())["shards"]
+            return json.loads((partial / staged.MANIFEST).read_text())["shards"]
         except (OSError, ValueError):
             return {}
     return {}
@@ -222,7 +223,7 @@ def tree_digest_bytes(folder: Path) -> dict[str, bytes]:
 def test_resume_ignores_a_leftover_of_different_settings(ckpt, tmp_path, cli):
     stale = tmp_path / ".out.quantkit-partial-999999999"
     stale.mkdir()
-    (stale / pipeline.MANIFEST).write_text(json.dumps({"fingerprint": "other", "shards": {"model.safetensors": "0"}}))
+    (stale / staged.MANIFEST).write_text(json.dumps({"fingerprint": "other", "shards": {"model.safetensors": "0"}}))
     (stale / "model.safetensors").write_bytes(b"junk")
     code, _, err = cli("quantize", ckpt, tmp_path / "out", "--method", "nf4", "--resume")
     assert code == 0, err
@@ -238,20 +239,20 @@ def test_dequantize_resume(tmp_path, cli, monkeypatch):
     tensors = {f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((256, 256), dtype=np.float32) for i in range(4)}
     code, _, err = cli("quantize", write_checkpoint(tmp_path / "src", tensors), tmp_path / "q", "--method", "int8")
     assert code == 0, err
-    record = pipeline.StagedOutput.shard_done
+    record = staged.StagedOutput.shard_done
 
     def killed_after_first_shard(self, name, digest):
         record(self, name, digest)
         raise Killed
 
     with monkeypatch.context() as m:
-        m.setattr(pipeline.StagedOutput, "shard_done", killed_after_first_shard)
-        m.setattr(pipeline.StagedOutput, "__exit__", lambda self, *exc: None)
+        m.setattr(staged.StagedOutput, "shard_done", killed_after_first_shard)
+        m.setattr(staged.StagedOutput, "__exit__", lambda self, *exc: None)
         with pytest.raises(Killed):
             pipeline.dequantize(str(tmp_path / "q"), tmp_path / "out", max_shard_size=300_000)
     partial = next(tmp_path.glob(".out.quantkit-partial-*"))
     partial = partial.rename(tmp_path / ".out.quantkit-partial-999999999")  # as if its process were gone
-    (first,) = json.loads((partial / pipeline.MANIFEST).read_text())["shards"]
+    (first,) = json.loads((partial / staged.MANIFEST).read_text())["shards"]
     inode = (partial / first).stat().st_ino
     code, _, err = cli("dequantize", tmp_path / "q", tmp_path / "out", "--max-shard-size", "300KB", "--resume")
     assert code == 0, err

@@ -78,7 +78,7 @@ def test_convert_round_trip_is_byte_identical(models, tmp_path, cli):
 def test_v2_zero_point_zero_is_refused_for_v1(models, tmp_path, cli):
     from safetensors.numpy import save_file
 
-    from quantkit.formats.gptq import pack_columns, unpack_columns
+    from quantkit.methods.gptq.layout import pack_columns, unpack_columns
 
     cli("quantize", models["llama"], tmp_path / "v2", "--method", "gptq", "--asym", *GROUP)
     tensors = arrays(tmp_path / "v2")
@@ -93,7 +93,7 @@ def test_v2_zero_point_zero_is_refused_for_v1(models, tmp_path, cli):
 
 def test_v1_asymmetric_has_no_zero_point_zero(models, tmp_path, cli):
     cli("quantize", models["llama"], tmp_path / "v1", "--method", "gptq", "--asym", "--format", "v1", *GROUP)
-    from quantkit.formats.gptq import unpack_columns
+    from quantkit.methods.gptq.layout import unpack_columns
 
     for name, value in arrays(tmp_path / "v1").items():
         if name.endswith(".qzeros"):

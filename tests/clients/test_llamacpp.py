@@ -17,9 +17,10 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-from quantkit import gguf_convert as gc
-from quantkit.schemes import ggml, kquants
-from quantkit.source import open_checkpoint
+from quantkit.io.source import open_checkpoint
+from quantkit.methods.gguf import convert as gc
+from quantkit.methods.gguf import kquants
+from quantkit.methods.gguf import types as ggml
 from tests.gguf_checkpoints import make_checkpoint
 
 pytestmark = pytest.mark.clients
@@ -187,7 +188,7 @@ def test_llama_quantize_writes_our_tensors(checkpoints, tmp_path, qtype):
     """llama-quantize (llama.cpp's own tool) run on our F32 GGUF: every tensor it stores in `qtype`
     is byte for byte the tensor our direct conversion wrote (it picks other types for a few tensors,
     e.g. Q6_K for the output head of a Q4_K file; those are not compared)."""
-    from quantkit.formats import gguf as gf
+    from quantkit.methods.gguf import file as gf
 
     src = open_checkpoint(checkpoints["llama"])
     f32, theirs, ours = tmp_path / "f32.gguf", tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
@@ -212,7 +213,7 @@ def test_gguf_files_llama_quantize_writes_come_back_as_the_same_model(checkpoint
     output computes what llama.cpp computes on the GGUF."""
     from transformers import AutoTokenizer
 
-    from quantkit.formats import gguf as gf
+    from quantkit.methods.gguf import file as gf
 
     src = checkpoints["llama"]
     f32, quantized = tmp_path / "f32.gguf", tmp_path / "q.gguf"

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from quantkit import gguf_convert as gc
 from quantkit.errors import QuantkitError
-from quantkit.formats import gguf as gf
-from quantkit.schemes import ggml
-from quantkit.source import open_checkpoint
+from quantkit.io.source import open_checkpoint
+from quantkit.methods.gguf import convert as gc
+from quantkit.methods.gguf import file as gf
+from quantkit.methods.gguf import types as ggml
+from quantkit.methods.gguf import verify as gv
 from tests.gguf_checkpoints import make_checkpoint
 
 
@@ -321,7 +322,7 @@ def test_cli_refuses_existing_output_and_bad_type(checkpoints, tmp_path):
 
 
 def test_verify_with_reference_reports_per_tensor_error(checkpoints, llama_q8):
-    report = gc.verify_gguf(llama_q8, str(checkpoints["llama"]))
+    report = gv.verify_gguf(llama_q8, str(checkpoints["llama"]))
     assert report.ok, report.as_dict()
     assert len(report.layers) == 21 and all(x.rel_error < 0.01 for x in report.layers)
 
@@ -330,13 +331,13 @@ def test_verify_with_reference_reports_per_tensor_error(checkpoints, llama_q8):
 def test_verify_bounds_pass_every_type(checkpoints, tmp_path, type_name):
     out = tmp_path / "m.gguf"
     gc.to_gguf(open_checkpoint(checkpoints["llama"]), out, gc.parse_type(type_name))
-    report = gc.verify_gguf(out, str(checkpoints["llama"]))
+    report = gv.verify_gguf(out, str(checkpoints["llama"]))
     assert report.ok, [x for x in report.layers if not x.ok]
-    assert gc.verify_gguf(out, str(checkpoints["qwen2"])).ok is False  # another model is caught
+    assert gv.verify_gguf(out, str(checkpoints["qwen2"])).ok is False  # another model is caught
 
 
 def test_verify_turns_damage_into_a_finding(damaged):
-    report = gc.verify_gguf(damaged(lambda d: d[:-5000]))
+    report = gv.verify_gguf(damaged(lambda d: d[:-5000]))
     assert not report.ok
     assert [(c.name, c.ok) for c in report.checks] == [("leftovers", True), ("structure", False)]
     assert "runs past the end" in report.checks[1].detail
@@ -348,7 +349,7 @@ def test_verify_flags_non_finite_data(llama_q8, tmp_path):
     data[norm.offset:norm.offset + 4] = struct.pack("<f", float("nan"))
     bad = tmp_path / "nan.gguf"
     bad.write_bytes(bytes(data))
-    checks = {c.name: c for c in gc.verify_gguf(bad).checks}
+    checks = {c.name: c for c in gv.verify_gguf(bad).checks}
     assert not checks["values"].ok and "blk.0.attn_norm.weight" in checks["values"].detail
 
 
@@ -421,7 +422,7 @@ def test_missing_tensors_are_a_warning_then_a_verify_failure(checkpoints, tmp_pa
     ck.tensors = {n: i for n, i in ck.tensors.items() if "layers.1.mlp.up_proj" not in n}
     report = gc.to_gguf(ck, tmp_path / "m.gguf", Q.F16)
     assert any("will not load" in w and "layers.1.mlp.up_proj" in w for w in report.warnings)
-    checks = {c.name: c for c in gc.verify_gguf(tmp_path / "m.gguf").checks}
+    checks = {c.name: c for c in gv.verify_gguf(tmp_path / "m.gguf").checks}
     assert not checks["metadata"].ok and "is missing" in checks["metadata"].detail
 
 
@@ -432,7 +433,7 @@ def test_verify_catches_metadata_that_contradicts_the_tensors(checkpoints, tmp_p
     with monkeypatch.context() as m:
         m.setattr(gf, "shape_problems", lambda config, shapes: ([], []))
         gc.to_gguf(ck, out, Q.F16)
-    checks = {c.name: c for c in gc.verify_gguf(out).checks}
+    checks = {c.name: c for c in gv.verify_gguf(out).checks}
     assert not checks["metadata"].ok and "mlp" in checks["metadata"].detail and "384" in checks["metadata"].detail
 
 
@@ -464,7 +465,7 @@ def test_damaged_tokenizer_json_is_one_error(checkpoints, tmp_path):
 
 
 def test_vocabulary_with_mismatched_token_types_still_writes_tokenizer(tmp_path):
-    from quantkit.formats.gguf_vocab import write_hf_tokenizer
+    from quantkit.methods.gguf.vocab import write_hf_tokenizer
 
     warnings: list[str] = []
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.token_type": [1],

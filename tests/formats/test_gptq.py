@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quantkit.errors import QuantkitError
-from quantkit.formats import gptq
-from quantkit.schemes import groupwise as gw
+from quantkit.methods.gptq import groupwise as gw
+from quantkit.methods.gptq import layout as gptq
 
 
 def spec_unpack_along_rows(words: np.ndarray, bits: int) -> np.ndarray:

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from quantkit.formats.outfile import BUFFER, OutputFile, file_digest
+from quantkit.io.outfile import BUFFER, OutputFile, file_digest
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, BUFFER, 3 * BUFFER + 12345])

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quantkit import dtypes
-from quantkit.schemes import int8, nf4, torch_path, torchsum
-from quantkit.schemes import native as fast  # the compiled (C) path
+from quantkit import numerics as torchsum
+from quantkit.methods.bnb import int8, nf4, torch_path
+from quantkit.methods.bnb import native as fast  # the compiled (C) path
 
 SHAPES = [(64, 64), (33, 7), (3, 5), (256, 384), (1, 1), (1000, 77)]
 

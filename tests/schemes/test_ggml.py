@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from quantkit.dtypes import from_float32, to_float32
 from quantkit.errors import QuantkitError
-from quantkit.schemes import ggml
+from quantkit.methods.gguf import types as ggml
 
 
 def _rows(seed: int = 0) -> np.ndarray:

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from quantkit import jit
 from quantkit.errors import QuantkitError
-from quantkit.schemes import groupwise as gw
-from quantkit.schemes import groupwise_fast
+from quantkit.methods.gptq import groupwise as gw
 
 
 def awkward_weight(rows: int = 64, cols: int = 256, seed: int = 0) -> np.ndarray:
@@ -56,7 +56,7 @@ def test_f16_rounding_kernel_matches_numpy():
     rng = np.random.default_rng(0)
     bits = rng.integers(0x33000000, 0x477FE000, 200_000, dtype=np.uint32)  # 3e-8 .. 65504
     values = np.concatenate([bits.view(np.float32), np.float16(np.arange(1, 2048)).astype(np.float32) * np.float32(1 + 2**-11)])
-    ours = np.array([groupwise_fast._round_f16(v) for v in values[:20000]] + [groupwise_fast._round_f16(v) for v in values[-2047:]], np.float32)
+    ours = np.array([jit.f16_round(v) for v in values[:20000]] + [jit.f16_round(v) for v in values[-2047:]], np.float32)
     theirs = np.concatenate([values[:20000], values[-2047:]]).astype(np.float16).astype(np.float32)
     assert np.array_equal(ours, theirs)
 
@@ -107,7 +107,7 @@ def test_refuses_non_finite_and_too_wide():
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 6), st.sampled_from([2, 4, 8]), st.sampled_from([32, 64, -1]))
 def test_layout_agrees_with_what_is_written(out_words, in_groups, bits, group_size):
-    from quantkit.formats import gptq
+    from quantkit.methods.gptq import layout as gptq
 
     per_word = 32 // bits
     in_features = in_groups * 64

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from quantkit.schemes import ggml, kquants
+from quantkit.methods.gguf import kquants
+from quantkit.methods.gguf import types as ggml
 
 KTYPES = [Q.Q4_K, Q.Q6_K]
 

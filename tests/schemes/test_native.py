@@ -14,7 +14,8 @@ from gguf import GGMLQuantizationType as Q
 
 from quantkit import dtypes
 from quantkit.errors import QuantkitError
-from quantkit.schemes import ggml, int8, native, nf4
+from quantkit.methods.bnb import int8, native, nf4
+from quantkit.methods.gguf import types as ggml
 
 DTYPES = ("BF16", "F16", "F32")
 
@@ -198,9 +199,9 @@ def test_compiled_paths_do_not_import_numba(tmp_path):
 import sys
 import numpy as np
 from gguf import GGMLQuantizationType as Q
-from quantkit.formats import bnb
-from quantkit.plan import QuantOptions
-from quantkit.schemes import ggml
+from quantkit.methods.bnb import quantizer as bnb
+from quantkit.methods.bnb.quantizer import BnbOptions as QuantOptions
+from quantkit.methods.gguf import types as ggml
 x = np.ones((4, 64), np.float32)
 bnb.nf4_kernel(QuantOptions(method="nf4"))(x, "F32", 64, "nf4")
 bnb.int8_kernel(QuantOptions(method="int8"))(x, "F32")
@@ -214,12 +215,13 @@ assert "numba" not in sys.modules
 def test_without_the_kernels_numpy_runs_after_one_line_on_stderr():
     script = """
 import sys
-sys.modules["quantkit._kernels"] = None  # as if the extension had not been built
+sys.modules["quantkit.native._kernels"] = None  # as if the extension had not been built
 import numpy as np
 from gguf import GGMLQuantizationType as Q
-from quantkit.formats import bnb
-from quantkit.plan import QuantOptions
-from quantkit.schemes import ggml, nf4
+from quantkit.methods.bnb import quantizer as bnb
+from quantkit.methods.bnb.quantizer import BnbOptions as QuantOptions
+from quantkit.methods.bnb import nf4
+from quantkit.methods.gguf import types as ggml
 x = np.ones((4, 64), np.float32)
 assert np.array_equal(bnb.nf4_kernel(QuantOptions(method="nf4"))(x, "F32", 64, "nf4")[0], nf4.quantize_4bit(x, 64, "nf4")[0])
 bnb.int8_kernel(QuantOptions(method="int8"))(x, "F32")
@@ -230,8 +232,8 @@ assert ggml.quantize_stored(x, "F32", Q.Q8_0).tobytes() == ggml.quantize_referen
 
 
 def test_backend_c_without_the_kernels_is_refused(monkeypatch):
-    from quantkit.formats import bnb
-    from quantkit.plan import QuantOptions
+    from quantkit.methods.bnb import quantizer as bnb
+    from quantkit.methods.bnb.quantizer import BnbOptions as QuantOptions
 
     monkeypatch.setattr(native, "AVAILABLE", False)
     with pytest.raises(QuantkitError, match="--backend c: .* not built"):

@@ -1,0 +1,153 @@
+"""Reading GPTQ and AWQ (GEMM) checkpoints back: their modules, dense values, and verify's checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from quantkit import dtypes
+from quantkit.api import TensorSink
+from quantkit.errors import QuantkitError
+from quantkit.io.safetensors import OutputTensor, ShardReader
+from quantkit.io.source import Checkpoint
+from quantkit.methods.gptq import groupwise
+from quantkit.methods.gptq.layout import (
+    AWQ_COMPANIONS,
+    CHECKPOINT_FORMATS,
+    COMPANIONS,
+    GptqConfig,
+    companion_problem,
+    dequantize_awq,
+    dequantize_gptq,
+    g_idx_problem,
+    infer_version,
+    read_config,
+)
+from quantkit.methods.gptq.quantizer import GptqOptions
+from quantkit.modules import is_conv1d
+from quantkit.numerics import CHUNK_ELEMENTS
+
+# Relative weight error (||W - W'|| / ||W||) above which a layer fails, per scheme.
+ERROR_BOUND = {"gptq-8": 0.05, "gptq-4": 0.25, "gptq-3": 0.4, "gptq-2": 0.8, "awq-4": 0.25}
+
+
+def checkpoint_config(checkpoint: Checkpoint) -> GptqConfig:
+    config = read_config(checkpoint.quantization_config or {}, str(checkpoint.root / "config.json"))
+    if config is None:
+        raise QuantkitError(f"{checkpoint.root / 'config.json'}: not a GPTQ or AWQ checkpoint")
+    return config
+
+
+def read_tensor(checkpoint: Checkpoint, name: str) -> np.ndarray:
+    info = checkpoint.tensors[name]
+    with ShardReader(info.file) as reader:
+        return reader.read(info)
+
+
+class GptqReader:
+    """Dequantizer and checker for checkpoints whose quant_method is "gptq"."""
+
+    quant_method = "gptq"
+    parts = COMPANIONS
+
+    def modules(self, checkpoint: Checkpoint) -> dict[str, list[str]]:
+        found = {}
+        for name in checkpoint.tensors:
+            if name.endswith(".qweight"):
+                module = name.removesuffix(".qweight")
+                found[module] = [f"{module}.{part}" for part in self.parts if f"{module}.{part}" in checkpoint.tensors]
+        return found
+
+    def scheme(self, checkpoint: Checkpoint) -> str:
+        config = checkpoint_config(checkpoint)
+        return f"{config.method}-{config.bits}"
+
+    def options(self, checkpoint: Checkpoint) -> GptqOptions:
+        config = checkpoint_config(checkpoint)
+        return GptqOptions(method=config.method, bits=config.bits, group_size=config.group_size, sym=config.sym,
+                            format=config.version)  # fmt: skip
+
+    def describe(self, qc: dict) -> dict:
+        fmt = qc.get("checkpoint_format") or qc.get("format") or qc.get("version")
+        fmt = {"gptq": "v1", "gptq_v2": "v2"}.get(fmt, fmt)
+        return {"method": self.quant_method, "bits": qc.get("bits"), "group_size": qc.get("group_size"), "sym": qc.get("sym"),
+                "format": fmt, "desc_act": qc.get("desc_act")}  # fmt: skip
+
+    def error_bound(self, scheme: str) -> float:
+        return ERROR_BOUND.get(scheme, 0.3)
+
+    def default_dtype(self, checkpoint: Checkpoint, modules: dict[str, list[str]]) -> str | None:
+        return None  # scales are float16 whatever the model was; config.json's dtype says more
+
+    def layout(self, checkpoint: Checkpoint, module: str, names: list[str], dtype: str) -> list[OutputTensor]:
+        config = checkpoint_config(checkpoint)
+        rows, cols = checkpoint.tensors[f"{module}.qweight"].shape
+        per_word = groupwise.PACK_BITS // config.bits
+        shape = (cols, rows * per_word) if config.method == "gptq" else (cols * per_word, rows)
+        return [OutputTensor(f"{module}.weight", dtype, shape[::-1] if is_conv1d(checkpoint.config, module) else shape)]
+
+    def dequantize(self, checkpoint: Checkpoint, module: str, names: list[str], read: Callable[[str], np.ndarray],
+                   dtype: str, sink: TensorSink) -> None:  # fmt: skip
+        config = checkpoint_config(checkpoint)
+        missing = [part for part in self.parts if f"{module}.{part}" not in names]
+        if missing:
+            raise QuantkitError(f"{module}: missing {', '.join(missing)}")
+        tensors = {part: read(f"{module}.{part}") for part in self.parts}
+        if config.method == "awq":
+            values = dequantize_awq(tensors, config.group_size, module)
+        else:
+            values = dequantize_gptq(tensors, config.bits, config.version, module)
+        if is_conv1d(checkpoint.config, module):  # GPT-2's Conv1D stores [in, out]
+            values = np.ascontiguousarray(values.T)
+        name = f"{module}.weight"
+        rows = max(1, CHUNK_ELEMENTS // values.shape[1])
+        for start in range(0, values.shape[0], rows):
+            sink.write(name, dtypes.from_float32(values[start : start + rows], dtype))
+        sink.done(name)
+
+    def check(self, checkpoint: Checkpoint, modules: dict[str, list[str]]) -> list[str]:
+        try:
+            config = checkpoint_config(checkpoint)
+        except QuantkitError as e:
+            return [e.message]
+        problems = []
+        for module in modules:
+            parts = {p: checkpoint.tensors[f"{module}.{p}"] for p in self.parts if f"{module}.{p}" in checkpoint.tensors}
+            if config.method == "awq":
+                problems += self._check_awq(module, parts, config)
+                continue
+            problem = companion_problem({p: (dtypes.STORAGE[i.dtype], i.shape) for p, i in parts.items()}, config.bits,
+                                        config.group_size)  # fmt: skip
+            if problem:
+                problems.append(f"'{module}': {problem}")
+                continue
+            problem = g_idx_problem(read_tensor(checkpoint, f"{module}.g_idx"), parts["scales"].shape[0])
+            if problem:
+                problems.append(f"'{module}': {problem}")
+            found = infer_version(read_tensor(checkpoint, f"{module}.qzeros"), config.bits, config.sym)
+            if found and found != config.version:
+                problems.append(
+                    f"'{module}': zero points are stored as GPTQ {found} but config.json declares "
+                    f"checkpoint_format {CHECKPOINT_FORMATS[config.version]!r} ({config.version})"
+                )
+        return problems
+
+    def _check_awq(self, module: str, parts: dict, config: GptqConfig) -> list[str]:
+        missing = [p for p in AWQ_COMPANIONS if p not in parts]
+        if missing:
+            return [f"'{module}': missing {', '.join(missing)}"]
+        rows, cols = parts["qweight"].shape
+        groups = groupwise.n_groups(rows, config.group_size)
+        expected = {"qzeros": ("I32", (groups, cols)), "scales": ("F16", (groups, cols * 8)), "qweight": ("I32", (rows, cols))}
+        return [
+            f"'{module}.{p}': {parts[p].dtype}{list(parts[p].shape)}, expected {d}{list(shape)}"
+            for p, (d, shape) in expected.items() if (parts[p].dtype, parts[p].shape) != (d, shape)
+        ]  # fmt: skip
+
+
+class AwqReader(GptqReader):
+    """The same for AWQ GEMM checkpoints (quant_method "awq"): other packing, no g_idx."""
+
+    quant_method = "awq"
+    parts = AWQ_COMPANIONS

@@ -1,0 +1,1 @@
+"""Legacy PyTorch `.bin` / `.pt` checkpoints: inspected inertly, converted to safetensors."""

@@ -1,0 +1,17 @@
+/* quantkit.native._kernels: one extension holding every family's kernels (bnb.c, gguf.c). */
+#include "common.h"
+
+static PyMethodDef methods[] = {
+    {"quantize_4bit", py_quantize_4bit, METH_VARARGS,
+     "quantize_4bit(src, bf16, blocksize, bounds, order, packed, absmax, threads): NF4/FP4 codes and absmax"},
+    {"quantize_int8", py_quantize_int8, METH_VARARGS,
+     "quantize_int8(src, bf16, cols, codes, scb, threads): LLM.int8 codes and SCB, row by row"},
+    {"dequantize_4bit", py_dequantize_4bit, METH_VARARGS,
+     "dequantize_4bit(packed, absmax, table, blocksize, first, bf16, out, threads): elements first.. into out"},
+    {"q8_0", py_q8_0, METH_VARARGS, "q8_0(src, bf16, blocks, threads): GGUF Q8_0 blocks of 34 bytes"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "quantkit's compiled kernels", -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
