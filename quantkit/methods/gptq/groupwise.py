@@ -17,6 +17,7 @@ import numpy as np
 
 from quantkit import dtypes
 from quantkit.errors import QuantkitError
+from quantkit.methods.gptq import native
 
 SUPPORTED_BITS = (2, 4, 8)
 PACK_BITS = 32  # GPTQ packs codes into int32 words
@@ -103,8 +104,6 @@ def quantize_into(rows: np.ndarray, dtype: str, bits: int, group_size: int, sym:
     GPTQ `qweight` columns `[in / f, out]` (codes packed along input features), `scales` and `zeros`
     (`[out, groups]`): the same bytes as `quantize` followed by `layout.pack_qweight`. Plain RTN runs on
     the C kernel, the optimizer on numba."""
-    from quantkit.methods.gptq import native
-
     size = rows.shape[1] if group_size == -1 else group_size
     if native.AVAILABLE and not optimize:
         problems = native.quantize_rtn_into(rows, dtype, bits, size, sym, min_zero, qweight, start, scales, zeros)
