@@ -141,6 +141,7 @@ def quantize(
     sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="gptq: symmetric or asymmetric zero points.")] = None,
     format: Annotated[Optional[str], typer.Option("--format", help="gptq: v1 or v2 zero points.")] = None,
     optimize: Annotated[Optional[bool], typer.Option("--optimize", help="gptq: search clipping ranges to lower weight MSE.")] = None,
+    layout: Annotated[Optional[str], typer.Option("--layout", help="fp8-block: compressed-tensors (default) or fp8 (transformers' fine-grained FP8).")] = None,
     max_shard_size: ShardSize = "5GB",
     force: ForceFlag = False,
     resume: Resume = False,
@@ -152,6 +153,10 @@ def quantize(
     from quantkit.plan import load_recipe, merge_options
 
     with user_errors():
+        if layout not in (None, "compressed-tensors"):
+            if (method, layout) != ("fp8-block", "fp8"):
+                raise QuantkitError(f"--layout {layout}: only --method fp8-block has another layout, fp8")
+            method = "fp8-fine"  # methods/fp8 writes it
         flags = dict(method=method, double_quant=double_quant, blocksize=blocksize, compute_dtype=compute_dtype,
                      quant_storage=quant_storage, skip=tuple(skip) if skip else None, backend=backend, device=device,
                      bits=bits, group_size=group_size, sym=sym, format=format, optimize=optimize,

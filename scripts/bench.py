@@ -2,7 +2,7 @@
 
 A random bf16 Llama of ~1 GB (4 shards) is generated once and cached outside the repo. Each job runs
 as its own process under /usr/bin/time -v, so wall time and peak RSS include start-up:
-  quantkit quantize nf4 / int8 / gptq, dequantize, convert --to gguf Q8_0;
+  quantkit quantize nf4 / int8 / gptq / fp8 (fine-grained layout), dequantize nf4 and fp8, convert --to gguf Q8_0;
   anchors: transformers + bitsandbytes load-quantize-save (nf4, int8), bitsandbytes dequantize_4bit
   of every weight, gguf-py's own Q8_0 quantizer.
 The nf4 and int8 outputs are compared tensor for tensor with the anchors' (identical bytes or it fails).
@@ -178,6 +178,8 @@ def main() -> None:
             ("quantkit int8", [*qk, "quantize", str(src), str(work / "qk-int8"), "--method", "int8"], work / "qk-int8", size),
             ("quantkit gptq 4-bit", [*qk, "quantize", str(src), str(work / "qk-gptq"), "--method", "gptq", "--bits", "4"], work / "qk-gptq", size),
             ("quantkit dequantize nf4", [*qk, "dequantize", str(work / "qk-nf4"), str(work / "qk-dense")], work / "qk-dense", size),
+            ("quantkit fp8 (fp8 layout)", [*qk, "quantize", str(src), str(work / "qk-fp8"), "--method", "fp8-block", "--layout", "fp8"], work / "qk-fp8", size),
+            ("quantkit dequantize fp8", [*qk, "dequantize", str(work / "qk-fp8"), str(work / "qk-fp8-dense")], work / "qk-fp8-dense", size),
             ("quantkit gguf Q8_0", [*qk, "convert", str(src), str(work / "qk.gguf"), "--to", "gguf", "--gguf-type", "Q8_0"], work / "qk.gguf", size),
         ]
         if args.only == "all":

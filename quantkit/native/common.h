@@ -1,5 +1,5 @@
 /* What quantkit's kernels share: float bit tricks, float16 / bfloat16 rounding, the fork-join over pthreads
-and the buffer checks. Each family's kernels live in a file of their own (bnb.c, gguf.c); module.c makes
+and the buffer checks. Each family's kernels live in a file of their own (bnb.c, gguf.c, gptq.c); module.c makes
 them one extension, quantkit.native._kernels.
 
 Every kernel gives the bytes of its numpy reference (quantkit/methods/FAMILY/): every value is a float32 and
@@ -194,5 +194,6 @@ PyObject *py_quantize_4bit(PyObject *self, PyObject *args);
 PyObject *py_quantize_int8(PyObject *self, PyObject *args);
 PyObject *py_dequantize_4bit(PyObject *self, PyObject *args);
 PyObject *py_q8_0(PyObject *self, PyObject *args);
+PyObject *py_gptq_rtn(PyObject *self, PyObject *args);
 
 #endif

@@ -1,4 +1,4 @@
-/* quantkit.native._kernels: one extension holding every family's kernels (bnb.c, gguf.c). */
+/* quantkit.native._kernels: one extension holding every family's kernels (bnb.c, gguf.c, gptq.c). */
 #include "common.h"
 
 static PyMethodDef methods[] = {
@@ -9,6 +9,9 @@ static PyMethodDef methods[] = {
     {"dequantize_4bit", py_dequantize_4bit, METH_VARARGS,
      "dequantize_4bit(packed, absmax, table, blocksize, first, bf16, out, threads): elements first.. into out"},
     {"q8_0", py_q8_0, METH_VARARGS, "q8_0(src, bf16, blocks, threads): GGUF Q8_0 blocks of 34 bytes"},
+    {"gptq_rtn", py_gptq_rtn, METH_VARARGS,
+     "gptq_rtn(src, bf16, rows, cols, group_size, bits, sym, min_zero, out_features, col0, qweight, scales, zeros, "
+     "problems, threads): round-to-nearest codes packed into qweight columns col0.., scales and zero points"},
     {NULL, NULL, 0, NULL},
 };
 

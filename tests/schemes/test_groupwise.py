@@ -127,6 +127,51 @@ def test_layout_agrees_with_what_is_written(out_words, in_groups, bits, group_si
     assert {k: (names[d], s) for k, (d, s) in layout.items()} == {k: (v.dtype.type, v.shape) for k, v in written.items()}
 
 
+@pytest.mark.parametrize("bits", gw.SUPPORTED_BITS)
+@pytest.mark.parametrize("sym,min_zero", [(True, 0), (False, 0), (False, 1)])
+@pytest.mark.parametrize("optimize", [False, True])
+@pytest.mark.parametrize("group_size", [32, -1])
+@pytest.mark.parametrize("dtype", ["BF16", "F32", "F16"])
+@pytest.mark.parametrize("compiled", ["c", "numba"])
+def test_quantize_into_packs_the_reference_bytes(monkeypatch, bits, sym, min_zero, optimize, group_size, dtype, compiled):
+    """The quantizer's fused step (C for plain RTN, numba otherwise) == reference + pack_qweight, written
+    into the columns of a wider qweight."""
+    from quantkit import dtypes
+    from quantkit.methods.gptq import layout, native
+
+    if compiled == "numba":
+        monkeypatch.setattr(native, "AVAILABLE", False)
+    elif not native.AVAILABLE:
+        pytest.fail("the C extension is not built")
+    w = awkward_weight()
+    w[7] = np.random.default_rng(1).normal(0, 5e3, 256)  # wide, within float16
+    stored = dtypes.from_float32(w, dtype)
+    ref = gw.quantize_reference(dtypes.to_float32(stored, dtype), bits, group_size, sym, min_zero, optimize)
+    out = 96  # 64 rows land in columns 16..79
+    qweight = np.full((256 * bits // 32, out), -1, np.int32)
+    scales = np.zeros((out, gw.n_groups(256, group_size)), np.float32)
+    zeros = np.zeros(scales.shape, np.uint8)
+    gw.quantize_into(stored, dtype, bits, group_size, sym, min_zero, optimize, qweight, 16, scales, zeros)
+    assert np.array_equal(qweight[:, 16:80], layout.pack_qweight(ref.codes, bits))
+    assert (qweight[:, :16] == -1).all() and (qweight[:, 80:] == -1).all()
+    assert np.array_equal(scales[16:80], ref.scales) and np.array_equal(zeros[16:80], ref.zeros)
+
+
+@pytest.mark.parametrize("compiled", ["c", "numba"])
+def test_quantize_into_refuses_what_the_reference_refuses(monkeypatch, compiled):
+    from quantkit.methods.gptq import native
+
+    monkeypatch.setattr(native, "AVAILABLE", compiled == "c" and native.AVAILABLE)
+    qweight, scales, zeros = np.zeros((32, 8), np.int32), np.zeros((8, 8), np.float32), np.zeros((8, 8), np.uint8)
+    w = awkward_weight(8)
+    w[3, 5] = np.inf
+    with pytest.raises(QuantkitError, match="NaN or infinite"):
+        gw.quantize_into(w, "F32", 4, 32, True, 0, False, qweight, 0, scales, zeros)
+    w = np.tile(np.array([[-1e6, 1e6] * 16], np.float32), (8, 8))
+    with pytest.raises(QuantkitError, match="float16"):
+        gw.quantize_into(w, "F32", 4, 32, True, 0, False, qweight, 0, scales, zeros)
+
+
 @pytest.mark.parametrize(
     "shape,bits,group_size,match",
     [((64, 100), 4, 32, "not a multiple of group size 32"), ((12, 64), 4, 32, "12 output features"),

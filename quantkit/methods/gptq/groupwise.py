@@ -2,8 +2,8 @@
 features of an output row shares one float16 scale and one integer zero point, w ~ scale * (q - zero).
 
 `quantize_reference` is the spec in vectorized numpy; `quantize` runs the numba kernel of
-`groupwise_fast.py`, which repeats its float32 arithmetic operation for operation (no fastmath), so
-both give the same bytes.
+`kernels.py`, which repeats its float32 arithmetic operation for operation (no fastmath), so both give
+the same bytes; `quantize_into` is the same kernel fused with reading bf16 and packing GPTQ's `qweight`.
 Plain RTN takes the group's range; `optimize=True` searches shrunken ranges (and, when asymmetric,
 neighbouring zero points) and refits the scale by least squares, keeping whatever lowers the group's
 squared error. RTN is the search's first candidate, so the optimized error is never higher.
@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from quantkit import dtypes
 from quantkit.errors import QuantkitError
+from quantkit.methods.gptq import native
 
 SUPPORTED_BITS = (2, 4, 8)
 PACK_BITS = 32  # GPTQ packs codes into int32 words
@@ -25,6 +27,8 @@ _F16_TINY = np.float32(2.0**-24)  # smallest float16 subnormal: the floor for a 
 _SHRINK = np.linspace(1.0, 0.5, 26).astype(np.float32)
 _RTN = _SHRINK[:1]
 _REFINE_STEPS = 2
+BAD_VALUES = 1  # quantize_into's problem codes for a row (the kernels' too)
+TOO_WIDE = 2
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,29 @@ def quantize(
 
     kernels.quantize_groups(groups, bits, sym, min_zero, shrink, spread, refine, codes, scales, zeros)
     return GroupwiseQuant(codes.reshape(weight.shape), scales, zeros)
+
+
+def quantize_into(rows: np.ndarray, dtype: str, bits: int, group_size: int, sym: bool, min_zero: int, optimize: bool,
+                  qweight: np.ndarray, start: int, scales: np.ndarray, zeros: np.ndarray) -> None:
+    """`quantize` of output rows `start ...` (stored bits of safetensors `dtype`) written straight into the
+    GPTQ `qweight` columns `[in / f, out]` (codes packed along input features), `scales` and `zeros`
+    (`[out, groups]`): the same bytes as `quantize` followed by `layout.pack_qweight`. Plain RTN runs on
+    the C kernel, the optimizer on numba."""
+    size = rows.shape[1] if group_size == -1 else group_size
+    if native.AVAILABLE and not optimize:
+        problems = native.quantize_rtn_into(rows, dtype, bits, size, sym, min_zero, qweight, start, scales, zeros)
+    else:
+        from quantkit.methods.gptq import kernels  # imports numba (half a second): only when used
+
+        bf16 = dtype == "BF16"
+        problems = np.zeros(rows.shape[0], np.uint8)
+        shrink, spread, refine = _search(optimize, sym)
+        kernels.quantize_pack(rows if bf16 else dtypes.to_float32(rows, dtype), bf16, size, bits, sym, min_zero, shrink,
+                              spread, refine, qweight.view(np.uint32), start, scales, zeros, problems)  # fmt: skip
+    if np.any(problems == BAD_VALUES):
+        raise QuantkitError("weight holds NaN or infinite values")
+    if np.any(problems == TOO_WIDE):
+        raise QuantkitError("weight range too wide for a float16 scale")
 
 
 def quantize_reference(

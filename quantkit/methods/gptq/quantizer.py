@@ -71,21 +71,25 @@ class Gptq:
     def quantize(self, module: str, weight: WeightSource, options: GptqOptions, sink: TensorSink) -> None:
         bits, group_size, version = options.bits, options.group_size, version_of(options)
         out_features, in_features = weight.shape
-        kernel = groupwise.quantize_reference if options.backend == "numpy" else groupwise.quantize
         min_zero = _V1_OFFSET if version == "v1" and not options.sym else 0
         qweight = np.empty((in_features * bits // groupwise.PACK_BITS, out_features), np.int32)
         scales = np.empty((out_features, groupwise.n_groups(in_features, group_size)), np.float32)
         zeros = np.empty(scales.shape, np.uint8)
         start = 0
         for chunk in weight.chunks(max(1, CHUNK_ELEMENTS // in_features)):
+            stop = start + chunk.shape[0]
             try:
-                quant = kernel(dtypes.to_float32(chunk, weight.dtype), bits, group_size, options.sym, min_zero, options.optimize)
+                if options.backend == "numpy":
+                    quant = groupwise.quantize_reference(dtypes.to_float32(chunk, weight.dtype), bits, group_size,
+                                                         options.sym, min_zero, options.optimize)  # fmt: skip
+                    qweight[:, start:stop] = pack_qweight(quant.codes, bits)
+                    scales[start:stop] = quant.scales
+                    zeros[start:stop] = quant.zeros
+                else:
+                    groupwise.quantize_into(chunk, weight.dtype, bits, group_size, options.sym, min_zero, options.optimize,
+                                            qweight, start, scales, zeros)  # fmt: skip
             except QuantkitError as e:
                 raise QuantkitError(f"tensor '{module}.weight': {e.message}", e.hint) from None
-            stop = start + chunk.shape[0]
-            qweight[:, start:stop] = pack_qweight(quant.codes, bits)
-            scales[start:stop] = quant.scales
-            zeros[start:stop] = quant.zeros
             start = stop
         tensors = {
             "qweight": qweight,

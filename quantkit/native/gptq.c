@@ -1,0 +1,158 @@
+/* GPTQ: group-wise round-to-nearest integers packed into qweight columns, the bytes of
+   quantkit/methods/gptq/groupwise.py's reference (plain RTN; `--optimize` runs on numba). */
+#include "common.h"
+
+#define GPTQ_BAD_VALUES 1 /* problems[r]: the row holds NaN or infinity */
+#define GPTQ_TOO_WIDE 2   /* a group's range does not fit a float16 scale */
+
+typedef struct {
+    const void *src;
+    int bf16;
+    Py_ssize_t cols, size, out_features, col0;
+    int bits, sym, min_zero;
+    uint32_t *qweight; /* [cols / per_word, out_features] */
+    float *scales;     /* [out_features, groups] */
+    uint8_t *zeros;    /* [out_features, groups] */
+    uint8_t *problems; /* [rows] */
+} gptq_t;
+
+/* float16 rounding of span / maxq, floored at the smallest float16 subnormal (groupwise._to_f16). */
+static inline float gptq_scale(float span, float maxq) {
+    const float scale = float16_round(as_bits(span / maxq));
+    return scale > 0x1p-24f ? scale : 0x1p-24f;
+}
+
+/* A float's bits as an int32 that orders like the float (for finite values), so that a group's minimum and
+   maximum are integer reductions, which vectorize; the map is its own inverse. */
+static inline int32_t order_key(uint32_t bits) { return (int32_t)(bits ^ ((uint32_t)((int32_t)bits >> 31) >> 1)); }
+
+/* One group: scale and zero point from its range as groupwise._range takes it, then codes packed
+   per_word to a word into the row's qweight column. Returns a problem code or 0. */
+BODY int gptq_group(const gptq_t *q, Py_ssize_t row, Py_ssize_t group, const int bf16, const int bits) {
+    const void *src = q->src;
+    const Py_ssize_t start = row * q->cols + group * q->size, size = q->size;
+    const int per_word = 32 / bits, maxq = (1 << bits) - 1;
+    const float maxq_f = (float)maxq;
+    if (peak_bits(src, bf16, start, size) >= EXPONENT)
+        return GPTQ_BAD_VALUES;
+    float lo = 0.0f, hi = 0.0f;
+    if (q->sym) {
+        hi = as_float(peak_bits(src, bf16, start, size));
+        lo = -hi;
+    } else {
+        int32_t low = 0, high = 0; /* the keys of 0.0: the range always spans 0 */
+        for (Py_ssize_t i = 0; i < size; i++) {
+            const int32_t key = order_key(load_bits(src, bf16, start + i));
+            low = key < low ? key : low;
+            high = key > high ? key : high;
+        }
+        lo = as_float((uint32_t)order_key((uint32_t)low));
+        hi = as_float((uint32_t)order_key((uint32_t)high));
+    }
+    if (lo == 0.0f && hi == 0.0f) {
+        lo = -1.0f;
+        hi = 1.0f;
+    }
+    if (gptq_scale(hi - lo, maxq_f) > 65504.0f)
+        return GPTQ_TOO_WIDE;
+    if (!q->sym && q->min_zero) /* a zero point of at least 1 needs at least one step below 0 */
+        lo = lo < -hi / (float)(maxq - 1) ? lo : -hi / (float)(maxq - 1);
+    const float scale = gptq_scale(hi - lo, maxq_f);
+    if (scale > 65504.0f)
+        return GPTQ_TOO_WIDE;
+    int32_t zero = 1 << (bits - 1);
+    if (!q->sym) {
+        zero = rint_int(-lo / scale);
+        zero = zero < q->min_zero ? q->min_zero : zero;
+        zero = zero > maxq ? maxq : zero;
+    }
+    const Py_ssize_t slot = (q->col0 + row) * (q->cols / size) + group;
+    q->scales[slot] = scale;
+    q->zeros[slot] = (uint8_t)zero;
+    uint8_t codes[TILE];
+    for (Py_ssize_t t0 = 0; t0 < size; t0 += TILE) {
+        const Py_ssize_t n = min_size(TILE, size - t0);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int32_t code = rint_int(as_float(load_bits(src, bf16, start + t0 + i)) / scale) + zero;
+            code = code < 0 ? 0 : code;
+            codes[i] = (uint8_t)(code > maxq ? maxq : code);
+        }
+        uint32_t *column = q->qweight + (group * size + t0) / per_word * q->out_features + q->col0 + row;
+        for (Py_ssize_t w = 0; w < n / per_word; w++) {
+            uint32_t word = 0;
+            for (int j = 0; j < per_word; j++)
+                word |= (uint32_t)codes[w * per_word + j] << (bits * j);
+            column[w * q->out_features] = word;
+        }
+    }
+    return 0;
+}
+
+/* Rows [lo, hi). */
+BODY void gptq_body(const gptq_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16, const int bits) {
+    const Py_ssize_t groups = q->cols / q->size;
+    for (Py_ssize_t r = lo; r < hi; r++) {
+        int problem = 0;
+        for (Py_ssize_t g = 0; g < groups && !problem; g++)
+            problem = gptq_group(q, r, g, bf16, bits);
+        q->problems[r] = (uint8_t)problem;
+    }
+}
+
+/* The body inlined once per input type and width, so that every loop has constant trip counts and shifts. */
+HOT static void gptq_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
+    const gptq_t *q = ctx;
+    if (q->bf16) {
+        if (q->bits == 4)
+            gptq_body(q, lo, hi, 1, 4);
+        else if (q->bits == 8)
+            gptq_body(q, lo, hi, 1, 8);
+        else
+            gptq_body(q, lo, hi, 1, 2);
+    } else {
+        if (q->bits == 4)
+            gptq_body(q, lo, hi, 0, 4);
+        else if (q->bits == 8)
+            gptq_body(q, lo, hi, 0, 8);
+        else
+            gptq_body(q, lo, hi, 0, 2);
+    }
+}
+
+PyObject *py_gptq_rtn(PyObject *self, PyObject *args) {
+    Py_buffer v[5];
+    gptq_t q;
+    Py_ssize_t rows;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*pnnniiinnw*w*w*w*i", &v[0], &q.bf16, &rows, &q.cols, &q.size, &q.bits, &q.sym,
+                          &q.min_zero, &q.out_features, &q.col0, &v[1], &v[2], &v[3], &v[4], &threads))
+        return NULL;
+    const Py_ssize_t item = q.bf16 ? 2 : 4, groups = q.size > 0 ? q.cols / q.size : 0;
+    if (q.bits != 2 && q.bits != 4 && q.bits != 8) {
+        release(v, 5);
+        PyErr_Format(PyExc_ValueError, "bits: %d, expected 2, 4 or 8", q.bits);
+        return NULL;
+    }
+    if (q.size <= 0 || q.cols % q.size || q.size % (32 / q.bits) || q.col0 < 0 || q.col0 + rows > q.out_features) {
+        release(v, 5);
+        PyErr_SetString(PyExc_ValueError, "group size, row count or first column do not fit the output");
+        return NULL;
+    }
+    q.src = v[0].buf;
+    q.qweight = v[1].buf;
+    q.scales = v[2].buf;
+    q.zeros = v[3].buf;
+    q.problems = v[4].buf;
+    if (check_length(&v[0], rows * q.cols * item, "input") ||
+        check_length(&v[1], q.cols / (32 / q.bits) * q.out_features * 4, "qweight") ||
+        check_length(&v[2], q.out_features * groups * 4, "scales") || check_length(&v[3], q.out_features * groups, "zeros") ||
+        check_length(&v[4], rows, "problems")) {
+        release(v, 5);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(gptq_part, &q, rows, thread_count(threads, rows * q.cols));
+    Py_END_ALLOW_THREADS
+    release(v, 5);
+    Py_RETURN_NONE;
+}
