@@ -61,6 +61,15 @@ class WeightSource(Protocol):
 
     def chunks(self, rows: int) -> Iterator[np.ndarray]: ...
 
+    def partner(self, module: str) -> WeightSource | None:
+        """The weight of another module of the checkpoint (None if it has none): NVFP4 scales q/k/v together."""
+        ...
+
+
+class Unfit(Exception):
+    """Raised by a quantizer's `layout` for a module the method cannot hold (a width its groups or blocks do
+    not divide): the plan keeps that module dense and warns once, naming every such module."""
+
 
 class TensorSink(Protocol):
     def write(self, name: str, chunk: np.ndarray | bytes) -> None: ...
@@ -78,7 +87,9 @@ class Quantizer(Protocol):
 
     def check(self, options: Options) -> None: ...
 
-    def layout(self, module: str, shape: tuple[int, ...], source_dtype: str, options: Options) -> list[OutputTensor]: ...
+    def layout(self, module: str, shape: tuple[int, ...], source_dtype: str, options: Options) -> list[OutputTensor]:
+        """The tensors a module becomes, from its shape alone; raises Unfit for a module kept dense."""
+        ...
 
     def quantize(self, module: str, weight: WeightSource, options: Options, sink: TensorSink) -> None: ...
 

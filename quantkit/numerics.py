@@ -157,3 +157,62 @@ def physical_cores() -> int:
     except OSError:
         return 0
     return len(cores)
+
+
+# ------------------------------------------------------------------------- 8- and 4-bit float codecs
+# float8_e4m3fn (FP8 weights and NVFP4 scales), fp4 e2m1 (NVFP4 / MXFP4 values, two per byte, the even
+# element in the low nibble) and e8m0 (MX scales: a biased power of two), as torch 2.13 on CPU and the
+# compressed-tensors / transformers CPU paths compute them.
+
+FP8_E4M3_MAX = np.float32(448.0)
+
+
+def _fp8_e4m3_table() -> np.ndarray:
+    codes = np.arange(256)
+    exponent, mantissa = (codes >> 3) & 0xF, codes & 7
+    magnitude = np.where(exponent == 0, mantissa / 8 * 2.0**-6, (1 + mantissa / 8) * 2.0 ** (exponent - 7.0))
+    values = np.where(codes & 0x80, -magnitude, magnitude).astype(np.float32)
+    values[(codes & 0x7F) == 0x7F] = np.nan
+    return values
+
+
+FP8_E4M3_VALUES = _fp8_e4m3_table()  # code -> value; 0x80 is -0.0, 0x7F / 0xFF NaN
+FP4_E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+E8M0_VALUES = np.array([math.ldexp(1.0, e - 127) for e in range(255)] + [math.inf], np.float32)  # 0 -> 2**-127 (subnormal)
+
+
+def fp8_e4m3_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> float8_e4m3fn codes as torch's `.to(torch.float8_e4m3fn)`: nearest even (subnormals in
+    steps of 2**-9), the sign of zero kept, saturating (beyond 448 and +-inf give +-448), NaN -> 0x7F."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    sign = ((u >> 24) & 0x80).astype(np.uint8)
+    a_bits = u & np.uint32(0x7FFFFFFF)
+    a = a_bits.view(np.float32)
+    # normal: exponent re-biased 127 -> 7, mantissa rounded 23 -> 3 bits to nearest even
+    normal = (a_bits - np.uint32(120 << 23) + np.uint32(0x7FFFF) + ((a_bits >> 20) & 1)) >> 20
+    small = a < np.float32(2.0**-6)
+    subnormal = np.rint(np.where(small, a, 0) * np.float32(512.0)).astype(np.uint32)
+    code = np.where(small, subnormal, normal)
+    code = np.where(a > FP8_E4M3_MAX, np.uint32(0x7E), code).astype(np.uint8) | sign
+    return np.where(np.isnan(a), np.uint8(0x7F), code)
+
+
+def fp4_e2m1_codes(x: np.ndarray) -> np.ndarray:
+    """Values clamped to [-6, 6] -> e2m1 codes (bit 3 the sign), nearest even as compressed-tensors'
+    cast_to_fp4: a negative value that rounds to zero keeps its sign (code 8); -0.0 itself gives 0."""
+    a = np.abs(x)
+    index = ((a > 0.25).astype(np.uint8) + (a >= 0.75) + (a > 1.25) + (a >= 1.75) + (a > 2.5) + (a >= 3.5) + (a > 5.0))
+    return index.astype(np.uint8) | ((x < 0).astype(np.uint8) << 3)
+
+
+def pack_fp4(codes: np.ndarray) -> np.ndarray:
+    """[rows, cols] nibble codes -> uint8 [rows, cols / 2], the even column in the low nibble."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_fp4(packed: np.ndarray) -> np.ndarray:
+    """uint8 [..., n] -> e2m1 values float32 [..., 2n] (low nibble first)."""
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.float32)
+    out[..., 0::2] = FP4_E2M1_VALUES[packed & 0x0F]
+    out[..., 1::2] = FP4_E2M1_VALUES[packed >> 4]
+    return out
