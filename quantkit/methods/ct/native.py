@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from quantkit.native import kernels, threads
+from quantkit.native import kernels, stored, threads
 
 AVAILABLE = kernels is not None and hasattr(kernels, "ct_fp8_channel")
 DTYPES = {"BF16": 0, "F16": 1, "F32": 2}
@@ -15,7 +15,7 @@ DTYPES = {"BF16": 0, "F16": 1, "F32": 2}
 def fp8_channel(chunk: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """(fp8 codes uint8 [rows, cols], scales float32 [rows, 1] holding values of `dtype`) of stored bits."""
     rows, cols = chunk.shape
-    raw = np.ascontiguousarray(chunk)
+    raw, _ = stored(chunk, dtype)
     codes = np.empty((rows, cols), np.uint8)
     scale = np.empty((rows, 1), np.float32)
     kernels.ct_fp8_channel(raw, DTYPES[dtype], cols, codes, scale, threads())
