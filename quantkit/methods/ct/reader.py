@@ -135,6 +135,8 @@ class CompressedTensorsReader:
             if shape.size != 2 or (shape <= 0).any():
                 raise QuantkitError(f"{main.file}: '{module}.weight_shape' does not hold a 2-D shape")
             return int(shape[0]), int(shape[1])
+        if self._group(checkpoint, module)[0] not in formats.FP4_FORMATS:
+            raise QuantkitError(f"{main.file}: '{module}': missing companion tensor {module}.weight_shape")
         return main.shape[0], main.shape[1] * 2  # fp4: two values per byte
 
     def layout(self, checkpoint: Checkpoint, module: str, names: list[str], dtype: str) -> list[OutputTensor]:
