@@ -3,6 +3,8 @@
 - llama-cpp-python into .venv (builds llama.cpp from source: a few minutes on 2 cores);
 - GPTQModel 7.7.0 in a venv of its own, .venv-gptq (its requirements ask for a newer torch, which would
   pull CUDA wheels, so torch 2.13.0 goes in first and gptqmodel itself without dependencies).
+- llm-compressor 0.14.0.1 (with compressed-tensors 0.19.0) in a venv of its own, .venv-llmc (torch 2.13.0
+  first, so that it does not pull CUDA wheels).
 Each step is skipped when its client already imports.
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GPTQ_VENV = ROOT / ".venv-gptq"
+LLMC_VENV = ROOT / ".venv-llmc"
 
 
 def run(*argv: str) -> None:
@@ -58,6 +61,17 @@ def install_gptqmodel() -> None:
     run(*pip, "--no-deps", "gptqmodel==7.7.0")
 
 
+def install_llmcompressor() -> None:
+    python = LLMC_VENV / "bin" / "python"
+    if python.exists() and imports(python, "llmcompressor"):
+        return
+    run(sys.executable, "-m", "venv", str(LLMC_VENV))
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    run(*pip, "torch==2.13.0")
+    run(*pip, "llmcompressor==0.14.0.1")
+
+
 if __name__ == "__main__":
     install_llama_cpp()
     install_gptqmodel()
+    install_llmcompressor()
