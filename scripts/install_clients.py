@@ -42,16 +42,25 @@ def install_llama_cpp() -> None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "llama-cpp-python==0.3.36"], check=True, env=env)
 
 
-def install_gptqmodel() -> None:
-    python = GPTQ_VENV / "bin" / "python"
-    if python.exists() and imports(python, "gptqmodel"):
-        return
-    run(sys.executable, "-m", "venv", str(GPTQ_VENV))
+def venv_with_torch(venv: Path, module: str) -> list[str] | None:
+    """A venv holding torch 2.13.0 (CPU) and the pip command line into it; None when `module` imports there."""
+    python = venv / "bin" / "python"
+    if python.exists() and imports(python, module):
+        return None
+    run(sys.executable, "-m", "venv", str(venv))
     pip = [str(python), "-m", "pip", "install", "-q"]
     run(*pip, "torch==2.13.0")
+    return pip
+
+
+def install_gptqmodel() -> None:
+    pip = venv_with_torch(GPTQ_VENV, "gptqmodel")
+    if pip is None:
+        return
+    python = pip[0]
     run(*pip, "transformers", "accelerate", "optimum")
     with tempfile.TemporaryDirectory() as tmp:
-        run(str(python), "-m", "pip", "download", "-q", "gptqmodel==7.7.0", "--no-deps", "--no-binary", ":all:", "-d", tmp)
+        run(python, "-m", "pip", "download", "-q", "gptqmodel==7.7.0", "--no-deps", "--no-binary", ":all:", "-d", tmp)
         with tarfile.open(next(Path(tmp).glob("gptqmodel-*.tar.gz"))) as sdist:
             member = next(m for m in sdist.getmembers() if m.name.endswith("/requirements.txt") and m.name.count("/") == 1)
             requirements = sdist.extractfile(member).read().decode()
@@ -62,13 +71,9 @@ def install_gptqmodel() -> None:
 
 
 def install_llmcompressor() -> None:
-    python = LLMC_VENV / "bin" / "python"
-    if python.exists() and imports(python, "llmcompressor"):
-        return
-    run(sys.executable, "-m", "venv", str(LLMC_VENV))
-    pip = [str(python), "-m", "pip", "install", "-q"]
-    run(*pip, "torch==2.13.0")
-    run(*pip, "llmcompressor==0.14.0.1")
+    pip = venv_with_torch(LLMC_VENV, "llmcompressor")
+    if pip is not None:
+        run(*pip, "llmcompressor==0.14.0.1")
 
 
 if __name__ == "__main__":
