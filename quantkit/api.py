@@ -61,6 +61,15 @@ class WeightSource(Protocol):
 
     def chunks(self, rows: int) -> Iterator[np.ndarray]: ...
 
+    def partner(self, module: str) -> WeightSource | None:
+        """The weight of another module of the checkpoint (None if it has none): NVFP4 scales q/k/v together."""
+        ...
+
+
+class Unfit(Exception):
+    """Raised by a quantizer's `layout` for a module the method cannot hold (a width its groups or blocks do
+    not divide): the plan keeps that module dense and warns once, naming every such module."""
+
 
 class TensorSink(Protocol):
     def write(self, name: str, chunk: np.ndarray | bytes) -> None: ...
@@ -78,7 +87,9 @@ class Quantizer(Protocol):
 
     def check(self, options: Options) -> None: ...
 
-    def layout(self, module: str, shape: tuple[int, ...], source_dtype: str, options: Options) -> list[OutputTensor]: ...
+    def layout(self, module: str, shape: tuple[int, ...], source_dtype: str, options: Options) -> list[OutputTensor]:
+        """The tensors a module becomes, from its shape alone; raises Unfit for a module kept dense."""
+        ...
 
     def quantize(self, module: str, weight: WeightSource, options: Options, sink: TensorSink) -> None: ...
 
@@ -93,7 +104,8 @@ class Dequantizer(Protocol):
     `modules` maps each quantized module to its tensors, the dense weight's name first; `layout` gives the
     dense outputs of one module; `dequantize` writes them through the sink, reading inputs with `read`.
     `check` returns problems (strings) for verify: companions missing, shapes or config disagreeing;
-    `options` the options that would write this checkpoint (verify compares sizes with its layout);
+    `options` the options that would write this checkpoint (verify compares sizes with its layout), None
+    where quantkit does not write this layout;
     `error_bound` the relative weight error above which verify fails a layer of `scheme`; `describe` the
     method and its salient settings from a `quantization_config`, for inspect.
     """
@@ -113,7 +125,7 @@ class Dequantizer(Protocol):
 
     def scheme(self, checkpoint: Checkpoint) -> str: ...
 
-    def options(self, checkpoint: Checkpoint) -> Options: ...
+    def options(self, checkpoint: Checkpoint) -> Options | None: ...
 
     def error_bound(self, scheme: str) -> float: ...
 

@@ -127,7 +127,7 @@ def inspect(
 def quantize(
     src: Annotated[str, typer.Argument(help="Checkpoint folder or hub repo id.")],
     out: Annotated[Path, typer.Argument(help="Output folder (created; must not exist unless --force).")],
-    method: Annotated[Optional[str], typer.Option("--method", help="nf4, fp4, int8 or gptq.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="nf4, fp4, int8, gptq; compressed-tensors: fp8, fp8-block, w4a16, w4a16-asym, w8a16, nvfp4a16, mxfp4a16.")] = None,
     double_quant: Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant", help="4-bit: quantize the absmax too.")] = None,
     blocksize: Annotated[Optional[int], typer.Option("--blocksize", help="4-bit block size (bitsandbytes loaders assume 64).")] = None,
     compute_dtype: Annotated[Optional[str], typer.Option("--compute-dtype", help="4-bit compute dtype recorded for loaders.")] = None,
@@ -137,7 +137,7 @@ def quantize(
     backend: Annotated[Optional[str], typer.Option("--backend", help="bitsandbytes: auto, c, torch or numpy; gptq: auto, numba or numpy (all give the same bytes).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda.")] = None,
     bits: Annotated[Optional[int], typer.Option("--bits", help="gptq: 2, 4 or 8.")] = None,
-    group_size: Annotated[Optional[int], typer.Option("--group-size", help="gptq: columns per group, -1 for one group per row.")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="gptq, w4a16, w4a16-asym, w8a16: columns per group (gptq: -1 for one group per row).")] = None,
     sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="gptq: symmetric or asymmetric zero points.")] = None,
     format: Annotated[Optional[str], typer.Option("--format", help="gptq: v1 or v2 zero points.")] = None,
     optimize: Annotated[Optional[bool], typer.Option("--optimize", help="gptq: search clipping ranges to lower weight MSE.")] = None,

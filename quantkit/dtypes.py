@@ -50,3 +50,18 @@ def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
     if dtype in ("F16", "F32", "F64"):
         return values.astype(STORAGE[dtype])
     raise ValueError(f"not a float dtype: {dtype}")
+
+
+# Properties torch gives float dtypes (torch.finfo): eps, and the smallest normal number.
+EPS = {"BF16": np.float32(2.0**-7), "F16": np.float32(2.0**-10), "F32": np.float32(2.0**-23)}
+TINY = {"BF16": np.float32(2.0**-126), "F16": np.float32(2.0**-14), "F32": np.float32(2.0**-126)}
+
+
+def round_to(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values rounded to `dtype` (nearest even), still as float32: the result of one torch
+    operation in bf16 or fp16, which computes in float32 and rounds once."""
+    if dtype == "BF16":
+        return to_float32(bf16_bits(values), "BF16")
+    if dtype == "F16":
+        return np.asarray(values, np.float32).astype(np.float16).astype(np.float32)
+    return np.asarray(values, np.float32)

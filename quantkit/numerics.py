@@ -159,61 +159,70 @@ def physical_cores() -> int:
     return len(cores)
 
 
-# ---------------------------------------------------------------------------- 8- and 4-bit float codecs
-# float8 e4m3fn (1 sign, 4 exponent bits biased by 7, 3 mantissa bits; no infinity, 0x7F / 0xFF are NaN,
-# largest 448), e2m1 (FP4: the 16 values below) and e8m0 (a bare exponent: 2**(b - 127)), as torch and the
-# OCP microscaling spec define them. Stored as uint8 codes (numpy has no float8).
+# ------------------------------------------------------------------------- 8- and 4-bit float codecs
+# float8_e4m3fn (FP8 weights and NVFP4 scales), fp4 e2m1 (NVFP4 / MXFP4 values, two per byte, the even
+# element in the low nibble) and e8m0 (MX scales: a biased power of two), as torch 2.13 on CPU and the
+# compressed-tensors / transformers CPU paths compute them.
 
-E4M3_MAX = np.float32(448.0)
+FP8_E4M3_MAX = np.float32(448.0)
 
 
-def _e4m3fn_table() -> np.ndarray:
+def _fp8_e4m3_table() -> np.ndarray:
     codes = np.arange(256)
     exponent, mantissa = (codes >> 3) & 0xF, codes & 7
-    magnitude = np.where(exponent == 0, mantissa / 8 * 2.0**-6, (1 + mantissa / 8) * 2.0 ** (exponent - 7))
+    magnitude = np.where(exponent == 0, mantissa / 8 * 2.0**-6, (1 + mantissa / 8) * 2.0 ** (exponent - 7.0))
     values = np.where(codes & 0x80, -magnitude, magnitude).astype(np.float32)
-    values[(exponent == 0xF) & (mantissa == 7)] = np.nan
+    values[(codes & 0x7F) == 0x7F] = np.nan
     return values
 
 
-E4M3FN_TO_F32 = _e4m3fn_table()  # 0x80 is -0.0
-E2M1_TO_F32 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
-# code 255 is infinity here; readers that need ldexp's meaning of it (gpt-oss) handle it themselves
-E8M0_TO_F32 = np.array([math.ldexp(1.0, e - 127) for e in range(255)] + [math.inf], np.float32)
+FP8_E4M3_VALUES = _fp8_e4m3_table()  # code -> value; 0x80 is -0.0, 0x7F / 0xFF NaN
+FP4_E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+E8M0_VALUES = np.array([math.ldexp(1.0, e - 127) for e in range(255)] + [math.inf], np.float32)  # 0 -> 2**-127 (subnormal)
+
+
+def fp8_e4m3_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> float8_e4m3fn codes as torch's `.to(torch.float8_e4m3fn)`: nearest even (subnormals in
+    steps of 2**-9), the sign of zero kept, saturating (beyond 448 and +-inf give +-448), NaN -> 0x7F."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    sign = ((u >> 24) & 0x80).astype(np.uint8)
+    a_bits = u & np.uint32(0x7FFFFFFF)
+    a = a_bits.view(np.float32)
+    # normal: exponent re-biased 127 -> 7, mantissa rounded 23 -> 3 bits to nearest even
+    normal = (a_bits - np.uint32(120 << 23) + np.uint32(0x7FFFF) + ((a_bits >> 20) & 1)) >> 20
+    small = a < np.float32(2.0**-6)
+    subnormal = np.rint(np.where(small, a, 0) * np.float32(512.0)).astype(np.uint32)
+    code = np.where(small, subnormal, normal)
+    code = np.where(a > FP8_E4M3_MAX, np.uint32(0x7E), code).astype(np.uint8) | sign
+    return np.where(np.isnan(a), np.uint8(0x7F), code)
+
+
+def fp4_e2m1_codes(x: np.ndarray) -> np.ndarray:
+    """Values clamped to [-6, 6] -> e2m1 codes (bit 3 the sign), nearest even as compressed-tensors'
+    cast_to_fp4: a negative value that rounds to zero keeps its sign (code 8); -0.0 itself gives 0."""
+    a = np.abs(x)
+    index = ((a > 0.25).astype(np.uint8) + (a >= 0.75) + (a > 1.25) + (a >= 1.75) + (a > 2.5) + (a >= 3.5) + (a > 5.0))
+    return index.astype(np.uint8) | ((x < 0).astype(np.uint8) << 3)
+
+
+def pack_fp4(codes: np.ndarray) -> np.ndarray:
+    """[rows, cols] nibble codes -> uint8 [rows, cols / 2], the even column in the low nibble."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_fp4(packed: np.ndarray) -> np.ndarray:
+    """uint8 [..., n] -> e2m1 values float32 [..., 2n] (low nibble first)."""
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.float32)
+    out[..., 0::2] = FP4_E2M1_VALUES[packed & 0x0F]
+    out[..., 1::2] = FP4_E2M1_VALUES[packed >> 4]
+    return out
 
 
 def decode_e4m3fn(codes: np.ndarray) -> np.ndarray:
     """float8 e4m3fn codes (uint8) -> float32 values, exactly."""
-    return E4M3FN_TO_F32[np.asarray(codes).view(np.uint8)]
-
-
-def encode_e4m3fn(values: np.ndarray) -> np.ndarray:
-    """float32 values within +-448 -> the nearest e4m3fn codes (ties to even), as torch's `.to(float8_e4m3fn)`;
-    NaN -> 0x7F. Callers clamp first: beyond 448 e4m3fn has only NaN."""
-    bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
-    sign = ((bits >> 24) & 0x80).astype(np.uint8)
-    magnitude = np.abs(values.astype(np.float32))
-    # normal range: round the mantissa to 3 bits (ties to even) and rebias the exponent from 127 to 7
-    m = bits & np.uint32(0x7FFFFFFF)
-    rounded = (m + np.uint32(0x7FFFF) + ((m >> 20) & 1)) >> 20
-    normal = (rounded - np.uint32((127 - 7) << 3)).astype(np.uint8)
-    # below 2**-6: multiples of 2**-9 (code 8 is then the smallest normal, so the count carries over)
-    with np.errstate(invalid="ignore"):
-        subnormal = np.rint(magnitude * np.float32(512.0)).astype(np.uint8)
-    codes = np.where(magnitude < np.float32(2.0**-6), subnormal, normal) | sign
-    codes[np.isnan(values)] = 0x7F
-    return codes
+    return FP8_E4M3_VALUES[np.asarray(codes).view(np.uint8)]
 
 
 def decode_e8m0(codes: np.ndarray) -> np.ndarray:
-    """e8m0 exponents (uint8) -> 2**(code - 127) as float32 (code 0 is the subnormal 2**-127)."""
-    return E8M0_TO_F32[np.asarray(codes).view(np.uint8)]
-
-
-def decode_e2m1(packed: np.ndarray) -> np.ndarray:
-    """FP4 e2m1 codes two to a byte (uint8 [..., n], the low nibble first) -> float32 [..., 2n]."""
-    packed = np.asarray(packed).view(np.uint8)
-    out = np.empty(packed.shape[:-1] + (packed.shape[-1], 2), np.float32)
-    out[..., 0] = E2M1_TO_F32[packed & 0x0F]
-    out[..., 1] = E2M1_TO_F32[packed >> 4]
-    return out.reshape(packed.shape[:-1] + (2 * packed.shape[-1],))
+    """e8m0 exponents (uint8) -> 2**(code - 127) as float32 (code 0 is the subnormal 2**-127, 255 infinity)."""
+    return E8M0_VALUES[np.asarray(codes).view(np.uint8)]

@@ -47,7 +47,7 @@ def quantize(src: str, out: Path, options: api.Options, force: bool = False, rev
 
     def handle(reader: ShardReader, entry: Entry, info: TensorInfo, writer: CheckpointWriter) -> None:
         if entry.fate == "quantize":
-            quantizer.quantize(entry.module, ShardWeight(reader, info, entry.transposed), options, writer)
+            quantizer.quantize(entry.module, ShardWeight(reader, info, entry.transposed, checkpoint), options, writer)
         elif entry.fate == "keep":
             copy_tensor(reader, info, entry.source, writer)
 
@@ -66,11 +66,17 @@ def quantize(src: str, out: Path, options: api.Options, force: bool = False, rev
         "dropped": counts.get("drop", 0),
         "skipped_modules": plan.skipped_modules,
         "unmatched_skips": plan.unmatched_skips,
+        "unfit_modules": sorted(plan.unfit_modules),
         "input_bytes": sum(checkpoint.tensors[e.source].nbytes for e in plan.entries),
         "output_bytes": bytes_on_disk(out, files),
         "side_files": side,
     }
-    return Result(out, files, summary, [f"warning: --skip {glob!r} matched no linear module" for glob in plan.unmatched_skips])
+    warnings = [f"warning: --skip {glob!r} matched no linear module" for glob in plan.unmatched_skips]
+    if plan.unfit_modules:
+        reasons = "; ".join(sorted(set(plan.unfit_modules.values())))
+        warnings.append(f"warning: {len(plan.unfit_modules)} module(s) kept dense, {options.method} cannot hold them "
+                        f"({reasons}): {', '.join(sorted(plan.unfit_modules))}")
+    return Result(out, files, summary, warnings)
 
 
 

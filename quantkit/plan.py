@@ -42,6 +42,7 @@ class Plan:
     quantization_config: dict
     skipped_modules: list[str] = field(default_factory=list)
     unmatched_skips: list[str] = field(default_factory=list)  # --skip globs that matched no linear module
+    unfit_modules: dict[str, str] = field(default_factory=dict)  # module -> why the method cannot hold it (kept dense)
 
     @property
     def outputs(self) -> list[OutputTensor]:
@@ -126,6 +127,7 @@ def make_plan(checkpoint: Checkpoint, options: api.Options) -> Plan:
     heads = head_modules(checkpoint)
     entries: list[Entry] = []
     skipped: set[str] = set()
+    unfit: dict[str, str] = {}
     for name, info in checkpoint.tensors.items():
         module = module_of(name)
         if name.endswith(NON_PERSISTENT):
@@ -139,7 +141,12 @@ def make_plan(checkpoint: Checkpoint, options: api.Options) -> Plan:
             shape = info.shape[::-1] if transposed else info.shape
             if math.prod(shape) == 0:
                 raise QuantkitError(f"{info.file}: tensor '{name}' is empty and cannot be quantized")
-            outputs = tuple(quantizer.layout(module, shape, info.dtype, options))
+            try:
+                outputs = tuple(quantizer.layout(module, shape, info.dtype, options))
+            except api.Unfit as e:
+                unfit[module] = str(e)
+                entries.append(Entry(name, "keep", module, (OutputTensor(name, info.dtype, info.shape),), reason=str(e)))
+                continue
             entries.append(Entry(name, "quantize", module, outputs, transposed))
         else:
             entries.append(Entry(name, "keep", module, (OutputTensor(name, info.dtype, info.shape),)))
@@ -147,10 +154,11 @@ def make_plan(checkpoint: Checkpoint, options: api.Options) -> Plan:
         raise QuantkitError(f"{checkpoint.root}: no linear weights to quantize", "check --skip and the model's tensors")
     # transformers writes null when nothing is skipped; a user-given list replaces the default, so it
     # must name the head too.
-    skipped_list = sorted(skipped | set(heads)) if skipped else []
+    # Modules the method cannot hold are kept as if skipped.
+    skipped_list = sorted(skipped | set(unfit) | set(heads)) if skipped or unfit else []
     config = quantizer.config(options, skipped_list, heads)
     unmatched = [g for g in options.skip if not any(matches(m, (g,)) for m in skipped)]
-    return Plan(options.method, options, entries, config, sorted(skipped), unmatched)
+    return Plan(options.method, options, entries, config, sorted(skipped), unmatched, unfit)
 
 
 def source_bytes(checkpoint: Checkpoint) -> int:

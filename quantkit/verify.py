@@ -68,19 +68,23 @@ def check_quantization(checkpoint: Checkpoint, dequantizer: Dequantizer, modules
 def check_size(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[str, list[str]]) -> Check:
     """Each quantized module's tensors have the bytes the quantizer's own layout predicts for its shape."""
     options = dequantizer.options(checkpoint)
-    try:
-        quantizer = quantizer_for(options.method)
-    except QuantkitError:
-        return Check("size", True, f"no layout to compare for {options.method}")
+    if options is None:
+        return Check("size", True, f"no layout to compare: quantkit reads {dequantizer.quant_method} but does not write it")
+    quantizer = quantizer_for(options.method)
     problems = []
     actual_total = predicted_total = 0
+    # The source dtype shapes some layouts (compressed-tensors stores scales in it): the dtype it decompresses to.
+    source = dtypes.BY_NAME.get(dequantizer.default_dtype(checkpoint, modules) or "float32", "F32")
     for module, names in modules.items():
         try:
             dense = dequantizer.layout(checkpoint, module, names, "F32")[0]
             shape = dense.shape[::-1] if is_conv1d(checkpoint.config, module) else dense.shape
-            predicted = quantizer.layout(module, shape, "F32", options)
+            predicted = quantizer.layout(module, shape, source, options)
         except QuantkitError as e:
             problems.append(e.message)
+            continue
+        except api.Unfit as e:
+            problems.append(f"'{module}' is quantized, but {options.method} cannot hold it ({e})")
             continue
         for out in predicted:
             info = checkpoint.tensors.get(out.name)

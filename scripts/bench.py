@@ -2,10 +2,12 @@
 
 A random bf16 Llama of ~1 GB (4 shards) is generated once and cached outside the repo. Each job runs
 as its own process under /usr/bin/time -v, so wall time and peak RSS include start-up:
-  quantkit quantize nf4 / int8 / gptq / fp8 (fine-grained layout), dequantize nf4 and fp8, convert --to gguf Q8_0;
+  quantkit quantize nf4 / int8 / gptq / fp8 (compressed-tensors and fine-grained layouts), dequantize nf4 and
+  fp8, convert --to gguf Q8_0;
   anchors: transformers + bitsandbytes load-quantize-save (nf4, int8), bitsandbytes dequantize_4bit
-  of every weight, gguf-py's own Q8_0 quantizer.
-The nf4 and int8 outputs are compared tensor for tensor with the anchors' (identical bytes or it fails).
+  of every weight, gguf-py's own Q8_0 quantizer, llm-compressor's model_free_ptq FP8_DYNAMIC (in
+  .venv-llmc, which make test-clients installs).
+The nf4, int8 and fp8 outputs are compared tensor for tensor with the anchors' (identical bytes or it fails).
 
     python scripts/bench.py [--size GB] [--only quantkit] [--json]
 """
@@ -28,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("QUANTKIT_BENCH_CACHE", Path.home() / ".cache" / "quantkit-bench"))
 PY = sys.executable
+LLMC_PY = ROOT / ".venv-llmc" / "bin" / "python"
 
 ANCHOR_QUANTIZE = """
 import sys, torch, warnings
@@ -36,6 +39,11 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 kind = sys.argv[3]
 config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4") if kind == "nf4" else BitsAndBytesConfig(load_in_8bit=True)
 AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=config, device_map="cpu").save_pretrained(sys.argv[2])
+"""
+ANCHOR_FP8 = """
+import sys
+from llmcompressor import model_free_ptq
+model_free_ptq(sys.argv[1], sys.argv[2], scheme="FP8_DYNAMIC", ignore=["lm_head", "re:.*embed_tokens$"], max_workers=1, device="cpu")
 """
 ANCHOR_DEQUANTIZE = """
 import sys, json, torch, bitsandbytes.functional as F
@@ -177,9 +185,10 @@ def main() -> None:
             ("quantkit nf4", [*qk, "quantize", str(src), str(work / "qk-nf4"), "--method", "nf4"], work / "qk-nf4", size),
             ("quantkit int8", [*qk, "quantize", str(src), str(work / "qk-int8"), "--method", "int8"], work / "qk-int8", size),
             ("quantkit gptq 4-bit", [*qk, "quantize", str(src), str(work / "qk-gptq"), "--method", "gptq", "--bits", "4"], work / "qk-gptq", size),
+            ("quantkit fp8", [*qk, "quantize", str(src), str(work / "qk-fp8"), "--method", "fp8"], work / "qk-fp8", size),
             ("quantkit dequantize nf4", [*qk, "dequantize", str(work / "qk-nf4"), str(work / "qk-dense")], work / "qk-dense", size),
-            ("quantkit fp8 (fp8 layout)", [*qk, "quantize", str(src), str(work / "qk-fp8"), "--method", "fp8-block", "--layout", "fp8"], work / "qk-fp8", size),
-            ("quantkit dequantize fp8", [*qk, "dequantize", str(work / "qk-fp8"), str(work / "qk-fp8-dense")], work / "qk-fp8-dense", size),
+            ("quantkit fp8 (fp8 layout)", [*qk, "quantize", str(src), str(work / "qk-fp8-fine"), "--method", "fp8-block", "--layout", "fp8"], work / "qk-fp8-fine", size),
+            ("quantkit dequantize fp8", [*qk, "dequantize", str(work / "qk-fp8-fine"), str(work / "qk-fp8-dense")], work / "qk-fp8-dense", size),
             ("quantkit gguf Q8_0", [*qk, "convert", str(src), str(work / "qk.gguf"), "--to", "gguf", "--gguf-type", "Q8_0"], work / "qk.gguf", size),
         ]
         if args.only == "all":
@@ -189,10 +198,14 @@ def main() -> None:
                 ("bitsandbytes dequantize nf4", [PY, "-c", ANCHOR_DEQUANTIZE, str(work / "qk-nf4"), str(work / "bnb-dense")], work / "bnb-dense", size),
                 ("gguf-py Q8_0", [PY, "-c", ANCHOR_GGUF_Q8, str(src), str(work / "gguf-py.gguf")], work / "gguf-py.gguf", size),
             ]
+            if not LLMC_PY.exists():
+                raise SystemExit(f"{LLMC_PY} is missing: make test-clients installs llm-compressor there (or use --only quantkit)")
+            jobs.append(("llm-compressor FP8_DYNAMIC", [str(LLMC_PY), "-c", ANCHOR_FP8, str(src), str(work / "llmc-fp8")], work / "llmc-fp8", size))
         results = {label: timed(label, argv, output, nbytes, args.repeat) for label, argv, output, nbytes in jobs}
         anchors = {"quantkit nf4": "transformers+bnb nf4", "quantkit int8": "transformers+bnb int8",
                    "quantkit gptq 4-bit": "transformers+bnb nf4",
-                   "quantkit dequantize nf4": "bitsandbytes dequantize nf4", "quantkit gguf Q8_0": "gguf-py Q8_0"}  # fmt: skip
+                   "quantkit dequantize nf4": "bitsandbytes dequantize nf4", "quantkit gguf Q8_0": "gguf-py Q8_0",
+                   "quantkit fp8": "llm-compressor FP8_DYNAMIC"}  # fmt: skip
         for label, anchor in anchors.items():
             if label in results and anchor in results:
                 results[label]["vs_anchor"] = round(results[label]["seconds"] / results[anchor]["seconds"], 3)
@@ -200,6 +213,7 @@ def main() -> None:
         if args.only == "all":
             identical = {m: same_tensors(work / f"qk-{m}", work / f"tf-{m}") for m in ("nf4", "int8")}
             identical["dequantize nf4"] = same_tensors(work / "qk-dense", work / "bnb-dense", common_only=True)
+            identical["fp8"] = same_tensors(work / "qk-fp8", work / "llmc-fp8")
         report = {"checkpoint": str(src), "input_mb": round(size / 1e6), "results": list(results.values()), "identical_to_transformers": identical}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -212,7 +226,7 @@ def main() -> None:
         print(f"{r['job']:32} {r['seconds']:8.2f} {r['cpu_seconds']:6.2f} {r['mb_per_s']:8.1f} {r['peak_rss_mb']:12d} "
               f"{r.get('vs_anchor', ''):>10}  {r['runs']}")
     if identical:
-        print("identical bytes to the anchors (transformers + bitsandbytes; bitsandbytes dequantize_4bit): "
+        print("identical bytes to the anchors (transformers + bitsandbytes; bitsandbytes dequantize_4bit; llm-compressor): "
               + ", ".join(f"{k}: {v}" for k, v in identical.items()))
     if identical and not all(identical.values()):
         raise SystemExit("output differs from the anchors'")

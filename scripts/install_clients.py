@@ -3,6 +3,8 @@
 - llama-cpp-python into .venv (builds llama.cpp from source: a few minutes on 2 cores);
 - GPTQModel 7.7.0 in a venv of its own, .venv-gptq (its requirements ask for a newer torch, which would
   pull CUDA wheels, so torch 2.13.0 goes in first and gptqmodel itself without dependencies).
+- llm-compressor 0.14.0.1 (with compressed-tensors 0.19.0) in a venv of its own, .venv-llmc (torch 2.13.0
+  first, so that it does not pull CUDA wheels).
 Each step is skipped when its client already imports.
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GPTQ_VENV = ROOT / ".venv-gptq"
+LLMC_VENV = ROOT / ".venv-llmc"
 
 
 def run(*argv: str) -> None:
@@ -39,16 +42,25 @@ def install_llama_cpp() -> None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "llama-cpp-python==0.3.36"], check=True, env=env)
 
 
-def install_gptqmodel() -> None:
-    python = GPTQ_VENV / "bin" / "python"
-    if python.exists() and imports(python, "gptqmodel"):
-        return
-    run(sys.executable, "-m", "venv", str(GPTQ_VENV))
+def venv_with_torch(venv: Path, module: str) -> list[str] | None:
+    """A venv holding torch 2.13.0 (CPU) and the pip command line into it; None when `module` imports there."""
+    python = venv / "bin" / "python"
+    if python.exists() and imports(python, module):
+        return None
+    run(sys.executable, "-m", "venv", str(venv))
     pip = [str(python), "-m", "pip", "install", "-q"]
     run(*pip, "torch==2.13.0")
+    return pip
+
+
+def install_gptqmodel() -> None:
+    pip = venv_with_torch(GPTQ_VENV, "gptqmodel")
+    if pip is None:
+        return
+    python = pip[0]
     run(*pip, "transformers", "accelerate", "optimum")
     with tempfile.TemporaryDirectory() as tmp:
-        run(str(python), "-m", "pip", "download", "-q", "gptqmodel==7.7.0", "--no-deps", "--no-binary", ":all:", "-d", tmp)
+        run(python, "-m", "pip", "download", "-q", "gptqmodel==7.7.0", "--no-deps", "--no-binary", ":all:", "-d", tmp)
         with tarfile.open(next(Path(tmp).glob("gptqmodel-*.tar.gz"))) as sdist:
             member = next(m for m in sdist.getmembers() if m.name.endswith("/requirements.txt") and m.name.count("/") == 1)
             requirements = sdist.extractfile(member).read().decode()
@@ -58,6 +70,13 @@ def install_gptqmodel() -> None:
     run(*pip, "--no-deps", "gptqmodel==7.7.0")
 
 
+def install_llmcompressor() -> None:
+    pip = venv_with_torch(LLMC_VENV, "llmcompressor")
+    if pip is not None:
+        run(*pip, "llmcompressor==0.14.0.1")
+
+
 if __name__ == "__main__":
     install_llama_cpp()
     install_gptqmodel()
+    install_llmcompressor()

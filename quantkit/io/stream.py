@@ -8,7 +8,7 @@ that live in another shard (absmax beside its weight) are read through `TensorRe
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -37,11 +37,13 @@ class Entry:
 
 @dataclass
 class ShardWeight:
-    """A weight read in row chunks from an open shard; Conv1D weights are transposed to [out, in]."""
+    """A weight read in row chunks from an open shard; Conv1D weights are transposed to [out, in].
+    A partner weight (another module's) that lives in another shard opens that shard while it is read."""
 
     reader: ShardReader
     info: TensorInfo
     transposed: bool
+    checkpoint: Checkpoint | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -51,7 +53,15 @@ class ShardWeight:
     def dtype(self) -> str:
         return self.info.dtype
 
+    def partner(self, module: str) -> ShardWeight | None:
+        info = self.checkpoint.tensors.get(f"{module}.weight") if self.checkpoint else None
+        return None if info is None else ShardWeight(self.reader, info, False, self.checkpoint)
+
     def chunks(self, rows: int) -> Iterator[np.ndarray]:
+        if self.info.file != self.reader.path:
+            with ShardReader(self.info.file) as own:
+                yield from replace(self, reader=own).chunks(rows)
+            return
         if self.transposed:  # Conv1D weights are small enough to turn around whole
             whole = np.ascontiguousarray(self.reader.read(self.info).T)
             for start in range(0, whole.shape[0], rows):

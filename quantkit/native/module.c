@@ -1,4 +1,4 @@
-/* quantkit.native._kernels: one extension holding every family's kernels (bnb.c, gguf.c, gptq.c). */
+/* quantkit.native._kernels: one extension holding every family's kernels (bnb.c, ct.c, gguf.c, gptq.c). */
 #include "common.h"
 
 static PyMethodDef methods[] = {
@@ -8,6 +8,8 @@ static PyMethodDef methods[] = {
      "quantize_int8(src, bf16, cols, codes, scb, threads): LLM.int8 codes and SCB, row by row"},
     {"dequantize_4bit", py_dequantize_4bit, METH_VARARGS,
      "dequantize_4bit(packed, absmax, table, blocksize, first, bf16, out, threads): elements first.. into out"},
+    {"ct_fp8_channel", py_ct_fp8_channel, METH_VARARGS,
+     "ct_fp8_channel(src, dtype, cols, codes, scale, threads): compressed-tensors FP8 codes and per-row scales"},
     {"q8_0", py_q8_0, METH_VARARGS, "q8_0(src, bf16, blocks, threads): GGUF Q8_0 blocks of 34 bytes"},
     {"gptq_rtn", py_gptq_rtn, METH_VARARGS,
      "gptq_rtn(src, bf16, rows, cols, group_size, bits, sym, min_zero, out_features, col0, qweight, scales, zeros, "

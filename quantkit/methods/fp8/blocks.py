@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from quantkit import dtypes
-from quantkit.numerics import E4M3_MAX, decode_e4m3fn, decode_e8m0, encode_e4m3fn
+from quantkit.numerics import FP8_E4M3_MAX, decode_e4m3fn, decode_e8m0, fp8_e4m3_bits
 
 BLOCK = (128, 128)
 
@@ -50,8 +50,8 @@ def quantize_band(values: np.ndarray, block: tuple[int, int] = BLOCK) -> tuple[n
     padded[:rows, :cols] = np.abs(values)
     amax = padded.reshape(bands, block[0], columns, block[1]).max(axis=(1, 3))
     # torch evaluates `448 / amax` as reciprocal(amax) * 448: two roundings, kept here
-    scale = np.where(amax > 0, (np.float32(1) / np.where(amax > 0, amax, np.float32(1))) * E4M3_MAX, np.float32(1))
+    scale = np.where(amax > 0, (np.float32(1) / np.where(amax > 0, amax, np.float32(1))) * FP8_E4M3_MAX, np.float32(1))
     scale_inv = (np.float32(1) / scale).astype(np.float32)
     per_element = _per_column(np.repeat(scale, block[0], axis=0)[:rows], cols, block[1])
-    codes = encode_e4m3fn(np.clip(values * per_element, -E4M3_MAX, E4M3_MAX))
+    codes = fp8_e4m3_bits(np.clip(values * per_element, -FP8_E4M3_MAX, FP8_E4M3_MAX))
     return codes, scale_inv

@@ -45,10 +45,10 @@ class Fp8Reader:
     def scheme(self, checkpoint: Checkpoint) -> str:
         return "fp8-block"
 
-    def options(self, checkpoint: Checkpoint) -> api.Options:
+    def options(self, checkpoint: Checkpoint) -> api.Options | None:
         """Our writer's, whose layout verify compares sizes with, where the scales are float32 as it writes them."""
         scales = [info.dtype for name, info in checkpoint.tensors.items() if name.endswith(f".{SCALE}")]
-        return api.Options(method=METHOD if all(d == "F32" for d in scales) else self.quant_method)
+        return api.Options(method=METHOD) if all(d == "F32" for d in scales) else None
 
     def describe(self, qc: dict) -> dict:
         return {"method": self.quant_method, "weight_block_size": qc.get("weight_block_size"),

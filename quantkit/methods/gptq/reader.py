@@ -63,8 +63,10 @@ class GptqReader:
         config = checkpoint_config(checkpoint)
         return f"{config.method}-{config.bits}"
 
-    def options(self, checkpoint: Checkpoint) -> GptqOptions:
+    def options(self, checkpoint: Checkpoint) -> GptqOptions | None:
         config = checkpoint_config(checkpoint)
+        if config.method != "gptq":
+            return None  # AWQ is read, not written
         return GptqOptions(method=config.method, bits=config.bits, group_size=config.group_size, sym=config.sym,
                             format=config.version)  # fmt: skip
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from quantkit.numerics import decode_e2m1, decode_e8m0
+from quantkit.numerics import decode_e8m0, unpack_fp4
 
 GROUP = 32  # values per scale
 BYTES = GROUP // 2
@@ -27,7 +27,7 @@ def dense_shape(blocks_shape: tuple[int, ...]) -> tuple[int, ...]:
 def dequantize_groups(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """float32 [rows, groups * 32] from blocks [rows, groups, 16] and scales [rows, groups] (one expert, or
     a run of its groups)."""
-    values = decode_e2m1(blocks)  # [rows, groups, 32]
+    values = unpack_fp4(blocks)  # [rows, groups, 32]
     # e2m1 has at most two significant bits, so the product is ldexp's exact result for codes below 255
     # (254 overflows to infinity either way); code 255 means 2**128, which only ldexp can apply (0.5 -> 2**127)
     out = values * decode_e8m0(scales)[..., None]

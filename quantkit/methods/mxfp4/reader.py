@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from quantkit import api, dtypes
+from quantkit import dtypes
 from quantkit.api import TensorSink
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor
@@ -34,8 +34,8 @@ class Mxfp4Reader:
     def scheme(self, checkpoint: Checkpoint) -> str:
         return "mxfp4"
 
-    def options(self, checkpoint: Checkpoint) -> api.Options:
-        return api.Options(method="mxfp4")  # no writer: verify has no layout to compare sizes with
+    def options(self, checkpoint: Checkpoint) -> None:
+        return None  # no writer: verify has no layout to compare sizes with
 
     def describe(self, qc: dict) -> dict:
         return {"method": self.quant_method, "modules_to_not_convert": qc.get("modules_to_not_convert")}

@@ -1,0 +1,188 @@
+"""quantize --method fp8 | fp8-block | w4a16 | w4a16-asym | w8a16 | nvfp4a16 | mxfp4a16 (compressed-tensors):
+the layout and config, values that compressed-tensors' own decompression gives back bit for bit, transformers
+loading our output, dequantize / inspect / verify, and the C kernel against the numpy reference.
+Byte identity with llm-compressor itself is tests/clients/test_llmcompressor.py (make test-clients)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.quantization import QuantizationScheme
+
+from quantkit import dtypes
+from quantkit.methods.ct import native, schemes
+from quantkit.numerics import FP8_E4M3_VALUES, fp8_e4m3_bits
+from tests.conftest import load_tensors
+
+METHODS = ("fp8", "fp8-block", "w4a16", "w4a16-asym", "w8a16", "nvfp4a16", "mxfp4a16")
+# intermediate 320 is not a multiple of 128: down_proj does not fit the integer groups nor FP8 blocks
+NARROW = {"fp8-block", "w4a16", "w4a16-asym", "w8a16"}
+BOUND = {"fp8": 0.05, "fp8-block": 0.05, "w4a16": 0.15, "w4a16-asym": 0.12, "w8a16": 0.01, "nvfp4a16": 0.2, "mxfp4a16": 0.3}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A bf16 Llama with weights whose rows span orders of magnitude, in the Hugging Face cache layout's spirit:
+    hidden 256, intermediate 320 (not a multiple of 128)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(hidden_size=256, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, tie_word_embeddings=False)
+    model = tf.LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(torch.exp(torch.randn(p.shape[0], 1) * 1.5).to(torch.bfloat16) * 5)
+    folder = tmp_path_factory.mktemp("ct") / "llama"
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def quantized(llama, tmp_path_factory):
+    """method -> (folder, stderr of the quantize run), each written once through the CLI."""
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+
+    root, runs = tmp_path_factory.mktemp("ct-out"), {}
+
+    def get(method: str):
+        if method not in runs:
+            result = CliRunner().invoke(app, ["quantize", str(llama), str(root / method), "--method", method])
+            assert result.exit_code == 0, result.stderr
+            runs[method] = (root / method, result.stderr)
+        return runs[method]
+
+    return get
+
+
+def library_decompress(folder, module: str) -> torch.Tensor:
+    """compressed-tensors' own decompression of one module of our checkpoint."""
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    (group,) = qc["config_groups"].values()
+    scheme = QuantizationScheme.model_validate(group)
+    compressor = BaseCompressor.get_value_from_registry(group["format"])
+    tensors = load_tensors(folder)
+    state = {p: tensors[f"{module}.{p}"] for p in compressor.compression_param_names(scheme) if f"{module}.{p}" in tensors}
+    return compressor.decompress(state, scheme)["weight"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_library_decompresses_our_output_to_our_dequantized_values(quantized, llama, tmp_path, cli, method):
+    folder, stderr = quantized(method)
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    scheme = schemes.SCHEMES[method]
+    assert (qc["quant_method"], qc["format"], list(qc["config_groups"])) == ("compressed-tensors", scheme.format, [scheme.name])
+    narrow = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    if method in NARROW:
+        assert stderr.count("kept dense") == 1 and all(m in stderr for m in narrow), stderr
+        assert qc["ignore"] == sorted(["lm_head", *narrow])
+    else:
+        assert "kept dense" not in stderr and qc["ignore"] == ["lm_head"]
+    code, _, err = cli("dequantize", folder, tmp_path / "dense", "--dtype", "float32")
+    assert code == 0, err
+    ours, source = load_tensors(tmp_path / "dense"), load_tensors(llama)
+    stored = load_tensors(folder)
+    modules = sorted(n.rsplit(".", 1)[0] for n in stored if n.endswith(".weight_scale"))
+    assert len(modules) == (12 if method in NARROW else 14)
+    for module in modules:
+        theirs = library_decompress(folder, module).float()
+        mine = ours[f"{module}.weight"]
+        assert torch.equal(mine.view(torch.int32), theirs.view(torch.int32)), module
+        reference = source[f"{module}.weight"].float()
+        assert float((mine - reference).norm() / reference.norm()) < BOUND[method], module
+    for module in narrow if method in NARROW else []:
+        assert torch.equal(stored[f"{module}.weight"], source[f"{module}.weight"])
+
+
+@pytest.mark.parametrize("method", ["fp8", "w4a16-asym", "nvfp4a16"])
+def test_transformers_loads_our_output_and_runs(quantized, tmp_path, cli, method):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    folder, _ = quantized(method)
+    assert cli("dequantize", folder, tmp_path / "dense")[0] == 0
+    # run_compressed=False: transformers decompresses on load (its compressed kernels need a GPU)
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", quantization_config=CompressedTensorsConfig(run_compressed=False))
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map="cpu")
+    weights = dict(model.named_parameters())
+    # transformers decompresses to the weights our dequantize writes
+    checked = [name for name, param in dense.named_parameters() if name.endswith("proj.weight")]
+    for name in checked:
+        assert torch.equal(weights[name].float(), dict(dense.named_parameters())[name].float()), name
+    assert len(checked) == 14
+    ids = torch.tensor([[1, 5, 9, 200, 33]])
+    with torch.no_grad():
+        logits, expected = model(ids).logits.float(), dense(ids).logits.float()
+    assert torch.isfinite(logits).all() and torch.allclose(logits, expected, rtol=0, atol=1e-2 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("method", ["fp8", "w4a16", "mxfp4a16"])
+def test_inspect_and_verify_read_our_output(quantized, llama, cli, method):
+    folder, _ = quantized(method)
+    code, out, _ = cli("inspect", folder, "--json")
+    data = json.loads(out)
+    assert code == 0 and data["quantization"]["method"] == "compressed-tensors"
+    assert data["num_parameters"] == json.loads(cli("inspect", llama, "--json")[1])["num_parameters"]
+    code, out, err = cli("verify", folder, "--reference", llama, "--json")
+    report = json.loads(out)
+    assert code == 0, [c for c in report["checks"] if not c["ok"]]
+    assert {c["name"] for c in report["checks"]} >= {"quantization", "size", "reference"} and report["layers"]
+
+
+def test_verify_finds_a_missing_scale(quantized, tmp_path, cli):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder, _ = quantized("w4a16")
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    tensors = load_tensors(broken)
+    del tensors["model.layers.0.self_attn.q_proj.weight_shape"]
+    for f in broken.glob("*.safetensors*"):
+        f.unlink()
+    save_file(tensors, broken / "model.safetensors")
+    code, out, _ = cli("verify", broken, "--json")
+    assert code == 1 and "weight_shape" in json.dumps(json.loads(out)["checks"])
+
+
+def test_group_size(llama, tmp_path, cli):
+    code, _, err = cli("quantize", llama, tmp_path / "g64", "--method", "w4a16", "--group-size", "64")
+    assert code == 0 and "kept dense" not in err, err  # 320 is a multiple of 64
+    qc = json.loads((tmp_path / "g64" / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["W4A16"]["weights"]["group_size"] == 64 and qc["ignore"] == ["lm_head"]
+    assert load_tensors(tmp_path / "g64")["model.layers.0.mlp.down_proj.weight_scale"].shape == (256, 5)
+    code, _, err = cli("quantize", llama, tmp_path / "bad", "--method", "fp8", "--group-size", "64")
+    assert code == 2 and "--group-size 64" in err
+
+
+def test_fp8_codec_matches_torch():
+    bf16 = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    values = torch.cat([bf16, torch.randn(1 << 16) * 300, torch.tensor([448.0, 464.0, 480.0, 2.0**-10, -(2.0**-10)])])
+    theirs = values.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    mine = fp8_e4m3_bits(values.numpy())
+    finite = ~np.isnan(values.numpy())
+    assert np.array_equal(mine[finite], theirs[finite])
+    codes = torch.arange(256, dtype=torch.uint8)
+    decoded = codes.view(torch.float8_e4m3fn).float().numpy()
+    assert np.array_equal(FP8_E4M3_VALUES.view(np.uint32)[~np.isnan(decoded)], decoded.view(np.uint32)[~np.isnan(decoded)])
+
+
+@pytest.mark.skipif(not native.AVAILABLE, reason="quantkit's C kernels are not built")
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_c_kernel_gives_the_reference_bytes(dtype):
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((97, 333)) * np.exp(rng.standard_normal((97, 1)) * 6)).astype(np.float32)
+    w[3] = 0
+    w[5, :8] = [np.inf, -np.inf, 1e-30, -1e-30, 0.0, -0.0, 448.0, -1e38]
+    with np.errstate(all="ignore"):
+        stored = dtypes.from_float32(w, dtype)
+        codes, scale = schemes.fp8_channel(dtypes.to_float32(stored, dtype), dtype)
+    fast_codes, fast_scale = native.fp8_channel(stored, dtype)
+    assert np.array_equal(fast_codes, codes) and np.array_equal(fast_scale.view(np.uint32), scale.view(np.uint32))
