@@ -42,4 +42,23 @@ def convert_to_gguf(request: api.ConvertRequest, progress: Progress) -> api.Resu
 
 
 api.register_file_format(GGUFFormat())
-api.register_converter("gguf", convert_to_gguf)
+def preview_gguf(request: api.ConvertRequest) -> api.Preview:
+    from quantkit.methods.gguf import convert  # imports gguf-py
+
+    return convert.preview_gguf(request)
+
+
+def gguf_presets() -> dict[str, dict]:
+    from quantkit.methods.gguf import convert  # imports gguf-py
+
+    return convert.gguf_presets()
+
+
+def describe_gguf() -> dict:
+    from quantkit.methods.gguf import file, types  # imports gguf-py
+
+    return {"reads": "safetensors folder", "writes": ".gguf file", "gguf_types": list(types.GGUF_TYPES),
+            "architectures": sorted(file.ARCHITECTURES), "back": "dequantize / convert --to safetensors (bfloat16 by default)"}
+
+
+api.register_converter("gguf", convert_to_gguf, preview_gguf, gguf_presets, describe_gguf)

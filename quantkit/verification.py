@@ -74,11 +74,12 @@ def check_size(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[s
         return Check("size", True, f"no layout to compare for {options.method}")
     problems = []
     actual_total = predicted_total = 0
+    source_dtype = dtypes.BY_NAME.get(dequantizer.default_dtype(checkpoint, modules) or "", "F32")  # bnb records it
     for module, names in modules.items():
         try:
             dense = dequantizer.layout(checkpoint, module, names, "F32")[0]
             shape = dense.shape[::-1] if is_conv1d(checkpoint.config, module) else dense.shape
-            predicted = quantizer.layout(module, shape, "F32", options)
+            predicted = quantizer.layout(module, shape, source_dtype, options)
         except QuantkitError as e:
             problems.append(e.message)
             continue
