@@ -74,19 +74,19 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Write nothing: show eve
 # The method settings quantize and inspect share. None means "not given": the recipe's value, else the
 # method's default (in brackets; `quantkit formats` lists them from the options classes).
 Method = Annotated[Optional[str], typer.Option("--method", click_type=RegistryChoice(_methods), help="Quantization method: bitsandbytes nf4/fp4/int8, or gptq.")]
-DoubleQuant = Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant", help="4-bit: quantize the absmax too. [default: no]")]
-Blocksize = Annotated[Optional[int], typer.Option("--blocksize", help="4-bit block size (bitsandbytes loaders assume 64). [default: 64]")]
-ComputeDtype = Annotated[Optional[str], typer.Option("--compute-dtype", click_type=DTYPES, help="4-bit compute dtype recorded for loaders. [default: float32]")]
-QuantStorage = Annotated[Optional[str], typer.Option("--quant-storage", click_type=click.Choice(["uint8", "bfloat16", "float16", "float32"]), help="4-bit storage dtype (bfloat16 for FSDP-QLoRA). [default: uint8]")]
+DoubleQuant = Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant", help="4-bit: quantize the absmax too. \\[default: no]")]
+Blocksize = Annotated[Optional[int], typer.Option("--blocksize", help="4-bit block size (bitsandbytes loaders assume 64). \\[default: 64]")]
+ComputeDtype = Annotated[Optional[str], typer.Option("--compute-dtype", click_type=DTYPES, help="4-bit compute dtype recorded for loaders. \\[default: float32]")]
+QuantStorage = Annotated[Optional[str], typer.Option("--quant-storage", click_type=click.Choice(["uint8", "bfloat16", "float16", "float32"]), help="4-bit storage dtype (bfloat16 for FSDP-QLoRA). \\[default: uint8]")]
 Skip = Annotated[Optional[list[str]], typer.Option("--skip", help="Glob of module names to keep dense (repeatable; replaces a recipe's list).")]
 Recipe = Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe (see configs/); flags override it.")]
-Backend = Annotated[Optional[str], typer.Option("--backend", click_type=click.Choice(["auto", "c", "torch", "numpy", "numba"]), help="bitsandbytes: auto, c, torch or numpy; gptq: auto, numba or numpy (all give the same bytes). [default: auto]")]
-Device = Annotated[Optional[str], typer.Option("--device", click_type=click.Choice(["cpu", "cuda"]), help="bitsandbytes: where to quantize. [default: cpu]")]
-Bits = Annotated[Optional[str], typer.Option("--bits", click_type=click.Choice(["2", "4", "8"]), help="gptq: bits per weight. [default: 4]")]
-GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="gptq: columns per group, -1 for one group per row. [default: 128]")]
-Sym = Annotated[Optional[bool], typer.Option("--sym/--asym", help="gptq: symmetric or asymmetric zero points. [default: sym]")]
-Format = Annotated[Optional[str], typer.Option("--format", click_type=click.Choice(["v1", "v2"]), help="gptq: zero-point format. [default: v1 for --sym, v2 for --asym]")]
-Optimize = Annotated[Optional[bool], typer.Option("--optimize", help="gptq: search clipping ranges to lower weight MSE. [default: off]")]
+Backend = Annotated[Optional[str], typer.Option("--backend", click_type=click.Choice(["auto", "c", "torch", "numpy", "numba"]), help="bitsandbytes: auto, c, torch or numpy; gptq: auto, numba or numpy (all give the same bytes). \\[default: auto]")]
+Device = Annotated[Optional[str], typer.Option("--device", click_type=click.Choice(["cpu", "cuda"]), help="bitsandbytes: where to quantize. \\[default: cpu]")]
+Bits = Annotated[Optional[str], typer.Option("--bits", click_type=click.Choice(["2", "4", "8"]), help="gptq: bits per weight. \\[default: 4]")]
+GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="gptq: columns per group, -1 for one group per row. \\[default: 128]")]
+Sym = Annotated[Optional[bool], typer.Option("--sym/--asym", help="gptq: symmetric or asymmetric zero points. \\[default: sym]")]
+Format = Annotated[Optional[str], typer.Option("--format", click_type=click.Choice(["v1", "v2"]), help="gptq: zero-point format. \\[default: v1 for --sym, v2 for --asym]")]
+Optimize = Annotated[Optional[bool], typer.Option("--optimize", help="gptq: search clipping ranges to lower weight MSE. \\[default: off]")]
 GGUFType = Annotated[str, typer.Option("--gguf-type", click_type=RegistryChoice(_gguf_types, case_sensitive=False), help="GGUF tensor type for --to gguf.")]
 
 
@@ -247,7 +247,7 @@ def quantize(
 def dequantize(
     src: Annotated[str, typer.Argument(help="Quantized checkpoint folder (bitsandbytes, GPTQ, AWQ), hub repo id, or .gguf file.")],
     out: Annotated[Path, typer.Argument(help="Output folder for dense safetensors.")],
-    dtype: Annotated[Optional[str], typer.Option("--dtype", click_type=DTYPES, help="Dense dtype. [default: the dtype the checkpoint records; bfloat16 for a .gguf (float32 for its exact values)]")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", click_type=DTYPES, help="Dense dtype. \\[default: the dtype the checkpoint records; bfloat16 for a .gguf (float32 for its exact values)]")] = None,
     max_shard_size: ShardSize = "5GB",
     force: ForceFlag = False,
     resume: Resume = False,
@@ -272,7 +272,7 @@ def convert(
     out: Annotated[Path, typer.Argument(help="A .gguf file for --to gguf, else a folder.")],
     to: Annotated[str, typer.Option("--to", click_type=RegistryChoice(_targets), help="Target format.")],
     gguf_type: GGUFType = "F16",
-    dtype: Annotated[Optional[str], typer.Option("--dtype", click_type=DTYPES, help="--to safetensors: dense dtype. [default: bfloat16 from a .gguf (float32 for its exact values); the checkpoint's own from .bin]")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", click_type=DTYPES, help="--to safetensors: dense dtype. \\[default: bfloat16 from a .gguf (float32 for its exact values); the checkpoint's own from .bin]")] = None,
     max_shard_size: ShardSize = "5GB",
     dry_run: DryRun = False,
     force: ForceFlag = False,
@@ -298,7 +298,7 @@ def convert(
 def verify(
     path: Annotated[Path, typer.Argument(help="Checkpoint folder or .gguf file to check.")],
     reference: Annotated[Optional[str], typer.Option("--reference", help="Dense source to compare each layer with.")] = None,
-    max_error: Annotated[Optional[float], typer.Option("--max-error", help="Largest relative weight error per layer. [default: per scheme]")] = None,
+    max_error: Annotated[Optional[float], typer.Option("--max-error", help="Largest relative weight error per layer. \\[default: per scheme]")] = None,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write a JUnit XML report here.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every layer, not only the worst and the failures.")] = False,
     json_out: JsonFlag = False,

@@ -172,8 +172,7 @@ class FromGGUF:
     def chunks(self, hf_name: str, max_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
         """float32 row chunks of one tensor, in HF order (Q/K, whose rows move, come whole)."""
         t = self.names[hf_name]
-        arch = gf.BY_GGUF_ARCH[self.file.metadata["general.architecture"]]
-        heads = gf.permuted_heads(arch, hf_name, self.config["num_attention_heads"], self.config["num_key_value_heads"])
+        heads = self.permuted(hf_name)
         if heads:
             yield gf.unpermute_qk(dequantize_rows(self.file, t).reshape(t.shape), heads)
             return
@@ -181,6 +180,16 @@ class FromGGUF:
         step = max(1, max_bytes // (4 * t.shape[-1]))
         for start in range(0, n_rows, step):
             yield dequantize_rows(self.file, t, start, start + step)
+
+    def permuted(self, hf_name: str) -> int:
+        """The head count Q/K rows are permuted with between HF and GGUF order (0: not permuted)."""
+        arch = gf.BY_GGUF_ARCH[self.file.metadata["general.architecture"]]
+        return gf.permuted_heads(arch, hf_name, self.config["num_attention_heads"], self.config["num_key_value_heads"])
+
+    def to_stored_order(self, hf_name: str, values: np.ndarray) -> np.ndarray:
+        """A tensor in HF order (any dtype) rearranged to the GGUF's row order."""
+        heads = self.permuted(hf_name)
+        return gf.permute_qk(values, heads) if heads else values
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(HF name, whole float32 tensor) one at a time."""
@@ -197,9 +206,10 @@ def dequantize_rows(file: gf.GGUFFile, t: gf.GGUFTensor, start: int = 0, stop: i
 
 
 def default_dtype(file: gf.GGUFFile) -> str:
-    """float16 or bfloat16 when every matrix is stored so, else float32."""
+    """float16 when every matrix is stored so, else bfloat16 (half the bytes of float32, the range of the
+    model; `--dtype float32` keeps the dequantized values exactly)."""
     kinds = {t.qtype for t in file.tensors if len(t.shape) >= 2}
-    return {frozenset({QType.F16}): "float16", frozenset({QType.BF16}): "bfloat16"}.get(frozenset(kinds), "float32")
+    return "float16" if kinds == {QType.F16} else "bfloat16"
 
 
 def from_gguf(path: Path, dtype: str | None = None) -> FromGGUF:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantkit import api
-from quantkit.io.stream import Progress
+from quantkit.io.stream import Progress, no_progress
 
 
 class GGUFFormat:
@@ -23,10 +23,10 @@ class GGUFFormat:
 
         return file.inspect_file(path)
 
-    def verify(self, path: Path, reference: str | None, max_error: float | None) -> api.Report:
+    def verify(self, path: Path, reference: str | None, max_error: float | None, progress: Progress = no_progress) -> api.Report:
         from quantkit.methods.gguf import verify  # imports gguf-py
 
-        return verify.verify_gguf(path, reference, max_error)
+        return verify.verify_gguf(path, reference, max_error, progress)
 
     def to_dense(self, src: str, path: Path, out: Path, dtype: str | None, force: bool, max_shard_size: int,
                  progress: Progress) -> api.Result:
