@@ -16,10 +16,34 @@ from typing import Annotated, Optional
 
 import click
 import typer
+from typer.core import TyperGroup
 
 from quantkit.errors import QuantkitError
 
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (an unknown option, a value outside an option's choices) as one line and exit 2, like
+    every other bad input, instead of click's usage panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            return super().main(args, prog_name, complete_var, True, **extra)  # prints the help
+        except click.UsageError as e:
+            hint = f" (see quantkit {e.ctx.info_name} -h)" if e.ctx is not None and e.ctx.parent is not None else " (see quantkit -h)"
+            err(f"error: {e.format_message()}{hint}")
+            sys.exit(2)
+        except click.Abort:
+            err("interrupted")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="quantkit",
     help="Convert LLM checkpoints between full precision and quantized formats.",
     no_args_is_help=True,

@@ -64,8 +64,10 @@ def quantize(src: str, out: Path, options: api.Options, force: bool = False, rev
     def finish(folder: Path) -> list[str]:
         write_config(folder, {**checkpoint.config, "quantization_config": plan.quantization_config})
         side = copy_side_files(checkpoint, folder)
-        settings = {"method": options.method, **{k: v for k, v in asdict(options).items() if k not in ("method", "max_shard_size")}}
-        card = write_card(folder, Path(out).name, src, checkpoint.root, f"quantized to {options.method}",
+        # how the bytes were made (backend, device) is not part of what they are: the card leaves it out
+        settings = {"method": options.method, **{k: v for k, v in asdict(options).items()
+                                                 if k not in ("method", "max_shard_size", "backend", "device")}}
+        card = write_card(folder, src, checkpoint.root, f"quantized to {options.method}",
                           [options.method, "quantized", *quantization_tags(plan.quantization_config)], settings)
         return [*(f for f in side if f != card), card]
 
@@ -114,7 +116,7 @@ def dequantize(src: str, out: Path, dtype: str | None = None, max_shard_size: in
     def finish(folder: Path) -> list[str]:
         write_config(folder, {k: v for k, v in checkpoint.config.items() if k != "quantization_config"})
         side = copy_side_files(checkpoint, folder, dense=True)
-        card = write_card(folder, Path(out).name, src, checkpoint.root, f"dequantized from {dequantizer.quant_method} to "
+        card = write_card(folder, src, checkpoint.root, f"dequantized from {dequantizer.quant_method} to "
                           f"{NAME_OF[dense_dtype]}", ["dequantized"], {"from": dequantizer.quant_method, "dtype": NAME_OF[dense_dtype]})
         return [*(f for f in side if f != card), card]
 

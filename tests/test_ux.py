@@ -193,8 +193,8 @@ def test_gguf_to_safetensors_defaults_to_bfloat16(llama, tmp_path, cli):
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_files_are_created_without_execute_bits_and_respect_umask(models, tmp_path, umask):
-    code = ("import os, sys; os.umask(%d); from quantkit.cli import main; sys.argv = ['quantkit', 'quantize', %r, %r, "
-            "'--method', 'int8']; main()") % (umask, str(models["gpt2"]), str(tmp_path / "q"))
+    code = (f"import os, sys; os.umask({umask}); from quantkit.cli import main; sys.argv = ['quantkit', 'quantize', "
+            f"{str(models['gpt2'])!r}, {str(tmp_path / 'q')!r}, '--method', 'int8']; main()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "q").iterdir()}

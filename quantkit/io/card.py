@@ -37,10 +37,11 @@ def base_model_of(src: str, source_meta: dict) -> str | None:
     return base if isinstance(base, str) else None
 
 
-def write_card(folder: Path, title: str, src: str, source_root: Path | None, what: str, tags: list[str], settings: dict,
+def write_card(folder: Path, src: str, source_root: Path | None, what: str, tags: list[str], settings: dict,
                verify: dict | None = None, library_name: str = "transformers") -> str:
     """Write `folder`/README.md: our metadata and a short description of `what` was done (e.g. "quantized
-    to nf4"), then the source card's text. Returns the file name."""
+    to nf4"), then the source card's text. Returns the file name. Nothing in it depends on OUT's name, so
+    two runs with the same settings write the same card."""
     from huggingface_hub import ModelCard, ModelCardData
 
     source_meta, source_body = _source_card(source_root)
@@ -52,6 +53,7 @@ def write_card(folder: Path, title: str, src: str, source_root: Path | None, wha
         quantization["verify"] = verify
     data = ModelCardData(base_model=base, library_name=library_name, tags=["quantkit", *tags],
                          quantized_by="quantkit", quantization=quantization, **extra)
+    title = f"{Path(src.rstrip('/')).name} ({what.split(' with ')[0]})"  # the same card whatever OUT is called
     lines = [f"# {title}", "",
              f"{'[' + base + '](https://huggingface.co/' + base + ')' if base else 'The source model'} {what} with quantkit.", ""]
     lines += ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in quantization.items() if k != "verify"]

@@ -309,7 +309,7 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
 
     def finish(folder: Path) -> list[str]:
         write_config(folder, conv.config)
-        card = write_card(folder, out.name, str(src), None, f"converted from GGUF ({Path(src).name}) to {dtype}",
+        card = write_card(folder, str(src), None, f"converted from GGUF ({Path(src).name}) to {dtype}",
                           ["gguf", "dequantized"], {"from": "gguf", "file_type": conv.file.metadata.get("general.file_type"),
                                                     "dtype": dtype})
         return ["config.json", *write_tokenizer_files(conv, folder), card]
