@@ -11,10 +11,11 @@ _COMMANDS = ("convert", "dequantize", "formats", "inspect", "quantize", "verify"
 
 
 def __getattr__(name: str):
+    """PEP 562: the commands load on first use (every module imports this package; it imports nothing)."""
     if name in _COMMANDS:
-        from quantkit import commands
+        import importlib
 
-        return getattr(commands, name)
+        return getattr(importlib.import_module("quantkit.commands"), name)
     if name == "QuantkitError":
         from quantkit.errors import QuantkitError
 
