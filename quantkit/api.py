@@ -212,7 +212,7 @@ class FileFormat(Protocol):
 
     def inspect(self, path: Path) -> dict: ...
 
-    def verify(self, path: Path, reference: str | None, max_error: float | None) -> Report | None: ...
+    def verify(self, path: Path, reference: str | None, max_error: float | None, progress: Progress) -> Report | None: ...
 
     def to_dense(self, src: str, path: Path, out: Path, dtype: str | None, force: bool, max_shard_size: int,
                  progress: Progress) -> Result: ...
@@ -234,12 +234,49 @@ class ConvertRequest:
 Converter = Callable[[ConvertRequest, Progress], Result]
 
 
+@dataclass
+class PlannedTensor:
+    """One source tensor in a preview: its fate (quantize, keep, drop, convert, refuse), why, and its outputs
+    ({name, dtype, shape, nbytes}; dtype may be a block type such as Q4_K)."""
+
+    name: str
+    fate: str
+    reason: str
+    outputs: list[dict] = field(default_factory=list)
+
+
+def output_dict(t: OutputTensor) -> dict:
+    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes}
+
+
+@dataclass
+class Preview:
+    """What a run would write, from headers only (`quantize --dry-run`, `inspect --method`, `convert --dry-run`).
+
+    `files`: each output file and its bytes, exact unless `exact` is False (then at most);
+    `working_bytes`: the most data the run holds in memory at once beyond its fixed buffers."""
+
+    target: str
+    tensors: list[PlannedTensor]
+    files: dict[str, int]
+    exact: bool = True
+    working_bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+
+ConvertPreview = Callable[[ConvertRequest], Preview]
+
+
 # ------------------------------------------------------------------------------------------- registries
 
 QUANTIZERS: dict[str, Quantizer] = {}
 DEQUANTIZERS: dict[str, Dequantizer] = {}
 FILE_FORMATS: dict[str, FileFormat] = {}
 CONVERTERS: dict[str, Converter] = {}
+CONVERT_PREVIEWS: dict[str, ConvertPreview] = {}  # target -> what a run would write (optional)
+CONVERT_PRESETS: dict[str, Callable[[], dict[str, dict]]] = {}  # target -> () -> {label: ConvertRequest fields}
+CONVERT_DESCRIPTIONS: dict[str, Callable[[], dict]] = {}  # target -> () -> what it reads and writes (for `formats`)
 
 
 def _add(registry: dict, key: str, value: object, what: str) -> None:
@@ -264,8 +301,17 @@ def register_file_format(file_format: FileFormat) -> FileFormat:
     return file_format
 
 
-def register_converter(target: str, converter: Converter) -> Converter:
+def register_converter(target: str, converter: Converter, preview: ConvertPreview | None = None,
+                       presets: Callable[[], dict[str, dict]] | None = None,
+                       describe: Callable[[], dict] | None = None) -> Converter:
+    """A `convert --to target`; `preview` sizes a run from headers (for --dry-run and inspect), `presets`
+    lists the settings inspect's size table shows, `describe` what it reads and writes (types,
+    architectures) for `quantkit formats`. The last two are called only when needed: they may import
+    the format's library."""
     _add(CONVERTERS, target, converter, "convert target")
+    for registry, value in ((CONVERT_PREVIEWS, preview), (CONVERT_PRESETS, presets), (CONVERT_DESCRIPTIONS, describe)):
+        if value is not None:
+            registry[target] = value
     return converter
 
 

@@ -8,43 +8,133 @@ are imported inside each command, so that `--help` and shell completion start in
 from __future__ import annotations
 
 import json
-import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from quantkit.errors import QuantkitError
 
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (an unknown option, a value outside an option's choices) as one line and exit 2, like
+    every other bad input, instead of click's usage panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            return super().main(args, prog_name, complete_var, True, **extra)  # prints the help
+        except click.UsageError as e:
+            hint = f" (see quantkit {e.ctx.info_name} -h)" if e.ctx is not None and e.ctx.parent is not None else " (see quantkit -h)"
+            err(f"error: {e.format_message()}{hint}")
+            sys.exit(2)
+        except click.Abort:
+            err("interrupted")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="quantkit",
     help="Convert LLM checkpoints between full precision and quantized formats.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+class RegistryChoice(click.Choice):
+    """A click.Choice whose choices come from quantkit's registries, loaded only when a command's help or
+    its value needs them (so `quantkit --help` and completing command names import nothing heavy)."""
+
+    def __init__(self, load: Callable[[], list[str]], case_sensitive: bool = True):
+        self._load = load
+        self.case_sensitive = case_sensitive
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._load())
+
+
+def _methods() -> list[str]:
+    from quantkit import api, methods
+
+    methods.load()
+    return sorted(api.QUANTIZERS)
+
+
+def _targets() -> list[str]:
+    from quantkit import api, methods
+
+    methods.load()
+    return ["safetensors", *sorted(api.CONVERTERS)]
+
+
+def _gguf_types() -> list[str]:
+    from quantkit import api, methods
+
+    methods.load()
+    return [fields["gguf_type"] for fields in api.CONVERT_PRESETS["gguf"]().values()]
+
+
+DTYPES = click.Choice(["bfloat16", "float16", "float32"])
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout, nothing else.")]
 ForceFlag = Annotated[bool, typer.Option("--force", help="Replace an existing OUT (only once the new one is complete).")]
 ShardSize = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")]
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit) for a hub SRC.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Reuse the finished shards of an interrupted run (checked by their sha256 digests).")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Write nothing: show every tensor's fate and why, output bytes, memory and free disk.")]
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+# The method settings quantize and inspect share. None means "not given": the recipe's value, else the
+# method's default (in brackets; `quantkit formats` lists them from the options classes).
+Method = Annotated[Optional[str], typer.Option("--method", click_type=RegistryChoice(_methods), help="Quantization method: bitsandbytes nf4/fp4/int8, gptq, compressed-tensors fp8/fp8-block/w4a16/w4a16-asym/w8a16/nvfp4a16/mxfp4a16 (quantkit formats lists them).")]
+DoubleQuant = Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant", help="4-bit: quantize the absmax too. \\[default: no]")]
+Blocksize = Annotated[Optional[int], typer.Option("--blocksize", help="4-bit block size (bitsandbytes loaders assume 64). \\[default: 64]")]
+ComputeDtype = Annotated[Optional[str], typer.Option("--compute-dtype", click_type=DTYPES, help="4-bit compute dtype recorded for loaders. \\[default: float32]")]
+QuantStorage = Annotated[Optional[str], typer.Option("--quant-storage", click_type=click.Choice(["uint8", "bfloat16", "float16", "float32"]), help="4-bit storage dtype (bfloat16 for FSDP-QLoRA). \\[default: uint8]")]
+Skip = Annotated[Optional[list[str]], typer.Option("--skip", help="Glob of module names to keep dense (repeatable; replaces a recipe's list).")]
+Recipe = Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe (see configs/); flags override it.")]
+Backend = Annotated[Optional[str], typer.Option("--backend", click_type=click.Choice(["auto", "c", "torch", "numpy", "numba"]), help="bitsandbytes: auto, c, torch or numpy; gptq: auto, numba or numpy (all give the same bytes). \\[default: auto]")]
+Device = Annotated[Optional[str], typer.Option("--device", click_type=click.Choice(["cpu", "cuda"]), help="bitsandbytes: where to quantize. \\[default: cpu]")]
+Bits = Annotated[Optional[str], typer.Option("--bits", click_type=click.Choice(["2", "4", "8"]), help="gptq: bits per weight. \\[default: 4]")]
+GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="gptq: columns per group, -1 for one group per row. \\[default: 128]")]
+Sym = Annotated[Optional[bool], typer.Option("--sym/--asym", help="gptq: symmetric or asymmetric zero points. \\[default: sym]")]
+Format = Annotated[Optional[str], typer.Option("--format", click_type=click.Choice(["v1", "v2"]), help="gptq: zero-point format. \\[default: v1 for --sym, v2 for --asym]")]
+Layout = Annotated[Optional[str], typer.Option("--layout", click_type=click.Choice(["compressed-tensors", "fp8"]), help="fp8-block: compressed-tensors (vLLM) or fp8 (transformers' fine-grained FP8). \\[default: compressed-tensors]")]
+Optimize = Annotated[Optional[bool], typer.Option("--optimize", help="gptq: search clipping ranges to lower weight MSE. \\[default: off]")]
+GGUFType = Annotated[str, typer.Option("--gguf-type", click_type=RegistryChoice(_gguf_types, case_sensitive=False), help="GGUF tensor type for --to gguf.")]
 
 
-def parse_size(text: str) -> int:
-    match = _SIZE.match(text)
-    if not match:
-        raise QuantkitError(f"--max-shard-size {text!r}: not a size", "write it like 5GB, 500MB or 2GiB")
-    value = float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()]
-    if value < 1:
-        raise QuantkitError(f"--max-shard-size {text!r}: must be positive")
-    return int(value)
+def method_settings(double_quant, blocksize, compute_dtype, quant_storage, skip, backend, device, bits, group_size, sym,
+                    format, optimize) -> dict:
+    return dict(double_quant=double_quant, blocksize=blocksize, compute_dtype=compute_dtype, quant_storage=quant_storage,
+                skip=tuple(skip) if skip else None, backend=backend, device=device, bits=None if bits is None else int(bits),
+                group_size=group_size, sym=sym, format=format, optimize=optimize)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from quantkit import __version__
+
+        print(f"quantkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Convert LLM checkpoints between full precision and quantized formats."""
 
 
 def err(message: str) -> None:
@@ -104,18 +194,38 @@ def emit_result(result, json_out: bool, line: str) -> None:
     err(f"wrote {result.out}: {line}")
 
 
+def print_plan(data: dict, json_out: bool, verbose: bool = True) -> None:
+    if json_out:
+        emit_json(data)
+        return
+    from quantkit.render import print_preview
+
+    print_preview(data)
+
+
 @app.command()
 def inspect(
     src: Annotated[str, typer.Argument(help="Checkpoint folder, hub repo id, or a .gguf file.")],
+    method: Method = None,
+    gguf_type: Annotated[Optional[str], typer.Option("--gguf-type", click_type=RegistryChoice(_gguf_types, case_sensitive=False), help="Show the plan of convert --to gguf with this type.")] = None,
+    double_quant: DoubleQuant = None, blocksize: Blocksize = None, compute_dtype: ComputeDtype = None,
+    quant_storage: QuantStorage = None, skip: Skip = None, recipe: Recipe = None, backend: Backend = None,
+    device: Device = None, bits: Bits = None, group_size: GroupSize = None, sym: Sym = None, format: Format = None,
+    optimize: Optimize = None,
     json_out: JsonFlag = False,
     revision: Revision = None,
 ) -> None:
-    """Show architecture, tensors, detected quantization and the size plan, from headers only."""
-    from quantkit import inspect as describe
+    """Show architecture, tensors, detected quantization and the size of every method and GGUF type, from
+    headers only. With --method (or --gguf-type): that run's plan, tensor by tensor."""
+    import quantkit.commands as qk
 
     with user_errors():
-        data = describe.inspect(src, revision)
-        if json_out:
+        settings = method_settings(double_quant, blocksize, compute_dtype, quant_storage, skip, backend, device, bits,
+                                   group_size, sym, format, optimize)
+        data = qk.inspect(src, method, gguf_type=gguf_type, revision=revision, recipe=recipe, **settings)
+        if method is not None or gguf_type is not None or recipe is not None:
+            print_plan(data, json_out)
+        elif json_out:
             emit_json(data)
         else:
             from quantkit.render import print_inspect
@@ -127,45 +237,34 @@ def inspect(
 def quantize(
     src: Annotated[str, typer.Argument(help="Checkpoint folder or hub repo id.")],
     out: Annotated[Path, typer.Argument(help="Output folder (created; must not exist unless --force).")],
-    method: Annotated[Optional[str], typer.Option("--method", help="nf4, fp4, int8, gptq; compressed-tensors: fp8, fp8-block, w4a16, w4a16-asym, w8a16, nvfp4a16, mxfp4a16.")] = None,
-    double_quant: Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant", help="4-bit: quantize the absmax too.")] = None,
-    blocksize: Annotated[Optional[int], typer.Option("--blocksize", help="4-bit block size (bitsandbytes loaders assume 64).")] = None,
-    compute_dtype: Annotated[Optional[str], typer.Option("--compute-dtype", help="4-bit compute dtype recorded for loaders.")] = None,
-    quant_storage: Annotated[Optional[str], typer.Option("--quant-storage", help="4-bit storage dtype (uint8, or bfloat16 for FSDP-QLoRA).")] = None,
-    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Glob of module names to keep dense (repeatable).")] = None,
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe; flags override it.")] = None,
-    backend: Annotated[Optional[str], typer.Option("--backend", help="bitsandbytes: auto, c, torch or numpy; gptq: auto, numba or numpy (all give the same bytes).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda.")] = None,
-    bits: Annotated[Optional[int], typer.Option("--bits", help="gptq: 2, 4 or 8.")] = None,
-    group_size: Annotated[Optional[int], typer.Option("--group-size", help="gptq, w4a16, w4a16-asym, w8a16: columns per group (gptq: -1 for one group per row).")] = None,
-    sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="gptq: symmetric or asymmetric zero points.")] = None,
-    format: Annotated[Optional[str], typer.Option("--format", help="gptq: v1 or v2 zero points.")] = None,
-    optimize: Annotated[Optional[bool], typer.Option("--optimize", help="gptq: search clipping ranges to lower weight MSE.")] = None,
-    layout: Annotated[Optional[str], typer.Option("--layout", help="fp8-block: compressed-tensors (default) or fp8 (transformers' fine-grained FP8).")] = None,
+    method: Method = None,
+    double_quant: DoubleQuant = None, blocksize: Blocksize = None, compute_dtype: ComputeDtype = None,
+    quant_storage: QuantStorage = None, skip: Skip = None, recipe: Recipe = None, backend: Backend = None,
+    device: Device = None, bits: Bits = None, group_size: GroupSize = None, sym: Sym = None, format: Format = None,
+    optimize: Optimize = None, layout: Layout = None,
     max_shard_size: ShardSize = "5GB",
+    dry_run: DryRun = False,
     force: ForceFlag = False,
     resume: Resume = False,
     json_out: JsonFlag = False,
     revision: Revision = None,
 ) -> None:
-    """Quantize a checkpoint (bitsandbytes NF4/FP4/int8, or group-wise GPTQ)."""
-    from quantkit import pipeline
-    from quantkit.plan import load_recipe, merge_options
+    """Quantize a checkpoint (bitsandbytes NF4/FP4/int8, or group-wise GPTQ); --dry-run shows the plan."""
+    import quantkit.commands as qk
 
     with user_errors():
-        if layout not in (None, "compressed-tensors"):
-            if (method, layout) != ("fp8-block", "fp8"):
-                raise QuantkitError(f"--layout {layout}: only --method fp8-block has another layout, fp8")
-            method = "fp8-fine"  # methods/fp8 writes it
-        flags = dict(method=method, double_quant=double_quant, blocksize=blocksize, compute_dtype=compute_dtype,
-                     quant_storage=quant_storage, skip=tuple(skip) if skip else None, backend=backend, device=device,
-                     bits=bits, group_size=group_size, sym=sym, format=format, optimize=optimize,
-                     max_shard_size=parse_size(max_shard_size))  # fmt: skip
-        options = merge_options(load_recipe(recipe) if recipe else {}, flags, recipe)
-        with progress_bar(not json_out, f"quantize {options.method}") as progress:
-            result = pipeline.quantize(src, out, options, force=force, revision=revision, progress=progress, resume=resume)
+        settings = method_settings(double_quant, blocksize, compute_dtype, quant_storage, skip, backend, device, bits,
+                                   group_size, sym, format, optimize)
+        if dry_run:
+            data = qk.quantize(src, out, method, recipe=recipe, dry_run=True, layout=layout, force=force, revision=revision,
+                               max_shard_size=max_shard_size, **settings)
+            print_plan(data, json_out)
+            raise typer.Exit(2 if data["refused"] else 0)
+        with progress_bar(not json_out, "quantize") as progress:
+            result = qk.quantize(src, out, method, recipe=recipe, layout=layout, force=force, resume=resume, revision=revision,
+                                 max_shard_size=max_shard_size, progress=progress, **settings)
         s = result.summary
-        emit_result(result, json_out, f"{s['quantized']} tensors quantized to {options.method}, {s['kept']} kept, "
+        emit_result(result, json_out, f"{s['quantized']} tensors quantized to {s['method']}, {s['kept']} kept, "
                     f"{s['output_bytes'] / 1e6:.1f} MB in {len(result.files)} file(s)")
 
 
@@ -173,7 +272,7 @@ def quantize(
 def dequantize(
     src: Annotated[str, typer.Argument(help="Quantized checkpoint folder (bitsandbytes, GPTQ, AWQ), hub repo id, or .gguf file.")],
     out: Annotated[Path, typer.Argument(help="Output folder for dense safetensors.")],
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="bfloat16, float16 or float32 (default: the dtype the checkpoint records).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", click_type=DTYPES, help="Dense dtype. \\[default: the dtype the checkpoint records; bfloat16 for a .gguf (float32 for its exact values)]")] = None,
     max_shard_size: ShardSize = "5GB",
     force: ForceFlag = False,
     resume: Resume = False,
@@ -181,12 +280,12 @@ def dequantize(
     revision: Revision = None,
 ) -> None:
     """Turn a quantized checkpoint back into dense safetensors (e.g. to fine-tune it)."""
-    from quantkit import pipeline
+    import quantkit.commands as qk
 
     with user_errors():
         with progress_bar(not json_out, "dequantize") as progress:
-            result = pipeline.dequantize(src, out, dtype=dtype, max_shard_size=parse_size(max_shard_size), force=force,
-                                         revision=revision, progress=progress, resume=resume)
+            result = qk.dequantize(src, out, dtype, max_shard_size=max_shard_size, force=force, revision=revision,
+                                   progress=progress, resume=resume)
         s = result.summary
         emit_result(result, json_out, f"{s.get('dequantized', s.get('tensors', 0))} tensors dequantized"
                                           f"{' to ' + s['dtype'] if s.get('dtype') else ''}, {s['output_bytes'] / 1e6:.1f} MB")
@@ -196,21 +295,26 @@ def dequantize(
 def convert(
     src: Annotated[str, typer.Argument(help="Checkpoint folder, hub repo id, or a .gguf file.")],
     out: Annotated[Path, typer.Argument(help="A .gguf file for --to gguf, else a folder.")],
-    to: Annotated[str, typer.Option("--to", help="gguf, safetensors, gptq-v1 or gptq-v2.")],
-    gguf_type: Annotated[str, typer.Option("--gguf-type", help="F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K or Q6_K.")] = "F16",
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="safetensors output: float32, float16 or bfloat16.")] = None,
+    to: Annotated[str, typer.Option("--to", click_type=RegistryChoice(_targets), help="Target format.")],
+    gguf_type: GGUFType = "F16",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", click_type=DTYPES, help="--to safetensors: dense dtype. \\[default: bfloat16 from a .gguf (float32 for its exact values); the checkpoint's own from .bin]")] = None,
     max_shard_size: ShardSize = "5GB",
+    dry_run: DryRun = False,
     force: ForceFlag = False,
     json_out: JsonFlag = False,
     revision: Revision = None,
 ) -> None:
     """Convert between formats: safetensors -> GGUF, GGUF or PyTorch .bin -> safetensors, GPTQ v1 <-> v2 zero points."""
-    from quantkit import pipeline
+    import quantkit.commands as qk
 
     with user_errors():
+        if dry_run:
+            print_plan(qk.convert(src, out, to, gguf_type=gguf_type, dtype=dtype, dry_run=True, force=force,
+                                  revision=revision, max_shard_size=max_shard_size), json_out)
+            return
         with progress_bar(not json_out, f"convert to {to}") as progress:
-            result = pipeline.convert(src, out, to, gguf_type=gguf_type, dtype=dtype, force=force, revision=revision,
-                                      max_shard_size=parse_size(max_shard_size), progress=progress)
+            result = qk.convert(src, out, to, gguf_type=gguf_type, dtype=dtype, force=force, revision=revision,
+                                max_shard_size=max_shard_size, progress=progress)
         s = result.summary
         emit_result(result, json_out, f"{s['tensors']} tensors, {s['output_bytes'] / 1e6:.1f} MB")
 
@@ -219,25 +323,45 @@ def convert(
 def verify(
     path: Annotated[Path, typer.Argument(help="Checkpoint folder or .gguf file to check.")],
     reference: Annotated[Optional[str], typer.Option("--reference", help="Dense source to compare each layer with.")] = None,
-    max_error: Annotated[Optional[float], typer.Option("--max-error", help="Largest relative weight error per layer (default per scheme).")] = None,
+    max_error: Annotated[Optional[float], typer.Option("--max-error", help="Largest relative weight error per layer. \\[default: per scheme]")] = None,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write a JUnit XML report here.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every layer, not only the worst and the failures.")] = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Check a checkpoint: structure, quantization companions, values, size, and layers against a reference.
     Exit 0 when all pass, 1 when a problem is found."""
-    from quantkit import verify as checks
+    import quantkit.commands as qk
 
     with user_errors():
-        report = checks.verify(path, reference, max_error)
+        with progress_bar(not json_out, "verify") as progress:
+            report = qk.verify(path, reference, max_error, progress=progress)
         if junit:
-            checks.write_junit(report, junit)
+            from quantkit.verification import write_junit
+
+            write_junit(report, junit)
         if json_out:
             emit_json(report.as_dict())
         else:
             from quantkit.render import print_report
 
-            print_report(report)
+            print_report(report, verbose)
     raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def formats(json_out: JsonFlag = False) -> None:
+    """List what quantkit reads and writes: methods and their defaults, quant_methods it reads back, file
+    formats, convert targets, GGUF types and architectures."""
+    import quantkit.commands as qk
+
+    with user_errors():
+        data = qk.formats()
+        if json_out:
+            emit_json(data)
+        else:
+            from quantkit.render import print_formats
+
+            print_formats(data)
 
 
 def main() -> None:

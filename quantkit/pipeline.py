@@ -7,11 +7,13 @@ chunks (quantkit.io.stream).
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from quantkit import api, methods
 from quantkit.dtypes import NAME_OF
 from quantkit.errors import QuantkitError
+from quantkit.io.card import write_card
 from quantkit.io.safetensors import CheckpointWriter, ShardReader, TensorInfo
 from quantkit.io.source import HUB_PATTERNS, Checkpoint, open_checkpoint, resolve
 from quantkit.io.staged import (
@@ -25,22 +27,30 @@ from quantkit.io.staged import (
 )
 from quantkit.io.stream import Entry, Progress, ShardWeight, TensorReads, copy_tensor, no_progress, ordered, stream_entries
 from quantkit.io.torchpickle import TORCH_INDEX
-from quantkit.plan import Plan, make_dequant_plan, make_plan, quantizer_for
+from quantkit.plan import Plan, make_dequant_plan, make_plan, plan_warnings, quantizer_for
 
 Result = api.Result
 
 
-def prepare_quantize(src: str, options: api.Options, revision: str | None = None) -> tuple[Checkpoint, Plan]:
+def quantization_tags(config: dict) -> list[str]:
+    """Hub tags from a quantization_config as transformers reads it: its quant_method and bit width."""
+    bits = config.get("bits") or (4 if config.get("load_in_4bit") else 8 if config.get("load_in_8bit") else None)
+    return [str(config.get("quant_method"))] + ([f"{bits}-bit"] if isinstance(bits, int) else [])
+
+
+def prepare_quantize(src: str, options: api.Options, revision: str | None = None, skip_source: str = "--skip",
+                     refusals: bool = False) -> tuple[Checkpoint, Plan]:
     """detect + plan: everything cheap is validated here, before a weight is read."""
     checkpoint = open_checkpoint(resolve(src, revision))
-    plan = make_plan(checkpoint, options)
+    plan = make_plan(checkpoint, options, skip_source, refusals)
     plan.entries = ordered(checkpoint, plan.entries)
     return checkpoint, plan
 
 
 def quantize(src: str, out: Path, options: api.Options, force: bool = False, revision: str | None = None,
-             progress: Progress = no_progress, resume: bool = False) -> Result:
-    checkpoint, plan = prepare_quantize(src, options, revision)
+             progress: Progress = no_progress, resume: bool = False, skip_source: str = "--skip") -> Result:
+    """Quantize `src` into the folder `out`; `skip_source` is where options.skip came from (for warnings)."""
+    checkpoint, plan = prepare_quantize(src, options, revision, skip_source)
     check_output(checkpoint.root, out, force)
     check_free_space(out, plan.output_bytes)
     quantizer = quantizer_for(options.method)
@@ -53,7 +63,13 @@ def quantize(src: str, out: Path, options: api.Options, force: bool = False, rev
 
     def finish(folder: Path) -> list[str]:
         write_config(folder, {**checkpoint.config, "quantization_config": plan.quantization_config})
-        return copy_side_files(checkpoint, folder)
+        side = copy_side_files(checkpoint, folder)
+        # how the bytes were made (backend, device) is not part of what they are: the card leaves it out
+        settings = {"method": options.method, **{k: v for k, v in asdict(options).items()
+                                                 if k not in ("method", "max_shard_size", "backend", "device")}}
+        card = write_card(folder, src, checkpoint.root, f"quantized to {options.method}",
+                          [options.method, "quantized", *quantization_tags(plan.quantization_config)], settings)
+        return [*(f for f in side if f != card), card]
 
     files, side = write_staged(out, plan.outputs, options.max_shard_size,
                                lambda writer: stream_entries(checkpoint, plan.entries, writer, handle, progress), finish,
@@ -71,12 +87,7 @@ def quantize(src: str, out: Path, options: api.Options, force: bool = False, rev
         "output_bytes": bytes_on_disk(out, files),
         "side_files": side,
     }
-    warnings = [f"warning: --skip {glob!r} matched no linear module" for glob in plan.unmatched_skips]
-    if plan.unfit_modules:
-        reasons = "; ".join(sorted(set(plan.unfit_modules.values())))
-        warnings.append(f"warning: {len(plan.unfit_modules)} module(s) kept dense, {options.method} cannot hold them "
-                        f"({reasons}): {', '.join(sorted(plan.unfit_modules))}")
-    return Result(out, files, summary, warnings)
+    return Result(out, files, summary, plan_warnings(plan, skip_source))
 
 
 
@@ -105,7 +116,10 @@ def dequantize(src: str, out: Path, dtype: str | None = None, max_shard_size: in
 
     def finish(folder: Path) -> list[str]:
         write_config(folder, {k: v for k, v in checkpoint.config.items() if k != "quantization_config"})
-        return copy_side_files(checkpoint, folder, dense=True)
+        side = copy_side_files(checkpoint, folder, dense=True)
+        card = write_card(folder, src, checkpoint.root, f"dequantized from {dequantizer.quant_method} to "
+                          f"{NAME_OF[dense_dtype]}", ["dequantized"], {"from": dequantizer.quant_method, "dtype": NAME_OF[dense_dtype]})
+        return [*(f for f in side if f != card), card]
 
     files, _ = write_staged(out, outputs, max_shard_size,
                             lambda writer: stream_entries(checkpoint, entries, writer, handle, progress), finish,

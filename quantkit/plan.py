@@ -21,7 +21,7 @@ from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor
 from quantkit.io.source import Checkpoint
 from quantkit.io.stream import Entry
-from quantkit.modules import NON_PERSISTENT, head_modules, is_conv1d, is_linear_weight, matches, module_of
+from quantkit.modules import HEAD_LEAVES, NON_PERSISTENT, head_modules, is_conv1d, is_linear_weight, leaf, matches, module_of
 
 
 def quantizer_for(method: str) -> api.Quantizer:
@@ -114,8 +114,10 @@ def merge_options(recipe: dict, flags: dict, recipe_path: Path | None = None) ->
     return quantizer.options(**values)
 
 
-def make_plan(checkpoint: Checkpoint, options: api.Options) -> Plan:
-    """Every tensor's fate and output spec for quantizing `checkpoint` with `options`. Reads no data."""
+def make_plan(checkpoint: Checkpoint, options: api.Options, skip_source: str = "--skip", refusals: bool = False) -> Plan:
+    """Every tensor's fate, with its reason, and output spec for quantizing `checkpoint` with `options`.
+    Reads no data. A weight the method cannot hold (a width that does not fit its groups) is refused,
+    naming the tensor; with `refusals` such weights stay in the plan as fate "refuse" (for --dry-run)."""
     if checkpoint.quantization_config is not None:
         method = checkpoint.quantization_config.get("quant_method", "unknown")
         raise QuantkitError(
@@ -132,11 +134,18 @@ def make_plan(checkpoint: Checkpoint, options: api.Options) -> Plan:
         module = module_of(name)
         if name.endswith(NON_PERSISTENT):
             entries.append(Entry(name, "drop", module, reason="non-persistent buffer; transformers does not save it"))
-        elif is_linear_weight(name, info) and module not in heads:
-            if matches(module, options.skip):
-                skipped.add(module)
-                entries.append(Entry(name, "keep", module, (OutputTensor(name, info.dtype, info.shape),), reason="skipped"))
-                continue
+            continue
+        kept = (OutputTensor(name, info.dtype, info.shape),)
+        if not is_linear_weight(name, info):
+            entries.append(Entry(name, "keep", module, kept, reason=_why_not_linear(name, info)))
+        elif module in heads:
+            why = "output head" if leaf(module) in HEAD_LEAVES else "tied to the input embeddings"
+            entries.append(Entry(name, "keep", module, kept, reason=f"{why}; transformers keeps it dense"))
+        elif matches(module, options.skip):
+            skipped.add(module)
+            glob = next(g for g in options.skip if matches(module, (g,)))
+            entries.append(Entry(name, "keep", module, kept, reason=f"skipped: matches {glob!r} from {skip_source}"))
+        else:
             transposed = is_conv1d(checkpoint.config, module)
             shape = info.shape[::-1] if transposed else info.shape
             if math.prod(shape) == 0:
@@ -145,11 +154,15 @@ def make_plan(checkpoint: Checkpoint, options: api.Options) -> Plan:
                 outputs = tuple(quantizer.layout(module, shape, info.dtype, options))
             except api.Unfit as e:
                 unfit[module] = str(e)
-                entries.append(Entry(name, "keep", module, (OutputTensor(name, info.dtype, info.shape),), reason=str(e)))
+                entries.append(Entry(name, "keep", module, kept, reason=f"kept dense: {e}"))
                 continue
-            entries.append(Entry(name, "quantize", module, outputs, transposed))
-        else:
-            entries.append(Entry(name, "keep", module, (OutputTensor(name, info.dtype, info.shape),)))
+            except QuantkitError as e:
+                if not refusals:
+                    raise
+                entries.append(Entry(name, "refuse", module, kept, reason=e.message + (f" ({e.hint})" if e.hint else "")))
+                continue
+            reason = f"linear weight {shape[0]}x{shape[1]}" + (" (GPT-2 Conv1D, transposed)" if transposed else "")
+            entries.append(Entry(name, "quantize", module, outputs, transposed, reason=reason))
     if not any(e.fate == "quantize" for e in entries):
         raise QuantkitError(f"{checkpoint.root}: no linear weights to quantize", "check --skip and the model's tensors")
     # transformers writes null when nothing is skipped; a user-given list replaces the default, so it
@@ -159,6 +172,34 @@ def make_plan(checkpoint: Checkpoint, options: api.Options) -> Plan:
     config = quantizer.config(options, skipped_list, heads)
     unmatched = [g for g in options.skip if not any(matches(m, (g,)) for m in skipped)]
     return Plan(options.method, options, entries, config, sorted(skipped), unmatched, unfit)
+
+
+def _why_not_linear(name: str, info) -> str:
+    if info.dtype not in FLOATS:
+        return f"not a float tensor ({info.dtype})"
+    if len(info.shape) == 2 and name.endswith(".weight"):
+        return "embedding"
+    if name.endswith(".bias"):
+        return "bias"
+    return f"not a linear weight ({len(info.shape)}-D)"
+
+
+def plan_warnings(plan: Plan, skip_source: str = "--skip") -> list[str]:
+    """Modules the method cannot hold (kept dense), in one warning; globs given with --skip that matched
+    nothing, one warning each. A recipe names modules of several families, so its globs warn only when
+    none of them matched (then the recipe does not fit the model)."""
+    warnings = []
+    if plan.unfit_modules:
+        reasons = "; ".join(sorted(set(plan.unfit_modules.values())))
+        warnings.append(f"warning: {len(plan.unfit_modules)} module(s) kept dense, {plan.method} cannot hold them "
+                        f"({reasons}): {', '.join(sorted(plan.unfit_modules))}")
+    if not plan.unmatched_skips:
+        return warnings
+    if skip_source == "--skip":
+        return warnings + [f"warning: --skip {glob!r} matched no linear module" for glob in plan.unmatched_skips]
+    if len(plan.unmatched_skips) < len(plan.options.skip):
+        return warnings
+    return warnings + [f"warning: {skip_source}: none of its skip globs ({', '.join(plan.unmatched_skips)}) matched a linear module"]
 
 
 def source_bytes(checkpoint: Checkpoint) -> int:

@@ -105,7 +105,7 @@ def test_a_skip_glob_that_matches_nothing_is_reported(models, tmp_path, cli):
 
 
 def test_a_flag_the_method_lacks_is_refused(models, tmp_path, cli):
-    for args, flag in ((["--method", "nf4", "--bits", "3"], "--bits"), (["--method", "int8", "--group-size", "32", "--format", "v1"], "--group-size"),
+    for args, flag in ((["--method", "nf4", "--bits", "4"], "--bits"), (["--method", "int8", "--group-size", "32", "--format", "v1"], "--group-size"),
                        (["--method", "gptq", "--double-quant"], "--double-quant"), (["--method", "gptq", "--device", "cuda"], "--device")):
         code, _, err = cli("quantize", models["llama"], tmp_path / "q", *args)
         assert code == 2 and f"{flag} does not apply to method" in err and len(err.strip().splitlines()) == 1, (args, err)

@@ -147,7 +147,7 @@ def test_verify_fails_a_missing_companion(models, tmp_path, cli):
 @pytest.mark.parametrize(
     "flags,message",
     [(["--group-size", "128"], "model.layers.0.mlp.down_proj.weight: 160 input features are not a multiple of group size 128"),
-     (["--bits", "3"], "--bits 3"), (["--format", "v3"], "--format v3"), (["--backend", "torch"], "--backend torch")],
+     (["--bits", "3"], "'--bits': '3' is not one of '2', '4', '8'"), (["--format", "v3"], "'--format': 'v3' is not one of 'v1', 'v2'"), (["--backend", "torch"], "--backend torch")],
 )  # fmt: skip
 def test_bad_settings_are_refused_before_writing(models, tmp_path, cli, flags, message):
     code, _, err = cli("quantize", models["llama"], tmp_path / "q", "--method", "gptq", *flags)

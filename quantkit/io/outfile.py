@@ -76,12 +76,12 @@ class OutputFile:
         flags = os.O_WRONLY | os.O_CREAT | (0 if keep else os.O_TRUNC)
         self.direct = bool(_DIRECT)
         try:
-            self._fd = os.open(path, flags | _DIRECT)
+            self._fd = os.open(path, flags | _DIRECT, 0o666)  # 0644 under the usual umask, like open()
         except OSError as e:
             if e.errno != errno.EINVAL or not self.direct:
                 raise
             self.direct = False
-            self._fd = os.open(path, flags)
+            self._fd = os.open(path, flags, 0o666)
         self._buffers = [mmap.mmap(-1, BUFFER) for _ in range(DEPTH)]  # anonymous maps are page aligned
         self._views = [np.frombuffer(b, np.uint8) for b in self._buffers]
         self._current = 0

@@ -227,6 +227,23 @@ def encode_header(tensors: list[OutputTensor], sizes: dict[str, int] | None = No
     return struct.pack("<Q", len(raw)) + raw
 
 
+def index_text(weight_map: dict[str, str], total_size: int) -> str:
+    """model.safetensors.index.json as CheckpointWriter writes it."""
+    return json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
+
+
+def planned_files(tensors: list[OutputTensor], max_shard_size: int) -> dict[str, int]:
+    """The files CheckpointWriter writes for `tensors` and their bytes (exact unless a tensor is variable:
+    then at most), without writing anything."""
+    shards = assign_shards(tensors, max_shard_size)
+    names = shard_names(len(shards))
+    files = {name: len(encode_header(shard)) + sum(t.nbytes for t in shard) for name, shard in zip(names, shards)}
+    if len(names) > 1:
+        weight_map = {t.name: name for name, shard in zip(names, shards) for t in shard}
+        files[INDEX_NAME] = len(index_text(weight_map, sum(t.nbytes for t in tensors)).encode())
+    return files
+
+
 class CheckpointWriter:
     """Streams planned tensors into bounded shards inside `folder`, in plan order, chunk by chunk.
 
@@ -333,8 +350,7 @@ class CheckpointWriter:
         files = list(self.names)
         if len(self.names) > 1:
             weight_map = {t.name: self.names[i] for i, t in self._queue}
-            index = {"metadata": {"total_size": sum(self._sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            (self.folder / INDEX_NAME).write_text(index_text(weight_map, sum(self._sizes.values())))
             files.append(INDEX_NAME)
         return files
 

@@ -41,7 +41,7 @@ THEIRS = {  # name -> worker arguments after OUT
 
 def worker(*args: object) -> None:
     if not GPTQ_PYTHON.exists():
-        pytest.skip(f"{GPTQ_PYTHON} is missing: make test-clients installs GPTQModel there")
+        pytest.fail(f"{GPTQ_PYTHON} is missing: make test-clients installs GPTQModel there")
     env = {**os.environ, "TORCH_COMPILE_DISABLE": "1", "GPTQMODEL_CPU_WORKERS": "2"}
     command = [str(GPTQ_PYTHON), str(WORKER), *map(str, args)]
     run = subprocess.run(command, check=False, capture_output=True, text=True, env=env)

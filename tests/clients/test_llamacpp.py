@@ -24,7 +24,16 @@ from quantkit.methods.gguf import types as ggml
 from tests.gguf_checkpoints import make_checkpoint
 
 pytestmark = pytest.mark.clients
-llama_cpp = pytest.importorskip("llama_cpp")
+try:
+    import llama_cpp
+except ImportError:  # collected by plain `make test` too (deselected there); a clients run must fail
+    llama_cpp = None
+
+
+@pytest.fixture(autouse=True)
+def _client_installed():
+    if llama_cpp is None:
+        pytest.fail("llama_cpp is not installed: `make test-clients` installs llama-cpp-python (scripts/install_clients.py)")
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,9 @@ from quantkit.numerics import CHUNK_ELEMENTS
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 STORAGE_DTYPES = {"uint8": "U8", "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-QUANT_STATE_MAX = 256  # bytes reserved for the quant_state JSON; its length depends on the offset's digits
+# With double quantization the quant_state JSON holds the absmax mean, whose digits vary: the layout
+# reserves room for the longest float repr (a float32 value never needs more).
+LONGEST_OFFSET = -1.2345678901234567e-45
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,12 @@ class BitsAndBytes:
     options = BnbOptions
 
     def presets(self) -> dict[str, BnbOptions]:
-        return {method: BnbOptions(method=method) for method in self.methods}
+        presets = {}
+        for method in self.methods:
+            presets[method] = BnbOptions(method=method)
+            if method != "int8":
+                presets[f"{method}-dq"] = BnbOptions(method=method, double_quant=True)
+        return presets
 
     def check(self, options: BnbOptions) -> None:
         if options.blocksize != 64:
@@ -120,7 +127,11 @@ class BitsAndBytes:
         if packed_bytes % dtypes.itemsize(storage):
             raise QuantkitError(f"'{weight}': {packed_bytes} packed bytes do not fill whole {options.quant_storage} values")
         outputs[0] = OutputTensor(weight, storage, (packed_bytes // dtypes.itemsize(storage), 1))
-        outputs.append(OutputTensor(f"{weight}.{quant_state_key(options.method)}", "U8", (QUANT_STATE_MAX,), variable=True))
+        # Exact without double quantization; with it, the most the offset's digits can take (variable).
+        offset = LONGEST_OFFSET if options.double_quant else None
+        state = quant_state_json(options.method, options.blocksize, dtypes.NAME_OF[source_dtype], shape, offset)
+        outputs.append(OutputTensor(f"{weight}.{quant_state_key(options.method)}", "U8", (len(state),),
+                                    variable=options.double_quant))
         return outputs
 
     def config(self, options: BnbOptions, skipped: list[str], head: list[str]) -> dict:

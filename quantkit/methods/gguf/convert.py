@@ -16,9 +16,10 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
-from quantkit.api import ConvertRequest, Result, first_of
+from quantkit.api import ConvertRequest, PlannedTensor, Preview, Result, first_of
 from quantkit.dtypes import BY_NAME, from_float32
 from quantkit.errors import QuantkitError
+from quantkit.io.card import write_card
 from quantkit.io.safetensors import OutputTensor, ShardReader, TensorInfo, iter_row_chunks
 from quantkit.io.source import Checkpoint, open_checkpoint, resolve
 from quantkit.io.staged import bytes_on_disk, check_file_output, check_free_space, check_output, write_config, write_staged
@@ -100,6 +101,18 @@ class GGUFReport:
     warnings: list[str]
 
 
+def _metadata(checkpoint: Checkpoint, plan: GGUFPlan, vocab) -> Callable:
+    def add_metadata(writer) -> None:
+        writer.add_name(checkpoint.root.name)
+        gf.write_hyper(writer, plan.hyper)
+        writer.add_file_type(int(TYPES[plan.qtype].file_type))
+        writer.add_quantization_version(2)
+        if vocab is not None:
+            vocab.write(writer)
+
+    return add_metadata
+
+
 def _source_rows(reader: ShardReader, info: TensorInfo, permute_heads: int) -> Iterator[np.ndarray]:
     """Row chunks of a source tensor as stored; Q/K with a head permutation are read whole (rows move)."""
     if permute_heads:
@@ -122,15 +135,7 @@ def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
     warnings: list[str] = []
     if plan.missing:
         warnings.append(f"llama.cpp will not load this GGUF: {first_of(plan.missing)}")
-    vocab = read_vocab(checkpoint.root, checkpoint.config, warnings)
-
-    def add_metadata(writer) -> None:
-        writer.add_name(checkpoint.root.name)
-        gf.write_hyper(writer, plan.hyper)
-        writer.add_file_type(int(TYPES[qtype].file_type))
-        writer.add_quantization_version(2)
-        if vocab is not None:
-            vocab.write(writer)
+    add_metadata = _metadata(checkpoint, plan, read_vocab(checkpoint.root, checkpoint.config, warnings))
 
     def chunks():
         reader: ShardReader | None = None
@@ -167,8 +172,7 @@ class FromGGUF:
     def chunks(self, hf_name: str, max_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
         """float32 row chunks of one tensor, in HF order (Q/K, whose rows move, come whole)."""
         t = self.names[hf_name]
-        arch = gf.BY_GGUF_ARCH[self.file.metadata["general.architecture"]]
-        heads = gf.permuted_heads(arch, hf_name, self.config["num_attention_heads"], self.config["num_key_value_heads"])
+        heads = self.permuted(hf_name)
         if heads:
             yield gf.unpermute_qk(dequantize_rows(self.file, t).reshape(t.shape), heads)
             return
@@ -176,6 +180,16 @@ class FromGGUF:
         step = max(1, max_bytes // (4 * t.shape[-1]))
         for start in range(0, n_rows, step):
             yield dequantize_rows(self.file, t, start, start + step)
+
+    def permuted(self, hf_name: str) -> int:
+        """The head count Q/K rows are permuted with between HF and GGUF order (0: not permuted)."""
+        arch = gf.BY_GGUF_ARCH[self.file.metadata["general.architecture"]]
+        return gf.permuted_heads(arch, hf_name, self.config["num_attention_heads"], self.config["num_key_value_heads"])
+
+    def to_stored_order(self, hf_name: str, values: np.ndarray) -> np.ndarray:
+        """A tensor in HF order (any dtype) rearranged to the GGUF's row order."""
+        heads = self.permuted(hf_name)
+        return gf.permute_qk(values, heads) if heads else values
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(HF name, whole float32 tensor) one at a time."""
@@ -192,9 +206,10 @@ def dequantize_rows(file: gf.GGUFFile, t: gf.GGUFTensor, start: int = 0, stop: i
 
 
 def default_dtype(file: gf.GGUFFile) -> str:
-    """float16 or bfloat16 when every matrix is stored so, else float32."""
+    """float16 when every matrix is stored so, else bfloat16 (half the bytes of float32, the range of the
+    model; `--dtype float32` keeps the dequantized values exactly)."""
     kinds = {t.qtype for t in file.tensors if len(t.shape) >= 2}
-    return {frozenset({QType.F16}): "float16", frozenset({QType.BF16}): "bfloat16"}.get(frozenset(kinds), "float32")
+    return "float16" if kinds == {QType.F16} else "bfloat16"
 
 
 def from_gguf(path: Path, dtype: str | None = None) -> FromGGUF:
@@ -236,6 +251,37 @@ def convert_to_gguf(request: ConvertRequest, progress: Progress) -> Result:
                   [f"warning: {line}" for line in r.fallbacks + r.warnings])
 
 
+def preview_gguf(request: ConvertRequest) -> Preview:
+    """What `convert SRC OUT.gguf --to gguf --gguf-type T` would write: each tensor's GGUF name and type
+    (fallbacks named), the file's exact bytes (metadata and vocabulary included). Reads no weight data."""
+    qtype = parse_type(request.gguf_type)
+    checkpoint = open_checkpoint(resolve(request.src, request.revision))
+    if checkpoint.quantization_config is not None:
+        raise QuantkitError(f"{request.src}: is already quantized ({checkpoint.quantization_config.get('quant_method')})",
+                            "dequantize it first: quantkit dequantize SRC DENSE")
+    plan = plan_gguf(checkpoint.config, {n: i.shape for n, i in checkpoint.tensors.items()}, qtype)
+    warnings: list[str] = [f"llama.cpp will not load this GGUF: {first_of(plan.missing)}"] if plan.missing else []
+    add_metadata = _metadata(checkpoint, plan, read_vocab(checkpoint.root, checkpoint.config, warnings))
+    outputs = [e.out for e in plan.entries]
+    tensors = []
+    for e in plan.entries:
+        reason = e.out.qtype.name + (" (1-D or norm: F32, as llama.cpp keeps them)" if e.out.qtype == QType.F32 and qtype != QType.F32 else "")
+        reason += " instead of " + qtype.name if e.out.qtype not in (qtype, QType.F32) else ""
+        reason += f", Q/K rows permuted for {e.permute_heads} heads" if e.permute_heads else ""
+        tensors.append(PlannedTensor(e.hf_name, "convert", reason, [{"name": e.out.name, "dtype": e.out.qtype.name,
+                                                                   "shape": list(e.out.shape), "nbytes": e.out.nbytes}]))
+    whole = max((4 * math.prod(checkpoint.tensors[e.hf_name].shape) for e in plan.entries if e.permute_heads), default=0)
+    name = Path(request.out).name if request.out else "model.gguf"
+    return Preview(f"gguf {qtype.name}", tensors, {name: gf.gguf_file_bytes(plan.arch.gguf_arch, add_metadata, outputs)},
+                   working_bytes=max(3 * whole, 4 * CHUNK_BYTES),
+                   warnings=[f"warning: {line}" for line in plan.fallbacks + warnings], settings={"gguf_type": qtype.name})
+
+
+def gguf_presets() -> dict[str, dict]:
+    """inspect's size table: every type quantkit writes."""
+    return {f"gguf-{name}": {"gguf_type": name} for name in GGUF_TYPES}
+
+
 def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: bool = False,
                         max_shard_size: int = 5 * 10**9, progress: Progress | None = None) -> Result:
     """`convert MODEL.gguf OUT --to safetensors` / `dequantize MODEL.gguf OUT`: HF names, config.json,
@@ -263,7 +309,10 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
 
     def finish(folder: Path) -> list[str]:
         write_config(folder, conv.config)
-        return ["config.json", *write_tokenizer_files(conv, folder)]
+        card = write_card(folder, str(src), None, f"converted from GGUF ({Path(src).name}) to {dtype}",
+                          ["gguf", "dequantized"], {"from": "gguf", "file_type": conv.file.metadata.get("general.file_type"),
+                                                    "dtype": dtype})
+        return ["config.json", *write_tokenizer_files(conv, folder), card]
 
     files, extra = write_staged(out, outputs, max_shard_size, fill, finish)
     files += extra

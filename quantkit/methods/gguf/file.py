@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import struct
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -467,22 +468,47 @@ class GGUFOutput:
         return math.prod(self.shape) // block * size
 
 
+def _writer(arch: str, add_metadata: Callable[[GGUFWriter], None], tensors: list[GGUFOutput]) -> GGUFWriter:
+    writer = GGUFWriter(None, arch)
+    add_metadata(writer)
+    for t in tensors:
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    return writer
+
+
+def _write_head(writer: GGUFWriter, path: Path):
+    """Header, metadata and tensor infos into `path`; returns the open file, flushed."""
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    fp = writer.fout[0]
+    fp.flush()
+    return fp
+
+
+def gguf_file_bytes(arch: str, add_metadata: Callable[[GGUFWriter], None], tensors: list[GGUFOutput]) -> int:
+    """The bytes write_gguf writes for these tensors and metadata, exactly, without their data (the head
+    goes to a scratch file)."""
+    writer = _writer(arch, add_metadata, tensors)
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            position = _write_head(writer, Path(scratch) / "head.gguf").tell()
+        finally:
+            writer.close()
+    for t in tensors:
+        position += -position % writer.data_alignment + t.nbytes
+    return position + -position % writer.data_alignment
+
+
 def write_gguf(out: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
                tensors: list[GGUFOutput], chunks: Iterable[tuple[GGUFOutput, Iterator[np.ndarray]]]) -> int:
     """Write header, metadata and tensor infos, then each tensor's data from its chunk iterator as it is
     produced, into a temporary file beside `out` that replaces `out` only when complete. Returns bytes."""
     out = Path(out)
     tmp = partial_name(out)  # verify spots leftovers
-    writer = GGUFWriter(None, arch)
-    add_metadata(writer)
-    for t in tensors:
-        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    writer = _writer(arch, add_metadata, tensors)
     try:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        fp = writer.fout[0]
-        fp.flush()
+        fp = _write_head(writer, tmp)
         data = OutputFile(tmp, keep=fp.tell())  # tensor data goes out from a thread, bypassing the page cache
         try:
             for t, parts in chunks:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantkit import api
-from quantkit.io.stream import Progress
+from quantkit.io.stream import Progress, no_progress
 
 
 class GGUFFormat:
@@ -23,10 +23,10 @@ class GGUFFormat:
 
         return file.inspect_file(path)
 
-    def verify(self, path: Path, reference: str | None, max_error: float | None) -> api.Report:
+    def verify(self, path: Path, reference: str | None, max_error: float | None, progress: Progress = no_progress) -> api.Report:
         from quantkit.methods.gguf import verify  # imports gguf-py
 
-        return verify.verify_gguf(path, reference, max_error)
+        return verify.verify_gguf(path, reference, max_error, progress)
 
     def to_dense(self, src: str, path: Path, out: Path, dtype: str | None, force: bool, max_shard_size: int,
                  progress: Progress) -> api.Result:
@@ -42,4 +42,23 @@ def convert_to_gguf(request: api.ConvertRequest, progress: Progress) -> api.Resu
 
 
 api.register_file_format(GGUFFormat())
-api.register_converter("gguf", convert_to_gguf)
+def preview_gguf(request: api.ConvertRequest) -> api.Preview:
+    from quantkit.methods.gguf import convert  # imports gguf-py
+
+    return convert.preview_gguf(request)
+
+
+def gguf_presets() -> dict[str, dict]:
+    from quantkit.methods.gguf import convert  # imports gguf-py
+
+    return convert.gguf_presets()
+
+
+def describe_gguf() -> dict:
+    from quantkit.methods.gguf import file, types  # imports gguf-py
+
+    return {"reads": "safetensors folder", "writes": ".gguf file", "gguf_types": list(types.GGUF_TYPES),
+            "architectures": sorted(file.ARCHITECTURES), "back": "dequantize / convert --to safetensors (bfloat16 by default)"}
+
+
+api.register_converter("gguf", convert_to_gguf, preview_gguf, gguf_presets, describe_gguf)

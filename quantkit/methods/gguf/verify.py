@@ -3,6 +3,8 @@ and with a reference checkpoint each tensor's relative error. Damage is a failed
 
 from __future__ import annotations
 
+import contextlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +12,20 @@ import numpy as np
 from quantkit.api import Check, Layer, Report, check_leftovers, first_of
 from quantkit.dtypes import to_float32
 from quantkit.errors import QuantkitError
-from quantkit.io.safetensors import ShardReader
-from quantkit.io.source import Checkpoint, open_checkpoint, resolve
+from quantkit.io.safetensors import ShardReader, TensorInfo
+from quantkit.io.source import open_checkpoint, resolve
+from quantkit.io.stream import Progress, no_progress
 from quantkit.methods.gguf import file as gf
-from quantkit.methods.gguf.convert import from_gguf
+from quantkit.methods.gguf.convert import CHUNK_BYTES, FromGGUF, dequantize_rows, from_gguf
 from quantkit.methods.gguf.types import TYPES
-from quantkit.numerics import relative_error
+from quantkit.numerics import error_figures
 
 
-def verify_gguf(path: Path, reference: str | None = None, max_error: float | None = None) -> Report:
+def verify_gguf(path: Path, reference: str | None = None, max_error: float | None = None,
+                progress: Progress = no_progress) -> Report:
     """verify's GGUF branch: leftovers, structure (offsets, sizes, alignment, names, metadata), finite
-    values, and with a reference checkpoint each tensor's relative error. Damage is a failed check."""
+    values, and with a reference checkpoint each tensor's relative error. Damage is a failed check.
+    Tensor by tensor in row chunks: memory follows a chunk, never a whole dequantized tensor."""
     report = Report(str(path), [check_leftovers(Path(path))])
     try:
         conv = from_gguf(Path(path))
@@ -33,17 +38,18 @@ def verify_gguf(path: Path, reference: str | None = None, max_error: float | Non
     problems = wrong + missing
     report.checks.append(Check("metadata", not problems, first_of(problems, "tensor shapes agree with the sizes "
                                                                    "in the metadata")))
-    ref = None
-    if reference is not None:
-        ref = open_checkpoint(resolve(reference))
+    ref = open_checkpoint(resolve(reference)) if reference is not None else None
     not_finite = []
-    for name, values in conv.tensors():
-        t = conv.names[name]
-        if not np.isfinite(values).all():
+    done, total = 0, sum(t.nbytes for t in conv.names.values())
+    for name, t in conv.names.items():
+        bound = max_error if max_error is not None else TYPES[t.qtype].error_bound if t.qtype in TYPES else 0.15
+        layer = _scan(conv, name, ref.tensors.get(name) if ref is not None else None, bound)
+        if layer is None:
             not_finite.append(f"{t.name} ({t.qtype.name}) holds NaN or inf")
-        if ref is not None:
-            bound = max_error if max_error is not None else TYPES[t.qtype].error_bound if t.qtype in TYPES else 0.15
-            report.layers.append(_compare(name, t.qtype.name, values, ref, bound))
+        elif ref is not None:
+            report.layers.append(layer)
+        done += t.nbytes
+        progress(done, total, name)
     report.checks.append(Check("values", not not_finite, first_of(not_finite, "every tensor dequantizes to finite values")))
     if ref is not None:
         bad = [f"'{x.name}' differs from the reference beyond its bound" for x in report.layers if not x.ok]
@@ -53,11 +59,38 @@ def verify_gguf(path: Path, reference: str | None = None, max_error: float | Non
     return report
 
 
-def _compare(name: str, scheme: str, values: np.ndarray, ref: Checkpoint, bound: float) -> Layer:
-    info = ref.tensors.get(name)
-    if info is None or tuple(info.shape) != values.shape:
+def _scan(conv: FromGGUF, name: str, info: TensorInfo | None, bound: float) -> Layer | None:
+    """One tensor in stored row chunks: None when a value is not finite, else its error against `info`
+    (the reference tensor; a Layer with infinite error when it is missing or shaped otherwise)."""
+    t = conv.names[name]
+    scheme = t.qtype.name
+    if info is not None and tuple(info.shape) != tuple(t.shape):
+        info = None
+        mismatch = True
+    else:
+        mismatch = False
+    n_rows = math.prod(t.shape[:-1])
+    step = max(1, CHUNK_BYTES // (4 * t.shape[-1]))
+    norm = diff = 0.0
+    with contextlib.ExitStack() as stack:
+        reader = stack.enter_context(ShardReader(info.file)) if info is not None else None
+        expected_all = None
+        if reader is not None and (len(t.shape) != 2 or conv.permuted(name)):
+            # Q/K rows move between HF and GGUF order, and >2-D tensors have no shared row notion: the
+            # reference comes whole, in its own dtype (a fraction of the float32 values), in stored order.
+            expected_all = conv.to_stored_order(name, reader.read(info)).reshape(n_rows, t.shape[-1])
+        for start in range(0, n_rows, step):
+            stop = min(start + step, n_rows)
+            values = dequantize_rows(conv.file, t, start, stop).reshape(stop - start, t.shape[-1])
+            if not np.isfinite(values).all():
+                return None
+            if reader is None:
+                continue
+            rows = expected_all[start:stop] if expected_all is not None else reader.read_rows(info, start, stop)
+            expected = to_float32(rows, info.dtype).reshape(values.shape).astype(np.float64)
+            norm += float((expected * expected).sum())
+            diff += float(((expected - values) ** 2).sum())
+    if mismatch:
         return Layer(name, scheme, float("inf"), float("-inf"), bound, False)
-    with ShardReader(info.file) as reader:
-        expected = to_float32(reader.read(info), info.dtype)
-    rel, snr = relative_error(expected, values)
-    return Layer(name, scheme, rel, snr, bound, rel <= bound)
+    rel, snr = error_figures(math.sqrt(norm), math.sqrt(diff))
+    return Layer(name, scheme, rel, snr, bound, info is not None and rel <= bound)

@@ -47,7 +47,7 @@ class Gptq:
     options = GptqOptions
 
     def presets(self) -> dict[str, GptqOptions]:
-        return {}
+        return {f"gptq-{bits}bit-g128": GptqOptions(method="gptq", bits=bits, group_size=128) for bits in (4, 8)}
 
     def check(self, options: GptqOptions) -> None:
         if options.bits not in groupwise.SUPPORTED_BITS:

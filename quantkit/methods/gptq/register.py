@@ -8,5 +8,6 @@ from quantkit.methods.gptq.versions import convert_version
 api.register(Gptq())
 api.register_dequantizer(GptqReader())
 api.register_dequantizer(AwqReader())
-api.register_converter("gptq-v1", lambda request, progress: convert_version(request, "v1", progress))
-api.register_converter("gptq-v2", lambda request, progress: convert_version(request, "v2", progress))
+for _version in ("v1", "v2"):
+    api.register_converter(f"gptq-{_version}", lambda request, progress, version=_version: convert_version(request, version, progress),
+                           describe=lambda version=_version: {"reads": "GPTQ folder", "writes": f"GPTQ folder, {version} zero points"})

@@ -21,7 +21,7 @@ class TorchFormat:
     def inspect(self, path: Path) -> dict:
         return inspect(path)
 
-    def verify(self, path: Path, reference: str | None, max_error: float | None) -> None:
+    def verify(self, path: Path, reference: str | None, max_error: float | None, progress=None) -> None:
         return None  # verify's folder checks report that there are no safetensors
 
     def to_dense(self, src: str, path: Path, out: Path, dtype: str | None, force: bool, max_shard_size: int,

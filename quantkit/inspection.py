@@ -9,7 +9,8 @@ from quantkit import api, methods
 from quantkit.dtypes import FLOATS
 from quantkit.errors import QuantkitError
 from quantkit.io.source import Checkpoint, open_checkpoint, resolve
-from quantkit.plan import dequantizer_for, make_plan, num_parameters, source_bytes
+from quantkit.plan import dequantizer_for, num_parameters, source_bytes
+from quantkit.preview import size_table
 
 
 def describe_quantization(qc: dict | None) -> dict | None:
@@ -36,19 +37,6 @@ def logical_parameters(checkpoint: Checkpoint) -> int:
     return dense + sum(i.numel for n, i in checkpoint.tensors.items() if n not in quantized and i.dtype in FLOATS)
 
 
-def size_plan(checkpoint: Checkpoint) -> dict[str, int] | None:
-    if checkpoint.quantization_config is not None:
-        return None
-    sizes = {}
-    for quantizer in dict.fromkeys(api.QUANTIZERS.values()):
-        for label, options in quantizer.presets().items():
-            try:
-                sizes[label] = make_plan(checkpoint, options).output_bytes
-            except QuantkitError:
-                sizes[label] = None
-    return sizes
-
-
 def inspect(src: str, revision: str | None = None) -> dict:
     path = resolve(src, revision)
     methods.load()
@@ -58,6 +46,7 @@ def inspect(src: str, revision: str | None = None) -> dict:
     checkpoint = open_checkpoint(path)
     qc = checkpoint.quantization_config
     dtypes = Counter(info.dtype for info in checkpoint.tensors.values())
+    plans = size_table(checkpoint) if qc is None else []
     return {
         "path": str(checkpoint.root),
         "format": "safetensors",
@@ -70,7 +59,8 @@ def inspect(src: str, revision: str | None = None) -> dict:
         "quant_method": qc.get("quant_method") if qc else None,
         "quantization": describe_quantization(qc),
         "quantization_config": qc,
-        "plan_bytes": size_plan(checkpoint),
+        "plans": plans,
+        "plan_bytes": {row["label"]: row["output_bytes"] for row in plans},
         "tensors": [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in checkpoint.tensors.values()],
     }
 

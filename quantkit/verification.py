@@ -7,7 +7,6 @@ missing companion, a NaN, a layer that does not match its reference.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -18,7 +17,7 @@ from quantkit.api import Check, Dequantizer, Layer, Report, check_leftovers, fir
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import ShardReader, iter_row_chunks
 from quantkit.io.source import Checkpoint, open_checkpoint, read_config, resolve
-from quantkit.io.stream import TensorReads
+from quantkit.io.stream import Progress, TensorReads, no_progress
 from quantkit.modules import is_conv1d
 from quantkit.numerics import error_figures
 from quantkit.plan import dequantizer_for, quantizer_for
@@ -73,13 +72,13 @@ def check_size(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[s
     quantizer = quantizer_for(options.method)
     problems = []
     actual_total = predicted_total = 0
-    # The source dtype shapes some layouts (compressed-tensors stores scales in it): the dtype it decompresses to.
-    source = dtypes.BY_NAME.get(dequantizer.default_dtype(checkpoint, modules) or "float32", "F32")
+    # The dtype a checkpoint records (bnb) or decompresses to (compressed-tensors keeps scales in it) shapes layouts.
+    source_dtype = dtypes.BY_NAME.get(dequantizer.default_dtype(checkpoint, modules) or "", "F32")
     for module, names in modules.items():
         try:
             dense = dequantizer.layout(checkpoint, module, names, "F32")[0]
             shape = dense.shape[::-1] if is_conv1d(checkpoint.config, module) else dense.shape
-            predicted = quantizer.layout(module, shape, source, options)
+            predicted = quantizer.layout(module, shape, source_dtype, options)
         except QuantkitError as e:
             problems.append(e.message)
             continue
@@ -125,12 +124,15 @@ class _ErrorSink:
 
 
 def compare_layers(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[str, list[str]], reference: Path,
-                   max_error: float | None) -> list[Layer]:
+                   max_error: float | None, progress: Progress = no_progress) -> list[Layer]:
     ref = open_checkpoint(reference)
     scheme = dequantizer.scheme(checkpoint)
     bound = max_error if max_error is not None else dequantizer.error_bound(scheme)
     layers = []
+    done, total = 0, sum(checkpoint.tensors[n].nbytes for names in modules.values() for n in names)
     for module, names in modules.items():
+        done += sum(checkpoint.tensors[n].nbytes for n in names)
+        progress(done, total, module)
         dense = dequantizer.layout(checkpoint, module, names, "F32")[0]
         ref_info = ref.tensors.get(dense.name)
         if ref_info is None or ref_info.shape != dense.shape:
@@ -145,7 +147,9 @@ def compare_layers(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: di
 
 
 def verify(path: Path, reference: str | None = None, max_error: float | None = None,
-           progress: Callable[[str], None] = lambda name: None) -> Report:
+           progress: Progress = no_progress) -> Report:
+    """Every check on the checkpoint folder or file at `path`; a problem in it is a failed check. Bad input
+    (no such path, a file that is neither a checkpoint folder nor a known file format) raises."""
     if not path.exists():
         leftovers = check_leftovers(path)
         if leftovers.ok:
@@ -153,9 +157,12 @@ def verify(path: Path, reference: str | None = None, max_error: float | None = N
         return Report(str(path), [leftovers, Check("structure", False, f"{path} does not exist: the run never finished")])
     methods.load()
     file_format = api.file_format_of(path)
-    report = file_format.verify(path, reference, max_error) if file_format else None
+    report = file_format.verify(path, reference, max_error, progress) if file_format else None
     if report is not None:
         return report
+    if path.is_file():
+        raise QuantkitError(f"{path}: a single file; verify checks a checkpoint folder (with its config.json) or a .gguf file",
+                            f"pass the folder: quantkit verify {path.parent}")
     report = Report(str(path))
     report.checks.append(check_leftovers(path))
     config_check, structure_check, checkpoint = check_structure(path)
@@ -175,7 +182,7 @@ def verify(path: Path, reference: str | None = None, max_error: float | None = N
     report.checks.append(check_quantization(checkpoint, dequantizer, modules))
     report.checks.append(check_size(checkpoint, dequantizer, modules))
     if reference is not None and report.ok:
-        report.layers = compare_layers(checkpoint, dequantizer, modules, resolve(reference), max_error)
+        report.layers = compare_layers(checkpoint, dequantizer, modules, resolve(reference), max_error, progress)
         bad = [layer.name for layer in report.layers if not layer.ok]
         worst = max((layer.rel_error for layer in report.layers), default=0.0)
         report.checks.append(Check("reference", not bad, first_of([f"'{n}' differs from the reference beyond its bound" for n in bad],
