@@ -144,9 +144,9 @@ def verify(path: Path, reference: str | None = None, max_error: float | None = N
            progress: Callable[[str], None] = lambda name: None) -> Report:
     if not path.exists():
         leftovers = check_leftovers(path)
-        if leftovers.ok:
-            raise QuantkitError(f"{path}: no such file or folder")
-        return Report(str(path), [leftovers, Check("structure", False, f"{path} does not exist: the run never finished")])
+        if not leftovers.ok:
+            return Report(str(path), [leftovers, Check("structure", False, f"{path} does not exist: the run never finished")])
+        path = resolve(str(path))  # a hub repo id (from the cache, or downloaded); else "no such file"
     methods.load()
     file_format = api.file_format_of(path)
     report = file_format.verify(path, reference, max_error) if file_format else None

@@ -125,7 +125,7 @@ def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
     vocab = read_vocab(checkpoint.root, checkpoint.config, warnings)
 
     def add_metadata(writer) -> None:
-        writer.add_name(checkpoint.root.name)
+        writer.add_name(checkpoint.name)
         gf.write_hyper(writer, plan.hyper)
         writer.add_file_type(int(TYPES[qtype].file_type))
         writer.add_quantization_version(2)
