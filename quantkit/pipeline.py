@@ -57,7 +57,7 @@ def quantize(src: str, out: Path, options: api.Options, force: bool = False, rev
 
     files, side = write_staged(out, plan.outputs, options.max_shard_size,
                                lambda writer: stream_entries(checkpoint, plan.entries, writer, handle, progress), finish,
-                               run_fingerprint(checkpoint.files, plan.outputs, options), resume)
+                               run_fingerprint(checkpoint.files, plan.outputs, options), resume, force)
     counts = plan.counts()
     summary = {
         "method": options.method,
@@ -103,7 +103,7 @@ def dequantize(src: str, out: Path, dtype: str | None = None, max_shard_size: in
 
     files, _ = write_staged(out, outputs, max_shard_size,
                             lambda writer: stream_entries(checkpoint, entries, writer, handle, progress), finish,
-                            run_fingerprint(checkpoint.files, outputs, (dense_dtype, max_shard_size)), resume)
+                            run_fingerprint(checkpoint.files, outputs, (dense_dtype, max_shard_size)), resume, force)
     summary = {
         "method": dequantizer.quant_method,
         "dtype": NAME_OF[dense_dtype],

@@ -18,25 +18,12 @@ import pytest
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import read_header
 from quantkit.io.source import open_checkpoint
-from tests.hostile_files import CONFIG, one_error_line, raw_shard, tiny_tensors, write_checkpoint
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    return write_checkpoint(tmp_path / "src", tiny_tensors())
+from tests.hostile_files import CONFIG, one_error_line, raw_shard, refused, tiny_tensors, write_checkpoint
 
 
 @pytest.fixture
 def sharded(tmp_path):
     return write_checkpoint(tmp_path / "sharded", tiny_tensors(), shards=2)
-
-
-def refused(cli, *args, naming: str) -> str:
-    code, _, stderr = cli(*args)
-    assert code == 2, stderr
-    line = one_error_line(stderr)
-    assert naming in line, line
-    return line
 
 
 # ---------------------------------------------------------------- safetensors headers

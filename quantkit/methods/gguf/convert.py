@@ -21,7 +21,7 @@ from quantkit.dtypes import BY_NAME, from_float32
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor, ShardReader, TensorInfo, iter_row_chunks
 from quantkit.io.source import Checkpoint, open_checkpoint, resolve
-from quantkit.io.staged import bytes_on_disk, check_file_output, check_free_space, check_output, write_config, write_staged
+from quantkit.io.staged import bytes_on_disk, check_free_space, check_output, write_config, write_staged
 from quantkit.io.stream import Progress
 from quantkit.methods.gguf import file as gf
 from quantkit.methods.gguf import types as gguf_types
@@ -115,8 +115,9 @@ def _quantized(rows: Iterator[np.ndarray], dtype: str, qtype: QType) -> Iterator
 
 
 def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
-            progress: Callable[[int, int, str], None] | None = None) -> GGUFReport:
-    """Write `out` (.gguf) from a safetensors checkpoint, one shard open at a time, in shard order."""
+            progress: Callable[[int, int, str], None] | None = None, force: bool = True) -> GGUFReport:
+    """Write `out` (.gguf) from a safetensors checkpoint, one shard open at a time, in shard order.
+    `force`: whether an OUT that another run wrote since the caller's checks may be replaced."""
     shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
     plan = plan_gguf(checkpoint.config, shapes, qtype)
     warnings: list[str] = []
@@ -150,7 +151,7 @@ def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
             if reader is not None:
                 reader.close()
 
-    written = gf.write_gguf(Path(out), plan.arch.gguf_arch, add_metadata, [e.out for e in plan.entries], chunks())
+    written = gf.write_gguf(Path(out), plan.arch.gguf_arch, add_metadata, [e.out for e in plan.entries], chunks(), force)
     return GGUFReport(Path(out), written, len(plan.entries), plan.fallbacks, warnings)
 
 
@@ -226,10 +227,10 @@ def convert_to_gguf(request: ConvertRequest, progress: Progress) -> Result:
         raise QuantkitError(f"{request.src}: is already quantized ({checkpoint.quantization_config.get('quant_method')})",
                             "dequantize it first: quantkit dequantize SRC DENSE")
     out = Path(request.out)
-    check_file_output(checkpoint.root, out, request.force)
+    check_output(checkpoint.root, out, request.force, single_file=True)
     plan = plan_gguf(checkpoint.config, {n: i.shape for n, i in checkpoint.tensors.items()}, qtype)
     check_free_space(out, plan.nbytes)
-    r = to_gguf(checkpoint, out, qtype, progress)
+    r = to_gguf(checkpoint, out, qtype, progress, force=request.force)
     return Result(r.path, [r.path.name], {"to": "gguf", "gguf_type": request.gguf_type.upper(), "tensors": r.tensors,
                                            "output_bytes": r.bytes_written, "fallbacks": r.fallbacks,
                                            "warnings": r.warnings},
@@ -265,7 +266,7 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
         write_config(folder, conv.config)
         return ["config.json", *write_tokenizer_files(conv, folder)]
 
-    files, extra = write_staged(out, outputs, max_shard_size, fill, finish)
+    files, extra = write_staged(out, outputs, max_shard_size, fill, finish, force=force)
     files += extra
     return Result(out, files, {"to": "safetensors", "dtype": dtype, "tensors": len(outputs),
                                "output_bytes": bytes_on_disk(out, files), "fallbacks": [],

@@ -108,7 +108,7 @@ def convert(src: str, out: Path, dtype: str | None = None, force: bool = False, 
             write_config(folder, ckpt.config)
         return copy_side_files(Checkpoint(ckpt.root, ckpt.config or {}, []), folder) if path.is_dir() else []
 
-    files, side = write_staged(out, outputs, max_shard_size, fill, finish)
+    files, side = write_staged(out, outputs, max_shard_size, fill, finish, force=force)
     return Result(out, files, {"to": "safetensors", "dtype": dtype, "tensors": len(outputs),
                                "output_bytes": bytes_on_disk(out, files), "side_files": side,
                                "fallbacks": [], "warnings": []})

@@ -1,0 +1,242 @@
+"""Hostile and careless use, round two (issue #18): outputs that would land on the source, concurrent runs
+on one OUT, OUT given as a symlink or as '.', leftovers whose names hold glob characters, broken
+checkpoints verify must fail, crashes in verify, real writers' dtypes, and messages that named the wrong
+thing. One small test per case."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantkit.errors import QuantkitError
+from quantkit.io import staged
+from tests.hostile_files import one_error_line, refused, tree_digest, write_checkpoint
+from tests.test_hub_cache import add_to_cache
+
+
+def quiet_folder(folder: Path) -> list[str]:
+    """What a finished run must not leave: temporary folders, old OUTs, lock files."""
+    return sorted(p.name for p in folder.glob(".*quantkit-*"))
+
+
+def same_files(a: Path, b: Path) -> bool:
+    """Two outputs (files, or folders file by file) hold the same bytes."""
+    if a.is_file():
+        return a.read_bytes() == b.read_bytes()
+    return {p.name: p.read_bytes() for p in a.iterdir()} == {p.name: p.read_bytes() for p in b.iterdir()}
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# ---------------------------------------------------------------- 1. outputs on the source
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "m.gguf", "sub/m.gguf"])
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+def test_gguf_output_inside_src_is_refused(ckpt, cli, name, force):
+    before = tree_digest(ckpt)
+    refused(cli, "convert", ckpt, ckpt / name, "--to", "gguf", *(["--force"] if force else []),
+            naming="output is inside the source folder")
+    assert tree_digest(ckpt) == before
+    assert quiet_folder(ckpt) == []
+
+
+@pytest.mark.parametrize("command", [
+    ("quantize", "--method", "nf4"), ("convert", "--to", "gguf"), ("dequantize",), ("convert", "--to", "gptq-v2"),
+], ids=["quantize", "gguf", "dequantize", "gptq"])  # fmt: skip
+def test_every_writer_refuses_an_out_that_is_a_file_of_src_through_a_link(ckpt, tmp_path, cli, command):
+    verb, *flags = command
+    src = ckpt
+    if verb == "dequantize" or flags[-1] == "gptq-v2":
+        method = ("--method", "nf4") if verb == "dequantize" else ("--method", "gptq", "--group-size", "32")
+        code, _, err = cli("quantize", ckpt, tmp_path / "q", *method)
+        assert code == 0, err
+        src = tmp_path / "q"
+    link = tmp_path / "link"
+    link.symlink_to(src / "model.safetensors")
+    before = tree_digest(src)
+    line = refused(cli, verb, src, link, *flags, "--force", naming=str(link))
+    assert "source" in line
+    assert tree_digest(src) == before and link.is_symlink()
+
+
+def test_out_that_is_a_hub_cache_blob_of_src_is_refused(ckpt, tmp_path, cli):
+    snapshot = add_to_cache(tmp_path / "hub", "org/tiny", ckpt)
+    blobs = snapshot.parents[1] / "blobs"
+    blob = (snapshot / "model.safetensors").resolve()
+    before = tree_digest(blobs)
+    refused(cli, "convert", snapshot, blob, "--to", "gguf", "--force", naming="is a file of the source")
+    refused(cli, "quantize", snapshot, blobs, "--method", "nf4", "--force", naming="holds the file")
+    assert tree_digest(blobs) == before
+
+
+# ---------------------------------------------------------------- 3. concurrent runs
+
+
+@pytest.mark.parametrize("command, out_name", [
+    (("quantize", "--method", "nf4"), "out"), (("convert", "--to", "gguf"), "m.gguf"),
+], ids=["quantize", "gguf"])  # fmt: skip
+def test_a_second_run_on_a_locked_out_fails_with_one_line(ckpt, tmp_path, cli, command, out_name):
+    verb, *flags = command
+    out = tmp_path / out_name
+    with staged.output_lock(out):  # as a first run holds it while writing
+        line = refused(cli, verb, ckpt, out, *flags, "--force", naming="another quantkit run is writing it")
+        assert str(out) in line
+        assert not out.exists()
+    assert quiet_folder(tmp_path) == []  # the lock is gone with its holder
+    code, _, err = cli(verb, ckpt, out, *flags)
+    assert code == 0, err
+    assert quiet_folder(tmp_path) == []
+
+
+def test_two_real_runs_at_once(tmp_path):
+    """Two processes on one OUT: the second fails at once with the lock line, the first finishes."""
+    rng = np.random.default_rng(0)
+    tensors = {f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((1024, 4096), dtype=np.float32) for i in range(16)}
+    tensors["lm_head.weight"] = rng.standard_normal((32, 4096), dtype=np.float32)
+    src = write_checkpoint(tmp_path / "src", tensors)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "quantkit", "quantize", str(src), str(out), "--method", "nf4", "--backend", "numpy",
+            "--max-shard-size", "5MB"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / ".out.quantkit-lock"
+    while not any(tmp_path.glob(".out.quantkit-partial-*/model-*")):  # well under way, far from done
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.02)
+    assert lock.exists()
+    second = subprocess.run([*args, "--force"], capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2
+    assert "another quantkit run is writing it" in one_error_line(second.stderr)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert quiet_folder(tmp_path) == [] and (out / "model.safetensors.index.json").is_file()
+
+
+def test_a_run_that_finished_meanwhile_is_not_clobbered_without_force(ckpt, tmp_path):
+    """Checks up front passed while OUT was absent; by the time this run holds the lock another wrote it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "theirs.txt").write_text("finished first")
+    with pytest.raises(QuantkitError, match="already exists"):
+        staged.write_staged(out, [], 10**9, lambda writer: None, lambda folder: [])
+    assert (out / "theirs.txt").read_text() == "finished first"
+    assert quiet_folder(tmp_path) == []
+
+
+def test_a_stale_lock_file_is_harmless(ckpt, tmp_path, cli):
+    out = tmp_path / "out"
+    code, _, err = cli("quantize", ckpt, out, "--method", "nf4")
+    assert code == 0, err
+    (tmp_path / ".out.quantkit-lock").write_text("")  # a run killed while holding it (the lock died with it)
+    code, stdout, err = cli("verify", out, "--json")
+    assert code == 0, stdout + err
+    code, _, err = cli("quantize", ckpt, out, "--method", "nf4", "--force")
+    assert code == 0, err
+    assert quiet_folder(tmp_path) == []
+
+
+# ---------------------------------------------------------------- 4. OUT as a symlink, OUT as '.'
+
+
+@pytest.mark.parametrize("command, name", [
+    (("quantize", "--method", "nf4"), "out"), (("convert", "--to", "gguf"), "m.gguf"),
+], ids=["folder", "gguf"])  # fmt: skip
+def test_out_symlink_keeps_the_link_and_replaces_what_it_points_to(ckpt, tmp_path, cli, command, name):
+    verb, *flags = command
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    target = disk / name
+    code, _, err = cli(verb, ckpt, target, *flags)  # an earlier output where the link points
+    assert code == 0, err
+    link = tmp_path / name
+    link.symlink_to(target)
+    refused(cli, verb, ckpt, link, *flags, naming="already exists")
+    extra = ("--method", "int8") if verb == "quantize" else ("--gguf-type", "Q8_0")
+    code, _, err = cli(verb, ckpt, link, *flags, *extra, "--force")
+    assert code == 0, err
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    fresh = tmp_path / "fresh" / name
+    code, _, err = cli(verb, ckpt, fresh, *flags, *extra)
+    assert code == 0, err
+    assert same_files(target, fresh)
+    assert quiet_folder(tmp_path) == [] and quiet_folder(disk) == []
+
+
+def test_out_symlink_kept_when_the_run_fails(ckpt, tmp_path, cli, monkeypatch):
+    from quantkit import pipeline
+
+    disk = tmp_path / "disk"
+    code, _, err = cli("quantize", ckpt, disk / "out", "--method", "nf4")
+    assert code == 0, err
+    before = tree_digest(disk)
+    link = tmp_path / "out"
+    link.symlink_to(disk / "out")
+
+    def fail(*args, **kwargs):
+        raise QuantkitError("disk gone while copying")
+
+    monkeypatch.setattr(pipeline, "copy_tensor", fail)
+    refused(cli, "quantize", ckpt, link, "--method", "int8", "--force", naming="disk gone")
+    assert link.is_symlink() and os.readlink(link) == str(disk / "out")
+    assert tree_digest(disk) == before
+    assert quiet_folder(tmp_path) == [] and quiet_folder(disk) == []
+
+
+def test_dangling_out_symlink_is_created_where_it_points(ckpt, tmp_path, cli):
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "elsewhere" / "out")
+    code, _, err = cli("quantize", ckpt, link, "--method", "nf4")
+    assert code == 0, err
+    assert link.is_symlink() and (tmp_path / "elsewhere" / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("out", [".", "..", "./"])
+@pytest.mark.parametrize("command", [("quantize", "--method", "nf4"), ("convert", "--to", "gguf"), ("dequantize",)],
+                         ids=["quantize", "gguf", "dequantize"])
+def test_out_without_a_name_is_refused_up_front(ckpt, tmp_path, cli, monkeypatch, out, command):
+    verb, *flags = command
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    source = ckpt
+    if verb == "dequantize":
+        code, _, err = cli("quantize", ckpt, tmp_path / "q", "--method", "nf4")
+        assert code == 0, err
+        source = tmp_path / "q"
+    refused(cli, verb, source, out, *flags, naming="OUT must name the")
+    assert list((tmp_path / "work").rglob("*")) == [work]
+
+
+# ---------------------------------------------------------------- 10. leftovers and glob characters
+
+
+def test_verify_reports_a_leftover_whose_name_holds_glob_characters(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / f".out[1].quantkit-partial-{dead_pid()}").mkdir()
+    code, stdout, err = cli("verify", "out[1]", "--json")
+    assert code == 1, err
+    checks = json.loads(stdout)["checks"]
+    assert not checks[0]["ok"] and ".out[1].quantkit-partial-" in checks[0]["detail"]
+
+
+def test_verify_does_not_flag_a_siblings_leftover(ckpt, tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("quantize", ckpt, tmp_path / "a?", "--method", "nf4")
+    assert code == 0, err
+    (tmp_path / f".ab.quantkit-partial-{dead_pid()}").mkdir()
+    (tmp_path / f".a[.quantkit-partial-{dead_pid()}").mkdir()
+    code, stdout, err = cli("verify", "a?", "--json")
+    assert code == 0, stdout + err
+    code, stdout, _ = cli("verify", "ab", "--json")
+    assert code == 1 and ".ab.quantkit-partial-" in json.loads(stdout)["checks"][0]["detail"]
