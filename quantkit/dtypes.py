@@ -15,6 +15,8 @@ STORAGE = {
     "BOOL": np.dtype("?"), "F8_E4M3": np.dtype("u1"), "F8_E5M2": np.dtype("u1"),
 }  # fmt: skip
 FLOATS = ("F64", "F32", "F16", "BF16")
+# numpy dtype -> safetensors name, for arrays in memory (whose uint16 is U16: BF16 travels as bits)
+NAME_OF_ARRAY = {v: k for k, v in STORAGE.items() if k not in ("BF16", "F8_E4M3", "F8_E5M2")}
 # The names users and config.json give to float dtypes.
 BY_NAME = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 NAME_OF = {v: k for k, v in BY_NAME.items()}

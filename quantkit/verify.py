@@ -66,7 +66,8 @@ def check_quantization(checkpoint: Checkpoint, dequantizer: Dequantizer, modules
 
 
 def check_size(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[str, list[str]]) -> Check:
-    """Each quantized module's tensors have the bytes the quantizer's own layout predicts for its shape."""
+    """Each quantized module's tensors have the bytes the quantizer's own layout predicts for its shape (for
+    float companions, the number of values: real writers store scales in bf16 or float32 too)."""
     options = dequantizer.options(checkpoint)
     try:
         quantizer = quantizer_for(options.method)
@@ -88,7 +89,10 @@ def check_size(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[s
                 continue  # a missing companion is the quantization check's finding
             actual_total += info.nbytes
             predicted_total += out.nbytes
-            if info.nbytes != out.nbytes and not (out.variable and info.nbytes <= out.nbytes):
+            if info.dtype in dtypes.FLOATS and out.dtype in dtypes.FLOATS:  # scales: whichever float the writer chose
+                if info.numel != math.prod(out.shape):
+                    problems.append(f"'{out.name}': {info.numel} values on disk, {math.prod(out.shape)} predicted")
+            elif info.nbytes != out.nbytes and not (out.variable and info.nbytes <= out.nbytes):
                 problems.append(f"'{out.name}': {info.nbytes} bytes on disk, {out.nbytes} predicted")
     detail = f"{actual_total:,} bytes of quantized tensors, as predicted"
     return Check("size", not problems, first_of(problems, detail))

@@ -17,7 +17,7 @@ import pytest
 
 from quantkit.errors import QuantkitError
 from quantkit.io import staged
-from tests.hostile_files import one_error_line, refused, tree_digest, write_checkpoint
+from tests.hostile_files import one_error_line, refused, tiny_tensors, tree_digest, write_checkpoint
 from tests.test_hub_cache import add_to_cache
 
 
@@ -240,3 +240,100 @@ def test_verify_does_not_flag_a_siblings_leftover(ckpt, tmp_path, cli, monkeypat
     assert code == 0, stdout + err
     code, stdout, _ = cli("verify", "ab", "--json")
     assert code == 1 and ".ab.quantkit-partial-" in json.loads(stdout)["checks"][0]["detail"]
+
+
+# ---------------------------------------------------------------- 2. real writers' dtypes (bf16 scales)
+
+
+def _rewrite(src: Path, out: Path, tensors: dict, config: dict) -> Path:
+    """A checkpoint folder holding `tensors` (torch) with `config`, side files of `src` left out."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def _as_awq(tensors: dict, group_size: int) -> tuple[dict, dict]:
+    """GPTQ v2 4-bit modules rewritten in AWQ GEMM layout (codes and zero points as is), as torch tensors."""
+    import torch
+
+    from quantkit.methods.gptq import layout
+
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(".qweight"):
+            module = name.removesuffix(".qweight")
+            codes = layout.unpack_rows(tensors[name].numpy(), 4)  # [in, out]
+            zeros = layout.zero_points(tensors[f"{module}.qzeros"].numpy(), 4, "v2")  # [groups, out]
+            out[name] = torch.from_numpy(layout.pack_awq(codes.astype(np.uint8)))
+            out[f"{module}.qzeros"] = torch.from_numpy(layout.pack_awq(zeros.astype(np.uint8)))
+            out[f"{module}.scales"] = tensors[f"{module}.scales"]
+        elif not name.endswith((".qzeros", ".scales", ".g_idx")):
+            out[name] = t
+    return out, {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
+
+
+@pytest.fixture(scope="module")
+def scale_dtypes(tmp_path_factory):
+    """The same GPTQ and AWQ checkpoints with scales stored as F16, BF16 and F32, holding the same values
+    (rounded to bf16 first, which float16 and float32 hold exactly)."""
+    import torch
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+
+    root = tmp_path_factory.mktemp("scales")
+    src = write_checkpoint(root / "src", tiny_tensors())
+    result = CliRunner().invoke(app, ["quantize", str(src), str(root / "q"), "--method", "gptq", "--group-size", "32",
+                                      "--format", "v2"])
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((root / "q" / "config.json").read_text())
+    gptq = load_file(str(root / "q" / "model.safetensors"))
+    awq, awq_config = _as_awq(gptq, 32)
+    made = {}
+    for method, tensors, qc in (("gptq", gptq, config["quantization_config"]), ("awq", awq, awq_config)):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            scaled = {n: (t.to(torch.bfloat16).to(dtype) if n.endswith(".scales") else t) for n, t in tensors.items()}
+            made[method, str(dtype).removeprefix("torch.")] = _rewrite(
+                src, root / f"{method}-{dtype}", scaled, {**config, "quantization_config": qc})
+    return {"src": src, **made}
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_scales_are_read_as_their_header_declares(scale_dtypes, tmp_path, cli, method, dtype):
+    from safetensors import safe_open
+
+    from tests.conftest import load_tensors
+
+    folder = scale_dtypes[method, dtype]
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert str(f.get_slice("model.layers.0.mlp.up_proj.scales").get_dtype()) == {"bfloat16": "BF16", "float32": "F32"}[dtype]
+    code, stdout, err = cli("verify", folder, "--reference", scale_dtypes["src"], "--json")
+    assert code == 0, stdout + err
+    for name, path in (("ours", folder), ("f16", scale_dtypes[method, "float16"])):
+        code, _, err = cli("dequantize", path, tmp_path / name, "--dtype", "float32")
+        assert code == 0, err
+    ours, f16 = load_tensors(tmp_path / "ours"), load_tensors(tmp_path / "f16")
+    assert sorted(ours) == sorted(f16)
+    for name in ours:
+        assert ours[name].equal(f16[name]), name
+    dense = load_tensors(scale_dtypes["src"])["model.layers.0.mlp.up_proj.weight"]
+    error = (ours["model.layers.0.mlp.up_proj.weight"] - dense).norm() / dense.norm()
+    assert 0 < float(error) < 0.2  # 4-bit, not 1e5 from bf16 bits read as float16
+
+
+def test_awq_scales_of_an_integer_dtype_are_a_finding(scale_dtypes, tmp_path, cli):
+    import torch
+    from safetensors.torch import load_file
+
+    folder = scale_dtypes["awq", "float16"]
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.scales"] = tensors["model.layers.0.mlp.up_proj.scales"].view(torch.int16)
+    bad = _rewrite(folder, tmp_path / "bad", tensors, json.loads((folder / "config.json").read_text()))
+    code, stdout, _ = cli("verify", bad, "--json")
+    assert code == 1 and "model.layers.0.mlp.up_proj.scales" in stdout
+    refused(cli, "dequantize", bad, tmp_path / "out", naming="model.layers.0.mlp.up_proj.scales")
