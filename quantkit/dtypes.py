@@ -35,6 +35,13 @@ def to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
     raise ValueError(f"not a float dtype: {dtype}")
 
 
+def all_finite(bits: np.ndarray, dtype: str) -> bool:
+    """Whether stored bits of a float dtype hold no NaN or infinity (BF16: its exponent is not all ones)."""
+    if dtype == "BF16":
+        return not np.any((np.asarray(bits).view(np.uint16) & 0x7F80) == 0x7F80)
+    return bool(np.isfinite(bits).all())
+
+
 def bf16_bits(values: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bits, rounding to nearest even as torch does (NaN stays NaN)."""
     u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)

@@ -23,7 +23,17 @@ from quantkit.io.staged import (
     write_config,
     write_staged,
 )
-from quantkit.io.stream import Entry, Progress, ShardWeight, TensorReads, copy_tensor, no_progress, ordered, stream_entries
+from quantkit.io.stream import (
+    Entry,
+    FiniteSink,
+    Progress,
+    ShardWeight,
+    TensorReads,
+    copy_tensor,
+    no_progress,
+    ordered,
+    stream_entries,
+)
 from quantkit.io.torchpickle import TORCH_INDEX
 from quantkit.plan import Plan, make_dequant_plan, make_plan, quantizer_for
 
@@ -93,7 +103,8 @@ def dequantize(src: str, out: Path, dtype: str | None = None, max_shard_size: in
     def handle(reader: ShardReader, entry: Entry, info: TensorInfo, writer: CheckpointWriter) -> None:
         if entry.fate == "dequantize":
             names = modules[entry.module]
-            dequantizer.dequantize(checkpoint, entry.module, names, TensorReads(checkpoint, reader), dense_dtype, writer)
+            sink = FiniteSink(writer, dense_dtype, checkpoint.tensors[names[0]].file)
+            dequantizer.dequantize(checkpoint, entry.module, names, TensorReads(checkpoint, reader), dense_dtype, sink)
         elif entry.fate == "keep":
             copy_tensor(reader, info, entry.source, writer)
 

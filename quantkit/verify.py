@@ -59,6 +59,18 @@ def check_values(checkpoint: Checkpoint) -> Check:
     return Check("values", not problems, first_of(problems, "all float tensors finite, scales >= 0"))
 
 
+def check_undeclared(checkpoint: Checkpoint) -> Check:
+    """Without a quantization_config, no tensor may look quantized: loaders would take the packed codes
+    for weights (a config deleted or lost in a copy)."""
+    for dequantizer in api.DEQUANTIZERS.values():
+        modules = dequantizer.modules(checkpoint)
+        if modules:
+            names = next(iter(modules.values()))
+            return Check("quantization", False, f"'{names[0]}' and {len(modules) - 1} more module(s) look quantized "
+                                                f"({dequantizer.quant_method}) but config.json has no quantization_config")
+    return Check("quantization", True, "not quantized")
+
+
 def check_quantization(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[str, list[str]]) -> Check:
     problems = dequantizer.check(checkpoint, modules)
     detail = f"{len(modules)} quantized modules with all companions, consistent with quantization_config"
@@ -164,7 +176,7 @@ def verify(path: Path, reference: str | None = None, max_error: float | None = N
         return report
     report.checks.append(check_values(checkpoint))
     if checkpoint.quantization_config is None:
-        report.checks.append(Check("quantization", True, "not quantized"))
+        report.checks.append(check_undeclared(checkpoint))
         return report
     try:
         dequantizer = dequantizer_for(checkpoint)

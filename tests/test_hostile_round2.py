@@ -337,3 +337,157 @@ def test_awq_scales_of_an_integer_dtype_are_a_finding(scale_dtypes, tmp_path, cl
     code, stdout, _ = cli("verify", bad, "--json")
     assert code == 1 and "model.layers.0.mlp.up_proj.scales" in stdout
     refused(cli, "dequantize", bad, tmp_path / "out", naming="model.layers.0.mlp.up_proj.scales")
+
+
+# ---------------------------------------------------------------- 5. broken checkpoints verify must fail
+
+
+def _quantized(ckpt: Path, out: Path, cli, *flags: str) -> Path:
+    code, _, err = cli("quantize", ckpt, out, *flags)
+    assert code == 0, err
+    return out
+
+
+def _edit_tensors(folder: Path, change) -> None:
+    """Rewrite model.safetensors with `change(tensors)` applied (numpy arrays by name)."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _edit_quant_state(folder: Path, **changes) -> None:
+    def change(tensors):
+        for name in [n for n in tensors if "quant_state.bitsandbytes__" in n]:
+            state = {**json.loads(tensors[name].tobytes()), **changes}
+            tensors[name] = np.frombuffer(json.dumps(state).encode(), np.uint8).copy()
+
+    _edit_tensors(folder, change)
+
+
+def verify_finding(cli, folder: Path, naming: str, *extra) -> None:
+    code, stdout, stderr = cli("verify", folder, *extra, "--json")
+    assert code == 1, stdout + stderr
+    assert "Traceback" not in stderr
+    failed = [c["detail"] for c in json.loads(stdout)["checks"] if not c["ok"]]
+    assert any(naming in detail for detail in failed), failed
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8", "gptq"])
+def test_quantized_tensors_without_a_quantization_config_are_a_finding(ckpt, tmp_path, cli, method):
+    flags = ("--method", method, *(("--group-size", "32") if method == "gptq" else ()))
+    folder = _quantized(ckpt, tmp_path / "q", cli, *flags)
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    verify_finding(cli, folder, "has no quantization_config")
+    verify_finding(cli, folder, "has no quantization_config", "--reference", ckpt)
+    refused(cli, "dequantize", folder, tmp_path / "out", naming="not quantized")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"nested_offset": None}, "nested_offset None is not a finite number"),
+    ({"nested_offset": "0.1"}, "nested_offset '0.1' is not a finite number"),
+    ({"nested_blocksize": 0}, "nested_blocksize 0 is not one of"),
+    ({"nested_blocksize": 7}, "nested_blocksize 7 is not one of"),
+    ({"nested_blocksize": 32}, "do not fit nested_blocksize 32"),
+], ids=["offset-null", "offset-string", "blocksize-0", "blocksize-7", "blocksize-disagrees"])  # fmt: skip
+def test_double_quant_state_damage(ckpt, tmp_path, cli, changes, message):
+    folder = _quantized(ckpt, tmp_path / "q", cli, "--method", "nf4", "--double-quant")
+    _edit_quant_state(folder, **changes)
+    code, stdout, stderr = cli("verify", folder, "--reference", ckpt, "--json")
+    assert code == 1 and "Traceback" not in stderr, stdout + stderr
+    # a nested block size the tensors disagree with is verify's finding on nested_absmax's shape
+    verify_finding(cli, folder, message if "fit" not in message else ".nested_absmax': F32[1], expected F32[2]")
+    line = refused(cli, "dequantize", folder, tmp_path / "out", naming=message)
+    assert "model.layers." in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", [255, 1])
+def test_int8_weight_format_other_than_row_major(ckpt, tmp_path, cli, value):
+    folder = _quantized(ckpt, tmp_path / "q", cli, "--method", "int8")
+    name = "model.layers.0.mlp.up_proj.weight_format"
+    _edit_tensors(folder, lambda t: t.update({name: np.array(value, np.uint8)}))
+    verify_finding(cli, folder, f"'{name}' is {value}")
+    refused(cli, "dequantize", folder, tmp_path / "out", naming=f"'{name}' is {value}")
+
+
+def test_nan_from_dequantizing_is_an_error_naming_the_tensor(ckpt, tmp_path, cli):
+    folder = _quantized(ckpt, tmp_path / "q", cli, "--method", "nf4")
+    name = "model.layers.1.mlp.down_proj.weight"
+    _edit_tensors(folder, lambda t: t[name + ".absmax"].__setitem__(0, np.nan))
+    verify_finding(cli, folder, name)
+    refused(cli, "dequantize", folder, tmp_path / "out", naming=f"dequantizing '{name}' gives NaN")
+    assert not (tmp_path / "out").exists()
+
+
+def _gguf(path: Path, tensors: dict, **metadata) -> Path:
+    """A one-block llama GGUF with the given tensors ({name: array, or (raw bytes array, quant type)})."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    for key, value in {"embedding_length": 32, "feed_forward_length": 32, "attention.head_count": 4,
+                       "context_length": 64, **metadata}.items():  # fmt: skip
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    for name, value in tensors.items():
+        if isinstance(value, tuple):
+            writer.add_tensor(name, value[0], raw_dtype=value[1])
+        else:
+            writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_shapes_that_disagree_with_its_metadata(tmp_path, cli):
+    tensors = {"token_embd.weight": np.ones((2, 32), np.float32), "output_norm.weight": np.ones(32, np.float32)}
+    path = _gguf(tmp_path / "m.gguf", tensors, embedding_length=16)
+    verify_finding(cli, path, "model.norm.weight has shape (32,), the config implies (16,)")
+    refused(cli, "dequantize", path, tmp_path / "out", naming="model.norm.weight has shape (32,), the config implies (16,)")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- 13. verify crashes
+
+
+@pytest.mark.parametrize("kind", ["Q8_K", "I8", "F64"])
+def test_gguf_tensor_types_that_cannot_be_dequantized_are_a_finding(tmp_path, cli, kind):
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
+
+    embed = np.ones((2, 32), np.float32)
+    if kind == "Q8_K":  # one block of 256 values
+        norm = (np.zeros((1, GGML_QUANT_SIZES[Q.Q8_K][1]), np.uint8), Q.Q8_K)
+    else:
+        norm = np.ones(32, {"I8": np.int8, "F64": np.float64}[kind])
+    path = _gguf(tmp_path / "m.gguf", {"token_embd.weight": embed, "output_norm.weight": norm})
+    code, stdout, stderr = cli("verify", path, "--json")
+    assert code == 1 and "Traceback" not in stderr, stdout + stderr
+
+
+def test_dequantizing_random_k_and_iq_blocks_prints_no_warnings(tmp_path):
+    """Random bytes as IQ/K blocks: the values may be NaN (a finding or an error), never a numpy warning."""
+    import warnings
+
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
+
+    from quantkit.methods.gguf import convert
+
+    rng = np.random.default_rng(0)
+    for qtype in (Q.Q4_K, Q.Q6_K, Q.Q2_K, Q.IQ4_XS, Q.IQ2_XXS, Q.IQ3_S):
+        block, size = GGML_QUANT_SIZES[qtype]
+        path = _gguf(tmp_path / f"{qtype.name}.gguf", {
+            "token_embd.weight": np.ones((2, 256), np.float32),
+            "output_norm.weight": (rng.integers(0, 256, (4, size), dtype=np.uint8), qtype),
+        }, embedding_length=256, feed_forward_length=256)  # fmt: skip
+        conv = convert.from_gguf(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            conv.whole("model.norm.weight")

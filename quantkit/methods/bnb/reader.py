@@ -55,6 +55,16 @@ def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def weight_format_problem(checkpoint: Checkpoint, module: str) -> str | None:
+    """An int8 module's `weight_format` must be the U8 scalar 0 (row-major), all bitsandbytes writes or reads."""
+    info = checkpoint.tensors[f"{module}.weight_format"]
+    if info.dtype != "U8" or info.numel != 1:
+        return f"'{info.name}': {info.dtype}{list(info.shape)}, expected a U8 scalar"
+    with ShardReader(info.file) as reader:
+        value = int(reader.read(info).reshape(-1)[0])
+    return None if value == 0 else f"'{info.name}' is {value}; only 0 (row-major) is a bitsandbytes weight format"
+
+
 def skip_matches(module: str, patterns: list[str]) -> bool:
     """transformers' rule: a pattern matches from the start up to a module boundary, or as a suffix."""
     for pattern in patterns:
@@ -132,6 +142,9 @@ class BitsAndBytesReader:
             for chunk in self._chunks_4bit(checkpoint, names, read, dtype):
                 sink.write(weight, chunk)
         else:
+            problem = weight_format_problem(checkpoint, module) if f"{module}.weight_format" in names else None
+            if problem:
+                raise QuantkitError(f"{checkpoint.tensors[weight].file}: {problem}")
             codes, scb = read(weight), read_floats(checkpoint, read, f"{module}.SCB")
             step = max(1, CHUNK_ELEMENTS // max(codes.shape[1], 1))
             for start in range(0, codes.shape[0], step):
@@ -202,7 +215,7 @@ class BitsAndBytesReader:
         problems = []
         if not nested and any(weight + p in checkpoint.tensors for p in (".nested_absmax", ".nested_quant_map")):
             problems.append(f"'{module}': nested_* tensors present but the quant_state has no nested_offset")
-        expected = nf4.layout(tuple(state["shape"]), state["blocksize"], nested)
+        expected = nf4.layout(tuple(state["shape"]), state["blocksize"], nested, state.get("nested_blocksize", nf4.NESTED_BLOCKSIZE))
         packed = checkpoint.tensors[weight]
         if packed.nbytes != math.prod(expected[""][1]):
             problems.append(f"'{weight}': {packed.nbytes} packed bytes, quant_state shape {state['shape']} needs {math.prod(expected[''][1])}")
@@ -227,4 +240,6 @@ class BitsAndBytesReader:
             problems.append(f"'{module}.SCB': {scb.dtype}{list(scb.shape)}, expected F32[{weight.shape[0]}]")
         if f"{module}.weight_format" not in checkpoint.tensors:
             problems.append(f"'{module}': missing companion tensor {module}.weight_format")
+        else:
+            problems += filter(None, [weight_format_problem(checkpoint, module)])
         return problems

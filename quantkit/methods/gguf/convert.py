@@ -22,7 +22,7 @@ from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor, ShardReader, TensorInfo, iter_row_chunks
 from quantkit.io.source import Checkpoint, open_checkpoint, resolve
 from quantkit.io.staged import bytes_on_disk, check_free_space, check_output, write_config, write_staged
-from quantkit.io.stream import Progress
+from quantkit.io.stream import FiniteSink, Progress
 from quantkit.methods.gguf import file as gf
 from quantkit.methods.gguf import types as gguf_types
 from quantkit.methods.gguf.types import FILE_TYPE, GGUF_TYPES, TYPES, fits, parse_type
@@ -178,15 +178,20 @@ class FromGGUF:
         for start in range(0, n_rows, step):
             yield dequantize_rows(self.file, t, start, start + step)
 
+    def whole(self, hf_name: str) -> np.ndarray:
+        """One tensor as float32, whole."""
+        return np.concatenate([c.reshape(-1) for c in self.chunks(hf_name)]).reshape(self.names[hf_name].shape)
+
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(HF name, whole float32 tensor) one at a time."""
-        for hf_name, t in self.names.items():
-            yield hf_name, np.concatenate([c.reshape(-1) for c in self.chunks(hf_name)]).reshape(t.shape)
+        for hf_name in self.names:
+            yield hf_name, self.whole(hf_name)
 
 
 def dequantize_rows(file: gf.GGUFFile, t: gf.GGUFTensor, start: int = 0, stop: int | None = None) -> np.ndarray:
     try:
-        return np.asarray(dequantize(file.rows(t, start, stop), t.qtype), dtype=np.float32)
+        with np.errstate(all="ignore"):  # damaged blocks give NaN or inf: a finding or an error, not a warning
+            return np.asarray(dequantize(file.rows(t, start, stop), t.qtype), dtype=np.float32)
     except NotImplementedError:
         raise QuantkitError(f"{file.path}: tensor {t.name} is {t.qtype.name}, which gguf-py cannot "
                             "dequantize") from None
@@ -246,6 +251,10 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
     if dtype not in BY_NAME:
         raise QuantkitError(f"--dtype {dtype}: not a float dtype", f"choose one of {', '.join(BY_NAME)}")
     st_dtype = BY_NAME[dtype]
+    _, wrong = gf.shape_problems(conv.config, {name: t.shape for name, t in conv.names.items()})
+    if wrong:
+        raise QuantkitError(f"{src}: {first_of(wrong)}", "the tensors disagree with the GGUF's metadata; "
+                                                         "transformers could not load the output")
     out = Path(out)
     check_output(Path(src), out, force)
     outputs = [OutputTensor(name, st_dtype, t.shape) for name, t in conv.names.items()]
@@ -253,6 +262,7 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
     check_free_space(out, total)
 
     def fill(writer) -> None:
+        writer = FiniteSink(writer, st_dtype, Path(src))
         done = 0
         for o in outputs:
             for values in conv.chunks(o.name):

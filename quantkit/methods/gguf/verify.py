@@ -37,7 +37,7 @@ def verify_gguf(path: Path, reference: str | None = None, max_error: float | Non
     if reference is not None:
         ref = open_checkpoint(resolve(reference))
     not_finite = []
-    for name, values in conv.tensors():
+    for name, values in _tensors(conv, not_finite):
         t = conv.names[name]
         if not np.isfinite(values).all():
             not_finite.append(f"{t.name} ({t.qtype.name}) holds NaN or inf")
@@ -51,6 +51,18 @@ def verify_gguf(path: Path, reference: str | None = None, max_error: float | Non
         report.checks.append(Check("reference", not bad, first_of(
             bad, f"{len(report.layers)} tensors within bounds (worst relative error {worst:.4f})")))
     return report
+
+
+def _tensors(conv, problems: list[str]):
+    """(name, float32 values) of each tensor that dequantizes; one that cannot (a type gguf-py does not
+    dequantize, such as Q8_K) is a problem, not an exception."""
+    for name in conv.names:
+        try:
+            values = conv.whole(name)
+        except QuantkitError as e:
+            problems.append(e.message)
+            continue
+        yield name, values
 
 
 def _compare(name: str, scheme: str, values: np.ndarray, ref: Checkpoint, bound: float) -> Layer:
