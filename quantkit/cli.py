@@ -8,7 +8,6 @@ are imported inside each command, so that `--help` and shell completion start in
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,20 +31,6 @@ ForceFlag = Annotated[bool, typer.Option("--force", help="Replace an existing OU
 ShardSize = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")]
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit) for a hub SRC.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Reuse the finished shards of an interrupted run (checked by their sha256 digests).")]
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str) -> int:
-    match = _SIZE.match(text)
-    if not match:
-        raise QuantkitError(f"--max-shard-size {text!r}: not a size", "write it like 5GB, 500MB or 2GiB")
-    value = float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()]
-    if value < 1:
-        raise QuantkitError(f"--max-shard-size {text!r}: must be positive")
-    return int(value)
-
 
 def err(message: str) -> None:
     """One plain line on stderr (no markup, no wrapping: paths and tensor names print as they are)."""
@@ -141,7 +126,7 @@ def quantize(
     sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="gptq: symmetric or asymmetric zero points.")] = None,
     format: Annotated[Optional[str], typer.Option("--format", help="gptq: v1 or v2 zero points.")] = None,
     optimize: Annotated[Optional[bool], typer.Option("--optimize", help="gptq: search clipping ranges to lower weight MSE.")] = None,
-    max_shard_size: ShardSize = "5GB",
+    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB (the default), 500MB, 2GiB.")] = None,
     force: ForceFlag = False,
     resume: Resume = False,
     json_out: JsonFlag = False,
@@ -149,13 +134,13 @@ def quantize(
 ) -> None:
     """Quantize a checkpoint (bitsandbytes NF4/FP4/int8, or group-wise GPTQ)."""
     from quantkit import pipeline
-    from quantkit.plan import load_recipe, merge_options
+    from quantkit.plan import load_recipe, merge_options, parse_size
 
     with user_errors():
         flags = dict(method=method, double_quant=double_quant, blocksize=blocksize, compute_dtype=compute_dtype,
                      quant_storage=quant_storage, skip=tuple(skip) if skip else None, backend=backend, device=device,
                      bits=bits, group_size=group_size, sym=sym, format=format, optimize=optimize,
-                     max_shard_size=parse_size(max_shard_size))  # fmt: skip
+                     max_shard_size=parse_size(max_shard_size) if max_shard_size is not None else None)  # fmt: skip
         options = merge_options(load_recipe(recipe) if recipe else {}, flags, recipe)
         with progress_bar(not json_out, f"quantize {options.method}") as progress:
             result = pipeline.quantize(src, out, options, force=force, revision=revision, progress=progress, resume=resume)
@@ -177,6 +162,7 @@ def dequantize(
 ) -> None:
     """Turn a quantized checkpoint back into dense safetensors (e.g. to fine-tune it)."""
     from quantkit import pipeline
+    from quantkit.plan import parse_size
 
     with user_errors():
         with progress_bar(not json_out, "dequantize") as progress:
@@ -201,6 +187,7 @@ def convert(
 ) -> None:
     """Convert between formats: safetensors -> GGUF, GGUF or PyTorch .bin -> safetensors, GPTQ v1 <-> v2 zero points."""
     from quantkit import pipeline
+    from quantkit.plan import parse_size
 
     with user_errors():
         with progress_bar(not json_out, f"convert to {to}") as progress:

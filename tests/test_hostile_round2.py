@@ -491,3 +491,36 @@ def test_dequantizing_random_k_and_iq_blocks_prints_no_warnings(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             conv.whole("model.norm.weight")
+
+
+# ---------------------------------------------------------------- 6. max_shard_size in a recipe
+
+
+def _shards(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("value", ['"20KB"', "20000"], ids=["size-string", "integer"])
+def test_recipe_max_shard_size_is_honoured_and_the_flag_wins(ckpt, tmp_path, cli, value):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'method = "nf4"\nmax_shard_size = {value}\n')
+    code, _, err = cli("quantize", ckpt, tmp_path / "recipe", "--recipe", recipe)
+    assert code == 0, err
+    assert len(_shards(tmp_path / "recipe")) == 2  # 26 kB of output in shards of at most 20 kB
+    code, _, err = cli("quantize", ckpt, tmp_path / "flag", "--recipe", recipe, "--max-shard-size", "5GB")
+    assert code == 0, err
+    assert _shards(tmp_path / "flag") == ["model.safetensors"]
+    code, _, err = cli("quantize", ckpt, tmp_path / "plain", "--method", "nf4")
+    assert code == 0, err
+    assert _shards(tmp_path / "plain") == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ('"lots"', "max_shard_size = 'lots': not a size"), ("0", "max_shard_size = 0: must be positive"),
+    ("true", "expected a whole number"),
+], ids=["not-a-size", "zero", "bool"])  # fmt: skip
+def test_recipe_max_shard_size_of_the_wrong_kind_is_refused(ckpt, tmp_path, cli, value, message):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'method = "nf4"\nmax_shard_size = {value}\n')
+    line = refused(cli, "quantize", ckpt, tmp_path / "q", "--recipe", recipe, naming=message)
+    assert str(recipe) in line
