@@ -80,7 +80,10 @@ def check_quantization(checkpoint: Checkpoint, dequantizer: Dequantizer, modules
 def check_size(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[str, list[str]]) -> Check:
     """Each quantized module's tensors have the bytes the quantizer's own layout predicts for its shape (for
     float companions, the number of values: real writers store scales in bf16 or float32 too)."""
-    options = dequantizer.options(checkpoint)
+    try:
+        options = dequantizer.options(checkpoint)
+    except QuantkitError as e:  # settings no quantizer takes (bits = 3): the quantization check names them too
+        return Check("size", False, e.message)
     try:
         quantizer = quantizer_for(options.method)
     except QuantkitError:

@@ -524,3 +524,50 @@ def test_recipe_max_shard_size_of_the_wrong_kind_is_refused(ckpt, tmp_path, cli,
     recipe.write_text(f'method = "nf4"\nmax_shard_size = {value}\n')
     line = refused(cli, "quantize", ckpt, tmp_path / "q", "--recipe", recipe, naming=message)
     assert str(recipe) in line
+
+
+# ---------------------------------------------------------------- 13. config values that crashed verify
+
+
+def _with_quantization_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("method, changes, message", [
+    ("gptq", {"group_size": 0}, "group_size 0 is neither -1 nor positive"),
+    ("gptq", {"bits": 3}, "3-bit GPTQ is not supported"),
+    ("gptq", {"bits": "4"}, "needs integer bits and group_size, not '4'"),
+    ("nf4", {"llm_int8_skip_modules": [5]}, "llm_int8_skip_modules [5] is not a list of module names"),
+    ("int8", {"llm_int8_skip_modules": "lm_head"}, "is not a list of module names"),
+], ids=["group-size-0", "bits-3", "bits-string", "skip-int", "skip-string"])  # fmt: skip
+def test_quantization_config_values_are_findings_not_crashes(ckpt, tmp_path, cli, method, changes, message):
+    folder = _quantized(ckpt, tmp_path / "q", cli, "--method", method, *(("--group-size", "32") if method == "gptq" else ()))
+    _with_quantization_config(folder, **changes)
+    verify_finding(cli, folder, message)
+    verify_finding(cli, folder, message, "--reference", ckpt)
+
+
+@pytest.mark.parametrize("method", ["nf4", "gptq"])
+def test_quantkit_threads_out_of_range_is_one_clear_error(ckpt, tmp_path, cli, monkeypatch, method):
+    monkeypatch.setenv("QUANTKIT_THREADS", "99999999999")
+    flags = ("--group-size", "32", "--backend", "numba") if method == "gptq" else ("--backend", "c")
+    refused(cli, "quantize", ckpt, tmp_path / "q", "--method", method, *flags, naming="QUANTKIT_THREADS='99999999999'")
+    assert not (tmp_path / "q").exists()
+
+
+def test_gptq_kernels_run_on_quantkit_threads(ckpt, tmp_path, cli, monkeypatch):
+    import numba
+
+    from quantkit import jit
+
+    outputs = []
+    for count in ("1", "2"):
+        monkeypatch.setenv("QUANTKIT_THREADS", count)
+        jit.use_threads()
+        assert numba.get_num_threads() == min(int(count), numba.config.NUMBA_NUM_THREADS)
+        code, _, err = cli("quantize", ckpt, tmp_path / count, "--method", "gptq", "--group-size", "32", "--backend", "numba")
+        assert code == 0, err
+        outputs.append((tmp_path / count / "model.safetensors").read_bytes())
+    assert outputs[0] == outputs[1]  # the thread count never changes the bytes

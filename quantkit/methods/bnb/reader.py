@@ -192,6 +192,8 @@ class BitsAndBytesReader:
             if four_bit != stored_4bit:
                 problems.append(f"'{module}': stored as {'4-bit' if stored_4bit else 'int8'} but config says {'4-bit' if four_bit else 'int8'}")
         skip = qc.get("llm_int8_skip_modules") or head_modules(checkpoint)
+        if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+            return [*problems, f"llm_int8_skip_modules {skip!r} is not a list of module names"]
         for module in modules:
             if skip_matches(module, skip):
                 problems.append(f"'{module}' is quantized but llm_int8_skip_modules lists it")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from quantkit.jit import f16_round, njit, prange
+from quantkit.jit import f16_round, njit, prange, use_threads  # noqa: F401 (use_threads: for the callers)
 
 
 @njit(cache=True)

@@ -251,8 +251,10 @@ def read_config(config: dict, where: str = "config.json") -> GptqConfig | None:
         return None
     bits = config.get("bits", config.get("w_bit"))
     group_size = config.get("group_size", config.get("q_group_size"))
-    if not isinstance(bits, int) or not isinstance(group_size, int):
-        raise QuantkitError(f"{where}: quantization_config needs integer bits and group_size")
+    if not isinstance(bits, int) or not isinstance(group_size, int) or isinstance(bits, bool) or isinstance(group_size, bool):
+        raise QuantkitError(f"{where}: quantization_config needs integer bits and group_size, not {bits!r} and {group_size!r}")
+    if group_size != -1 and group_size < 1:
+        raise QuantkitError(f"{where}: quantization_config group_size {group_size} is neither -1 nor positive")
     if method == "awq":
         version_name = str(config.get("version", "gemm")).lower()
         if version_name != "gemm" or bits != 4:
