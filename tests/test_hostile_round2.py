@@ -571,3 +571,50 @@ def test_gptq_kernels_run_on_quantkit_threads(ckpt, tmp_path, cli, monkeypatch):
         assert code == 0, err
         outputs.append((tmp_path / count / "model.safetensors").read_bytes())
     assert outputs[0] == outputs[1]  # the thread count never changes the bytes
+
+
+# ---------------------------------------------------------------- 14. messages
+
+
+def test_architectures_given_as_a_string_is_one_name(ckpt, tmp_path, cli):
+    from tests.hostile_files import CONFIG
+
+    (ckpt / "config.json").write_text(json.dumps({**CONFIG, "architectures": "Llama"}))
+    line = refused(cli, "convert", ckpt, tmp_path / "m.gguf", "--to", "gguf", naming="architecture Llama is not supported")
+    assert "L, l" not in line
+    code, stdout, _ = cli("inspect", ckpt, "--json")
+    assert code == 0 and json.loads(stdout)["architecture"] == "Llama"
+
+
+def _torch_checkpoint(folder: Path, tensors: dict) -> Path:
+    import torch
+
+    from tests.hostile_files import CONFIG
+
+    folder.mkdir()
+    torch.save(tensors, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+    return folder
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "uint16"])
+def test_bin_tensor_of_an_unsupported_dtype_is_named_as_such(tmp_path, cli, dtype):
+    import torch
+
+    src = _torch_checkpoint(tmp_path / "src", {"model.w.weight": torch.zeros(2, 4, dtype=getattr(torch, dtype))})
+    line = refused(cli, "convert", src, tmp_path / "out", "--to", "safetensors", naming=f"dtype {dtype} is not supported")
+    assert "run any code" not in line
+    refused(cli, "inspect", src, naming=f"dtype {dtype} is not supported")
+
+
+def test_bin_broadcast_tensor_with_stride_0_converts(tmp_path, cli):
+    import torch
+
+    row = torch.arange(4, dtype=torch.float32)
+    src = _torch_checkpoint(tmp_path / "src", {"model.w.weight": row.expand(3, 4), "model.b": torch.ones(2)})
+    code, _, err = cli("convert", src, tmp_path / "out", "--to", "safetensors")
+    assert code == 0, err
+    from safetensors.numpy import load_file
+
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert np.array_equal(out["model.w.weight"], np.tile(np.arange(4, dtype=np.float32), (3, 1)))

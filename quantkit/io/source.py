@@ -23,6 +23,15 @@ HUB_PATTERNS = [
 ]  # fmt: skip
 
 
+def architectures(config: dict) -> list[str]:
+    """config.json's `architectures` as the list of class names it should be: a bare string is one name,
+    anything that is not a string is ignored (so no message spells a name letter by letter)."""
+    names = config.get("architectures")
+    if isinstance(names, str):
+        return [names]
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
 @dataclass
 class Checkpoint:
     """A safetensors checkpoint folder as read from its config and headers."""
@@ -39,10 +48,8 @@ class Checkpoint:
 
     @property
     def architecture(self) -> str:
-        archs = self.config.get("architectures")
-        if isinstance(archs, list) and archs and isinstance(archs[0], str):
-            return archs[0]
-        return str(self.config.get("model_type", "unknown"))
+        archs = architectures(self.config)
+        return archs[0] if archs else str(self.config.get("model_type", "unknown"))
 
     @property
     def name(self) -> str:

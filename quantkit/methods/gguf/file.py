@@ -32,6 +32,7 @@ from gguf import (
 
 from quantkit.errors import InternalError, QuantkitError
 from quantkit.io.outfile import OutputFile
+from quantkit.io.source import architectures
 from quantkit.io.staged import check_clobber, output_lock, output_path, partial_name
 
 QType = GGMLQuantizationType
@@ -57,7 +58,7 @@ BY_GGUF_ARCH = {"llama": ARCHITECTURES["LlamaForCausalLM"], "qwen2": ARCHITECTUR
 
 
 def architecture_of(config: dict, where: str = "config.json") -> Architecture:
-    names = config.get("architectures") or []
+    names = architectures(config)
     for name in names:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
