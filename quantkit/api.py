@@ -19,6 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
+from quantkit import dtypes
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor
 from quantkit.io.source import Checkpoint
@@ -180,6 +181,16 @@ class Report:
 
     def as_dict(self) -> dict:
         return {"ok": self.ok, "path": self.path, "checks": [asdict(c) for c in self.checks], "layers": [asdict(x) for x in self.layers]}
+
+
+def read_floats(checkpoint: Checkpoint, read: Callable[[str], np.ndarray], name: str) -> np.ndarray:
+    """A float companion (scales, absmax, SCB) as float32 values, decoded as its header declares (F16,
+    BF16, F32, F64): real writers store scales in the model's dtype (GPTQModel's AWQ scales are BF16 from a
+    bf16 model). `read` gives stored bits, so the dtype must come from the header, never be assumed."""
+    info = checkpoint.tensors[name]
+    if info.dtype not in dtypes.FLOATS:
+        raise QuantkitError(f"{info.file}: tensor '{name}' is {info.dtype}, expected a float dtype")
+    return dtypes.to_float32(read(name), info.dtype)
 
 
 def check_leftovers(path: Path) -> Check:

@@ -91,6 +91,7 @@ DTYPES = click.Choice(["bfloat16", "float16", "float32"])
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout, nothing else.")]
 ForceFlag = Annotated[bool, typer.Option("--force", help="Replace an existing OUT (only once the new one is complete).")]
 ShardSize = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")]
+QuantizeShardSize = Annotated[Optional[str], typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, 2GiB (over a recipe's max_shard_size). \\[default: 5GB]")]
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit) for a hub SRC.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Reuse the finished shards of an interrupted run (checked by their sha256 digests).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Write nothing: show every tensor's fate and why, output bytes, memory and free disk.")]
@@ -242,7 +243,7 @@ def quantize(
     quant_storage: QuantStorage = None, skip: Skip = None, recipe: Recipe = None, backend: Backend = None,
     device: Device = None, bits: Bits = None, group_size: GroupSize = None, sym: Sym = None, format: Format = None,
     optimize: Optimize = None, layout: Layout = None,
-    max_shard_size: ShardSize = "5GB",
+    max_shard_size: QuantizeShardSize = None,
     dry_run: DryRun = False,
     force: ForceFlag = False,
     resume: Resume = False,

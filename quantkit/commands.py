@@ -15,28 +15,12 @@ nothing is printed. `progress(done_bytes, total_bytes, tensor)` is called as the
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 from quantkit import api, methods
 from quantkit.errors import QuantkitError
 from quantkit.io.stream import Progress, no_progress
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int) -> int:
-    """5GB, 500MB, 2GiB (or a number of bytes) as bytes."""
-    if isinstance(text, int):
-        return text
-    match = _SIZE.match(text)
-    if not match:
-        raise QuantkitError(f"--max-shard-size {text!r}: not a size", "write it like 5GB, 500MB or 2GiB")
-    value = float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()]
-    if value < 1:
-        raise QuantkitError(f"--max-shard-size {text!r}: must be positive")
-    return int(value)
+from quantkit.plan import parse_size
 
 
 def _output(out: str | Path) -> Path:
@@ -45,7 +29,7 @@ def _output(out: str | Path) -> Path:
     return Path(out)
 
 
-def options_for(method: str | None = None, recipe: str | Path | None = None, max_shard_size: str | int = "5GB",
+def options_for(method: str | None = None, recipe: str | Path | None = None, max_shard_size: str | int | None = None,
                 **settings) -> tuple[api.Options, str]:
     """A method's options from a recipe and settings (settings win; None means unset), and where `skip`
     came from ("--skip", or the recipe's path), for warnings."""
@@ -55,7 +39,7 @@ def options_for(method: str | None = None, recipe: str | Path | None = None, max
     if skip is not None:
         settings["skip"] = tuple([skip] if isinstance(skip, str) else skip) or None
     recipe_settings = load_recipe(Path(recipe)) if recipe else {}
-    flags = {"method": method, **settings, "max_shard_size": parse_size(max_shard_size)}
+    flags = {"method": method, **settings, "max_shard_size": None if max_shard_size is None else parse_size(max_shard_size)}
     options = merge_options(recipe_settings, flags, Path(recipe) if recipe else None)
     skip_source = str(recipe) if settings.get("skip") is None and "skip" in recipe_settings else "--skip"
     return options, skip_source
@@ -63,7 +47,7 @@ def options_for(method: str | None = None, recipe: str | Path | None = None, max
 
 def quantize(src: str | Path, out: str | Path, method: str | None = None, *, recipe: str | Path | None = None,
              layout: str | None = None, dry_run: bool = False, force: bool = False, resume: bool = False, revision: str | None = None,
-             max_shard_size: str | int = "5GB", progress: Progress = no_progress, **options) -> api.Result | dict:
+             max_shard_size: str | int | None = None, progress: Progress = no_progress, **options) -> api.Result | dict:
     """Quantize a checkpoint folder or hub repo `src` into the folder `out`.
 
     `method`: nf4, fp4, int8, gptq (see `formats()`); `options`: the method's settings by name

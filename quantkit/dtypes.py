@@ -15,6 +15,8 @@ STORAGE = {
     "BOOL": np.dtype("?"), "F8_E4M3": np.dtype("u1"), "F8_E5M2": np.dtype("u1"),
 }  # fmt: skip
 FLOATS = ("F64", "F32", "F16", "BF16")
+# numpy dtype -> safetensors name, for arrays in memory (whose uint16 is U16: BF16 travels as bits)
+NAME_OF_ARRAY = {v: k for k, v in STORAGE.items() if k not in ("BF16", "F8_E4M3", "F8_E5M2")}
 # The names users and config.json give to float dtypes.
 BY_NAME = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 NAME_OF = {v: k for k, v in BY_NAME.items()}
@@ -31,6 +33,13 @@ def to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
     if dtype in ("F16", "F32", "F64"):
         return bits.astype(np.float32)
     raise ValueError(f"not a float dtype: {dtype}")
+
+
+def all_finite(bits: np.ndarray, dtype: str) -> bool:
+    """Whether stored bits of a float dtype hold no NaN or infinity (BF16: its exponent is not all ones)."""
+    if dtype == "BF16":
+        return not np.any((np.asarray(bits).view(np.uint16) & 0x7F80) == 0x7F80)
+    return bool(np.isfinite(bits).all())
 
 
 def bf16_bits(values: np.ndarray) -> np.ndarray:

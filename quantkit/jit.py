@@ -12,10 +12,19 @@ import os
 
 os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
+import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402  (the kernels take them from here, after the layer is set)
 
-__all__ = ["f16_round", "njit", "prange"]
+from quantkit.native import threads  # noqa: E402
+
+__all__ = ["f16_round", "njit", "prange", "use_threads"]
+
+
+def use_threads() -> None:
+    """Run the next parallel kernels on QUANTKIT_THREADS threads, as the C kernels do (numba's pool holds
+    at most its start-up size, the CPU count: more are not there to use)."""
+    numba.set_num_threads(min(threads(), numba.config.NUMBA_NUM_THREADS))
 
 
 @njit(inline="always")

@@ -25,7 +25,17 @@ from quantkit.io.staged import (
     write_config,
     write_staged,
 )
-from quantkit.io.stream import Entry, Progress, ShardWeight, TensorReads, copy_tensor, no_progress, ordered, stream_entries
+from quantkit.io.stream import (
+    Entry,
+    FiniteSink,
+    Progress,
+    ShardWeight,
+    TensorReads,
+    copy_tensor,
+    no_progress,
+    ordered,
+    stream_entries,
+)
 from quantkit.io.torchpickle import TORCH_INDEX
 from quantkit.plan import Plan, make_dequant_plan, make_plan, plan_warnings, quantizer_for
 
@@ -73,7 +83,7 @@ def quantize(src: str, out: Path, options: api.Options, force: bool = False, rev
 
     files, side = write_staged(out, plan.outputs, options.max_shard_size,
                                lambda writer: stream_entries(checkpoint, plan.entries, writer, handle, progress), finish,
-                               run_fingerprint(checkpoint.files, plan.outputs, options), resume)
+                               run_fingerprint(checkpoint.files, plan.outputs, options), resume, force)
     counts = plan.counts()
     summary = {
         "method": options.method,
@@ -110,7 +120,8 @@ def dequantize(src: str, out: Path, dtype: str | None = None, max_shard_size: in
     def handle(reader: ShardReader, entry: Entry, info: TensorInfo, writer: CheckpointWriter) -> None:
         if entry.fate == "dequantize":
             names = modules[entry.module]
-            dequantizer.dequantize(checkpoint, entry.module, names, TensorReads(checkpoint, reader), dense_dtype, writer)
+            sink = FiniteSink(writer, dense_dtype, checkpoint.tensors[names[0]].file)
+            dequantizer.dequantize(checkpoint, entry.module, names, TensorReads(checkpoint, reader), dense_dtype, sink)
         elif entry.fate == "keep":
             copy_tensor(reader, info, entry.source, writer)
 
@@ -123,7 +134,7 @@ def dequantize(src: str, out: Path, dtype: str | None = None, max_shard_size: in
 
     files, _ = write_staged(out, outputs, max_shard_size,
                             lambda writer: stream_entries(checkpoint, entries, writer, handle, progress), finish,
-                            run_fingerprint(checkpoint.files, outputs, (dense_dtype, max_shard_size)), resume)
+                            run_fingerprint(checkpoint.files, outputs, (dense_dtype, max_shard_size)), resume, force)
     summary = {
         "method": dequantizer.quant_method,
         "dtype": NAME_OF[dense_dtype],

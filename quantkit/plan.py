@@ -9,6 +9,7 @@ its options are validated here, whether they come from flags or a recipe.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,25 @@ def load_recipe(path: Path) -> dict:
     return recipe
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int, what: str = "--max-shard-size") -> int:
+    """A size such as 5GB, 500MB or 2GiB (or a number of bytes) in bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 1:
+            raise QuantkitError(f"{what} {text!r}: must be positive")
+        return text
+    match = _SIZE.match(text)
+    if not match:
+        raise QuantkitError(f"{what} {text!r}: not a size", "write it like 5GB, 500MB or 2GiB")
+    value = float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()]
+    if value < 1:
+        raise QuantkitError(f"{what} {text!r}: must be positive")
+    return int(value)
+
+
 _EXPECTED = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", tuple: "a list of strings"}
 
 
@@ -86,7 +106,11 @@ def _typed(key: str, value: object, kind: type, where: str) -> object:
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+    elif key == "max_shard_size" and isinstance(value, str):  # a size like "500MB", as on the command line
+        return parse_size(value, f"{where}: {key} =")
     elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        if key == "max_shard_size" and value < 1:
+            raise QuantkitError(f"{where}: {key} = {value!r}: must be positive")
         return value
     raise QuantkitError(f"{where}: {key} = {value!r}: expected {_EXPECTED.get(kind, kind.__name__)}")
 

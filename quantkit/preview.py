@@ -16,7 +16,7 @@ from quantkit.errors import QuantkitError
 from quantkit.io.outfile import BUFFER, DEPTH
 from quantkit.io.safetensors import planned_files
 from quantkit.io.source import Checkpoint, open_checkpoint, resolve
-from quantkit.io.staged import check_file_output, check_output
+from quantkit.io.staged import check_output
 from quantkit.numerics import CHUNK_ELEMENTS, COPY_CHUNK
 from quantkit.plan import Plan, make_plan, plan_warnings
 
@@ -95,7 +95,7 @@ def preview_convert(to: str, request: api.ConvertRequest, with_out: bool = True)
     checkpoint = open_checkpoint(resolve(request.src, request.revision))
     data = as_dict(preview, request.src, request.out if with_out else None, _input_bytes(checkpoint))
     if with_out:
-        _output_problem(data, lambda: check_file_output(checkpoint.root, Path(request.out), request.force))
+        _output_problem(data, lambda: check_output(checkpoint.root, Path(request.out), request.force, single_file=True))
     return data
 
 

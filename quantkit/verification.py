@@ -58,6 +58,18 @@ def check_values(checkpoint: Checkpoint) -> Check:
     return Check("values", not problems, first_of(problems, "all float tensors finite, scales >= 0"))
 
 
+def check_undeclared(checkpoint: Checkpoint) -> Check:
+    """Without a quantization_config, no tensor may look quantized: loaders would take the packed codes
+    for weights (a config deleted or lost in a copy)."""
+    for dequantizer in api.DEQUANTIZERS.values():
+        modules = dequantizer.modules(checkpoint)
+        if modules:
+            names = next(iter(modules.values()))
+            return Check("quantization", False, f"'{names[0]}' and {len(modules) - 1} more module(s) look quantized "
+                                                f"({dequantizer.quant_method}) but config.json has no quantization_config")
+    return Check("quantization", True, "not quantized")
+
+
 def check_quantization(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[str, list[str]]) -> Check:
     problems = dequantizer.check(checkpoint, modules)
     detail = f"{len(modules)} quantized modules with all companions, consistent with quantization_config"
@@ -65,15 +77,19 @@ def check_quantization(checkpoint: Checkpoint, dequantizer: Dequantizer, modules
 
 
 def check_size(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[str, list[str]]) -> Check:
-    """Each quantized module's tensors have the bytes the quantizer's own layout predicts for its shape."""
-    options = dequantizer.options(checkpoint)
+    """Each quantized module's tensors have the bytes the quantizer's own layout predicts for its shape (for
+    float companions, the number of values: real writers store scales in bf16 or float32 too)."""
+    try:
+        options = dequantizer.options(checkpoint)
+        # The dtype a checkpoint records (bnb) or decompresses to (compressed-tensors keeps scales in it) shapes layouts.
+        source_dtype = dtypes.BY_NAME.get(dequantizer.default_dtype(checkpoint, modules) or "", "F32")
+    except QuantkitError as e:  # settings no quantizer takes (bits = 3), a damaged quant_state: named here too
+        return Check("size", False, e.message)
     if options is None:
         return Check("size", True, f"no layout to compare: quantkit reads {dequantizer.quant_method} but does not write it")
     quantizer = quantizer_for(options.method)
     problems = []
     actual_total = predicted_total = 0
-    # The dtype a checkpoint records (bnb) or decompresses to (compressed-tensors keeps scales in it) shapes layouts.
-    source_dtype = dtypes.BY_NAME.get(dequantizer.default_dtype(checkpoint, modules) or "", "F32")
     for module, names in modules.items():
         try:
             dense = dequantizer.layout(checkpoint, module, names, "F32")[0]
@@ -91,7 +107,10 @@ def check_size(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[s
                 continue  # a missing companion is the quantization check's finding
             actual_total += info.nbytes
             predicted_total += out.nbytes
-            if info.nbytes != out.nbytes and not (out.variable and info.nbytes <= out.nbytes):
+            if info.dtype in dtypes.FLOATS and out.dtype in dtypes.FLOATS:  # scales: whichever float the writer chose
+                if info.numel != math.prod(out.shape):
+                    problems.append(f"'{out.name}': {info.numel} values on disk, {math.prod(out.shape)} predicted")
+            elif info.nbytes != out.nbytes and not (out.variable and info.nbytes <= out.nbytes):
                 problems.append(f"'{out.name}': {info.nbytes} bytes on disk, {out.nbytes} predicted")
     detail = f"{actual_total:,} bytes of quantized tensors, as predicted"
     return Check("size", not problems, first_of(problems, detail))
@@ -152,9 +171,9 @@ def verify(path: Path, reference: str | None = None, max_error: float | None = N
     (no such path, a file that is neither a checkpoint folder nor a known file format) raises."""
     if not path.exists():
         leftovers = check_leftovers(path)
-        if leftovers.ok:
-            raise QuantkitError(f"{path}: no such file or folder")
-        return Report(str(path), [leftovers, Check("structure", False, f"{path} does not exist: the run never finished")])
+        if not leftovers.ok:
+            return Report(str(path), [leftovers, Check("structure", False, f"{path} does not exist: the run never finished")])
+        path = resolve(str(path))  # a hub repo id (from the cache, or downloaded); else "no such file"
     methods.load()
     file_format = api.file_format_of(path)
     report = file_format.verify(path, reference, max_error, progress) if file_format else None
@@ -171,7 +190,7 @@ def verify(path: Path, reference: str | None = None, max_error: float | None = N
         return report
     report.checks.append(check_values(checkpoint))
     if checkpoint.quantization_config is None:
-        report.checks.append(Check("quantization", True, "not quantized"))
+        report.checks.append(check_undeclared(checkpoint))
         return report
     try:
         dequantizer = dequantizer_for(checkpoint)

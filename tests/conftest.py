@@ -93,6 +93,14 @@ def minilm() -> Path:
 
 
 @pytest.fixture
+def ckpt(tmp_path):
+    """A tiny numpy-built Llama-shaped checkpoint (tests/hostile_files.py) in tmp_path/src."""
+    from tests.hostile_files import tiny_tensors, write_checkpoint
+
+    return write_checkpoint(tmp_path / "src", tiny_tensors())
+
+
+@pytest.fixture
 def cli():
     """Run the CLI in-process: returns (exit code, stdout, stderr)."""
     from typer.testing import CliRunner

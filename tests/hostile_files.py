@@ -56,6 +56,15 @@ def tree_digest(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def refused(cli, *args, naming: str) -> str:
+    """Run the CLI; it must fail with exit 2 and one error line containing `naming`; returns the line."""
+    code, _, stderr = cli(*args)
+    assert code == 2, stderr
+    line = one_error_line(stderr)
+    assert naming in line, line
+    return line
+
+
 def one_error_line(stderr: str) -> str:
     """The CLI's single `error: ...` line; fails on a traceback or anything else on stderr."""
     lines = [line for line in stderr.splitlines() if line.strip()]

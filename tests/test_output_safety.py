@@ -23,11 +23,6 @@ from tests.hostile_files import one_error_line, tiny_tensors, tree_digest, write
 QUANTKIT = str(Path(sys.executable).with_name("quantkit"))
 
 
-@pytest.fixture
-def ckpt(tmp_path):
-    return write_checkpoint(tmp_path / "src", tiny_tensors())
-
-
 def refused(cli, *args, naming: str) -> None:
     code, _, stderr = cli(*args)
     assert code == 2, stderr
@@ -247,7 +242,8 @@ def test_dequantize_resume(tmp_path, cli, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(staged.StagedOutput, "shard_done", killed_after_first_shard)
-        m.setattr(staged.StagedOutput, "__exit__", lambda self, *exc: None)
+        # a killed run cleans nothing up; its lock dies with it
+        m.setattr(staged.StagedOutput, "__exit__", lambda self, *exc: self._lock.close())
         with pytest.raises(Killed):
             pipeline.dequantize(str(tmp_path / "q"), tmp_path / "out", max_shard_size=300_000)
     partial = next(tmp_path.glob(".out.quantkit-partial-*"))

@@ -23,6 +23,15 @@ HUB_PATTERNS = [
 ]  # fmt: skip
 
 
+def architectures(config: dict) -> list[str]:
+    """config.json's `architectures` as the list of class names it should be: a bare string is one name,
+    anything that is not a string is ignored (so no message spells a name letter by letter)."""
+    names = config.get("architectures")
+    if isinstance(names, str):
+        return [names]
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
 @dataclass
 class Checkpoint:
     """A safetensors checkpoint folder as read from its config and headers."""
@@ -39,10 +48,17 @@ class Checkpoint:
 
     @property
     def architecture(self) -> str:
-        archs = self.config.get("architectures")
-        if isinstance(archs, list) and archs and isinstance(archs[0], str):
-            return archs[0]
-        return str(self.config.get("model_type", "unknown"))
+        archs = architectures(self.config)
+        return archs[0] if archs else str(self.config.get("model_type", "unknown"))
+
+    @property
+    def name(self) -> str:
+        """The model's name: the folder's, or the repo's for a Hugging Face cache snapshot
+        (`models--org--name/snapshots/<revision>`), whose folder is named by a commit hash."""
+        root = self.root.resolve()
+        if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+            return root.parent.parent.name.split("--", 2)[-1]
+        return root.name
 
     def side_files(self) -> list[Path]:
         """Files other than weights and config.json (tokenizer, generation config, ...), relative to root."""
@@ -107,17 +123,19 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
 
 
 def inside(root: Path, name: str, what: str) -> Path:
-    """`root/name`, refused when it would leave root (absolute path, '..', or a symlink pointing out)."""
+    """`root/name` for a name an index gives: a plain relative name, refused when it would leave root
+    (absolute path, '..') or cannot be a file (NUL, a symlink loop). What matters is that the *name* lies
+    inside the folder: a file there may be a symlink to anywhere (the Hugging Face cache stores every
+    snapshot file as a link into `../../blobs/`); the folder's owner put it there, an index only chooses
+    among the folder's names."""
     if not isinstance(name, str) or not name or "\0" in name:
         raise QuantkitError(f"{what}: path {name!r} is not a file name")
     if Path(name).is_absolute() or ".." in Path(name).parts:
         raise QuantkitError(f"{what}: path {name!r} leaves the checkpoint folder")
     try:
-        target = (root / name).resolve()
+        (root / name).resolve()
     except RuntimeError:  # pathlib's word for a symlink loop
         raise QuantkitError(f"{what}: path {name!r} is a symlink loop") from None
-    if not target.is_relative_to(root.resolve()):
-        raise QuantkitError(f"{what}: path {name!r} leaves the checkpoint folder")
     return root / name
 
 

@@ -1,20 +1,25 @@
 """Staged output: nothing half-written is ever left where a finished checkpoint should be.
 
 A folder OUT is written into a temporary folder beside it (`.OUT.quantkit-partial-PID`), fsynced and renamed
-into place only when complete; a single file OUT (a .gguf) likewise into `.OUT.quantkit-partial-PID`. The
-source is only ever read: OUT may never be SRC, lie inside it, or contain it. Free space is checked against
-the plan before writing. Leftovers of killed runs are found here, for verify and for the next run.
+into place only when complete; a single file OUT (a .gguf) likewise into `.OUT.quantkit-partial-PID`. An OUT
+that is a symlink is written where it points (the link stays). The source is only ever read: OUT may never be
+SRC, one of its files (through a link too), lie inside it, or contain it. A run holds an advisory lock
+(`.OUT.quantkit-lock`) while it writes, so a second run on the same OUT fails at once. Free space is
+checked against the plan before writing. Leftovers of killed runs are found here, for verify and for the
+next run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import hashlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
@@ -25,30 +30,108 @@ from quantkit.io.source import Checkpoint
 LEFTOVER = re.compile(r"\.quantkit-(partial|old)-\d+$")
 
 
+def output_path(out: Path) -> Path:
+    """Where OUT's bytes go: the path with every symlink followed (the last one even when it dangles), so a
+    link named as OUT is kept and what it points to is replaced."""
+    return Path(os.path.realpath(out))
+
+
 def partial_name(out: Path) -> Path:
     """Where a run writing OUT keeps its work until it is complete."""
-    return out.resolve().parent / f".{out.name}.quantkit-partial-{os.getpid()}"
+    target = output_path(out)
+    return target.parent / f".{target.name}.quantkit-partial-{os.getpid()}"
+
+
+def lock_name(out: Path) -> Path:
+    target = output_path(out)
+    return target.parent / f".{target.name}.quantkit-lock"
 
 
 def leftovers_of(out: Path) -> list[str]:
     """Names of the temporary files or folders interrupted runs left beside OUT."""
-    return [p.name for p in out.resolve().parent.glob(f".{glob.escape(out.name)}.quantkit-*") if LEFTOVER.search(p.name)]
+    target = output_path(out)
+    return sorted(p.name for p in target.parent.glob(f".{glob.escape(target.name)}.quantkit-*") if LEFTOVER.search(p.name))
 
 
-def check_output(src: Path, out: Path, force: bool) -> None:
-    """Refuse to clobber: an existing non-empty OUT needs --force; OUT may never be or contain SRC."""
-    src_r, out_r = src.resolve(), out.resolve()
-    if src_r == out_r:
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold the advisory lock beside OUT while writing it; a run that finds it held fails at once.
+
+    The lock file is removed on release. A run that opened it just before is not fooled: after locking,
+    the name must still lead to the file it locked, else it locks the new one."""
+    path = lock_name(out)
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # OUT's parent is created, as for a folder OUT
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise QuantkitError(f"{out}: cannot create its lock file {path.name} ({e.strerror})", "check permissions") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise QuantkitError(f"{out}: another quantkit run is writing it (lock {path})", "wait for it to finish") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+
+
+def check_output(src: Path, out: Path, force: bool, single_file: bool = False) -> None:
+    """Refuse to clobber or to touch the source, before any work: OUT needs a name ('.' has none); an
+    existing OUT needs --force (a folder OUT may exist empty); OUT, or what it links to, may never be SRC,
+    one of SRC's files, lie inside SRC or contain SRC or any file SRC links to."""
+    src_r, target = src.resolve(), output_path(out)
+    if target == src_r:
         raise QuantkitError(f"{out}: output is the source", "choose another OUT")
-    if out_r.is_relative_to(src_r) and src_r.is_dir():
+    if target.is_relative_to(src_r):
         raise QuantkitError(f"{out}: output is inside the source folder {src}", "choose an OUT outside SRC")
-    if src_r.is_relative_to(out_r):
+    if src_r.is_relative_to(target):
         raise QuantkitError(f"{out}: the source {src} is inside the output folder", "--force would delete the source")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+    for file in _source_files(src):
+        if file == target:
+            raise QuantkitError(f"{out}: is a file of the source {src} (through a link)", "choose another OUT")
+        if file.is_relative_to(target):
+            raise QuantkitError(f"{out}: holds the file {file.name} that the source {src} links to", "choose another OUT")
+    if out.name in ("", ".", ".."):  # renaming the finished output onto '.' would pull the folder from under the shell
+        raise QuantkitError(f"{out}: OUT must name the {'file' if single_file else 'folder'} to create",
+                            "give a new name, e.g. ./out")
+    check_clobber(out, force, single_file)
+
+
+def check_clobber(out: Path, force: bool, single_file: bool = False) -> None:
+    """An existing OUT needs --force (a folder OUT may exist empty) and must be of the kind written.
+    Checked up front, and again under the lock (another run may have written OUT meanwhile)."""
+    target = output_path(out)
+    if single_file:
+        if target.is_dir():
+            raise QuantkitError(f"{out}: is a folder; GGUF output is a single .gguf file")
+        if target.exists() and not force:
+            raise QuantkitError(f"{out}: already exists", "pass --force to replace it")
+        return
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
         if not force:
             raise QuantkitError(f"{out}: already exists", "pass --force to replace it")
-        if not out.is_dir():
+        if not target.is_dir():
             raise QuantkitError(f"{out}: exists and is not a folder")
+
+
+def _source_files(src: Path) -> list[Path]:
+    """Every file of SRC as the links in it resolve (a hub cache snapshot links into ../../blobs/)."""
+    if not src.is_dir():
+        return [src.resolve()]
+    with contextlib.suppress(OSError, RuntimeError):
+        return [p.resolve() for p in src.rglob("*")]
+    return []
 
 
 def check_free_space(out: Path, needed: int) -> None:
@@ -89,25 +172,27 @@ class StagedOutput:
     `resume` adopts such a folder when its fingerprint matches and keeps the shards that still hash right.
     """
 
-    def __init__(self, out: Path, fingerprint: str = "", resume: bool = False):
-        self.out = out
+    def __init__(self, out: Path, fingerprint: str = "", resume: bool = False, force: bool = False):
+        self.out = output_path(out)
         self.fingerprint = fingerprint
         self.finished: dict[str, str] = {}  # shard file name -> outfile.file_digest
         self._writer: CheckpointWriter | None = None
-        parent = out.resolve().parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = partial_name(out)
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp)
-            if not (resume and self._adopt_leftover()):
-                self.tmp.mkdir()
-        except OSError as e:
-            raise QuantkitError(f"{out}: cannot create the output folder ({e.strerror})", "check permissions") from None
+        with contextlib.ExitStack() as held:
+            held.enter_context(output_lock(out))
+            check_clobber(out, force)
+            try:
+                self.tmp = partial_name(out)
+                if self.tmp.exists():
+                    shutil.rmtree(self.tmp)
+                if not (resume and self._adopt_leftover()):
+                    self.tmp.mkdir()
+            except OSError as e:
+                raise QuantkitError(f"{out}: cannot create the output folder ({e.strerror})", "check permissions") from None
+            self._lock = held.pop_all()
 
     def _leftovers(self) -> list[Path]:
-        found = self.out.resolve().parent.glob(f".{glob.escape(self.out.name)}.quantkit-*-*")
-        return [p for p in found if p != self.tmp and not _running(p)]
+        found = self.out.parent.glob(f".{glob.escape(self.out.name)}.quantkit-*")
+        return [p for p in found if LEFTOVER.search(p.name) and p != self.tmp and not _running(p)]
 
     def _adopt_leftover(self) -> bool:
         for old in sorted(self._leftovers(), key=lambda p: p.stat().st_mtime, reverse=True):
@@ -143,10 +228,13 @@ class StagedOutput:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            if self._writer is not None:
-                self._writer.abort()  # an open shard would keep its blocks (a full disk stays full)
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            if exc_type is not None:
+                if self._writer is not None:
+                    self._writer.abort()  # an open shard would keep its blocks (a full disk stays full)
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            self._lock.close()
 
     def writer(self, outputs: list[OutputTensor], max_shard_size: int) -> CheckpointWriter:
         """The shard writer for this folder: it skips shards a resumed run holds and records finished ones."""
@@ -177,11 +265,12 @@ def os_error(e: OSError, out: Path) -> QuantkitError:
 
 
 def write_staged(out: Path, outputs: list[OutputTensor], max_shard_size: int, fill: Callable[[CheckpointWriter], None],
-                 finish: Callable[[Path], list[str]], fingerprint: str = "", resume: bool = False) -> tuple[list[str], list[str]]:
+                 finish: Callable[[Path], list[str]], fingerprint: str = "", resume: bool = False,
+                 force: bool = False) -> tuple[list[str], list[str]]:
     """Write a checkpoint folder the safe way: `fill` streams the planned tensors through a shard writer,
     `finish` adds config and side files to the folder (returning their names), then the folder becomes OUT.
     Returns (weight files, finish's files); a disk error becomes one QuantkitError naming OUT."""
-    with StagedOutput(out, fingerprint, resume) as staged:
+    with StagedOutput(out, fingerprint, resume, force) as staged:
         try:
             writer = staged.writer(outputs, max_shard_size)
             fill(writer)
@@ -193,16 +282,6 @@ def write_staged(out: Path, outputs: list[OutputTensor], max_shard_size: int, fi
     return files, extra
 
 
-
-
-def check_file_output(src: Path, out: Path, force: bool) -> None:
-    """A single-file OUT (a .gguf): never the source, replaced (only once complete) with --force."""
-    if out.resolve() == src.resolve():
-        raise QuantkitError(f"{out}: output is the source", "choose another OUT")
-    if out.is_dir():
-        raise QuantkitError(f"{out}: is a folder; GGUF output is a single .gguf file")
-    if out.exists() and not force:
-        raise QuantkitError(f"{out}: already exists", "pass --force to replace it")
 
 
 def bytes_on_disk(out: Path, files: list[str]) -> int:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
+from quantkit.dtypes import all_finite
+from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import CheckpointWriter, OutputTensor, ShardReader, TensorInfo, iter_row_chunks
 from quantkit.io.source import Checkpoint
 from quantkit.numerics import COPY_CHUNK
@@ -118,3 +121,20 @@ class TensorReads:
             return self.current.read(info)
         with ShardReader(info.file) as other:
             return other.read(info)
+
+
+class FiniteSink:
+    """Passes dequantized chunks on to the writer, refusing NaN or infinity: from quantized data they only
+    come from damage (a scale or offset that is NaN), and a dense checkpoint of NaN weights is no output."""
+
+    def __init__(self, sink: CheckpointWriter, dtype: str, source: Path):
+        self.sink, self.dtype, self.source = sink, dtype, source
+
+    def write(self, name: str, chunk) -> None:
+        if not isinstance(chunk, bytes) and not all_finite(chunk, self.dtype):
+            raise QuantkitError(f"{self.source}: dequantizing '{name}' gives NaN or infinite values",
+                                "the checkpoint is damaged: quantkit verify names what")
+        self.sink.write(name, chunk)
+
+    def done(self, name: str) -> None:
+        self.sink.done(name)

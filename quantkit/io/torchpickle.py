@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantkit.dtypes import itemsize
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor
 from quantkit.io.source import read_config, read_index
@@ -42,6 +43,24 @@ class _Refused(Exception):
         self.what = what
 
 
+class _Unsupported(Exception):
+    """A plain state dict, but holding what this reader does not convert (a dtype)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+
+def _unsupported_dtype(*args: object) -> None:
+    """torch's _rebuild_tensor_v3: the route of dtypes without a typed storage (float8, uint16, ...)."""
+    dtype = next((a for a in args if isinstance(a, _DType)), None)
+    raise _Unsupported(f"dtype {dtype.name if dtype else 'of an untyped storage'} is not supported")
+
+
+@dataclass(frozen=True)
+class _DType:
+    name: str
+
+
 @dataclass(frozen=True)
 class _StorageType:
     name: str
@@ -59,6 +78,7 @@ class _Tensor:
     dtype: str
     shape: tuple[int, ...]
     key: str
+    extent: int  # storage elements it spans (a broadcast view, stride 0, spans fewer than it holds)
 
 
 class _StateDict(dict):
@@ -71,9 +91,10 @@ def _rebuild_tensor(storage: object, offset: object, size: object, stride: objec
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and isinstance(offset, int) and len(size) == len(stride)
             and all(isinstance(d, int) and d >= 0 for d in size + stride) and offset >= 0):  # fmt: skip
         raise _Refused(f"a tensor with size {size!r}, stride {stride!r} and offset {offset!r}")
-    if math.prod(size) and offset + sum((d - 1) * s for d, s in zip(size, stride)) >= storage.numel:
+    extent = offset + sum((d - 1) * s for d, s in zip(size, stride)) + 1 if math.prod(size) else 0
+    if extent > storage.numel:
         raise _Refused(f"a tensor of size {size} reaching past its storage of {storage.numel} elements")
-    return _Tensor(storage.dtype, size, storage.key)
+    return _Tensor(storage.dtype, size, storage.key, extent)
 
 
 def _rebuild_parameter(data: object, *_: object) -> object:
@@ -86,6 +107,7 @@ SAFE_GLOBALS: dict[tuple[str, str], Callable[..., Any]] = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_tensor_v3"): _unsupported_dtype,
 }
 
 
@@ -97,6 +119,10 @@ class _InertUnpickler(pickle.Unpickler):
             return SAFE_GLOBALS[(module, name)]
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(name)
+        if (module, name) == ("torch.storage", "UntypedStorage"):
+            return _StorageType(name)
+        if module == "torch" and name.replace("_", "").isalnum() and name[:1].islower():  # a dtype: torch.uint16
+            return _DType(name)
         raise _Refused(f"{module}.{name}")
 
     def persistent_load(self, pid: object) -> _Storage:
@@ -104,7 +130,7 @@ class _InertUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage" and isinstance(pid[1], _StorageType)
                 and isinstance(pid[2], str) and isinstance(pid[4], int) and pid[4] >= 0):  # fmt: skip
             raise _Refused(f"a storage reference {str(pid)[:80]}")
-        return _Storage(STORAGE_DTYPES[pid[1].name], pid[2], pid[4])
+        return _Storage(STORAGE_DTYPES.get(pid[1].name, "U8"), pid[2], pid[4])  # untyped: bytes
 
 
 def _inert_load(stream: io.BytesIO, file: Path) -> object:
@@ -116,6 +142,9 @@ def _inert_load(stream: io.BytesIO, file: Path) -> object:
             pass
         stream.seek(start)
         return _InertUnpickler(stream).load()
+    except _Unsupported as e:
+        raise QuantkitError(f"{file}: {e.what}", "quantkit converts tensors of "
+                            + ", ".join(sorted(set(STORAGE_DTYPES.values())))) from None
     except _Refused as e:
         raise QuantkitError(f"{file}: refused: its pickle asks for {e.what}, which a plain state dict never does",
                             "only state dicts of tensors are read; a pickle like this one can run any code") from None
@@ -148,7 +177,7 @@ def _read_zip(file: Path) -> dict[str, OutputTensor]:
         prefix = pickles[0][: -len("data.pkl")]
         for name, value in state.items():
             record = members.get(f"{prefix}data/{value.key}")
-            needed = tensors[name].nbytes
+            needed = value.extent * itemsize(value.dtype)
             if record is None or (needed and record.file_size < needed):
                 raise QuantkitError(f"{file}: tensor '{name}' needs {needed} bytes of storage '{value.key}', which the archive lacks")
     return tensors

@@ -22,13 +22,16 @@ except ImportError:
 AVAILABLE = kernels is not None
 
 
+MAX_THREADS = 1024  # a thread count beyond this is a typo, not a machine
+
+
 def threads() -> int:
-    """Threads per kernel call: QUANTKIT_THREADS, else the CPUs this process may run on."""
+    """Threads per kernel call (C and numba alike): QUANTKIT_THREADS, else the CPUs this process may run on."""
     override = os.environ.get("QUANTKIT_THREADS")
     if override is None:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if not override.isdigit() or int(override) < 1:
-        raise QuantkitError(f"QUANTKIT_THREADS={override!r}: expected a whole number of threads, at least 1")
+    if not override.isdigit() or not 1 <= int(override) <= MAX_THREADS:
+        raise QuantkitError(f"QUANTKIT_THREADS={override!r}: expected a whole number of threads from 1 to {MAX_THREADS}")
     return int(override)
 
 

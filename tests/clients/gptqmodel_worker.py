@@ -1,8 +1,9 @@
 """Runs inside the GPTQModel venv (.venv-gptq), driven by test_gptqmodel.py through a subprocess.
 
   dense OUT                                         a tiny float16 Llama with a tokenizer (loaders want one)
-  produce OUT gptq BITS GROUP SYM DESC_ACT FORMAT   a tiny Llama quantized by GPTQModel itself
-  produce OUT awq BITS GROUP                        the same, AWQ GEMM
+  produce OUT gptq BITS GROUP SYM DESC_ACT FORMAT [DTYPE]   a tiny Llama (float16, or DTYPE such as
+                                                            bfloat16) quantized by GPTQModel itself
+  produce OUT awq BITS GROUP [DTYPE]                        the same, AWQ GEMM
   load QDIR NPZ [transformers]                      load QDIR with GPTQModel's torch kernels (directly,
                                                     or through transformers' from_pretrained) and dump,
                                                     per quantized module, its own dequantized weight
@@ -22,14 +23,14 @@ import numpy as np
 import torch
 
 
-def tiny_llama(folder: str) -> None:
+def tiny_llama(folder: str, dtype: torch.dtype = torch.float16) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
-    LlamaForCausalLM(config).to(torch.float16).save_pretrained(folder)
+    LlamaForCausalLM(config).to(dtype).save_pretrained(folder)
     vocab = {f"t{i}": i for i in range(320)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -38,11 +39,12 @@ def tiny_llama(folder: str) -> None:
 
 
 def produce(out: str, method: str, bits: int, group_size: int, sym: bool = True, desc_act: bool = False,
-            fmt: str = "gptq") -> None:  # fmt: skip
+            fmt: str = "gptq", dtype: str = "float16") -> None:  # fmt: skip
+    """`dtype`: the source model's (GPTQModel writes AWQ scales in it: bf16 from a bf16 model)."""
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
     dense = out + "-dense"
-    tiny_llama(dense)
+    tiny_llama(dense, getattr(torch, dtype))
     if method == "awq":
         config = QuantizeConfig(bits=bits, group_size=group_size, quant_method="awq", format="gemm", offload_to_disk=False)
         backend = BACKEND.AWQ_TORCH
@@ -50,7 +52,7 @@ def produce(out: str, method: str, bits: int, group_size: int, sym: bool = True,
         config = QuantizeConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, format=fmt,
                                 offload_to_disk=False)  # fmt: skip
         backend = BACKEND.TORCH
-    model = GPTQModel.load(dense, config, device="cpu", dtype=torch.float16)
+    model = GPTQModel.load(dense, config, device="cpu", dtype=getattr(torch, dtype))
     generator = torch.Generator().manual_seed(0)
     calibration = [
         {"input_ids": torch.randint(4, 320, (1, 48), generator=generator), "attention_mask": torch.ones(1, 48, dtype=torch.long)}
@@ -104,6 +106,6 @@ if __name__ == "__main__":
     elif command == "dense":
         tiny_llama(args[0])
     elif args[1] == "awq":
-        produce(args[0], "awq", int(args[2]), int(args[3]))
+        produce(args[0], "awq", int(args[2]), int(args[3]), dtype=args[4] if len(args) > 4 else "float16")
     else:
-        produce(args[0], "gptq", int(args[2]), int(args[3]), args[4] == "sym", args[5] == "act", args[6])
+        produce(args[0], "gptq", int(args[2]), int(args[3]), args[4] == "sym", args[5] == "act", args[6], *args[7:8])

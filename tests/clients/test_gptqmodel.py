@@ -36,6 +36,9 @@ THEIRS = {  # name -> worker arguments after OUT
     "gptq-v1-4bit-asym-act": ["gptq", "4", "32", "asym", "act", "gptq"],
     "gptq-8bit-asym-act": ["gptq", "8", "32", "asym", "act", "gptq_v2"],
     "awq-4bit": ["awq", "4", "32"],
+    # from a bf16 model: GPTQModel 7.7 writes the AWQ scales in BF16 (its GPTQ scales stay float16)
+    "awq-4bit-bf16": ["awq", "4", "32", "bfloat16"],
+    "gptq-v2-4bit-sym-bf16": ["gptq", "4", "32", "sym", "noact", "gptq_v2", "bfloat16"],
 }
 
 

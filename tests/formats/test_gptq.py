@@ -150,10 +150,12 @@ def test_awq_dequantize_matches_the_spec():
 
 def test_shape_problems_are_named():
     tensors, _ = pack(np.zeros((32, 64), np.float32), 4, 32, True, "v2")
-    spec = {k: (v.dtype, v.shape) for k, v in tensors.items()}
+    spec = {k: ({np.int32: "I32", np.float16: "F16"}[v.dtype.type], v.shape) for k, v in tensors.items()}
     assert gptq.companion_problem(spec, 4, 32) is None
+    assert gptq.companion_problem({**spec, "scales": ("BF16", spec["scales"][1])}, 4, 32) is None
     assert "scales has shape" in gptq.companion_problem(spec, 4, 16)
-    assert "qweight is float32" in gptq.companion_problem({**spec, "qweight": (np.float32, (8, 32))}, 4)
+    assert "qweight is F32, expected I32" in gptq.companion_problem({**spec, "qweight": ("F32", (8, 32))}, 4)
+    assert "scales is I16, expected F16 or BF16 or F32" in gptq.companion_problem({**spec, "scales": ("I16", (2, 32))}, 4)
     assert gptq.companion_problem({k: v for k, v in spec.items() if k != "g_idx"}, 4) == "missing g_idx"
     with pytest.raises(QuantkitError, match="^proj: g_idx points outside"):
         gptq.dequantize_gptq({**tensors, "g_idx": np.full(64, 9, np.int32)}, 4, "v2", "proj")

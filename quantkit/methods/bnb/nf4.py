@@ -58,7 +58,8 @@ def bounds(quant_type: str) -> np.ndarray:
     return ((ordered[:-1] + ordered[1:]) / np.float32(2)).astype(np.float32)
 
 
-def layout(shape: tuple[int, ...], blocksize: int, double_quant: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
+def layout(shape: tuple[int, ...], blocksize: int, double_quant: bool,
+           nested_blocksize: int = NESTED_BLOCKSIZE) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Tensors a 4-bit weight of `shape` becomes (suffix after `.weight` -> dtype, shape), without data.
 
     The packed weight itself ("") and the quant_state JSON are listed too; the JSON's length is data-free
@@ -69,7 +70,7 @@ def layout(shape: tuple[int, ...], blocksize: int, double_quant: bool) -> dict[s
     out = {"": ("U8", ((n + 1) // 2, 1))}
     if double_quant:
         out[".absmax"] = ("U8", (blocks,))
-        out[".nested_absmax"] = ("F32", (-(-blocks // NESTED_BLOCKSIZE),))
+        out[".nested_absmax"] = ("F32", (-(-blocks // nested_blocksize),))
         out[".nested_quant_map"] = ("F32", (256,))
     else:
         out[".absmax"] = ("F32", (blocks,))

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from quantkit import dtypes
-from quantkit.api import TensorSink
+from quantkit.api import TensorSink, read_floats
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor, ShardReader
 from quantkit.io.source import Checkpoint
@@ -41,7 +41,28 @@ def read_quant_state(checkpoint: Checkpoint, key: str) -> dict:
         raise QuantkitError(f"{info.file}: tensor '{key}': quant_state lacks a valid shape or dtype")
     if state.get("blocksize") not in BLOCKSIZES or state.get("quant_type") not in ("nf4", "fp4"):
         raise QuantkitError(f"{info.file}: tensor '{key}': quant_state has an invalid blocksize or quant_type")
+    if "nested_offset" in state:  # double quantization: the offset added back and the nested block size
+        offset, nested = state["nested_offset"], state.setdefault("nested_blocksize", nf4.NESTED_BLOCKSIZE)
+        if not _number(offset) or not math.isfinite(offset):
+            raise QuantkitError(f"{info.file}: tensor '{key}': quant_state nested_offset {offset!r} is not a finite number")
+        if not _number(nested) or isinstance(nested, float) or nested not in BLOCKSIZES:
+            raise QuantkitError(f"{info.file}: tensor '{key}': quant_state nested_blocksize {nested!r} is not one of "
+                                f"{', '.join(map(str, BLOCKSIZES))}")
     return state
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def weight_format_problem(checkpoint: Checkpoint, module: str) -> str | None:
+    """An int8 module's `weight_format` must be the U8 scalar 0 (row-major), all bitsandbytes writes or reads."""
+    info = checkpoint.tensors[f"{module}.weight_format"]
+    if info.dtype != "U8" or info.numel != 1:
+        return f"'{info.name}': {info.dtype}{list(info.shape)}, expected a U8 scalar"
+    with ShardReader(info.file) as reader:
+        value = int(reader.read(info).reshape(-1)[0])
+    return None if value == 0 else f"'{info.name}' is {value}; only 0 (row-major) is a bitsandbytes weight format"
 
 
 def skip_matches(module: str, patterns: list[str]) -> bool:
@@ -115,31 +136,39 @@ class BitsAndBytesReader:
         weight = names[0]
         if is_conv1d(checkpoint.config, module):  # Conv1D weights are small: turn them around whole
             dense = self._dense_4bit(checkpoint, names, read) if _STATE_KEY.match(names[-1]) else \
-                int8.dequantize_int8(read(weight), read(f"{module}.SCB"))
+                int8.dequantize_int8(read(weight), read_floats(checkpoint, read, f"{module}.SCB"))
             sink.write(weight, dtypes.from_float32(np.ascontiguousarray(dense.T), dtype))
         elif _STATE_KEY.match(names[-1]):
             for chunk in self._chunks_4bit(checkpoint, names, read, dtype):
                 sink.write(weight, chunk)
         else:
-            codes, scb = read(weight), read(f"{module}.SCB")
+            problem = weight_format_problem(checkpoint, module) if f"{module}.weight_format" in names else None
+            if problem:
+                raise QuantkitError(f"{checkpoint.tensors[weight].file}: {problem}")
+            codes, scb = read(weight), read_floats(checkpoint, read, f"{module}.SCB")
             step = max(1, CHUNK_ELEMENTS // max(codes.shape[1], 1))
             for start in range(0, codes.shape[0], step):
                 dense = int8.dequantize_int8(codes[start : start + step], scb[start : start + step])
                 sink.write(weight, dtypes.from_float32(dense, dtype))
         sink.done(weight)
 
-    def _absmax(self, state: dict, weight: str, read: Callable[[str], np.ndarray]) -> np.ndarray:
-        absmax = read(weight + ".absmax")
+    def _absmax(self, checkpoint: Checkpoint, state: dict, weight: str, read: Callable[[str], np.ndarray]) -> np.ndarray:
         if "nested_offset" not in state:
-            return absmax
-        return nf4.dequantize_absmax(absmax, read(weight + ".nested_absmax"), read(weight + ".nested_quant_map"),
-                                     state["nested_offset"], state.get("nested_blocksize", nf4.NESTED_BLOCKSIZE))
+            return read_floats(checkpoint, read, weight + ".absmax")
+        codes, nested = checkpoint.tensors[weight + ".absmax"], state["nested_blocksize"]
+        nested_absmax = read_floats(checkpoint, read, weight + ".nested_absmax")
+        code = read_floats(checkpoint, read, weight + ".nested_quant_map")
+        if codes.dtype != "U8" or nested_absmax.size != -(-codes.numel // nested) or code.size != 256:
+            raise QuantkitError(f"{codes.file}: tensor '{weight}': double-quantized absmax {codes.dtype}{list(codes.shape)}, "
+                                f"nested_absmax {list(nested_absmax.shape)} and nested_quant_map {list(code.shape)} do not fit "
+                                f"nested_blocksize {nested}")
+        return nf4.dequantize_absmax(read(weight + ".absmax"), nested_absmax, code, state["nested_offset"], nested)
 
     def _chunks_4bit(self, checkpoint: Checkpoint, names: list[str], read: Callable[[str], np.ndarray], dtype: str):
         """Dense rows of a 4-bit weight, a chunk at a time, in `dtype`'s stored bits."""
         state = read_quant_state(checkpoint, names[-1])
         shape, blocksize = tuple(state["shape"]), state["blocksize"]
-        absmax, packed = self._absmax(state, names[0], read), read(names[0])
+        absmax, packed = self._absmax(checkpoint, state, names[0], read), read(names[0])
         table = nf4.decode_table(state["quant_type"], shape)
         kernel = dequantize_kernel(BnbOptions(method=state["quant_type"]))
         cols = math.prod(shape[1:])
@@ -150,7 +179,7 @@ class BitsAndBytesReader:
 
     def _dense_4bit(self, checkpoint: Checkpoint, names: list[str], read: Callable[[str], np.ndarray]) -> np.ndarray:
         state = read_quant_state(checkpoint, names[-1])
-        absmax = self._absmax(state, names[0], read)
+        absmax = self._absmax(checkpoint, state, names[0], read)
         return nf4.dequantize_4bit(read(names[0]), absmax, tuple(state["shape"]), state["blocksize"], state["quant_type"])
 
     def check(self, checkpoint: Checkpoint, modules: dict[str, list[str]]) -> list[str]:
@@ -163,6 +192,8 @@ class BitsAndBytesReader:
             if four_bit != stored_4bit:
                 problems.append(f"'{module}': stored as {'4-bit' if stored_4bit else 'int8'} but config says {'4-bit' if four_bit else 'int8'}")
         skip = qc.get("llm_int8_skip_modules") or head_modules(checkpoint)
+        if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+            return [*problems, f"llm_int8_skip_modules {skip!r} is not a list of module names"]
         for module in modules:
             if skip_matches(module, skip):
                 problems.append(f"'{module}' is quantized but llm_int8_skip_modules lists it")
@@ -186,7 +217,7 @@ class BitsAndBytesReader:
         problems = []
         if not nested and any(weight + p in checkpoint.tensors for p in (".nested_absmax", ".nested_quant_map")):
             problems.append(f"'{module}': nested_* tensors present but the quant_state has no nested_offset")
-        expected = nf4.layout(tuple(state["shape"]), state["blocksize"], nested)
+        expected = nf4.layout(tuple(state["shape"]), state["blocksize"], nested, state.get("nested_blocksize", nf4.NESTED_BLOCKSIZE))
         packed = checkpoint.tensors[weight]
         if packed.nbytes != math.prod(expected[""][1]):
             problems.append(f"'{weight}': {packed.nbytes} packed bytes, quant_state shape {state['shape']} needs {math.prod(expected[''][1])}")
@@ -211,4 +242,6 @@ class BitsAndBytesReader:
             problems.append(f"'{module}.SCB': {scb.dtype}{list(scb.shape)}, expected F32[{weight.shape[0]}]")
         if f"{module}.weight_format" not in checkpoint.tensors:
             problems.append(f"'{module}': missing companion tensor {module}.weight_format")
+        else:
+            problems += filter(None, [weight_format_problem(checkpoint, module)])
         return problems

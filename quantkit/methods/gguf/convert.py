@@ -22,8 +22,8 @@ from quantkit.errors import QuantkitError
 from quantkit.io.card import write_card
 from quantkit.io.safetensors import OutputTensor, ShardReader, TensorInfo, iter_row_chunks
 from quantkit.io.source import Checkpoint, open_checkpoint, resolve
-from quantkit.io.staged import bytes_on_disk, check_file_output, check_free_space, check_output, write_config, write_staged
-from quantkit.io.stream import Progress
+from quantkit.io.staged import bytes_on_disk, check_free_space, check_output, write_config, write_staged
+from quantkit.io.stream import FiniteSink, Progress
 from quantkit.methods.gguf import file as gf
 from quantkit.methods.gguf import types as gguf_types
 from quantkit.methods.gguf.types import FILE_TYPE, GGUF_TYPES, TYPES, fits, parse_type
@@ -103,7 +103,7 @@ class GGUFReport:
 
 def _metadata(checkpoint: Checkpoint, plan: GGUFPlan, vocab) -> Callable:
     def add_metadata(writer) -> None:
-        writer.add_name(checkpoint.root.name)
+        writer.add_name(checkpoint.name)
         gf.write_hyper(writer, plan.hyper)
         writer.add_file_type(int(TYPES[plan.qtype].file_type))
         writer.add_quantization_version(2)
@@ -128,8 +128,9 @@ def _quantized(rows: Iterator[np.ndarray], dtype: str, qtype: QType) -> Iterator
 
 
 def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
-            progress: Callable[[int, int, str], None] | None = None) -> GGUFReport:
-    """Write `out` (.gguf) from a safetensors checkpoint, one shard open at a time, in shard order."""
+            progress: Callable[[int, int, str], None] | None = None, force: bool = True) -> GGUFReport:
+    """Write `out` (.gguf) from a safetensors checkpoint, one shard open at a time, in shard order.
+    `force`: whether an OUT that another run wrote since the caller's checks may be replaced."""
     shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
     plan = plan_gguf(checkpoint.config, shapes, qtype)
     warnings: list[str] = []
@@ -155,7 +156,7 @@ def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
             if reader is not None:
                 reader.close()
 
-    written = gf.write_gguf(Path(out), plan.arch.gguf_arch, add_metadata, [e.out for e in plan.entries], chunks())
+    written = gf.write_gguf(Path(out), plan.arch.gguf_arch, add_metadata, [e.out for e in plan.entries], chunks(), force)
     return GGUFReport(Path(out), written, len(plan.entries), plan.fallbacks, warnings)
 
 
@@ -191,15 +192,20 @@ class FromGGUF:
         heads = self.permuted(hf_name)
         return gf.permute_qk(values, heads) if heads else values
 
+    def whole(self, hf_name: str) -> np.ndarray:
+        """One tensor as float32, whole."""
+        return np.concatenate([c.reshape(-1) for c in self.chunks(hf_name)]).reshape(self.names[hf_name].shape)
+
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(HF name, whole float32 tensor) one at a time."""
-        for hf_name, t in self.names.items():
-            yield hf_name, np.concatenate([c.reshape(-1) for c in self.chunks(hf_name)]).reshape(t.shape)
+        for hf_name in self.names:
+            yield hf_name, self.whole(hf_name)
 
 
 def dequantize_rows(file: gf.GGUFFile, t: gf.GGUFTensor, start: int = 0, stop: int | None = None) -> np.ndarray:
     try:
-        return np.asarray(dequantize(file.rows(t, start, stop), t.qtype), dtype=np.float32)
+        with np.errstate(all="ignore"):  # damaged blocks give NaN or inf: a finding or an error, not a warning
+            return np.asarray(dequantize(file.rows(t, start, stop), t.qtype), dtype=np.float32)
     except NotImplementedError:
         raise QuantkitError(f"{file.path}: tensor {t.name} is {t.qtype.name}, which gguf-py cannot "
                             "dequantize") from None
@@ -241,10 +247,10 @@ def convert_to_gguf(request: ConvertRequest, progress: Progress) -> Result:
         raise QuantkitError(f"{request.src}: is already quantized ({checkpoint.quantization_config.get('quant_method')})",
                             "dequantize it first: quantkit dequantize SRC DENSE")
     out = Path(request.out)
-    check_file_output(checkpoint.root, out, request.force)
+    check_output(checkpoint.root, out, request.force, single_file=True)
     plan = plan_gguf(checkpoint.config, {n: i.shape for n, i in checkpoint.tensors.items()}, qtype)
     check_free_space(out, plan.nbytes)
-    r = to_gguf(checkpoint, out, qtype, progress)
+    r = to_gguf(checkpoint, out, qtype, progress, force=request.force)
     return Result(r.path, [r.path.name], {"to": "gguf", "gguf_type": request.gguf_type.upper(), "tensors": r.tensors,
                                            "output_bytes": r.bytes_written, "fallbacks": r.fallbacks,
                                            "warnings": r.warnings},
@@ -291,6 +297,10 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
     if dtype not in BY_NAME:
         raise QuantkitError(f"--dtype {dtype}: not a float dtype", f"choose one of {', '.join(BY_NAME)}")
     st_dtype = BY_NAME[dtype]
+    _, wrong = gf.shape_problems(conv.config, {name: t.shape for name, t in conv.names.items()})
+    if wrong:
+        raise QuantkitError(f"{src}: {first_of(wrong)}", "the tensors disagree with the GGUF's metadata; "
+                                                         "transformers could not load the output")
     out = Path(out)
     check_output(Path(src), out, force)
     outputs = [OutputTensor(name, st_dtype, t.shape) for name, t in conv.names.items()]
@@ -298,6 +308,7 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
     check_free_space(out, total)
 
     def fill(writer) -> None:
+        writer = FiniteSink(writer, st_dtype, Path(src))
         done = 0
         for o in outputs:
             for values in conv.chunks(o.name):
@@ -314,7 +325,7 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
                                                     "dtype": dtype})
         return ["config.json", *write_tokenizer_files(conv, folder), card]
 
-    files, extra = write_staged(out, outputs, max_shard_size, fill, finish)
+    files, extra = write_staged(out, outputs, max_shard_size, fill, finish, force=force)
     files += extra
     return Result(out, files, {"to": "safetensors", "dtype": dtype, "tensors": len(outputs),
                                "output_bytes": bytes_on_disk(out, files), "fallbacks": [],

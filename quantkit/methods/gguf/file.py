@@ -33,7 +33,8 @@ from gguf import (
 
 from quantkit.errors import InternalError, QuantkitError
 from quantkit.io.outfile import OutputFile
-from quantkit.io.staged import partial_name
+from quantkit.io.source import architectures
+from quantkit.io.staged import check_clobber, output_lock, output_path, partial_name
 
 QType = GGMLQuantizationType
 
@@ -58,7 +59,7 @@ BY_GGUF_ARCH = {"llama": ARCHITECTURES["LlamaForCausalLM"], "qwen2": ARCHITECTUR
 
 
 def architecture_of(config: dict, where: str = "config.json") -> Architecture:
-    names = config.get("architectures") or []
+    names = architectures(config)
     for name in names:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
@@ -501,10 +502,17 @@ def gguf_file_bytes(arch: str, add_metadata: Callable[[GGUFWriter], None], tenso
 
 
 def write_gguf(out: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
-               tensors: list[GGUFOutput], chunks: Iterable[tuple[GGUFOutput, Iterator[np.ndarray]]]) -> int:
+               tensors: list[GGUFOutput], chunks: Iterable[tuple[GGUFOutput, Iterator[np.ndarray]]], force: bool = True) -> int:
     """Write header, metadata and tensor infos, then each tensor's data from its chunk iterator as it is
-    produced, into a temporary file beside `out` that replaces `out` only when complete. Returns bytes."""
-    out = Path(out)
+    produced, into a temporary file beside `out` that replaces `out` (what it links to, for a symlink) only
+    when complete, holding OUT's lock. Returns bytes."""
+    with output_lock(out):
+        check_clobber(out, force, single_file=True)
+        return _write_gguf(Path(out), arch, add_metadata, tensors, chunks)
+
+
+def _write_gguf(out: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
+                tensors: list[GGUFOutput], chunks: Iterable[tuple[GGUFOutput, Iterator[np.ndarray]]]) -> int:
     tmp = partial_name(out)  # verify spots leftovers
     writer = _writer(arch, add_metadata, tensors)
     try:
@@ -524,7 +532,7 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
             raise
         total = data.close()
         writer.close()
-        os.replace(tmp, out)
+        os.replace(tmp, output_path(out))
         return total
     except OSError as e:
         raise QuantkitError(f"{out}: cannot write ({e.strerror})", "check free space and permissions") from e

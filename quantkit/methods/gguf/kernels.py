@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from quantkit.jit import f16_round, njit, prange
+from quantkit.jit import f16_round, njit, prange, use_threads  # noqa: F401 (use_threads: for the callers)
 
 f32 = np.float32
 GROUP_MAX_EPS = np.float32(1e-15)

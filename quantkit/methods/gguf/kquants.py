@@ -204,6 +204,7 @@ def quantize(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """Same bytes as REFERENCE[qtype], through the numba kernels."""
     from quantkit.methods.gguf import kernels  # imports numba (~0.4 s): only K-quant runs pay it
 
+    kernels.use_threads()
     n, k = rows.shape
     x = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, QK_K)
     if qtype == GGMLQuantizationType.Q4_K:

@@ -94,6 +94,7 @@ def quantize(
     shrink, spread, refine = _search(optimize, sym)
     from quantkit.methods.gptq import kernels  # imports numba (half a second): only when used
 
+    kernels.use_threads()
     kernels.quantize_groups(groups, bits, sym, min_zero, shrink, spread, refine, codes, scales, zeros)
     return GroupwiseQuant(codes.reshape(weight.shape), scales, zeros)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from quantkit.jit import f16_round, njit, prange
+from quantkit.jit import f16_round, njit, prange, use_threads  # noqa: F401 (use_threads: for the callers)
 
 BAD_VALUES = 1  # a row holds NaN or infinity (groupwise.BAD_VALUES)
 TOO_WIDE = 2  # a group's range does not fit a float16 scale (groupwise.TOO_WIDE)

@@ -3,10 +3,12 @@ zero-point conventions, and the `quantization_config` that loaders read.
 
 GPTQ: `qweight` `[in / f, out]` packs f = 32 / bits codes along input features (code k of a word in
 bits [k * bits, (k + 1) * bits)), `qzeros` `[groups, out / f]` packs zero points along output features
-the same way, `scales` float16 `[groups, out]`, `g_idx` int32 `[in]` (group of each input feature).
+the same way, `scales` `[groups, out]` (float16 as quantkit and GPTQModel write it; bf16 or float32 as other
+writers do), `g_idx` int32 `[in]` (group of each input feature).
 v1 ("gptq") stores every zero point minus one, v2 ("gptq_v2") stores it as is.
 AWQ GEMM (4-bit): `qweight` `[in, out / 8]` and `qzeros` `[groups, out / 8]` pack along output
-features with the interleave below, zero points as is, `scales` `[groups, out]`.
+features with the interleave below, zero points as is, `scales` `[groups, out]` (GPTQModel writes them
+in the model's dtype: bf16 from a bf16 model).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from quantkit import __version__
+from quantkit import __version__, dtypes
 from quantkit.errors import QuantkitError
 from quantkit.methods.gptq import groupwise
 
 COMPANIONS = ("qweight", "qzeros", "scales", "g_idx")
 AWQ_COMPANIONS = ("qweight", "qzeros", "scales")
+SCALE_DTYPES = ("F16", "BF16", "F32")  # what real writers store scales in; readers decode each as declared
 CHECKPOINT_FORMATS = {"v1": "gptq", "v2": "gptq_v2"}
 VERSIONS = {name: version for version, name in CHECKPOINT_FORMATS.items()}
 AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # nibble k of an AWQ word holds column AWQ_ORDER[k]
@@ -101,7 +104,7 @@ def zero_points(qzeros: np.ndarray, bits: int, version: str | None) -> np.ndarra
 
 def dequantize_gptq(tensors: dict[str, np.ndarray], bits: int, version: str, module: str) -> np.ndarray:
     """float32 `[out, in]` weight from GPTQ companions (either version, act-order `g_idx` included)."""
-    problem = companion_problem({part: (t.dtype, t.shape) for part, t in tensors.items()}, bits)
+    problem = companion_problem({part: (dtypes.NAME_OF_ARRAY.get(t.dtype, str(t.dtype)), t.shape) for part, t in tensors.items()}, bits)
     problem = problem or g_idx_problem(tensors["g_idx"], tensors["scales"].shape[0])
     if problem:
         raise QuantkitError(f"{module}: {problem}")
@@ -118,17 +121,17 @@ def g_idx_problem(g_idx: np.ndarray, groups: int) -> str | None:
     return None
 
 
-def companion_problem(parts: dict[str, tuple[np.dtype, tuple[int, ...]]], bits: int, group_size: int | None = None) -> str | None:
-    """What is wrong with a module's GPTQ companions, given each one's (dtype, shape), or None.
+def companion_problem(parts: dict[str, tuple[str, tuple[int, ...]]], bits: int, group_size: int | None = None) -> str | None:
+    """What is wrong with a module's GPTQ companions, given each one's (safetensors dtype, shape), or None.
 
     Without `group_size` the group count is taken from `scales`; with it, it must match.
     """
     missing = [part for part in COMPANIONS if part not in parts]
     if missing:
         return f"missing {', '.join(missing)}"
-    for part, want in (("qweight", "int32"), ("qzeros", "int32"), ("scales", "float16"), ("g_idx", "int32")):
-        if np.dtype(parts[part][0]) != np.dtype(want):
-            return f"{part} is {np.dtype(parts[part][0])}, expected {want}"
+    for part, want in (("qweight", ("I32",)), ("qzeros", ("I32",)), ("scales", SCALE_DTYPES), ("g_idx", ("I32",))):
+        if parts[part][0] not in want:
+            return f"{part} is {parts[part][0]}, expected {' or '.join(want)}"
     per_word = groupwise.PACK_BITS // bits
     qweight, scales = parts["qweight"][1], parts["scales"][1]
     if len(qweight) != 2 or len(scales) != 2:
@@ -248,8 +251,10 @@ def read_config(config: dict, where: str = "config.json") -> GptqConfig | None:
         return None
     bits = config.get("bits", config.get("w_bit"))
     group_size = config.get("group_size", config.get("q_group_size"))
-    if not isinstance(bits, int) or not isinstance(group_size, int):
-        raise QuantkitError(f"{where}: quantization_config needs integer bits and group_size")
+    if not isinstance(bits, int) or not isinstance(group_size, int) or isinstance(bits, bool) or isinstance(group_size, bool):
+        raise QuantkitError(f"{where}: quantization_config needs integer bits and group_size, not {bits!r} and {group_size!r}")
+    if group_size != -1 and group_size < 1:
+        raise QuantkitError(f"{where}: quantization_config group_size {group_size} is neither -1 nor positive")
     if method == "awq":
         version_name = str(config.get("version", "gemm")).lower()
         if version_name != "gemm" or bits != 4:

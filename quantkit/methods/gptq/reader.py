@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 
 from quantkit import dtypes
-from quantkit.api import TensorSink
+from quantkit.api import TensorSink, read_floats
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor, ShardReader
 from quantkit.io.source import Checkpoint
@@ -16,6 +16,7 @@ from quantkit.methods.gptq.layout import (
     AWQ_COMPANIONS,
     CHECKPOINT_FORMATS,
     COMPANIONS,
+    SCALE_DTYPES,
     GptqConfig,
     companion_problem,
     dequantize_awq,
@@ -80,7 +81,7 @@ class GptqReader:
         return ERROR_BOUND.get(scheme, 0.3)
 
     def default_dtype(self, checkpoint: Checkpoint, modules: dict[str, list[str]]) -> str | None:
-        return None  # scales are float16 whatever the model was; config.json's dtype says more
+        return None  # scales' dtype need not be the model's (quantkit writes float16); config.json's says more
 
     def layout(self, checkpoint: Checkpoint, module: str, names: list[str], dtype: str) -> list[OutputTensor]:
         config = checkpoint_config(checkpoint)
@@ -95,7 +96,11 @@ class GptqReader:
         missing = [part for part in self.parts if f"{module}.{part}" not in names]
         if missing:
             raise QuantkitError(f"{module}: missing {', '.join(missing)}")
-        tensors = {part: read(f"{module}.{part}") for part in self.parts}
+        tensors = {part: read(f"{module}.{part}") for part in self.parts if part != "scales"}
+        scales = checkpoint.tensors[f"{module}.scales"]
+        if scales.dtype not in SCALE_DTYPES:
+            raise QuantkitError(f"{scales.file}: tensor '{scales.name}' is {scales.dtype}, expected {' or '.join(SCALE_DTYPES)}")
+        tensors["scales"] = read_floats(checkpoint, read, scales.name)
         if config.method == "awq":
             values = dequantize_awq(tensors, config.group_size, module)
         else:
@@ -119,7 +124,7 @@ class GptqReader:
             if config.method == "awq":
                 problems += self._check_awq(module, parts, config)
                 continue
-            problem = companion_problem({p: (dtypes.STORAGE[i.dtype], i.shape) for p, i in parts.items()}, config.bits,
+            problem = companion_problem({p: (i.dtype, i.shape) for p, i in parts.items()}, config.bits,
                                         config.group_size)  # fmt: skip
             if problem:
                 problems.append(f"'{module}': {problem}")
@@ -141,10 +146,11 @@ class GptqReader:
             return [f"'{module}': missing {', '.join(missing)}"]
         rows, cols = parts["qweight"].shape
         groups = groupwise.n_groups(rows, config.group_size)
-        expected = {"qzeros": ("I32", (groups, cols)), "scales": ("F16", (groups, cols * 8)), "qweight": ("I32", (rows, cols))}
+        expected = {"qzeros": (("I32",), (groups, cols)), "scales": (SCALE_DTYPES, (groups, cols * 8)),
+                    "qweight": (("I32",), (rows, cols))}
         return [
-            f"'{module}.{p}': {parts[p].dtype}{list(parts[p].shape)}, expected {d}{list(shape)}"
-            for p, (d, shape) in expected.items() if (parts[p].dtype, parts[p].shape) != (d, shape)
+            f"'{module}.{p}': {parts[p].dtype}{list(parts[p].shape)}, expected {' or '.join(d)}{list(shape)}"
+            for p, (d, shape) in expected.items() if parts[p].dtype not in d or parts[p].shape != shape
         ]  # fmt: skip
 
 

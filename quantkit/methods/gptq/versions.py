@@ -55,7 +55,8 @@ def convert_version(request: ConvertRequest, version: str, progress: Progress) -
         return side
 
     fill = lambda writer: stream_entries(checkpoint, entries, writer, handle, progress)  # noqa: E731
-    files, _ = write_staged(out, [o for e in entries for o in e.outputs], request.max_shard_size, fill, finish)
+    files, _ = write_staged(out, [o for e in entries for o in e.outputs], request.max_shard_size, fill, finish,
+                            force=request.force)
     return Result(out, files, {"to": f"gptq-{version}", "from": f"gptq-{config.version}", "modules": len(modules),
                                "tensors": len(entries), "output_bytes": bytes_on_disk(out, files),
                                "fallbacks": [], "warnings": []})

@@ -11,7 +11,7 @@ from quantkit.api import Result
 from quantkit.dtypes import BY_NAME, FLOATS, itemsize
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor
-from quantkit.io.source import HUB_PATTERNS, Checkpoint, resolve
+from quantkit.io.source import HUB_PATTERNS, Checkpoint, architectures, resolve
 from quantkit.io.staged import bytes_on_disk, check_free_space, check_output, copy_side_files, write_config, write_staged
 from quantkit.io.stream import Progress
 from quantkit.io.torchpickle import TORCH_INDEX, is_torch_checkpoint, open_torch_checkpoint
@@ -22,14 +22,14 @@ def inspect(path: Path) -> dict:
     """What `inspect` shows for a torch checkpoint, from its pickles replayed inertly."""
     ckpt = open_torch_checkpoint(path)
     config = ckpt.config or {}
-    archs = config.get("architectures")
+    archs = architectures(config)
     dtypes: dict[str, int] = {}
     for meta in ckpt.tensors.values():
         dtypes[meta.dtype] = dtypes.get(meta.dtype, 0) + 1
     return {
         "path": str(path),
         "format": "pytorch (pickle)",
-        "architecture": archs[0] if isinstance(archs, list) and archs else config.get("model_type"),
+        "architecture": archs[0] if archs else config.get("model_type"),
         "model_type": config.get("model_type"),
         "num_parameters": sum(math.prod(m.shape) for m in ckpt.tensors.values() if m.dtype in FLOATS),
         "bytes": sum(m.nbytes for m in ckpt.tensors.values()),
@@ -108,7 +108,7 @@ def convert(src: str, out: Path, dtype: str | None = None, force: bool = False, 
             write_config(folder, ckpt.config)
         return copy_side_files(Checkpoint(ckpt.root, ckpt.config or {}, []), folder) if path.is_dir() else []
 
-    files, side = write_staged(out, outputs, max_shard_size, fill, finish)
+    files, side = write_staged(out, outputs, max_shard_size, fill, finish, force=force)
     return Result(out, files, {"to": "safetensors", "dtype": dtype, "tensors": len(outputs),
                                "output_bytes": bytes_on_disk(out, files), "side_files": side,
                                "fallbacks": [], "warnings": []})
