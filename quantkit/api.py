@@ -370,7 +370,7 @@ class CollectingSink:
     def write(self, name: str, chunk: np.ndarray | bytes) -> None:
         if self.forward is not None:
             self.forward.write(name, chunk)
-        array = np.frombuffer(chunk, np.uint8) if isinstance(chunk, bytes) else np.array(chunk, copy=True)
+        array = np.frombuffer(chunk, np.uint8) if isinstance(chunk, bytes) else np.asarray(chunk)  # writers never reuse a chunk
         self.parts.setdefault(name, []).append(array)
 
     def done(self, name: str) -> None:

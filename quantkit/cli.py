@@ -104,6 +104,18 @@ def emit_result(result, json_out: bool, line: str) -> None:
     err(f"wrote {result.out}: {line}")
 
 
+def transcoded(summary: dict) -> str:
+    """For a quantized source: how many tensors moved without rounding, and the worst error of the others."""
+    if "lossless" not in summary:
+        return ""
+    rows = summary["requantized"]
+    line = f"; from {summary['from']}: {len(summary['lossless'])} tensors lossless, {len(rows)} re-quantized"
+    if rows:
+        worst = max(rows, key=lambda r: r["rel_error"])
+        line += f" (worst relative error {worst['rel_error']:.2e}, SNR {worst['snr_db']:.1f} dB, {worst['tensor']})"
+    return line
+
+
 @app.command()
 def inspect(
     src: Annotated[str, typer.Argument(help="Checkpoint folder, hub repo id, or a .gguf file.")],
@@ -125,7 +137,7 @@ def inspect(
 
 @app.command()
 def quantize(
-    src: Annotated[str, typer.Argument(help="Checkpoint folder or hub repo id.")],
+    src: Annotated[str, typer.Argument(help="Checkpoint folder (dense or quantized), hub repo id, or a .gguf file.")],
     out: Annotated[Path, typer.Argument(help="Output folder (created; must not exist unless --force).")],
     method: Annotated[Optional[str], typer.Option("--method", help="nf4, fp4, int8 or gptq.")] = None,
     double_quant: Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant", help="4-bit: quantize the absmax too.")] = None,
@@ -147,7 +159,7 @@ def quantize(
     json_out: JsonFlag = False,
     revision: Revision = None,
 ) -> None:
-    """Quantize a checkpoint (bitsandbytes NF4/FP4/int8, or group-wise GPTQ)."""
+    """Quantize a checkpoint (bitsandbytes NF4/FP4/int8, or group-wise GPTQ); a quantized source is transcoded."""
     from quantkit import pipeline
     from quantkit.plan import load_recipe, merge_options
 
@@ -161,7 +173,7 @@ def quantize(
             result = pipeline.quantize(src, out, options, force=force, revision=revision, progress=progress, resume=resume)
         s = result.summary
         emit_result(result, json_out, f"{s['quantized']} tensors quantized to {options.method}, {s['kept']} kept, "
-                    f"{s['output_bytes'] / 1e6:.1f} MB in {len(result.files)} file(s)")
+                    f"{s['output_bytes'] / 1e6:.1f} MB in {len(result.files)} file(s){transcoded(s)}")
 
 
 @app.command()
@@ -207,7 +219,7 @@ def convert(
             result = pipeline.convert(src, out, to, gguf_type=gguf_type, dtype=dtype, force=force, revision=revision,
                                       max_shard_size=parse_size(max_shard_size), progress=progress)
         s = result.summary
-        emit_result(result, json_out, f"{s['tensors']} tensors, {s['output_bytes'] / 1e6:.1f} MB")
+        emit_result(result, json_out, f"{s['tensors']} tensors, {s['output_bytes'] / 1e6:.1f} MB{transcoded(s)}")
 
 
 @app.command()

@@ -127,7 +127,8 @@ def _quantized(rows: Iterator[np.ndarray], dtype: str, qtype: QType, error: Erro
         chunk = chunk.reshape(-1, chunk.shape[-1]) if chunk.ndim > 1 else chunk[None]
         data = gguf_types.quantize_stored(chunk, dtype, qtype)
         if error is not None:
-            error.add(to_float32(chunk, dtype), dequantize(data, qtype))
+            values = legacy.values_of(data, qtype) if qtype in legacy.INTEGER_BITS else dequantize(data, qtype)
+            error.add(to_float32(chunk, dtype), values)
         yield data
 
 
