@@ -13,7 +13,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -21,10 +21,11 @@ import numpy as np
 
 from quantkit import dtypes
 from quantkit.errors import QuantkitError
-from quantkit.io.safetensors import OutputTensor
+from quantkit.io.safetensors import OutputTensor, ShardReader, TensorInfo
 from quantkit.io.source import Checkpoint
-from quantkit.io.staged import LEFTOVER, leftovers_of
-from quantkit.io.stream import Progress
+from quantkit.io.staged import LEFTOVER, copy_side_files, leftovers_of
+from quantkit.io.stream import Entry, Progress, ShardWeight, TensorReads
+from quantkit.numerics import ErrorSums
 
 # ---------------------------------------------------------------------------------------------- options
 
@@ -109,6 +110,9 @@ class Dequantizer(Protocol):
     where quantkit does not write this layout;
     `error_bound` the relative weight error above which verify fails a layer of `scheme`; `describe` the
     method and its salient settings from a `quantization_config`, for inspect.
+
+    Optional: `integers(checkpoint, module, names, read) -> IntegerBlocks | None`, the module's values as
+    signed integers times per-block float16 factors when they are exactly that (lossless transcoding).
     """
 
     quant_method: str
@@ -215,7 +219,8 @@ class FileFormat(Protocol):
     """A source that is not a safetensors folder, recognised by its path (a .gguf file, PyTorch .bin).
 
     `to_dense` writes it as a dense safetensors checkpoint; `verify` returns None where the format has no
-    checks of its own (the folder checks then report it)."""
+    checks of its own (the folder checks then report it). Optional: `source(path) -> TensorSource`, the file
+    as dense tensors for quantize and convert."""
 
     name: str
 
@@ -231,7 +236,8 @@ class FileFormat(Protocol):
 
 @dataclass(frozen=True)
 class ConvertRequest:
-    """`convert SRC OUT --to X` as a converter receives it."""
+    """`convert SRC OUT --to X` as a converter receives it; `source` is SRC opened as dense tensors
+    (`TensorSource`) for converters that take any format (GGUF output), None for the others."""
 
     src: str
     out: Path
@@ -240,6 +246,7 @@ class ConvertRequest:
     force: bool = False
     revision: str | None = None
     max_shard_size: int = 5 * 10**9
+    source: TensorSource | None = None
 
 
 Converter = Callable[[ConvertRequest, Progress], Result]
@@ -277,6 +284,177 @@ class Preview:
 
 
 ConvertPreview = Callable[[ConvertRequest], Preview]
+
+
+# ------------------------------------------------------------------------- any source as dense tensors
+
+
+@dataclass(frozen=True)
+class IntegerBlocks:
+    """A weight `[out, in]` as signed integers times one float16 factor per `block` consecutive inputs:
+    value = float32(q) * float32(d). GPTQ / AWQ groups whose zero point is the middle of the range (or one
+    below it, with the sign of the scale turned) and GGUF Q4_0 / Q8_0 blocks all compute exactly this, so
+    a weight moves between them without rounding when the target's blocks can hold the factors."""
+
+    bits: int
+    block: int
+    q: np.ndarray  # int8 [out, in], in [-2**(bits-1), 2**(bits-1) - 1]
+    d: np.ndarray  # float16 [out, in // block], any sign
+
+    def values(self) -> np.ndarray:
+        return self.q.astype(np.float32) * np.repeat(self.d.astype(np.float32), self.block, axis=1)
+
+    def regroup(self, block: int) -> IntegerBlocks | None:
+        """The same values with one factor per `block` inputs; None when a coarser block would need two."""
+        out_features, in_features = self.q.shape
+        if block == self.block:
+            return self
+        if block <= 0 or in_features % block:
+            return None
+        if self.block % block == 0:
+            return replace(self, block=block, d=np.repeat(self.d, self.block // block, axis=1))
+        if block % self.block:
+            return None
+        bits = self.d.view(np.uint16).reshape(out_features, in_features // block, block // self.block)
+        if not np.all(bits == bits[..., :1]):
+            return None
+        return replace(self, block=block, d=np.ascontiguousarray(bits[..., 0]).view(np.float16))
+
+
+@dataclass
+class SourceTensor:
+    """One tensor of any source as a WeightSource: row chunks of the stored bits of a dense tensor, or of
+    float32 values dequantized in the source's own arithmetic (`scheme` then names the source's
+    quantization of it). `integers` gives its IntegerBlocks where its values are exactly that."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    rows: Callable[[int], Iterator[np.ndarray]]
+    scheme: str = ""
+    integers: Callable[[], IntegerBlocks | None] = lambda: None
+    partners: Callable[[str], WeightSource | None] = lambda module: None
+
+    def chunks(self, rows: int) -> Iterator[np.ndarray]:
+        return self.rows(rows)
+
+    def partner(self, module: str) -> WeightSource | None:
+        """Another module's weight (NVFP4 shares one scale over q/k/v); None where the source cannot say."""
+        return self.partners(module)
+
+
+def array_rows(values: np.ndarray) -> Callable[[int], Iterator[np.ndarray]]:
+    """`SourceTensor.rows` over an array in memory (one module at most)."""
+    return lambda rows: (values[start : start + rows] for start in range(0, values.shape[0], rows))
+
+
+@dataclass
+class TensorSource:
+    """Any checkpoint quantkit reads, as dense tensors with Hugging Face names.
+
+    `checkpoint` is the dense view planning reads: config.json without `quantization_config`, every tensor
+    as it will come out (dequantized weights as F32 in their logical shape). `stream(entries)` yields each
+    entry's tensor one at a time in the order given (Conv1D weights turned to [out, in] where the entry
+    says `transposed`); `side_files(folder)` writes tokenizer and side files as for a dense source;
+    `scheme` is the source's quantization ("" for a dense source)."""
+
+    checkpoint: Checkpoint
+    scheme: str
+    stream: Callable[[list[Entry]], Iterator[tuple[Entry, SourceTensor]]]
+    side_files: Callable[[Path], list[str]]
+
+
+def folder_source(checkpoint: Checkpoint) -> TensorSource:
+    """A safetensors folder as dense tensors: dense tensors as stored, each quantized module (any registered
+    reader) dequantized to float32 one module at a time, its companions consumed."""
+    if checkpoint.quantization_config is None:
+        return TensorSource(checkpoint, "", lambda entries: _stream_folder(checkpoint, entries, None, {}),
+                            lambda folder: copy_side_files(checkpoint, folder))
+    reader = dequantizer_for(checkpoint)
+    modules = reader.modules(checkpoint)
+    consumed = {name for names in modules.values() for name in names}
+    tensors = {name: info for name, info in checkpoint.tensors.items() if name not in consumed}
+    dense: dict[str, tuple] = {}  # dense name -> (module, the tensor whose place it takes, dense shape)
+    for module, names in modules.items():
+        first = checkpoint.tensors[names[0]]
+        for out in reader.layout(checkpoint, module, names, "F32"):
+            tensors[out.name] = TensorInfo(out.name, out.dtype, out.shape, first.file, first.start, first.start + out.nbytes)
+            dense[out.name] = (module, first, out.shape)
+    config = {k: v for k, v in checkpoint.config.items() if k != "quantization_config"}
+    view = Checkpoint(checkpoint.root, config, checkpoint.files, dict(sorted(tensors.items(), key=lambda t: (
+        checkpoint.files.index(t[1].file), t[1].start))))
+    scheme = reader.scheme(checkpoint)
+    return TensorSource(view, scheme, lambda entries: _stream_folder(checkpoint, entries, (reader, modules, scheme), dense),
+                        lambda folder: copy_side_files(checkpoint, folder, dense=True))
+
+
+def _stream_folder(checkpoint: Checkpoint, entries: list[Entry], quantized: tuple | None,
+                   dense: dict[str, tuple]) -> Iterator[tuple[Entry, SourceTensor]]:
+    reader: ShardReader | None = None
+    try:
+        for entry in entries:
+            module, info, shape = dense.get(entry.source) or (None, checkpoint.tensors[entry.source], ())
+            if reader is None or reader.path != info.file:
+                if reader is not None:
+                    reader.close()
+                reader = ShardReader(info.file)
+            if module is None:
+                weight = ShardWeight(reader, info, entry.transposed, checkpoint)
+                yield entry, SourceTensor(entry.source, weight.shape, info.dtype, weight.chunks, partners=weight.partner)
+            else:
+                yield entry, _dequantized(checkpoint, entry, module, shape, quantized, TensorReads(checkpoint, reader))
+    finally:
+        if reader is not None:
+            reader.close()
+
+
+def _dequantized(checkpoint: Checkpoint, entry: Entry, module: str, shape: tuple[int, ...], quantized: tuple,
+                 read: TensorReads) -> SourceTensor:
+    """One module dequantized by its reader into float32 (a module at a time in memory)."""
+    reader, modules, scheme = quantized
+    sink = CollectingSink()
+    reader.dequantize(checkpoint, module, modules[module], read, "F32", sink)
+    values = sink.array(entry.source).reshape(shape)
+    if entry.transposed:
+        values = np.ascontiguousarray(values.T)
+    integers = getattr(reader, "integers", None)
+    return SourceTensor(entry.source, values.shape, "F32", array_rows(values), scheme,
+                        (lambda: integers(checkpoint, module, modules[module], read)) if integers else (lambda: None))
+
+
+class CollectingSink:
+    """A TensorSink that keeps what is written, for reading it back (one module's tensors)."""
+
+    def __init__(self, forward: TensorSink | None = None):
+        self.forward = forward
+        self.parts: dict[str, list[np.ndarray]] = {}
+
+    def write(self, name: str, chunk: np.ndarray | bytes) -> None:
+        if self.forward is not None:
+            self.forward.write(name, chunk)
+        array = np.frombuffer(chunk, np.uint8) if isinstance(chunk, bytes) else np.asarray(chunk)  # writers never reuse a chunk
+        self.parts.setdefault(name, []).append(array)
+
+    def done(self, name: str) -> None:
+        if self.forward is not None:
+            self.forward.done(name)
+
+    def array(self, name: str) -> np.ndarray:
+        parts = self.parts[name]
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([p.reshape(-1, *parts[0].shape[1:]) if p.ndim else p.reshape(1) for p in parts])
+
+
+
+def transcoding_summary(scheme: str, lossless: list[str], requantized: dict[str, ErrorSums]) -> dict:
+    """What --json reports for a quantized source: the tensors moved without rounding, and per re-quantized
+    tensor the error it gained against the source's dequantized values."""
+    rows = []
+    for name, sums in requantized.items():
+        rel, snr = sums.figures()
+        rows.append({"tensor": name, "rel_error": rel, "snr_db": snr})
+    return {"from": scheme, "lossless": lossless, "requantized": rows}
 
 
 # ------------------------------------------------------------------------------------------- registries

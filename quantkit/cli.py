@@ -204,6 +204,18 @@ def print_plan(data: dict, json_out: bool, verbose: bool = True) -> None:
     print_preview(data)
 
 
+def transcoded(summary: dict) -> str:
+    """For a quantized source: how many tensors moved without rounding, and the worst error of the others."""
+    if "lossless" not in summary:
+        return ""
+    rows = summary["requantized"]
+    line = f"; from {summary['from']}: {len(summary['lossless'])} tensors lossless, {len(rows)} re-quantized"
+    if rows:
+        worst = max(rows, key=lambda r: r["rel_error"])
+        line += f" (worst relative error {worst['rel_error']:.2e}, SNR {worst['snr_db']:.1f} dB, {worst['tensor']})"
+    return line
+
+
 @app.command()
 def inspect(
     src: Annotated[str, typer.Argument(help="Checkpoint folder, hub repo id, or a .gguf file.")],
@@ -236,7 +248,7 @@ def inspect(
 
 @app.command()
 def quantize(
-    src: Annotated[str, typer.Argument(help="Checkpoint folder or hub repo id.")],
+    src: Annotated[str, typer.Argument(help="Checkpoint folder (dense or quantized), hub repo id, or a .gguf file.")],
     out: Annotated[Path, typer.Argument(help="Output folder (created; must not exist unless --force).")],
     method: Method = None,
     double_quant: DoubleQuant = None, blocksize: Blocksize = None, compute_dtype: ComputeDtype = None,
@@ -250,7 +262,7 @@ def quantize(
     json_out: JsonFlag = False,
     revision: Revision = None,
 ) -> None:
-    """Quantize a checkpoint (bitsandbytes NF4/FP4/int8, or group-wise GPTQ); --dry-run shows the plan."""
+    """Quantize a checkpoint (bitsandbytes NF4/FP4/int8, or group-wise GPTQ); --dry-run shows the plan; a quantized source is transcoded."""
     import quantkit.commands as qk
 
     with user_errors():
@@ -266,7 +278,7 @@ def quantize(
                                  max_shard_size=max_shard_size, progress=progress, **settings)
         s = result.summary
         emit_result(result, json_out, f"{s['quantized']} tensors quantized to {s['method']}, {s['kept']} kept, "
-                    f"{s['output_bytes'] / 1e6:.1f} MB in {len(result.files)} file(s)")
+                    f"{s['output_bytes'] / 1e6:.1f} MB in {len(result.files)} file(s){transcoded(s)}")
 
 
 @app.command()
@@ -317,7 +329,7 @@ def convert(
             result = qk.convert(src, out, to, gguf_type=gguf_type, dtype=dtype, force=force, revision=revision,
                                 max_shard_size=max_shard_size, progress=progress)
         s = result.summary
-        emit_result(result, json_out, f"{s['tensors']} tensors, {s['output_bytes'] / 1e6:.1f} MB")
+        emit_result(result, json_out, f"{s['tensors']} tensors, {s['output_bytes'] / 1e6:.1f} MB{transcoded(s)}")
 
 
 @app.command()

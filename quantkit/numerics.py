@@ -25,6 +25,25 @@ def error_figures(norm: float, diff: float) -> tuple[float, float]:
     return rel, snr
 
 
+class ErrorSums:
+    """||reference||^2 and ||reference - approximation||^2 gathered chunk by chunk, for error figures of a
+    tensor that is never whole in memory."""
+
+    def __init__(self) -> None:
+        self.reference = 0.0
+        self.difference = 0.0
+
+    def add(self, reference: np.ndarray, approx: np.ndarray) -> None:
+        ref = np.ascontiguousarray(reference, dtype=np.float32).reshape(-1)
+        diff = ref - np.asarray(approx, dtype=np.float32).reshape(-1)
+        self.reference += float(np.dot(ref, ref))
+        self.difference += float(np.dot(diff, diff))
+
+    def figures(self) -> tuple[float, float]:
+        """(relative error, SNR in dB)."""
+        return error_figures(math.sqrt(self.reference), math.sqrt(self.difference))
+
+
 def relative_error(reference: np.ndarray, approx: np.ndarray) -> tuple[float, float]:
     ref = reference.astype(np.float64).reshape(-1)
     return error_figures(float(np.linalg.norm(ref)), float(np.linalg.norm(ref - approx.astype(np.float64).reshape(-1))))

@@ -7,11 +7,15 @@ chunks (quantkit.io.stream).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from quantkit import api, methods
-from quantkit.dtypes import NAME_OF
+from quantkit.dtypes import NAME_OF, STORAGE, itemsize, to_float32
 from quantkit.errors import QuantkitError
 from quantkit.io.card import write_card
 from quantkit.io.safetensors import CheckpointWriter, ShardReader, TensorInfo
@@ -25,18 +29,9 @@ from quantkit.io.staged import (
     write_config,
     write_staged,
 )
-from quantkit.io.stream import (
-    Entry,
-    FiniteSink,
-    Progress,
-    ShardWeight,
-    TensorReads,
-    copy_tensor,
-    no_progress,
-    ordered,
-    stream_entries,
-)
+from quantkit.io.stream import Entry, FiniteSink, Progress, TensorReads, copy_tensor, no_progress, ordered, stream_entries
 from quantkit.io.torchpickle import TORCH_INDEX
+from quantkit.numerics import CHUNK_ELEMENTS, COPY_CHUNK, ErrorSums
 from quantkit.plan import Plan, make_dequant_plan, make_plan, plan_warnings, quantizer_for
 
 Result = api.Result
@@ -48,32 +43,74 @@ def quantization_tags(config: dict) -> list[str]:
     return [str(config.get("quant_method"))] + ([f"{bits}-bit"] if isinstance(bits, int) else [])
 
 
+def open_source(src: str, revision: str | None = None) -> api.TensorSource:
+    """SRC as dense tensors: a safetensors folder (dense, or quantized by any registered reader) or a file
+    format that can present itself so (a .gguf)."""
+    path = resolve(src, revision)
+    methods.load()
+    file_format = api.file_format_of(path)
+    if file_format is None:
+        return api.folder_source(open_checkpoint(path))
+    if not hasattr(file_format, "source"):
+        raise QuantkitError(f"{src}: {file_format.name} files cannot be read as a model here",
+                            "convert it first: quantkit convert SRC OUT --to safetensors")
+    return file_format.source(path)
+
+
 def prepare_quantize(src: str, options: api.Options, revision: str | None = None, skip_source: str = "--skip",
-                     refusals: bool = False) -> tuple[Checkpoint, Plan]:
+                     refusals: bool = False) -> tuple[api.TensorSource, Plan]:
     """detect + plan: everything cheap is validated here, before a weight is read."""
-    checkpoint = open_checkpoint(resolve(src, revision))
-    plan = make_plan(checkpoint, options, skip_source, refusals)
-    plan.entries = ordered(checkpoint, plan.entries)
-    return checkpoint, plan
+    source = open_source(src, revision)
+    plan = make_plan(source.checkpoint, options, skip_source, refusals)
+    plan.entries = ordered(source.checkpoint, plan.entries)
+    return source, plan
 
 
 def quantize(src: str, out: Path, options: api.Options, force: bool = False, revision: str | None = None,
              progress: Progress = no_progress, resume: bool = False, skip_source: str = "--skip") -> Result:
-    """Quantize `src` into the folder `out`; `skip_source` is where options.skip came from (for warnings)."""
-    checkpoint, plan = prepare_quantize(src, options, revision, skip_source)
+    """Any source (dense, quantized, GGUF) to `options.method`. A quantized source's modules are moved without
+    rounding where the target holds their integers (the quantizer's optional `transcode`), else dequantized
+    in the source's arithmetic and quantized again, with the error that adds measured per tensor.
+    `skip_source` is where options.skip came from (for warnings)."""
+    source, plan = prepare_quantize(src, options, revision, skip_source)
+    checkpoint = source.checkpoint
     check_output(checkpoint.root, out, force)
     check_free_space(out, plan.output_bytes)
     quantizer = quantizer_for(options.method)
+    lossless: list[str] = []
+    requantized: dict[str, ErrorSums] = {}
 
-    def handle(reader: ShardReader, entry: Entry, info: TensorInfo, writer: CheckpointWriter) -> None:
-        if entry.fate == "quantize":
-            quantizer.quantize(entry.module, ShardWeight(reader, info, entry.transposed, checkpoint), options, writer)
-        elif entry.fate == "keep":
-            copy_tensor(reader, info, entry.source, writer)
+    def handle(entry: Entry, tensor: api.SourceTensor, writer: CheckpointWriter) -> None:
+        if entry.fate == "keep":
+            row_bytes = max(1, math.prod(tensor.shape[1:]) * itemsize(tensor.dtype))
+            for chunk in tensor.chunks(max(1, COPY_CHUNK // row_bytes)):
+                writer.write(entry.source, chunk)
+            writer.done(entry.source)
+        elif not tensor.scheme:
+            quantizer.quantize(entry.module, tensor, options, writer)
+        elif transcoded(quantizer, entry.module, tensor, options, writer):
+            lossless.append(entry.source)
+        else:
+            capture = api.CollectingSink(writer)
+            quantizer.quantize(entry.module, tensor, options, capture)
+            requantized[entry.source] = requantization_error(entry, tensor, capture, plan, checkpoint.config)
+
+    def fill(writer: CheckpointWriter) -> None:
+        total, done = sum(checkpoint.tensors[e.source].nbytes for e in plan.entries), 0
+
+        def todo() -> Iterator[Entry]:
+            for entry in plan.entries:
+                if entry.fate != "drop" and not writer.skip_reused(o.name for o in entry.outputs):
+                    yield entry
+
+        for entry, tensor in source.stream(todo()):
+            handle(entry, tensor, writer)
+            done += checkpoint.tensors[entry.source].nbytes
+            progress(done, total, entry.source)
 
     def finish(folder: Path) -> list[str]:
         write_config(folder, {**checkpoint.config, "quantization_config": plan.quantization_config})
-        side = copy_side_files(checkpoint, folder)
+        side = source.side_files(folder)
         # how the bytes were made (backend, device) is not part of what they are: the card leaves it out
         settings = {"method": options.method, **{k: v for k, v in asdict(options).items()
                                                  if k not in ("method", "max_shard_size", "backend", "device")}}
@@ -81,8 +118,7 @@ def quantize(src: str, out: Path, options: api.Options, force: bool = False, rev
                           [options.method, "quantized", *quantization_tags(plan.quantization_config)], settings)
         return [*(f for f in side if f != card), card]
 
-    files, side = write_staged(out, plan.outputs, options.max_shard_size,
-                               lambda writer: stream_entries(checkpoint, plan.entries, writer, handle, progress), finish,
+    files, side = write_staged(out, plan.outputs, options.max_shard_size, fill, finish,
                                run_fingerprint(checkpoint.files, plan.outputs, options), resume, force)
     counts = plan.counts()
     summary = {
@@ -97,8 +133,48 @@ def quantize(src: str, out: Path, options: api.Options, force: bool = False, rev
         "output_bytes": bytes_on_disk(out, files),
         "side_files": side,
     }
+    if source.scheme:
+        summary |= api.transcoding_summary(source.scheme, lossless, requantized)
     return Result(out, files, summary, plan_warnings(plan, skip_source))
 
+
+def transcoded(quantizer: api.Quantizer, module: str, tensor: api.SourceTensor, options: api.Options,
+               writer: CheckpointWriter) -> bool:
+    """Whether the quantizer wrote the tensor's integers as they are (it has `transcode` and they fit)."""
+    transcode = getattr(quantizer, "transcode", None)
+    if transcode is None:
+        return False
+    blocks = tensor.integers()
+    return blocks is not None and transcode(module, blocks, options, writer)
+
+
+def requantization_error(entry: Entry, tensor: api.SourceTensor, capture: api.CollectingSink, plan: Plan,
+                         config: dict) -> ErrorSums:
+    """The error a re-quantized tensor gained: what was written, read back by the target's own reader,
+    against the source's dequantized values (both one module in memory)."""
+    reader = api.DEQUANTIZERS[plan.quantization_config["quant_method"]]
+    written = {o.name: TensorInfo(o.name, o.dtype, o.shape, Path(), 0, o.nbytes) for o in entry.outputs}
+    view = Checkpoint(Path(), {**config, "quantization_config": plan.quantization_config}, [], written)
+    names = reader.modules(view)[entry.module]
+    back = api.CollectingSink()
+    reader.dequantize(view, entry.module, names, lambda name: _captured(capture, written[name]), "F32", back)
+    approx = back.array(names[0] if names[0] in back.parts else next(iter(back.parts)))
+    approx = approx.reshape(tensor.shape[::-1] if entry.transposed else tensor.shape)
+    if entry.transposed:
+        approx = approx.T
+    sums = ErrorSums()
+    start = 0
+    for chunk in tensor.chunks(max(1, CHUNK_ELEMENTS // max(1, tensor.shape[-1]))):
+        sums.add(to_float32(chunk, tensor.dtype), approx[start : start + chunk.shape[0]])
+        start += chunk.shape[0]
+    return sums
+
+
+def _captured(capture: api.CollectingSink, info: TensorInfo) -> np.ndarray:
+    """A written tensor as the reader would load it: its planned dtype and shape (a variable-length one flat)."""
+    raw = np.concatenate([np.ascontiguousarray(p).reshape(-1).view(np.uint8) for p in capture.parts[info.name]])
+    values = raw.view(STORAGE[info.dtype])
+    return values.reshape(info.shape) if values.size == math.prod(info.shape) else values
 
 
 def dequantize(src: str, out: Path, dtype: str | None = None, max_shard_size: int = 5 * 10**9, force: bool = False,
@@ -159,5 +235,5 @@ def convert(src: str, out: Path, to: str, gguf_type: str = "F16", dtype: str | N
         return file_format.to_dense(src, path, Path(out), dtype, force, max_shard_size, progress)
     if to not in api.CONVERTERS:
         raise QuantkitError(f"convert {src} --to {to}: not supported", f"choose one of safetensors, {', '.join(sorted(api.CONVERTERS))}")
-    request = api.ConvertRequest(src, Path(out), gguf_type, dtype, force, revision, max_shard_size)
+    request = api.ConvertRequest(src, Path(out), gguf_type, dtype, force, revision, max_shard_size, open_source(src, revision))
     return api.CONVERTERS[to](request, progress)

@@ -190,6 +190,11 @@ def main() -> None:
             ("quantkit fp8 (fp8 layout)", [*qk, "quantize", str(src), str(work / "qk-fp8-fine"), "--method", "fp8-block", "--layout", "fp8"], work / "qk-fp8-fine", size),
             ("quantkit dequantize fp8", [*qk, "dequantize", str(work / "qk-fp8-fine"), str(work / "qk-fp8-dense")], work / "qk-fp8-dense", size),
             ("quantkit gguf Q8_0", [*qk, "convert", str(src), str(work / "qk.gguf"), "--to", "gguf", "--gguf-type", "Q8_0"], work / "qk.gguf", size),
+            # quantized -> quantized (#15): against the slower of "dequantize" and "quantize" alone
+            ("quantkit nf4 -> Q8_0", [*qk, "convert", str(work / "qk-nf4"), str(work / "nf4.gguf"), "--to", "gguf", "--gguf-type", "Q8_0"], work / "nf4.gguf", size),
+            ("quantkit dequantize gptq", [*qk, "dequantize", str(work / "qk-gptq"), str(work / "gptq-dense")], work / "gptq-dense", size),
+            ("quantkit gguf Q4_0", [*qk, "convert", str(src), str(work / "q4.gguf"), "--to", "gguf", "--gguf-type", "Q4_0"], work / "q4.gguf", size),
+            ("quantkit gptq -> Q4_0 (lossless)", [*qk, "convert", str(work / "qk-gptq"), str(work / "gptq.gguf"), "--to", "gguf", "--gguf-type", "Q4_0"], work / "gptq.gguf", size),
         ]
         if args.only == "all":
             jobs += [
@@ -206,6 +211,10 @@ def main() -> None:
                    "quantkit gptq 4-bit": "transformers+bnb nf4",
                    "quantkit dequantize nf4": "bitsandbytes dequantize nf4", "quantkit gguf Q8_0": "gguf-py Q8_0",
                    "quantkit fp8": "llm-compressor FP8_DYNAMIC"}  # fmt: skip
+        slower_of = {"quantkit nf4 -> Q8_0": ("quantkit dequantize nf4", "quantkit gguf Q8_0"),
+                     "quantkit gptq -> Q4_0 (lossless)": ("quantkit dequantize gptq", "quantkit gguf Q4_0")}
+        for label, parts in slower_of.items():
+            results[label]["vs_slower_part"] = round(results[label]["seconds"] / max(results[p]["seconds"] for p in parts), 2)
         for label, anchor in anchors.items():
             if label in results and anchor in results:
                 results[label]["vs_anchor"] = round(results[label]["seconds"] / results[anchor]["seconds"], 3)
@@ -224,7 +233,7 @@ def main() -> None:
     print(f"{'job':32} {'seconds':>8} {'cpu s':>6} {'MB/s':>8} {'peak RSS MB':>12} {'vs anchor':>10}  runs")
     for r in report["results"]:
         print(f"{r['job']:32} {r['seconds']:8.2f} {r['cpu_seconds']:6.2f} {r['mb_per_s']:8.1f} {r['peak_rss_mb']:12d} "
-              f"{r.get('vs_anchor', ''):>10}  {r['runs']}")
+              f"{r.get('vs_anchor', r.get('vs_slower_part', '')):>10}  {r['runs']}")
     if identical:
         print("identical bytes to the anchors (transformers + bitsandbytes; bitsandbytes dequantize_4bit; llm-compressor): "
               + ", ".join(f"{k}: {v}" for k, v in identical.items()))

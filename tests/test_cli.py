@@ -68,10 +68,14 @@ def test_shipped_recipes_load(models, tmp_path, cli):
         assert code == 0, (recipe, err)
 
 
-def test_already_quantized_is_refused(models, tmp_path, cli):
+def test_quantized_source_is_requantized_with_its_error(models, tmp_path, cli):
     cli("quantize", models["llama"], tmp_path / "q", "--method", "int8")
-    code, _, err = cli("quantize", tmp_path / "q", tmp_path / "qq", "--method", "nf4")
-    assert code == 2 and "already quantized" in err and "dequantize" in err
+    code, out, err = cli("quantize", tmp_path / "q", tmp_path / "qq", "--method", "nf4", "--json")
+    summary = json.loads(out)
+    assert code == 0, err
+    assert summary["from"] == "int8" and summary["lossless"] == [] and summary["requantized"]
+    assert all(0 < row["rel_error"] < 0.2 for row in summary["requantized"])
+    assert "load_in_4bit" in json.loads((tmp_path / "qq" / "config.json").read_text())["quantization_config"]
 
 
 def test_bad_usage_is_one_line_exit_2(models, tmp_path, cli):

@@ -184,9 +184,9 @@ def test_out_symlink_kept_when_the_run_fails(ckpt, tmp_path, cli, monkeypatch):
     link.symlink_to(disk / "out")
 
     def fail(*args, **kwargs):
-        raise QuantkitError("disk gone while copying")
+        raise QuantkitError("disk gone while finishing")
 
-    monkeypatch.setattr(pipeline, "copy_tensor", fail)
+    monkeypatch.setattr(pipeline, "write_config", fail)  # late in the run, after every shard
     refused(cli, "quantize", ckpt, link, "--method", "int8", "--force", naming="disk gone")
     assert link.is_symlink() and os.readlink(link) == str(disk / "out")
     assert tree_digest(disk) == before

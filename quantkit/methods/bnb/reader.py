@@ -31,22 +31,26 @@ _FOUR_BIT_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map
 def read_quant_state(checkpoint: Checkpoint, key: str) -> dict:
     info = checkpoint.tensors[key]
     with ShardReader(info.file) as reader:
-        raw = reader.read(info).tobytes()
+        return parse_quant_state(reader.read(info), f"{info.file}: tensor '{key}'")
+
+
+def parse_quant_state(raw: np.ndarray, where: str) -> dict:
+    """A quant_state tensor's JSON, validated (`where` names the file and tensor in errors)."""
     try:
-        state = json.loads(raw)
+        state = json.loads(raw.tobytes())
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise QuantkitError(f"{info.file}: tensor '{key}' does not hold quant_state JSON") from None
+        raise QuantkitError(f"{where} does not hold quant_state JSON") from None
     shape = state.get("shape") if isinstance(state, dict) else None
     if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape) or state.get("dtype") not in dtypes.BY_NAME:
-        raise QuantkitError(f"{info.file}: tensor '{key}': quant_state lacks a valid shape or dtype")
+        raise QuantkitError(f"{where}: quant_state lacks a valid shape or dtype")
     if state.get("blocksize") not in BLOCKSIZES or state.get("quant_type") not in ("nf4", "fp4"):
-        raise QuantkitError(f"{info.file}: tensor '{key}': quant_state has an invalid blocksize or quant_type")
+        raise QuantkitError(f"{where}: quant_state has an invalid blocksize or quant_type")
     if "nested_offset" in state:  # double quantization: the offset added back and the nested block size
         offset, nested = state["nested_offset"], state.setdefault("nested_blocksize", nf4.NESTED_BLOCKSIZE)
         if not _number(offset) or not math.isfinite(offset):
-            raise QuantkitError(f"{info.file}: tensor '{key}': quant_state nested_offset {offset!r} is not a finite number")
+            raise QuantkitError(f"{where}: quant_state nested_offset {offset!r} is not a finite number")
         if not _number(nested) or isinstance(nested, float) or nested not in BLOCKSIZES:
-            raise QuantkitError(f"{info.file}: tensor '{key}': quant_state nested_blocksize {nested!r} is not one of "
+            raise QuantkitError(f"{where}: quant_state nested_blocksize {nested!r} is not one of "
                                 f"{', '.join(map(str, BLOCKSIZES))}")
     return state
 
@@ -166,7 +170,7 @@ class BitsAndBytesReader:
 
     def _chunks_4bit(self, checkpoint: Checkpoint, names: list[str], read: Callable[[str], np.ndarray], dtype: str):
         """Dense rows of a 4-bit weight, a chunk at a time, in `dtype`'s stored bits."""
-        state = read_quant_state(checkpoint, names[-1])
+        state = parse_quant_state(read(names[-1]), f"tensor '{names[-1]}'")
         shape, blocksize = tuple(state["shape"]), state["blocksize"]
         absmax, packed = self._absmax(checkpoint, state, names[0], read), read(names[0])
         table = nf4.decode_table(state["quant_type"], shape)
@@ -178,7 +182,7 @@ class BitsAndBytesReader:
             yield kernel(packed, absmax, table, blocksize, start * cols, count, dtype)
 
     def _dense_4bit(self, checkpoint: Checkpoint, names: list[str], read: Callable[[str], np.ndarray]) -> np.ndarray:
-        state = read_quant_state(checkpoint, names[-1])
+        state = parse_quant_state(read(names[-1]), f"tensor '{names[-1]}'")
         absmax = self._absmax(checkpoint, state, names[0], read)
         return nf4.dequantize_4bit(read(names[0]), absmax, tuple(state["shape"]), state["blocksize"], state["quant_type"])
 

@@ -16,19 +16,31 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
-from quantkit.api import ConvertRequest, PlannedTensor, Preview, Result, first_of
-from quantkit.dtypes import BY_NAME, from_float32
+from quantkit.api import (
+    ConvertRequest,
+    IntegerBlocks,
+    PlannedTensor,
+    Preview,
+    Result,
+    SourceTensor,
+    TensorSource,
+    first_of,
+    folder_source,
+    transcoding_summary,
+)
+from quantkit.dtypes import BY_NAME, from_float32, itemsize, to_float32
 from quantkit.errors import QuantkitError
 from quantkit.io.card import write_card
-from quantkit.io.safetensors import OutputTensor, ShardReader, TensorInfo, iter_row_chunks
+from quantkit.io.safetensors import OutputTensor, TensorInfo
 from quantkit.io.source import Checkpoint, open_checkpoint, resolve
 from quantkit.io.staged import bytes_on_disk, check_free_space, check_output, write_config, write_staged
-from quantkit.io.stream import FiniteSink, Progress
+from quantkit.io.stream import Entry, FiniteSink, Progress
 from quantkit.methods.gguf import file as gf
+from quantkit.methods.gguf import legacy
 from quantkit.methods.gguf import types as gguf_types
 from quantkit.methods.gguf.types import FILE_TYPE, GGUF_TYPES, TYPES, fits, parse_type
 from quantkit.methods.gguf.vocab import read_vocab, write_hf_tokenizer
-from quantkit.numerics import COPY_CHUNK
+from quantkit.numerics import COPY_CHUNK, ErrorSums
 
 QType = GGMLQuantizationType
 __all__ = ["FILE_TYPE", "GGUF_TYPES", "parse_type"]  # used by tests and the client tests beside this module's own
@@ -99,6 +111,8 @@ class GGUFReport:
     tensors: int
     fallbacks: list[str]
     warnings: list[str]
+    lossless: list[str] = field(default_factory=list)  # quantized source tensors moved without rounding
+    requantized: dict[str, ErrorSums] = field(default_factory=dict)  # the others: error against the source
 
 
 def _metadata(checkpoint: Checkpoint, plan: GGUFPlan, vocab) -> Callable:
@@ -113,24 +127,50 @@ def _metadata(checkpoint: Checkpoint, plan: GGUFPlan, vocab) -> Callable:
     return add_metadata
 
 
-def _source_rows(reader: ShardReader, info: TensorInfo, permute_heads: int) -> Iterator[np.ndarray]:
-    """Row chunks of a source tensor as stored; Q/K with a head permutation are read whole (rows move)."""
+def _source_rows(tensor: SourceTensor, permute_heads: int) -> Iterator[np.ndarray]:
+    """Row chunks of a source tensor; Q/K with a head permutation come whole (rows move)."""
     if permute_heads:
-        yield gf.permute_qk(reader.read(info), permute_heads)
+        yield gf.permute_qk(next(tensor.chunks(tensor.shape[0])), permute_heads)
         return
-    for start, stop in iter_row_chunks(info, CHUNK_BYTES):
-        yield reader.read_rows(info, start, stop)
+    row_bytes = math.prod(tensor.shape[1:]) * itemsize(tensor.dtype)
+    yield from tensor.chunks(max(1, CHUNK_BYTES // row_bytes))
 
 
-def _quantized(rows: Iterator[np.ndarray], dtype: str, qtype: QType) -> Iterator[np.ndarray]:
+def _quantized(rows: Iterator[np.ndarray], dtype: str, qtype: QType, error: ErrorSums | None = None) -> Iterator[np.ndarray]:
+    """GGUF blocks of each chunk; with `error`, each chunk's error against the blocks' own values is summed."""
     for chunk in rows:
-        yield gguf_types.quantize_stored(chunk.reshape(-1, chunk.shape[-1]) if chunk.ndim > 1 else chunk[None], dtype, qtype)
+        chunk = chunk.reshape(-1, chunk.shape[-1]) if chunk.ndim > 1 else chunk[None]
+        data = gguf_types.quantize_stored(chunk, dtype, qtype)
+        if error is not None:
+            values = legacy.values_of(data, qtype) if qtype in legacy.INTEGER_BITS else dequantize(data, qtype)
+            error.add(to_float32(chunk, dtype), values)
+        yield data
+
+
+def _tensor_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport) -> Iterator[np.ndarray]:
+    """A tensor's GGUF data: a quantized source's integers as they are where the type holds them (Q4_0, Q8_0),
+    else quantized from its values (the error measured when those were themselves dequantized)."""
+    bits = legacy.INTEGER_BITS.get(e.out.qtype)
+    blocks = tensor.integers() if tensor.scheme and bits else None
+    blocks = blocks.regroup(legacy.INTEGER_BLOCK) if blocks is not None and blocks.bits <= bits else None
+    if blocks is not None:
+        q, d = blocks.q, blocks.d
+        if e.permute_heads:
+            q, d = gf.permute_qk(q, e.permute_heads), gf.permute_qk(d, e.permute_heads)
+        report.lossless.append(e.hf_name)
+        return iter([legacy.blocks_of(q, d, e.out.qtype)])
+    error = report.requantized.setdefault(e.hf_name, ErrorSums()) if tensor.scheme else None
+    return _quantized(_source_rows(tensor, e.permute_heads), tensor.dtype, e.out.qtype, error)
 
 
 def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
-            progress: Callable[[int, int, str], None] | None = None, force: bool = True) -> GGUFReport:
-    """Write `out` (.gguf) from a safetensors checkpoint, one shard open at a time, in shard order.
-    `force`: whether an OUT that another run wrote since the caller's checks may be replaced."""
+            progress: Callable[[int, int, str], None] | None = None, force: bool = True,
+            source: TensorSource | None = None) -> GGUFReport:
+    """Write `out` (.gguf) from a checkpoint folder (dense or quantized; or any `source`), one tensor at a
+    time, in storage order. `force`: whether an OUT that another run wrote since the caller's checks may be
+    replaced."""
+    source = source or folder_source(checkpoint)
+    checkpoint = source.checkpoint
     shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
     plan = plan_gguf(checkpoint.config, shapes, qtype)
     warnings: list[str] = []
@@ -138,26 +178,19 @@ def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
         warnings.append(f"llama.cpp will not load this GGUF: {first_of(plan.missing)}")
     add_metadata = _metadata(checkpoint, plan, read_vocab(checkpoint.root, checkpoint.config, warnings))
 
-    def chunks():
-        reader: ShardReader | None = None
-        done, total = 0, plan.nbytes
-        try:
-            for e in plan.entries:
-                info = checkpoint.tensors[e.hf_name]
-                if reader is None or reader.path != info.file:
-                    if reader is not None:
-                        reader.close()
-                    reader = ShardReader(info.file)
-                yield e.out, _quantized(_source_rows(reader, info, e.permute_heads), info.dtype, e.out.qtype)
-                done += e.out.nbytes
-                if progress:
-                    progress(done, total, e.hf_name)
-        finally:
-            if reader is not None:
-                reader.close()
+    report = GGUFReport(Path(out), 0, len(plan.entries), plan.fallbacks, warnings)
 
-    written = gf.write_gguf(Path(out), plan.arch.gguf_arch, add_metadata, [e.out for e in plan.entries], chunks(), force)
-    return GGUFReport(Path(out), written, len(plan.entries), plan.fallbacks, warnings)
+    def chunks():
+        done, total = 0, plan.nbytes
+        tensors = source.stream([Entry(e.hf_name, "gguf") for e in plan.entries])
+        for e, (_, tensor) in zip(plan.entries, tensors, strict=True):
+            yield e.out, _tensor_data(tensor, e, report)
+            done += e.out.nbytes
+            if progress:
+                progress(done, total, e.hf_name)
+
+    report.bytes_written = gf.write_gguf(Path(out), plan.arch.gguf_arch, add_metadata, [e.out for e in plan.entries], chunks(), force)
+    return report
 
 
 # ------------------------------------------------------------------------------------------ GGUF -> HF
@@ -196,6 +229,34 @@ class FromGGUF:
         """One tensor as float32, whole."""
         return np.concatenate([c.reshape(-1) for c in self.chunks(hf_name)]).reshape(self.names[hf_name].shape)
 
+    def _heads(self, hf_name: str) -> int:
+        arch = gf.BY_GGUF_ARCH[self.file.metadata["general.architecture"]]
+        return gf.permuted_heads(arch, hf_name, self.config["num_attention_heads"], self.config["num_key_value_heads"])
+
+    def rows(self, hf_name: str, rows: int, dtype: str) -> Iterator[np.ndarray]:
+        """Chunks of exactly `rows` rows (a 1-D tensor: whole), as stored bits of `dtype`."""
+        t = self.names[hf_name]
+        if len(t.shape) == 1:
+            yield from_float32(dequantize_rows(self.file, t).reshape(t.shape), dtype)
+            return
+        if self._heads(hf_name):
+            whole = from_float32(next(self.chunks(hf_name)), dtype)
+            yield from (whole[start : start + rows] for start in range(0, whole.shape[0], rows))
+            return
+        for start in range(0, t.shape[0], rows):
+            yield from_float32(dequantize_rows(self.file, t, start, start + rows), dtype).reshape(-1, *t.shape[1:])
+
+    def integers(self, hf_name: str) -> IntegerBlocks | None:
+        """A Q4_0 / Q8_0 matrix as IntegerBlocks in HF row order; None for other types."""
+        t = self.names[hf_name]
+        if t.qtype not in legacy.INTEGER_BITS or len(t.shape) != 2:
+            return None
+        q, d = legacy.integers_of(self.file.rows(t), t.qtype)
+        heads = self._heads(hf_name)
+        if heads:
+            q, d = gf.unpermute_qk(q, heads), gf.unpermute_qk(d, heads)
+        return IntegerBlocks(legacy.INTEGER_BITS[t.qtype], legacy.INTEGER_BLOCK, q, d)
+
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(HF name, whole float32 tensor) one at a time."""
         for hf_name in self.names:
@@ -232,6 +293,26 @@ def from_gguf(path: Path, dtype: str | None = None) -> FromGGUF:
     return FromGGUF(config, names, file, [])
 
 
+def gguf_source(path: Path, dtype: str | None = None) -> TensorSource:
+    """A GGUF file as dense tensors with HF names (api.TensorSource): each tensor dequantized by gguf-py when
+    it is read, Q4_0 / Q8_0 also as their integers; the tokenizer comes back as HF files."""
+    conv = from_gguf(Path(path), dtype)
+    st_dtype = BY_NAME[conv.config["dtype"]]
+    tensors = {}
+    for name, t in sorted(conv.names.items(), key=lambda item: item[1].offset):
+        tensors[name] = TensorInfo(name, st_dtype, t.shape, conv.file.path, t.offset, t.offset + math.prod(t.shape) * itemsize(st_dtype))
+    view = Checkpoint(Path(path), conv.config, [conv.file.path], tensors)
+
+    def stream(entries: list[Entry]) -> Iterator[tuple[Entry, SourceTensor]]:
+        for entry in entries:
+            t = conv.names[entry.source]
+            scheme = "" if t.qtype in (QType.F32, QType.F16, QType.BF16) else t.qtype.name
+            yield entry, SourceTensor(entry.source, t.shape, st_dtype, lambda rows, name=entry.source: conv.rows(name, rows, st_dtype),
+                                      scheme, lambda name=entry.source: conv.integers(name))
+
+    return TensorSource(view, "gguf", stream, lambda folder: write_tokenizer_files(conv, folder))
+
+
 def write_tokenizer_files(conv: FromGGUF, out: Path) -> list[str]:
     return write_hf_tokenizer(conv.file.metadata, Path(out), conv.warnings)
 
@@ -242,19 +323,20 @@ def write_tokenizer_files(conv: FromGGUF, out: Path) -> list[str]:
 def convert_to_gguf(request: ConvertRequest, progress: Progress) -> Result:
     """`quantkit convert SRC OUT.gguf --to gguf`: validated and planned before a weight is read."""
     qtype = parse_type(request.gguf_type)
-    checkpoint = open_checkpoint(resolve(request.src, request.revision))
-    if checkpoint.quantization_config is not None:
-        raise QuantkitError(f"{request.src}: is already quantized ({checkpoint.quantization_config.get('quant_method')})",
-                            "dequantize it first: quantkit dequantize SRC DENSE")
+    source = request.source or folder_source(open_checkpoint(resolve(request.src, request.revision)))
+    if source.scheme == "gguf":
+        raise QuantkitError(f"{request.src}: is a GGUF file already", "convert it --to safetensors, or quantize it")
+    checkpoint = source.checkpoint
     out = Path(request.out)
     check_output(checkpoint.root, out, request.force, single_file=True)
     plan = plan_gguf(checkpoint.config, {n: i.shape for n, i in checkpoint.tensors.items()}, qtype)
     check_free_space(out, plan.nbytes)
-    r = to_gguf(checkpoint, out, qtype, progress, force=request.force)
-    return Result(r.path, [r.path.name], {"to": "gguf", "gguf_type": request.gguf_type.upper(), "tensors": r.tensors,
-                                           "output_bytes": r.bytes_written, "fallbacks": r.fallbacks,
-                                           "warnings": r.warnings},
-                  [f"warning: {line}" for line in r.fallbacks + r.warnings])
+    r = to_gguf(checkpoint, out, qtype, progress, force=request.force, source=source)
+    summary = {"to": "gguf", "gguf_type": request.gguf_type.upper(), "tensors": r.tensors,
+               "output_bytes": r.bytes_written, "fallbacks": r.fallbacks, "warnings": r.warnings}
+    if source.scheme:
+        summary |= transcoding_summary(source.scheme, r.lossless, r.requantized)
+    return Result(r.path, [r.path.name], summary, [f"warning: {line}" for line in r.fallbacks + r.warnings])
 
 
 def preview_gguf(request: ConvertRequest) -> Preview:

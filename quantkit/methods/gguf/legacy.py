@@ -92,3 +92,38 @@ def quantize_rows(rows: np.ndarray, qtype: QType) -> np.ndarray:
     n, k = rows.shape
     blocks = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, block_size)
     return BLOCK_QUANTIZERS[qtype](blocks).reshape(n, row_bytes(qtype, k))
+
+
+# Q4_0 and Q8_0 blocks compute q * d exactly (q signed, d float16): api.IntegerBlocks of 32, the types a
+# weight moves into and out of without rounding.
+INTEGER_BITS = {QType.Q4_0: 4, QType.Q8_0: 8}
+INTEGER_BLOCK = 32
+
+
+def integers_of(raw: np.ndarray, qtype: QType) -> tuple[np.ndarray, np.ndarray]:
+    """Stored rows [n, row bytes] of Q4_0 / Q8_0 -> (q int8 [n, k], d float16 [n, k / 32])."""
+    size = GGML_QUANT_SIZES[qtype][1]
+    n = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(n, -1, size)
+    d = np.ascontiguousarray(blocks[..., :2]).view(np.float16).reshape(n, -1)
+    body = blocks[..., 2:]
+    if qtype == QType.Q8_0:
+        return np.ascontiguousarray(body).view(np.int8).reshape(n, -1), d
+    q = np.concatenate([body & 0x0F, body >> 4], axis=-1).astype(np.int8) - np.int8(8)
+    return q.reshape(n, -1), d
+
+
+def blocks_of(q: np.ndarray, d: np.ndarray, qtype: QType) -> np.ndarray:
+    """Inverse of `integers_of`: (q [n, k], d float16 [n, k / 32]) -> stored rows [n, row bytes]."""
+    n, k = q.shape
+    scale = np.ascontiguousarray(d, dtype=np.float16).reshape(-1, 1).view(np.uint8)
+    codes = q.reshape(-1, INTEGER_BLOCK)
+    body = codes.view(np.uint8) if qtype == QType.Q8_0 else _nibbles((codes + 8).astype(np.uint8))
+    return np.concatenate([scale, body], axis=1).reshape(n, row_bytes(qtype, k))
+
+
+def values_of(raw: np.ndarray, qtype: QType) -> np.ndarray:
+    """float32 values [n, k] of Q4_0 / Q8_0 rows: q * d, as gguf-py's and llama.cpp's dequantization."""
+    q, d = integers_of(raw, qtype)
+    n = q.shape[0]
+    return (q.reshape(n, -1, INTEGER_BLOCK).astype(np.float32) * d.astype(np.float32)[..., None]).reshape(n, -1)

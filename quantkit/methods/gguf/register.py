@@ -28,6 +28,11 @@ class GGUFFormat:
 
         return verify.verify_gguf(path, reference, max_error, progress)
 
+    def source(self, path: Path) -> api.TensorSource:
+        from quantkit.methods.gguf import convert  # imports gguf-py
+
+        return convert.gguf_source(path)
+
     def to_dense(self, src: str, path: Path, out: Path, dtype: str | None, force: bool, max_shard_size: int,
                  progress: Progress) -> api.Result:
         from quantkit.methods.gguf import convert  # imports gguf-py

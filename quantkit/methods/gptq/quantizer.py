@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from quantkit import api, dtypes
-from quantkit.api import TensorSink, WeightSource
+from quantkit.api import IntegerBlocks, TensorSink, WeightSource
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor
 from quantkit.methods.gptq import groupwise
+from quantkit.methods.gptq.integers import from_integers
 from quantkit.methods.gptq.layout import (
     _V1_OFFSET,
     CHECKPOINT_FORMATS,
@@ -91,12 +92,28 @@ class Gptq:
             except QuantkitError as e:
                 raise QuantkitError(f"tensor '{module}.weight': {e.message}", e.hint) from None
             start = stop
-        tensors = {
-            "qweight": qweight,
-            "qzeros": pack_qzeros(zeros, bits, version),
-            "scales": np.ascontiguousarray(scales.T).astype(np.float16),
-            "g_idx": group_index(in_features, group_size),
-        }
-        for part in COMPANIONS:
-            sink.write(f"{module}.{part}", tensors[part])
-            sink.done(f"{module}.{part}")
+        _write(module, qweight, zeros, scales, options, sink)
+
+    def transcode(self, module: str, blocks: IntegerBlocks, options: GptqOptions, sink: TensorSink) -> bool:
+        """Write IntegerBlocks as they are (no rounding) when these options' groups can hold them; False
+        (nothing written) when they cannot."""
+        found = from_integers(blocks, options.bits, options.group_size, options.sym)
+        if found is None:
+            return False
+        codes, scales, zeros = found
+        _write(module, pack_qweight(codes, options.bits), zeros, scales, options, sink)
+        return True
+
+
+def _write(module: str, qweight: np.ndarray, zeros: np.ndarray, scales: np.ndarray, options: GptqOptions,
+           sink: TensorSink) -> None:
+    """A module's GPTQ tensors from packed codes and its zero points and scales `[out, groups]`."""
+    tensors = {
+        "qweight": qweight,
+        "qzeros": pack_qzeros(zeros, options.bits, version_of(options)),
+        "scales": np.ascontiguousarray(scales.T).astype(np.float16),
+        "g_idx": group_index(qweight.shape[0] * groupwise.PACK_BITS // options.bits, options.group_size),
+    }
+    for part in COMPANIONS:
+        sink.write(f"{module}.{part}", tensors[part])
+        sink.done(f"{module}.{part}")

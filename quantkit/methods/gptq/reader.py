@@ -7,11 +7,12 @@ from collections.abc import Callable
 import numpy as np
 
 from quantkit import dtypes
-from quantkit.api import TensorSink, read_floats
+from quantkit.api import IntegerBlocks, TensorSink, read_floats
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor, ShardReader
 from quantkit.io.source import Checkpoint
 from quantkit.methods.gptq import groupwise
+from quantkit.methods.gptq.integers import to_integers
 from quantkit.methods.gptq.layout import (
     AWQ_COMPANIONS,
     CHECKPOINT_FORMATS,
@@ -22,8 +23,12 @@ from quantkit.methods.gptq.layout import (
     dequantize_awq,
     dequantize_gptq,
     g_idx_problem,
+    group_index,
     infer_version,
     read_config,
+    unpack_awq,
+    unpack_rows,
+    zero_points,
 )
 from quantkit.methods.gptq.quantizer import GptqOptions
 from quantkit.modules import is_conv1d
@@ -112,6 +117,25 @@ class GptqReader:
         for start in range(0, values.shape[0], rows):
             sink.write(name, dtypes.from_float32(values[start : start + rows], dtype))
         sink.done(name)
+
+    def integers(self, checkpoint: Checkpoint, module: str, names: list[str],
+                 read: Callable[[str], np.ndarray]) -> IntegerBlocks | None:
+        """The module as IntegerBlocks when its groups allow (no act-order, zero points mid or mid - 1,
+        scales that are float16 values), else None."""
+        config = checkpoint_config(checkpoint)
+        part = {p: checkpoint.tensors[f"{module}.{p}"] for p in self.parts}
+        scales = dtypes.to_float32(read(f"{module}.scales"), part["scales"].dtype)
+        if not np.array_equal(scales.astype(np.float16).astype(np.float32), scales):
+            return None
+        if config.method == "awq":
+            codes, zeros = unpack_awq(read(f"{module}.qweight")), unpack_awq(read(f"{module}.qzeros"))
+        else:
+            codes = unpack_rows(read(f"{module}.qweight"), config.bits)
+            zeros = zero_points(read(f"{module}.qzeros"), config.bits, config.version)
+            if not np.array_equal(read(f"{module}.g_idx"), group_index(codes.shape[0], config.group_size)):
+                return None  # act-order: the groups are not runs of inputs
+        group = codes.shape[0] if config.group_size == -1 else config.group_size
+        return to_integers(np.ascontiguousarray(codes.T), zeros.T, scales.T.astype(np.float16), config.bits, group)
 
     def check(self, checkpoint: Checkpoint, modules: dict[str, list[str]]) -> list[str]:
         try:
