@@ -192,7 +192,8 @@ def convert(
     src: Annotated[str, typer.Argument(help="Checkpoint folder, hub repo id, or a .gguf file.")],
     out: Annotated[Path, typer.Argument(help="A .gguf file for --to gguf, else a folder.")],
     to: Annotated[str, typer.Option("--to", help="gguf, safetensors, gptq-v1 or gptq-v2.")],
-    gguf_type: Annotated[str, typer.Option("--gguf-type", help="F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K or Q6_K.")] = "F16",
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help="llama-quantize's file types: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, IQ4_XS, IQ4_NL, Q5_0, Q5_1, Q4_0, Q4_1 (Q4_K, Q5_K, Q3_K: the _M mixes).")] = "F16",
+    imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="--to gguf: an importance matrix llama-imatrix wrote (.gguf or legacy .dat).")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="safetensors output: float32, float16 or bfloat16.")] = None,
     max_shard_size: ShardSize = "5GB",
     force: ForceFlag = False,
@@ -205,7 +206,8 @@ def convert(
     with user_errors():
         with progress_bar(not json_out, f"convert to {to}") as progress:
             result = pipeline.convert(src, out, to, gguf_type=gguf_type, dtype=dtype, force=force, revision=revision,
-                                      max_shard_size=parse_size(max_shard_size), progress=progress)
+                                      max_shard_size=parse_size(max_shard_size), progress=progress,
+                                      imatrix=str(imatrix) if imatrix else None)
         s = result.summary
         emit_result(result, json_out, f"{s['tensors']} tensors, {s['output_bytes'] / 1e6:.1f} MB")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from quantkit.api import ConvertRequest, Result, first_of
@@ -24,13 +24,17 @@ from quantkit.io.source import Checkpoint, open_checkpoint, resolve
 from quantkit.io.staged import bytes_on_disk, check_file_output, check_free_space, check_output, write_config, write_staged
 from quantkit.io.stream import Progress
 from quantkit.methods.gguf import file as gf
+from quantkit.methods.gguf import mixes
 from quantkit.methods.gguf import types as gguf_types
-from quantkit.methods.gguf.types import FILE_TYPE, GGUF_TYPES, TYPES, fits, parse_type
+from quantkit.methods.gguf.imatrix import Imatrix, read_imatrix
+from quantkit.methods.gguf.imatrix import weights_for as imatrix_weights
+from quantkit.methods.gguf.mixes import FILE_TYPES, Fallback, FileType, parse_file_type
+from quantkit.methods.gguf.types import IGNORES_IMPORTANCE, TYPES
 from quantkit.methods.gguf.vocab import read_vocab, write_hf_tokenizer
 from quantkit.numerics import COPY_CHUNK
 
 QType = GGMLQuantizationType
-__all__ = ["FILE_TYPE", "GGUF_TYPES", "parse_type"]  # used by tests and the client tests beside this module's own
+__all__ = ["FILE_TYPES", "parse_file_type"]  # used by tests and the client tests beside this module's own
 CHUNK_BYTES = COPY_CHUNK  # source bytes read and quantized per chunk
 
 
@@ -39,38 +43,56 @@ class GGUFEntry:
     hf_name: str
     out: gf.GGUFOutput
     permute_heads: int  # 0: no Q/K permutation, else the head count to permute with
+    importance: bool = False  # quantized with the importance matrix's weights for this tensor
 
 
 @dataclass
 class GGUFPlan:
     arch: gf.Architecture
     hyper: gf.Hyper
-    qtype: QType
+    file_type: FileType
     entries: list[GGUFEntry]
-    fallbacks: list[str] = field(default_factory=list)
+    fallbacks: list[Fallback] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # tensors llama.cpp needs that the source lacks
+
+    @property
+    def qtype(self) -> QType:
+        """The file type's default tensor type (what the mix gives every tensor it does not single out)."""
+        return self.file_type.default
 
     @property
     def nbytes(self) -> int:
         return sum(e.out.nbytes for e in self.entries)
 
 
-def _tensor_type(name: str, shape: tuple[int, ...], want: QType, fallbacks: list[str]) -> QType:
-    if len(shape) < 2 or name.endswith("_norm.weight"):
-        return QType.F32  # norms and 1-D tensors stay F32, as llama.cpp's converter keeps them
-    chosen = want
-    if not fits(chosen, shape[-1]) and TYPES[chosen].fallback is not None:
-        chosen = TYPES[chosen].fallback
-    if not fits(chosen, shape[-1]):
-        chosen = QType.F16
-    if chosen != want:
-        fallbacks.append(f"{name}: rows of {shape[-1]} do not fit {want.name} blocks of "
-                         f"{GGML_QUANT_SIZES[want][0]}; stored as {chosen.name}")
-    return chosen
+def grouped_fallbacks(fallbacks: list[Fallback]) -> list[str]:
+    """One line per (row length, wanted type, stored type): `181 tensors: rows of 576 do not hold Q4_K
+    blocks of 256, stored as Q5_0`; a single tensor is named."""
+    groups: dict[tuple, list[Fallback]] = {}
+    for f in fallbacks:
+        groups.setdefault((f.row_length, f.wanted, f.stored), []).append(f)
+    return [str(group[0]) if len(group) == 1 else f"{len(group)} tensors: {str(group[0]).split(': ', 1)[1]}"
+            for group in groups.values()]
 
 
-def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], qtype: QType) -> GGUFPlan:
-    """Every source tensor's GGUF name, type and shape; no data read."""
+def _check_importance(imatrix: Imatrix, name: str, qtype: QType, shape: tuple[int, ...]) -> bool:
+    """Whether `name` is quantized with importance weights; refuses a type whose weighted path is missing."""
+    if imatrix_weights(imatrix, name, shape[-1], math.prod(shape[:-2]) if len(shape) > 2 else 1) is None:
+        return False
+    if qtype in IGNORES_IMPORTANCE:
+        return False
+    if TYPES[qtype].weighted is None:
+        raise QuantkitError(f"--imatrix: tensor {name} would be {qtype.name}, which quantkit cannot yet quantize "
+                            "with importance weights", "quantize with importance weights to Q4_K_M, Q4_K_S, Q6_K, "
+                            "Q4_0 or Q5_0 (their types), or leave out --imatrix")
+    return True
+
+
+def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], file_type: FileType | str | QType,
+              imatrix: Imatrix | None = None) -> GGUFPlan:
+    """Every source tensor's GGUF name, type (llama-quantize's mix for `file_type`) and shape; no data read."""
+    if not isinstance(file_type, FileType):
+        file_type = parse_file_type(file_type if isinstance(file_type, str) else file_type.name)
     arch = gf.architecture_of(config)
     hyper = gf.Hyper.from_config(config)
     table = gf.name_table(arch, hyper.n_layers)
@@ -78,17 +100,20 @@ def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], qtype: QType) ->
     if wrong:
         raise QuantkitError(f"config.json and the weights disagree: {first_of(wrong)}",
                             "llama.cpp would refuse such a GGUF")
-    fallbacks: list[str] = []
+    unnamed = [name for name in shapes if name not in table]
+    if unnamed:
+        raise QuantkitError(f"tensor {unnamed[0]} has no GGUF name for {arch.gguf_arch}",
+                            "is the checkpoint what its config.json says?")
+    mix = mixes.tensor_types(file_type, arch.gguf_arch, hyper.n_layers,
+                             [(table[name], tuple(shape)) for name, shape in shapes.items()],
+                             n_head=hyper.n_head, n_head_kv=hyper.n_kv_head, has_imatrix=imatrix is not None)
     entries = []
     for hf_name, shape in shapes.items():
-        if hf_name not in table:
-            raise QuantkitError(f"tensor {hf_name} has no GGUF name for {arch.gguf_arch}",
-                                "is the checkpoint what its config.json says?")
-        gguf_name = table[hf_name]
+        gguf_name, t_type = table[hf_name], mix.types[table[hf_name]]
         heads = gf.permuted_heads(arch, hf_name, hyper.n_head, hyper.n_kv_head)
-        t_type = _tensor_type(gguf_name, tuple(shape), qtype, fallbacks)
-        entries.append(GGUFEntry(hf_name, gf.GGUFOutput(gguf_name, tuple(shape), t_type), heads))
-    return GGUFPlan(arch, hyper, qtype, entries, fallbacks, missing)
+        weighted = imatrix is not None and _check_importance(imatrix, gguf_name, t_type, tuple(shape))
+        entries.append(GGUFEntry(hf_name, gf.GGUFOutput(gguf_name, tuple(shape), t_type), heads, weighted))
+    return GGUFPlan(arch, hyper, file_type, entries, mix.fallbacks, missing)
 
 
 @dataclass
@@ -96,7 +121,7 @@ class GGUFReport:
     path: Path
     bytes_written: int
     tensors: int
-    fallbacks: list[str]
+    fallbacks: list[Fallback]
     warnings: list[str]
 
 
@@ -109,16 +134,22 @@ def _source_rows(reader: ShardReader, info: TensorInfo, permute_heads: int) -> I
         yield reader.read_rows(info, start, stop)
 
 
-def _quantized(rows: Iterator[np.ndarray], dtype: str, qtype: QType) -> Iterator[np.ndarray]:
+def _quantized(rows: Iterator[np.ndarray], dtype: str, qtype: QType,
+               importance: np.ndarray | None) -> Iterator[np.ndarray]:
     for chunk in rows:
-        yield gguf_types.quantize_stored(chunk.reshape(-1, chunk.shape[-1]) if chunk.ndim > 1 else chunk[None], dtype, qtype)
+        chunk = chunk.reshape(-1, chunk.shape[-1]) if chunk.ndim > 1 else chunk[None]
+        if importance is None:
+            yield gguf_types.quantize_stored(chunk, dtype, qtype)
+        else:
+            yield gguf_types.quantize_weighted(chunk, dtype, qtype, importance)
 
 
-def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
-            progress: Callable[[int, int, str], None] | None = None) -> GGUFReport:
-    """Write `out` (.gguf) from a safetensors checkpoint, one shard open at a time, in shard order."""
+def to_gguf(checkpoint: Checkpoint, out: Path, file_type: FileType | str | QType,
+            progress: Callable[[int, int, str], None] | None = None, imatrix: Imatrix | None = None) -> GGUFReport:
+    """Write `out` (.gguf) from a safetensors checkpoint, one shard open at a time, in shard order; with an
+    importance matrix, the tensors it covers are quantized with its weights, as `llama-quantize --imatrix`."""
     shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
-    plan = plan_gguf(checkpoint.config, shapes, qtype)
+    plan = plan_gguf(checkpoint.config, shapes, file_type, imatrix)
     warnings: list[str] = []
     if plan.missing:
         warnings.append(f"llama.cpp will not load this GGUF: {first_of(plan.missing)}")
@@ -127,7 +158,7 @@ def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
     def add_metadata(writer) -> None:
         writer.add_name(checkpoint.root.name)
         gf.write_hyper(writer, plan.hyper)
-        writer.add_file_type(int(TYPES[qtype].file_type))
+        writer.add_file_type(int(plan.file_type.value))
         writer.add_quantization_version(2)
         if vocab is not None:
             vocab.write(writer)
@@ -142,7 +173,8 @@ def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
                     if reader is not None:
                         reader.close()
                     reader = ShardReader(info.file)
-                yield e.out, _quantized(_source_rows(reader, info, e.permute_heads), info.dtype, e.out.qtype)
+                importance = imatrix_weights(imatrix, e.out.name, e.out.shape[-1])[0] if e.importance else None
+                yield e.out, _quantized(_source_rows(reader, info, e.permute_heads), info.dtype, e.out.qtype, importance)
                 done += e.out.nbytes
                 if progress:
                     progress(done, total, e.hf_name)
@@ -220,20 +252,24 @@ def write_tokenizer_files(conv: FromGGUF, out: Path) -> list[str]:
 
 def convert_to_gguf(request: ConvertRequest, progress: Progress) -> Result:
     """`quantkit convert SRC OUT.gguf --to gguf`: validated and planned before a weight is read."""
-    qtype = parse_type(request.gguf_type)
+    file_type = parse_file_type(request.gguf_type)
+    imatrix = read_imatrix(request.imatrix) if request.imatrix else None
     checkpoint = open_checkpoint(resolve(request.src, request.revision))
     if checkpoint.quantization_config is not None:
         raise QuantkitError(f"{request.src}: is already quantized ({checkpoint.quantization_config.get('quant_method')})",
                             "dequantize it first: quantkit dequantize SRC DENSE")
     out = Path(request.out)
     check_file_output(checkpoint.root, out, request.force)
-    plan = plan_gguf(checkpoint.config, {n: i.shape for n, i in checkpoint.tensors.items()}, qtype)
+    plan = plan_gguf(checkpoint.config, {n: i.shape for n, i in checkpoint.tensors.items()}, file_type, imatrix)
     check_free_space(out, plan.nbytes)
-    r = to_gguf(checkpoint, out, qtype, progress)
-    return Result(r.path, [r.path.name], {"to": "gguf", "gguf_type": request.gguf_type.upper(), "tensors": r.tensors,
-                                           "output_bytes": r.bytes_written, "fallbacks": r.fallbacks,
+    r = to_gguf(checkpoint, out, file_type, progress, imatrix)
+    fallbacks = [{"tensor": f.name, "row_length": f.row_length, "wanted": f.wanted.name, "stored": f.stored.name}
+                 for f in r.fallbacks]
+    return Result(r.path, [r.path.name], {"to": "gguf", "gguf_type": file_type.name, "tensors": r.tensors,
+                                           "output_bytes": r.bytes_written, "fallbacks": fallbacks,
+                                           "imatrix": str(request.imatrix) if request.imatrix else None,
                                            "warnings": r.warnings},
-                  [f"warning: {line}" for line in r.fallbacks + r.warnings])
+                  [f"warning: {line}" for line in grouped_fallbacks(r.fallbacks) + r.warnings])
 
 
 def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: bool = False,
