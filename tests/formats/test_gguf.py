@@ -488,3 +488,17 @@ def test_named_chat_templates_go_both_ways(checkpoints, tmp_path):
     assert meta["tokenizer.chat_template"] == "{{ a }}" and meta["tokenizer.chat_template.tool_use"] == "{{ b }}"
     gc.gguf_to_safetensors(tmp_path / "m.gguf", tmp_path / "back")
     assert json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())["chat_template"] == templates
+
+
+def test_cli_reports_fallbacks_once_per_kind_and_lists_them_in_json(tmp_path):
+    src = make_checkpoint(tmp_path / "narrow", "llama", hidden=128, ffn=256, vocab=320, layers=2)
+    text = _cli("convert", src, tmp_path / "a.gguf", "--to", "gguf", "--gguf-type", "Q4_K_M")
+    assert text.exit_code == 0, text.output
+    lines = [line for line in text.output.splitlines() if "do not hold" in line]
+    # Q4_K: attn q/k/o, gate, up of both layers, layer 0's attn_v, token_embd; Q6_K: layer 1's attn_v (more
+    # bits in the last eighth); the head's rows of 128 go to Q8_0 directly, not as a fallback
+    assert lines == ["warning: 12 tensors: rows of 128 do not hold Q4_K blocks of 256, stored as Q5_0",
+                     "warning: blk.1.attn_v.weight: rows of 128 do not hold Q6_K blocks of 256, stored as Q8_0"], lines
+    data = json.loads(_cli("convert", src, tmp_path / "b.gguf", "--to", "gguf", "--gguf-type", "Q4_K_M", "--json").stdout)
+    assert len(data["fallbacks"]) == 13 and data["gguf_type"] == "Q4_K_M"
+    assert {"tensor": "blk.0.attn_q.weight", "row_length": 128, "wanted": "Q4_K", "stored": "Q5_0"} in data["fallbacks"]
