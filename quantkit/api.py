@@ -246,6 +246,7 @@ class ConvertRequest:
     force: bool = False
     revision: str | None = None
     max_shard_size: int = 5 * 10**9
+    imatrix: str | None = None  # --imatrix: llama.cpp's importance matrix for --to gguf
     source: TensorSource | None = None
 
 

@@ -84,7 +84,8 @@ def _gguf_types() -> list[str]:
     from quantkit import api, methods
 
     methods.load()
-    return [fields["gguf_type"] for fields in api.CONVERT_PRESETS["gguf"]().values()]
+    names = [fields["gguf_type"] for fields in api.CONVERT_PRESETS["gguf"]().values()]
+    return names + api.CONVERT_DESCRIPTIONS["gguf"]().get("aliases", [])  # Q4_K for Q4_K_M, as llama-quantize
 
 
 DTYPES = click.Choice(["bfloat16", "float16", "float32"])
@@ -113,7 +114,7 @@ Sym = Annotated[Optional[bool], typer.Option("--sym/--asym", help="gptq: symmetr
 Format = Annotated[Optional[str], typer.Option("--format", click_type=click.Choice(["v1", "v2"]), help="gptq: zero-point format. \\[default: v1 for --sym, v2 for --asym]")]
 Layout = Annotated[Optional[str], typer.Option("--layout", click_type=click.Choice(["compressed-tensors", "fp8"]), help="fp8-block: compressed-tensors (vLLM) or fp8 (transformers' fine-grained FP8). \\[default: compressed-tensors]")]
 Optimize = Annotated[Optional[bool], typer.Option("--optimize", help="gptq: search clipping ranges to lower weight MSE. \\[default: off]")]
-GGUFType = Annotated[str, typer.Option("--gguf-type", click_type=RegistryChoice(_gguf_types, case_sensitive=False), help="GGUF tensor type for --to gguf.")]
+GGUFType = Annotated[str, typer.Option("--gguf-type", click_type=RegistryChoice(_gguf_types, case_sensitive=False), help="--to gguf: llama-quantize's file type (Q4_K_M, Q8_0, ...; Q4_K, Q5_K, Q3_K are the _M mixes).")]
 
 
 def method_settings(double_quant, blocksize, compute_dtype, quant_storage, skip, backend, device, bits, group_size, sym,
@@ -311,6 +312,7 @@ def convert(
     to: Annotated[str, typer.Option("--to", click_type=RegistryChoice(_targets), help="Target format.")],
     gguf_type: GGUFType = "F16",
     dtype: Annotated[Optional[str], typer.Option("--dtype", click_type=DTYPES, help="--to safetensors: dense dtype. \\[default: bfloat16 from a .gguf (float32 for its exact values); the checkpoint's own from .bin]")] = None,
+    imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="--to gguf: an importance matrix llama-imatrix wrote (.gguf or legacy .dat).")] = None,
     max_shard_size: ShardSize = "5GB",
     dry_run: DryRun = False,
     force: ForceFlag = False,
@@ -327,7 +329,8 @@ def convert(
             return
         with progress_bar(not json_out, f"convert to {to}") as progress:
             result = qk.convert(src, out, to, gguf_type=gguf_type, dtype=dtype, force=force, revision=revision,
-                                max_shard_size=max_shard_size, progress=progress)
+                                max_shard_size=max_shard_size, progress=progress,
+                                imatrix=str(imatrix) if imatrix else None)
         s = result.summary
         emit_result(result, json_out, f"{s['tensors']} tensors, {s['output_bytes'] / 1e6:.1f} MB{transcoded(s)}")
 

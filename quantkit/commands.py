@@ -81,18 +81,21 @@ def dequantize(src: str | Path, out: str | Path, dtype: str | None = None, *, fo
 
 def convert(src: str | Path, out: str | Path, to: str, *, gguf_type: str = "F16", dtype: str | None = None,
             dry_run: bool = False, force: bool = False, revision: str | None = None, max_shard_size: str | int = "5GB",
-            progress: Progress = no_progress) -> api.Result | dict:
-    """Convert between formats: `to` gguf (a .gguf file, `gguf_type` F16, Q8_0, Q4_K, ...), safetensors
+            imatrix: str | Path | None = None, progress: Progress = no_progress) -> api.Result | dict:
+    """Convert between formats: `to` gguf (a .gguf file, `gguf_type` llama-quantize's file types F16, Q8_0,
+    Q4_K_M, ...; `imatrix` an importance matrix llama-imatrix wrote), safetensors
     (from a .gguf or PyTorch .bin; GGUF's default dtype bfloat16, `dtype="float32"` for the exact values),
     gptq-v1 / gptq-v2 (zero-point format). With `dry_run`, returns the plan instead (targets that have one)."""
     from quantkit import pipeline, preview
 
     out = _output(out)
     if dry_run:
-        request = api.ConvertRequest(str(src), out, gguf_type, dtype, force, revision, parse_size(max_shard_size))
+        request = api.ConvertRequest(str(src), out, gguf_type, dtype, force, revision, parse_size(max_shard_size),
+                                     imatrix=str(imatrix) if imatrix else None)
         return preview.preview_convert(to, request)
     return pipeline.convert(str(src), out, to, gguf_type=gguf_type, dtype=dtype, force=force, revision=revision,
-                            max_shard_size=parse_size(max_shard_size), progress=progress)
+                            max_shard_size=parse_size(max_shard_size), progress=progress,
+                            imatrix=str(imatrix) if imatrix else None)
 
 
 def verify(path: str | Path, reference: str | Path | None = None, max_error: float | None = None,

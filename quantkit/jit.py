@@ -31,7 +31,9 @@ def use_threads() -> None:
 def f16_round(v):
     """The float16 nearest to float32 v (ties to even), as a float32, as numpy's astype(np.float16):
     scaling by the float16 ulp at v's exponent is exact, so one rint does the rounding. Beyond 65504
-    it is infinity."""
+    it is infinity; the sign of a zero and a NaN are kept."""
+    if v != v:
+        return np.float32(v)
     a = abs(v)
     if a < 6.103515625e-05:
         ulp = 2.0**-24
@@ -40,4 +42,4 @@ def f16_round(v):
     r = np.rint(a / ulp) * ulp
     if r > 65504.0:
         r = np.inf
-    return np.float32(-r if v < 0 else r)
+    return np.float32(math.copysign(r, v))

@@ -222,7 +222,8 @@ def dequantize(src: str, out: Path, dtype: str | None = None, max_shard_size: in
 
 
 def convert(src: str, out: Path, to: str, gguf_type: str = "F16", dtype: str | None = None, force: bool = False,
-            revision: str | None = None, max_shard_size: int = 5 * 10**9, progress: Progress = no_progress) -> Result:
+            revision: str | None = None, max_shard_size: int = 5 * 10**9, progress: Progress = no_progress,
+            imatrix: str | None = None) -> Result:
     """`quantkit convert`: a registered converter for `to`; `--to safetensors` is the source format's own
     dense writer (a .gguf, PyTorch .bin)."""
     methods.load()
@@ -235,5 +236,8 @@ def convert(src: str, out: Path, to: str, gguf_type: str = "F16", dtype: str | N
         return file_format.to_dense(src, path, Path(out), dtype, force, max_shard_size, progress)
     if to not in api.CONVERTERS:
         raise QuantkitError(f"convert {src} --to {to}: not supported", f"choose one of safetensors, {', '.join(sorted(api.CONVERTERS))}")
-    request = api.ConvertRequest(src, Path(out), gguf_type, dtype, force, revision, max_shard_size, open_source(src, revision))
+    if imatrix is not None and to != "gguf":
+        raise QuantkitError(f"--imatrix applies to --to gguf, not --to {to}")
+    request = api.ConvertRequest(src, Path(out), gguf_type, dtype, force, revision, max_shard_size, imatrix=imatrix,
+                                 source=open_source(src, revision))
     return api.CONVERTERS[to](request, progress)

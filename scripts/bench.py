@@ -3,13 +3,15 @@
 A random bf16 Llama of ~1 GB (4 shards) is generated once and cached outside the repo. Each job runs
 as its own process under /usr/bin/time -v, so wall time and peak RSS include start-up:
   quantkit quantize nf4 / int8 / gptq / fp8 (compressed-tensors and fine-grained layouts), dequantize nf4 and
-  fp8, convert --to gguf Q8_0;
+  fp8, convert --to gguf Q8_0 and Q4_K_M, quantized sources to other formats;
   anchors: transformers + bitsandbytes load-quantize-save (nf4, int8), bitsandbytes dequantize_4bit
   of every weight, gguf-py's own Q8_0 quantizer, llm-compressor's model_free_ptq FP8_DYNAMIC (in
-  .venv-llmc, which make test-clients installs).
-The nf4, int8 and fp8 outputs are compared tensor for tensor with the anchors' (identical bytes or it fails).
+  .venv-llmc, which make test-clients installs); for Q4_K_M, llama-quantize from a BF16 GGUF (written by
+  quantkit, not timed) and the user's route, llama.cpp's convert_hf_to_gguf.py then llama-quantize, both
+  from .clients/ (scripts/install_clients.py builds them), with as many threads as quantkit uses.
+The nf4, int8, fp8 and Q4_K_M outputs are compared tensor for tensor with the anchors' (identical bytes or it fails).
 
-    python scripts/bench.py [--size GB] [--only quantkit] [--json]
+    python scripts/bench.py [--size GB] [--only quantkit|gguf] [--json]
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("QUANTKIT_BENCH_CACHE", Path.home() / ".cache" / "quantkit-bench"))
 PY = sys.executable
 LLMC_PY = ROOT / ".venv-llmc" / "bin" / "python"
+LLAMA_CPP = ROOT / ".clients" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
+LLAMA_QUANTIZE = ROOT / ".clients" / "llama.cpp-build" / "bin" / "llama-quantize"
+THREADS = str(os.cpu_count() or 2)
 
 ANCHOR_QUANTIZE = """
 import sys, torch, warnings
@@ -121,6 +126,34 @@ def make_checkpoint(size_gb: float) -> Path:
     return folder
 
 
+def with_tokenizer(src: Path) -> Path:
+    """The checkpoint beside a small sentencepiece tokenizer.model (llama.cpp's converter needs a vocab; it
+    pads it to the model's 32000), files hard-linked (quantkit refuses shards that a symlink puts outside
+    the folder), not copied. Cached."""
+    folder = src.parent / (src.name + "-spm")
+    if (folder / "tokenizer.model").exists():
+        return folder
+    sys.path.insert(0, str(ROOT))
+    from tests.gguf_checkpoints import train_sentencepiece
+
+    tmp = Path(tempfile.mkdtemp(dir=src.parent))
+    for f in src.iterdir():
+        os.link(f, tmp / f.name)
+    train_sentencepiece(tmp, 320)
+    os.rename(tmp, folder)
+    return folder
+
+
+def same_gguf_tensors(a: Path, b: Path) -> bool:
+    sys.path.insert(0, str(ROOT))
+    from quantkit.methods.gguf.file import read_gguf
+
+    fa, fb = read_gguf(a), read_gguf(b)
+    ta, tb = {t.name: t for t in fa.tensors}, {t.name: t for t in fb.tensors}
+    return ta.keys() == tb.keys() and all(ta[n].qtype == tb[n].qtype and fa.rows(ta[n]).tobytes() == fb.rows(tb[n]).tobytes()
+                                          for n in ta)
+
+
 def timed(label: str, argv: list[str], output: Path, input_bytes: int, repeat: int) -> dict:
     """Run argv under /usr/bin/time -v `repeat` times: median wall seconds, median CPU seconds (user + system,
     steadier than wall time on a shared machine), largest peak RSS (MB), input MB/s. Each run starts after
@@ -168,7 +201,8 @@ def same_tensors(a: Path, b: Path, common_only: bool = False) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=float, default=1.0, help="checkpoint size in GB (e.g. 10 to show memory stays flat)")
-    parser.add_argument("--only", choices=["all", "quantkit"], default="all", help="skip the anchors (they take minutes)")
+    parser.add_argument("--only", choices=["all", "quantkit", "gguf"], default="all",
+                        help="quantkit: skip the anchors (they take minutes); gguf: only Q4_K_M and its anchors")
     parser.add_argument("--repeat", type=int, default=3, help="runs per job; the median is reported")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -196,6 +230,21 @@ def main() -> None:
             ("quantkit gguf Q4_0", [*qk, "convert", str(src), str(work / "q4.gguf"), "--to", "gguf", "--gguf-type", "Q4_0"], work / "q4.gguf", size),
             ("quantkit gptq -> Q4_0 (lossless)", [*qk, "convert", str(work / "qk-gptq"), str(work / "gptq.gguf"), "--to", "gguf", "--gguf-type", "Q4_0"], work / "gptq.gguf", size),
         ]
+        spm = with_tokenizer(src)
+        q4km = [("quantkit gguf Q4_K_M", [*qk, "convert", str(spm), str(work / "qk-q4km.gguf"), "--to", "gguf", "--gguf-type", "Q4_K_M"],
+                 work / "qk-q4km.gguf", size)]
+        if args.only != "quantkit":
+            subprocess.run([*qk, "convert", str(spm), str(work / "bf16.gguf"), "--to", "gguf", "--gguf-type", "BF16"], check=True,
+                           capture_output=True)  # llama-quantize's input, not timed
+            env = f"PYTHONPATH={LLAMA_CPP / 'gguf-py'}"
+            q4km += [
+                ("llama-quantize Q4_K_M", [str(LLAMA_QUANTIZE), str(work / "bf16.gguf"), str(work / "lq-q4km.gguf"), "Q4_K_M", THREADS],
+                 work / "lq-q4km.gguf", size),
+                ("convert_hf_to_gguf+llama-quantize", ["sh", "-c", f"{env} {PY} {LLAMA_CPP / 'convert_hf_to_gguf.py'} {spm} --outtype bf16 "
+                                                      f"--outfile {work / 'hf-bf16.gguf'} && {LLAMA_QUANTIZE} {work / 'hf-bf16.gguf'} "
+                                                      f"{work / 'hf-q4km.gguf'} Q4_K_M {THREADS}"], work / "hf-q4km.gguf", size),
+            ]
+        jobs = q4km if args.only == "gguf" else jobs + q4km
         if args.only == "all":
             jobs += [
                 ("transformers+bnb nf4", [PY, "-c", ANCHOR_QUANTIZE, str(src), str(work / "tf-nf4"), "nf4"], work / "tf-nf4", size),
@@ -210,7 +259,8 @@ def main() -> None:
         anchors = {"quantkit nf4": "transformers+bnb nf4", "quantkit int8": "transformers+bnb int8",
                    "quantkit gptq 4-bit": "transformers+bnb nf4",
                    "quantkit dequantize nf4": "bitsandbytes dequantize nf4", "quantkit gguf Q8_0": "gguf-py Q8_0",
-                   "quantkit fp8": "llm-compressor FP8_DYNAMIC"}  # fmt: skip
+                   "quantkit fp8": "llm-compressor FP8_DYNAMIC",
+                   "quantkit gguf Q4_K_M": "convert_hf_to_gguf+llama-quantize"}  # fmt: skip
         slower_of = {"quantkit nf4 -> Q8_0": ("quantkit dequantize nf4", "quantkit gguf Q8_0"),
                      "quantkit gptq -> Q4_0 (lossless)": ("quantkit dequantize gptq", "quantkit gguf Q4_0")}
         for label, parts in slower_of.items():
@@ -218,11 +268,19 @@ def main() -> None:
         for label, anchor in anchors.items():
             if label in results and anchor in results:
                 results[label]["vs_anchor"] = round(results[label]["seconds"] / results[anchor]["seconds"], 3)
+                results[label]["cpu_vs_anchor"] = round(results[label]["cpu_seconds"] / results[anchor]["cpu_seconds"], 3)
+        if "llama-quantize Q4_K_M" in results:
+            results["quantkit gguf Q4_K_M"]["vs_llama_quantize"] = round(
+                results["quantkit gguf Q4_K_M"]["seconds"] / results["llama-quantize Q4_K_M"]["seconds"], 3)
+            results["quantkit gguf Q4_K_M"]["cpu_vs_llama_quantize"] = round(
+                results["quantkit gguf Q4_K_M"]["cpu_seconds"] / results["llama-quantize Q4_K_M"]["cpu_seconds"], 3)
         identical = {}
         if args.only == "all":
             identical = {m: same_tensors(work / f"qk-{m}", work / f"tf-{m}") for m in ("nf4", "int8")}
             identical["dequantize nf4"] = same_tensors(work / "qk-dense", work / "bnb-dense", common_only=True)
             identical["fp8"] = same_tensors(work / "qk-fp8", work / "llmc-fp8")
+        if args.only != "quantkit":
+            identical["gguf Q4_K_M"] = same_gguf_tensors(work / "qk-q4km.gguf", work / "lq-q4km.gguf")
         report = {"checkpoint": str(src), "input_mb": round(size / 1e6), "results": list(results.values()), "identical_to_transformers": identical}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -233,9 +291,11 @@ def main() -> None:
     print(f"{'job':32} {'seconds':>8} {'cpu s':>6} {'MB/s':>8} {'peak RSS MB':>12} {'vs anchor':>10}  runs")
     for r in report["results"]:
         print(f"{r['job']:32} {r['seconds']:8.2f} {r['cpu_seconds']:6.2f} {r['mb_per_s']:8.1f} {r['peak_rss_mb']:12d} "
-              f"{r.get('vs_anchor', r.get('vs_slower_part', '')):>10}  {r['runs']}")
+              f"{r.get('vs_anchor', r.get('vs_slower_part', '')):>10}  {r['runs']}"
+              + (f"  cpu vs anchor {r['cpu_vs_anchor']}" if "cpu_vs_anchor" in r else "")
+              + (f"  vs llama-quantize {r['vs_llama_quantize']} (cpu {r['cpu_vs_llama_quantize']})" if "vs_llama_quantize" in r else ""))
     if identical:
-        print("identical bytes to the anchors (transformers + bitsandbytes; bitsandbytes dequantize_4bit; llm-compressor): "
+        print("identical bytes to the anchors (transformers + bitsandbytes; bitsandbytes dequantize_4bit; llm-compressor; llama-quantize): "
               + ", ".join(f"{k}: {v}" for k, v in identical.items()))
     if identical and not all(identical.values()):
         raise SystemExit("output differs from the anchors'")

@@ -72,7 +72,7 @@ def test_inspect_size_table_covers_every_method_and_gguf_type(llama, tmp_path, c
     data = json.loads(cli("inspect", llama, "--json")[1])
     labels = [row["label"] for row in data["plans"]]
     for label in ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8", "gptq-4bit-g128", "gptq-8bit-g128",
-                  "gguf-F16", "gguf-BF16", "gguf-Q8_0", "gguf-Q4_0", "gguf-Q4_K", "gguf-Q6_K"):
+                  "gguf-F16", "gguf-BF16", "gguf-Q8_0", "gguf-Q4_0", "gguf-Q4_K_M", "gguf-Q6_K"):
         assert label in labels
     sizes = {row["label"]: row["output_bytes"] for row in data["plans"]}
     assert sizes["nf4-dq"] < sizes["nf4"] < sizes["int8"] < sizes["gguf-F16"]
@@ -153,7 +153,7 @@ def test_formats_lists_methods_types_and_architectures(cli):
     data = json.loads(cli("formats", "--json")[1])
     assert {"nf4", "fp4", "int8", "gptq"} <= set(data["quantize"])
     assert data["quantize"]["gptq"]["settings"]["group_size"] == 128
-    assert "Q4_K" in data["convert"]["gguf"]["gguf_types"] and "LlamaForCausalLM" in data["convert"]["gguf"]["architectures"]
+    assert "Q4_K_M" in data["convert"]["gguf"]["gguf_types"] and "LlamaForCausalLM" in data["convert"]["gguf"]["architectures"]
     assert {"bitsandbytes", "gptq", "awq"} <= set(data["dequantize"]["quant_methods"])
 
 

@@ -1,7 +1,7 @@
 """llama.cpp as the real client (through llama-cpp-python, which builds it from source).
 
 - our block bytes == llama.cpp's own quantize_row_*_ref for the same float32 input, all seven types;
-- llama-quantize run on our F32 GGUF writes our tensors byte for byte;
+- (llama-quantize's file types and importance matrices against ours: test_llama_quantize.py);
 - llama.cpp loads our GGUFs and its logits match transformers' on the source checkpoint within each
   type's error; its tokenizer splits text as transformers' (and sentencepiece) does.
 
@@ -19,7 +19,6 @@ from gguf import GGMLQuantizationType as Q
 
 from quantkit.io.source import open_checkpoint
 from quantkit.methods.gguf import convert as gc
-from quantkit.methods.gguf import kquants
 from quantkit.methods.gguf import types as ggml
 from tests.gguf_checkpoints import make_checkpoint
 
@@ -80,9 +79,9 @@ def test_block_bytes_equal_llama_cpp(libggml, qtype):
     ours = ggml.quantize(x, qtype).reshape(theirs.shape)
     differing = (ours != theirs).any(axis=1)
     print(f"{qtype.name}: {len(theirs) - differing.sum()}/{len(theirs)} blocks byte-identical to llama.cpp")
-    if qtype in kquants.REFERENCE:
+    if qtype in (Q.Q4_K, Q.Q6_K):
         assert not differing.any()
-        assert kquants.REFERENCE[qtype](x).reshape(theirs.shape).tobytes() == theirs.tobytes()
+        assert ggml.TYPES[qtype].reference(x).reshape(theirs.shape).tobytes() == theirs.tobytes()
         return
     # The legacy types follow gguf-py, which differs from llama.cpp in one place only: the sign of a
     # zero float16 scale or min where the block holds -0.0 (numpy's min/argmax pick another zero
@@ -148,7 +147,7 @@ def test_llama_cpp_logits_match_transformers(checkpoints, tmp_path, family, type
 
     src = checkpoints[family]
     out = tmp_path / "model.gguf"
-    gc.to_gguf(open_checkpoint(src), out, gc.parse_type(type_name))
+    gc.to_gguf(open_checkpoint(src), out, type_name)
     gc.gguf_to_safetensors(out, tmp_path / "same_weights")
     ids = [0, *AutoTokenizer.from_pretrained(src)(TEXT)["input_ids"]]
     ours = _llama_cpp_logits(out, ids)
@@ -190,30 +189,6 @@ def test_llama_cpp_reads_our_sentencepiece_vocab(tmp_path):
     finally:
         llm.close()
     assert ours == sentencepiece.SentencePieceProcessor(model_file=str(src / "tokenizer.model")).encode(TEXT)
-
-
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q6_K])
-def test_llama_quantize_writes_our_tensors(checkpoints, tmp_path, qtype):
-    """llama-quantize (llama.cpp's own tool) run on our F32 GGUF: every tensor it stores in `qtype`
-    is byte for byte the tensor our direct conversion wrote (it picks other types for a few tensors,
-    e.g. Q6_K for the output head of a Q4_K file; those are not compared)."""
-    from quantkit.methods.gguf import file as gf
-
-    src = open_checkpoint(checkpoints["llama"])
-    f32, theirs, ours = tmp_path / "f32.gguf", tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
-    gc.to_gguf(src, f32, Q.F32)
-    gc.to_gguf(src, ours, qtype)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(gc.FILE_TYPE[qtype])
-    params.nthread = 2
-    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
-    theirs_file, ours_file = gf.read_gguf(theirs), gf.read_gguf(ours)
-    ours_by_name = {t.name: t for t in ours_file.tensors}
-    compared = [t for t in theirs_file.tensors if t.qtype == qtype]
-    assert len(compared) >= 13
-    for t in compared:
-        assert theirs_file.rows(t).tobytes() == ours_file.rows(ours_by_name[t.name]).tobytes(), t.name
-    assert gguf.GGUFReader(ours).fields["general.file_type"].contents() == params.ftype
 
 
 @pytest.mark.parametrize("ftype", ["MOSTLY_Q2_K", "MOSTLY_Q3_K_M", "MOSTLY_Q4_K_M", "MOSTLY_Q5_K_M", "MOSTLY_IQ4_NL"])

@@ -142,7 +142,7 @@ def test_k_quant_fallback_is_reported(tmp_path_factory, want, fallback):
     types = {t.name: t.qtype for t in gf.read_gguf(out).tensors}
     assert types["blk.0.ffn_down.weight"] == want  # rows of 256 fit
     assert types["blk.0.attn_q.weight"] == fallback  # rows of 128 do not
-    assert any("blk.0.attn_q.weight" in f and fallback.name in f for f in report.fallbacks)
+    assert [(f.wanted, f.stored) for f in report.fallbacks if f.name == "blk.0.attn_q.weight"] == [(want, fallback)]
 
 
 def test_k_quants_decode_close(checkpoints, tmp_path):
@@ -313,8 +313,8 @@ def test_cli_refuses_existing_output_and_bad_type(checkpoints, tmp_path):
     out.write_bytes(b"keep me")
     result = _cli("convert", checkpoints["llama"], out, "--to", "gguf")
     assert result.exit_code == 2 and "already exists" in result.output
-    result = _cli("convert", checkpoints["llama"], tmp_path / "n.gguf", "--to", "gguf", "--gguf-type", "Q3_K")
-    assert result.exit_code == 2 and "'Q3_K' is not one of" in result.output and len(result.output.splitlines()) == 1
+    result = _cli("convert", checkpoints["llama"], tmp_path / "n.gguf", "--to", "gguf", "--gguf-type", "Q3_K_X")
+    assert result.exit_code == 2 and "'Q3_K_X' is not one of" in result.output and len(result.output.splitlines()) == 1
     assert out.read_bytes() == b"keep me" and not (tmp_path / "n.gguf").exists()
 
 
@@ -327,10 +327,10 @@ def test_verify_with_reference_reports_per_tensor_error(checkpoints, llama_q8):
     assert len(report.layers) == 21 and all(x.rel_error < 0.01 for x in report.layers)
 
 
-@pytest.mark.parametrize("type_name", [t for t in gc.GGUF_TYPES if t not in ("F32", "Q8_0")])
+@pytest.mark.parametrize("type_name", [t for t in gc.FILE_TYPES if t not in ("F32", "Q8_0")])
 def test_verify_bounds_pass_every_type(checkpoints, tmp_path, type_name):
     out = tmp_path / "m.gguf"
-    gc.to_gguf(open_checkpoint(checkpoints["llama"]), out, gc.parse_type(type_name))
+    gc.to_gguf(open_checkpoint(checkpoints["llama"]), out, type_name)
     report = gv.verify_gguf(out, str(checkpoints["llama"]))
     assert report.ok, [x for x in report.layers if not x.ok]
     assert gv.verify_gguf(out, str(checkpoints["qwen2"])).ok is False  # another model is caught
@@ -488,3 +488,17 @@ def test_named_chat_templates_go_both_ways(checkpoints, tmp_path):
     assert meta["tokenizer.chat_template"] == "{{ a }}" and meta["tokenizer.chat_template.tool_use"] == "{{ b }}"
     gc.gguf_to_safetensors(tmp_path / "m.gguf", tmp_path / "back")
     assert json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())["chat_template"] == templates
+
+
+def test_cli_reports_fallbacks_once_per_kind_and_lists_them_in_json(tmp_path):
+    src = make_checkpoint(tmp_path / "narrow", "llama", hidden=128, ffn=256, vocab=320, layers=2)
+    text = _cli("convert", src, tmp_path / "a.gguf", "--to", "gguf", "--gguf-type", "Q4_K_M")
+    assert text.exit_code == 0, text.output
+    lines = [line for line in text.output.splitlines() if "do not hold" in line]
+    # Q4_K: attn q/k/o, gate, up of both layers, layer 0's attn_v, token_embd; Q6_K: layer 1's attn_v (more
+    # bits in the last eighth); the head's rows of 128 go to Q8_0 directly, not as a fallback
+    assert lines == ["warning: 12 tensors: rows of 128 do not hold Q4_K blocks of 256, stored as Q5_0",
+                     "warning: blk.1.attn_v.weight: rows of 128 do not hold Q6_K blocks of 256, stored as Q8_0"], lines
+    data = json.loads(_cli("convert", src, tmp_path / "b.gguf", "--to", "gguf", "--gguf-type", "Q4_K_M", "--json").stdout)
+    assert len(data["fallbacks"]) == 13 and data["gguf_type"] == "Q4_K_M"
+    assert {"tensor": "blk.0.attn_q.weight", "row_length": 128, "wanted": "Q4_K", "stored": "Q5_0"} in data["fallbacks"]

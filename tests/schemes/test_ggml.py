@@ -69,7 +69,7 @@ def test_stored_dtypes_quantize_like_their_float32(qtype, dtype):
     assert ggml.quantize_stored(stored, dtype, qtype).tobytes() == expected.tobytes()
 
 
-ALL_TYPES = [*ggml.LEGACY_TYPES, Q.Q4_K, Q.Q6_K, Q.F16, Q.F32]
+ALL_TYPES = [*ggml.LEGACY_TYPES, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.F16, Q.F32]
 
 
 @settings(max_examples=40, deadline=None)

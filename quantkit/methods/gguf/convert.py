@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from quantkit.api import (
@@ -36,14 +36,17 @@ from quantkit.io.source import Checkpoint, open_checkpoint, resolve
 from quantkit.io.staged import bytes_on_disk, check_free_space, check_output, write_config, write_staged
 from quantkit.io.stream import Entry, FiniteSink, Progress
 from quantkit.methods.gguf import file as gf
-from quantkit.methods.gguf import legacy
+from quantkit.methods.gguf import legacy, mixes
 from quantkit.methods.gguf import types as gguf_types
-from quantkit.methods.gguf.types import FILE_TYPE, GGUF_TYPES, TYPES, fits, parse_type
+from quantkit.methods.gguf.imatrix import Imatrix, read_imatrix
+from quantkit.methods.gguf.imatrix import weights_for as imatrix_weights
+from quantkit.methods.gguf.mixes import FILE_TYPES, Fallback, FileType, parse_file_type
+from quantkit.methods.gguf.types import IGNORES_IMPORTANCE, TYPES
 from quantkit.methods.gguf.vocab import read_vocab, write_hf_tokenizer
 from quantkit.numerics import COPY_CHUNK, ErrorSums
 
 QType = GGMLQuantizationType
-__all__ = ["FILE_TYPE", "GGUF_TYPES", "parse_type"]  # used by tests and the client tests beside this module's own
+__all__ = ["FILE_TYPES", "parse_file_type"]  # used by tests and the client tests beside this module's own
 CHUNK_BYTES = COPY_CHUNK  # source bytes read and quantized per chunk
 
 
@@ -52,38 +55,56 @@ class GGUFEntry:
     hf_name: str
     out: gf.GGUFOutput
     permute_heads: int  # 0: no Q/K permutation, else the head count to permute with
+    importance: bool = False  # quantized with the importance matrix's weights for this tensor
 
 
 @dataclass
 class GGUFPlan:
     arch: gf.Architecture
     hyper: gf.Hyper
-    qtype: QType
+    file_type: FileType
     entries: list[GGUFEntry]
-    fallbacks: list[str] = field(default_factory=list)
+    fallbacks: list[Fallback] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # tensors llama.cpp needs that the source lacks
+
+    @property
+    def qtype(self) -> QType:
+        """The file type's default tensor type (what the mix gives every tensor it does not single out)."""
+        return self.file_type.default
 
     @property
     def nbytes(self) -> int:
         return sum(e.out.nbytes for e in self.entries)
 
 
-def _tensor_type(name: str, shape: tuple[int, ...], want: QType, fallbacks: list[str]) -> QType:
-    if len(shape) < 2 or name.endswith("_norm.weight"):
-        return QType.F32  # norms and 1-D tensors stay F32, as llama.cpp's converter keeps them
-    chosen = want
-    if not fits(chosen, shape[-1]) and TYPES[chosen].fallback is not None:
-        chosen = TYPES[chosen].fallback
-    if not fits(chosen, shape[-1]):
-        chosen = QType.F16
-    if chosen != want:
-        fallbacks.append(f"{name}: rows of {shape[-1]} do not fit {want.name} blocks of "
-                         f"{GGML_QUANT_SIZES[want][0]}; stored as {chosen.name}")
-    return chosen
+def grouped_fallbacks(fallbacks: list[Fallback]) -> list[str]:
+    """One line per (row length, wanted type, stored type): `181 tensors: rows of 576 do not hold Q4_K
+    blocks of 256, stored as Q5_0`; a single tensor is named."""
+    groups: dict[tuple, list[Fallback]] = {}
+    for f in fallbacks:
+        groups.setdefault((f.row_length, f.wanted, f.stored), []).append(f)
+    return [str(group[0]) if len(group) == 1 else f"{len(group)} tensors: {str(group[0]).split(': ', 1)[1]}"
+            for group in groups.values()]
 
 
-def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], qtype: QType) -> GGUFPlan:
-    """Every source tensor's GGUF name, type and shape; no data read."""
+def _check_importance(imatrix: Imatrix, name: str, qtype: QType, shape: tuple[int, ...]) -> bool:
+    """Whether `name` is quantized with importance weights; refuses a type whose weighted path is missing."""
+    if imatrix_weights(imatrix, name, shape[-1], math.prod(shape[:-2]) if len(shape) > 2 else 1) is None:
+        return False
+    if qtype in IGNORES_IMPORTANCE:
+        return False
+    if TYPES[qtype].weighted is None:
+        raise QuantkitError(f"--imatrix: tensor {name} would be {qtype.name}, which quantkit cannot yet quantize "
+                            "with importance weights", "quantize with importance weights to Q4_K_M, Q4_K_S, Q6_K, "
+                            "Q4_0 or Q5_0 (their types), or leave out --imatrix")
+    return True
+
+
+def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], file_type: FileType | str | QType,
+              imatrix: Imatrix | None = None) -> GGUFPlan:
+    """Every source tensor's GGUF name, type (llama-quantize's mix for `file_type`) and shape; no data read."""
+    if not isinstance(file_type, FileType):
+        file_type = parse_file_type(file_type if isinstance(file_type, str) else file_type.name)
     arch = gf.architecture_of(config)
     hyper = gf.Hyper.from_config(config)
     table = gf.name_table(arch, hyper.n_layers)
@@ -91,17 +112,20 @@ def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], qtype: QType) ->
     if wrong:
         raise QuantkitError(f"config.json and the weights disagree: {first_of(wrong)}",
                             "llama.cpp would refuse such a GGUF")
-    fallbacks: list[str] = []
+    unnamed = [name for name in shapes if name not in table]
+    if unnamed:
+        raise QuantkitError(f"tensor {unnamed[0]} has no GGUF name for {arch.gguf_arch}",
+                            "is the checkpoint what its config.json says?")
+    mix = mixes.tensor_types(file_type, arch.gguf_arch, hyper.n_layers,
+                             [(table[name], tuple(shape)) for name, shape in shapes.items()],
+                             n_head=hyper.n_head, n_head_kv=hyper.n_kv_head, has_imatrix=imatrix is not None)
     entries = []
     for hf_name, shape in shapes.items():
-        if hf_name not in table:
-            raise QuantkitError(f"tensor {hf_name} has no GGUF name for {arch.gguf_arch}",
-                                "is the checkpoint what its config.json says?")
-        gguf_name = table[hf_name]
+        gguf_name, t_type = table[hf_name], mix.types[table[hf_name]]
         heads = gf.permuted_heads(arch, hf_name, hyper.n_head, hyper.n_kv_head)
-        t_type = _tensor_type(gguf_name, tuple(shape), qtype, fallbacks)
-        entries.append(GGUFEntry(hf_name, gf.GGUFOutput(gguf_name, tuple(shape), t_type), heads))
-    return GGUFPlan(arch, hyper, qtype, entries, fallbacks, missing)
+        weighted = imatrix is not None and _check_importance(imatrix, gguf_name, t_type, tuple(shape))
+        entries.append(GGUFEntry(hf_name, gf.GGUFOutput(gguf_name, tuple(shape), t_type), heads, weighted))
+    return GGUFPlan(arch, hyper, file_type, entries, mix.fallbacks, missing)
 
 
 @dataclass
@@ -109,7 +133,7 @@ class GGUFReport:
     path: Path
     bytes_written: int
     tensors: int
-    fallbacks: list[str]
+    fallbacks: list[Fallback]
     warnings: list[str]
     lossless: list[str] = field(default_factory=list)  # quantized source tensors moved without rounding
     requantized: dict[str, ErrorSums] = field(default_factory=dict)  # the others: error against the source
@@ -119,7 +143,7 @@ def _metadata(checkpoint: Checkpoint, plan: GGUFPlan, vocab) -> Callable:
     def add_metadata(writer) -> None:
         writer.add_name(checkpoint.name)
         gf.write_hyper(writer, plan.hyper)
-        writer.add_file_type(int(TYPES[plan.qtype].file_type))
+        writer.add_file_type(int(plan.file_type.value))
         writer.add_quantization_version(2)
         if vocab is not None:
             vocab.write(writer)
@@ -136,18 +160,23 @@ def _source_rows(tensor: SourceTensor, permute_heads: int) -> Iterator[np.ndarra
     yield from tensor.chunks(max(1, CHUNK_BYTES // row_bytes))
 
 
-def _quantized(rows: Iterator[np.ndarray], dtype: str, qtype: QType, error: ErrorSums | None = None) -> Iterator[np.ndarray]:
-    """GGUF blocks of each chunk; with `error`, each chunk's error against the blocks' own values is summed."""
+def _quantized(rows: Iterator[np.ndarray], dtype: str, qtype: QType, importance: np.ndarray | None = None,
+               error: ErrorSums | None = None) -> Iterator[np.ndarray]:
+    """GGUF blocks of each chunk (with importance weights where given); with `error`, each chunk's error
+    against the blocks' own values is summed."""
     for chunk in rows:
         chunk = chunk.reshape(-1, chunk.shape[-1]) if chunk.ndim > 1 else chunk[None]
-        data = gguf_types.quantize_stored(chunk, dtype, qtype)
+        if importance is None:
+            data = gguf_types.quantize_stored(chunk, dtype, qtype)
+        else:
+            data = gguf_types.quantize_weighted(chunk, dtype, qtype, importance)
         if error is not None:
             values = legacy.values_of(data, qtype) if qtype in legacy.INTEGER_BITS else dequantize(data, qtype)
             error.add(to_float32(chunk, dtype), values)
         yield data
 
 
-def _tensor_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport) -> Iterator[np.ndarray]:
+def _tensor_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport, imatrix: Imatrix | None) -> Iterator[np.ndarray]:
     """A tensor's GGUF data: a quantized source's integers as they are where the type holds them (Q4_0, Q8_0),
     else quantized from its values (the error measured when those were themselves dequantized)."""
     bits = legacy.INTEGER_BITS.get(e.out.qtype)
@@ -160,19 +189,21 @@ def _tensor_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport) -> Iter
         report.lossless.append(e.hf_name)
         return iter([legacy.blocks_of(q, d, e.out.qtype)])
     error = report.requantized.setdefault(e.hf_name, ErrorSums()) if tensor.scheme else None
-    return _quantized(_source_rows(tensor, e.permute_heads), tensor.dtype, e.out.qtype, error)
+    importance = imatrix_weights(imatrix, e.out.name, e.out.shape[-1])[0] if e.importance else None
+    return _quantized(_source_rows(tensor, e.permute_heads), tensor.dtype, e.out.qtype, importance, error)
 
 
-def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
+def to_gguf(checkpoint: Checkpoint, out: Path, file_type: FileType | str | QType,
             progress: Callable[[int, int, str], None] | None = None, force: bool = True,
-            source: TensorSource | None = None) -> GGUFReport:
+            source: TensorSource | None = None, imatrix: Imatrix | None = None) -> GGUFReport:
     """Write `out` (.gguf) from a checkpoint folder (dense or quantized; or any `source`), one tensor at a
-    time, in storage order. `force`: whether an OUT that another run wrote since the caller's checks may be
-    replaced."""
+    time, in storage order; with an importance matrix, the tensors it covers are quantized with its weights,
+    as `llama-quantize --imatrix`. `force`: whether an OUT that another run wrote since the caller's checks
+    may be replaced."""
     source = source or folder_source(checkpoint)
     checkpoint = source.checkpoint
     shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
-    plan = plan_gguf(checkpoint.config, shapes, qtype)
+    plan = plan_gguf(checkpoint.config, shapes, file_type, imatrix)
     warnings: list[str] = []
     if plan.missing:
         warnings.append(f"llama.cpp will not load this GGUF: {first_of(plan.missing)}")
@@ -184,7 +215,7 @@ def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
         done, total = 0, plan.nbytes
         tensors = source.stream([Entry(e.hf_name, "gguf") for e in plan.entries])
         for e, (_, tensor) in zip(plan.entries, tensors, strict=True):
-            yield e.out, _tensor_data(tensor, e, report)
+            yield e.out, _tensor_data(tensor, e, report, imatrix)
             done += e.out.nbytes
             if progress:
                 progress(done, total, e.hf_name)
@@ -322,52 +353,57 @@ def write_tokenizer_files(conv: FromGGUF, out: Path) -> list[str]:
 
 def convert_to_gguf(request: ConvertRequest, progress: Progress) -> Result:
     """`quantkit convert SRC OUT.gguf --to gguf`: validated and planned before a weight is read."""
-    qtype = parse_type(request.gguf_type)
+    file_type = parse_file_type(request.gguf_type)
+    imatrix = read_imatrix(request.imatrix) if request.imatrix else None
     source = request.source or folder_source(open_checkpoint(resolve(request.src, request.revision)))
     if source.scheme == "gguf":
         raise QuantkitError(f"{request.src}: is a GGUF file already", "convert it --to safetensors, or quantize it")
     checkpoint = source.checkpoint
     out = Path(request.out)
     check_output(checkpoint.root, out, request.force, single_file=True)
-    plan = plan_gguf(checkpoint.config, {n: i.shape for n, i in checkpoint.tensors.items()}, qtype)
+    plan = plan_gguf(checkpoint.config, {n: i.shape for n, i in checkpoint.tensors.items()}, file_type, imatrix)
     check_free_space(out, plan.nbytes)
-    r = to_gguf(checkpoint, out, qtype, progress, force=request.force, source=source)
-    summary = {"to": "gguf", "gguf_type": request.gguf_type.upper(), "tensors": r.tensors,
-               "output_bytes": r.bytes_written, "fallbacks": r.fallbacks, "warnings": r.warnings}
+    r = to_gguf(checkpoint, out, file_type, progress, force=request.force, source=source, imatrix=imatrix)
+    fallbacks = [{"tensor": f.name, "row_length": f.row_length, "wanted": f.wanted.name, "stored": f.stored.name}
+                 for f in r.fallbacks]
+    summary = {"to": "gguf", "gguf_type": file_type.name, "tensors": r.tensors, "output_bytes": r.bytes_written,
+               "fallbacks": fallbacks, "imatrix": str(request.imatrix) if request.imatrix else None, "warnings": r.warnings}
     if source.scheme:
         summary |= transcoding_summary(source.scheme, r.lossless, r.requantized)
-    return Result(r.path, [r.path.name], summary, [f"warning: {line}" for line in r.fallbacks + r.warnings])
+    return Result(r.path, [r.path.name], summary, [f"warning: {line}" for line in grouped_fallbacks(r.fallbacks) + r.warnings])
 
 
 def preview_gguf(request: ConvertRequest) -> Preview:
     """What `convert SRC OUT.gguf --to gguf --gguf-type T` would write: each tensor's GGUF name and type
-    (fallbacks named), the file's exact bytes (metadata and vocabulary included). Reads no weight data."""
-    qtype = parse_type(request.gguf_type)
-    checkpoint = open_checkpoint(resolve(request.src, request.revision))
-    if checkpoint.quantization_config is not None:
-        raise QuantkitError(f"{request.src}: is already quantized ({checkpoint.quantization_config.get('quant_method')})",
-                            "dequantize it first: quantkit dequantize SRC DENSE")
-    plan = plan_gguf(checkpoint.config, {n: i.shape for n, i in checkpoint.tensors.items()}, qtype)
+    (the file type's mix, fallbacks named), the file's exact bytes (metadata and vocabulary included).
+    Reads no weight data."""
+    file_type = parse_file_type(request.gguf_type)
+    imatrix = read_imatrix(request.imatrix) if request.imatrix else None
+    checkpoint = (request.source or folder_source(open_checkpoint(resolve(request.src, request.revision)))).checkpoint
+    plan = plan_gguf(checkpoint.config, {n: i.shape for n, i in checkpoint.tensors.items()}, file_type, imatrix)
+    qtype = plan.qtype
     warnings: list[str] = [f"llama.cpp will not load this GGUF: {first_of(plan.missing)}"] if plan.missing else []
     add_metadata = _metadata(checkpoint, plan, read_vocab(checkpoint.root, checkpoint.config, warnings))
     outputs = [e.out for e in plan.entries]
     tensors = []
     for e in plan.entries:
         reason = e.out.qtype.name + (" (1-D or norm: F32, as llama.cpp keeps them)" if e.out.qtype == QType.F32 and qtype != QType.F32 else "")
-        reason += " instead of " + qtype.name if e.out.qtype not in (qtype, QType.F32) else ""
+        reason += f" ({file_type.name} gives it more bits than {qtype.name}, or a fallback)" if e.out.qtype not in (qtype, QType.F32) else ""
+        reason += ", with importance weights" if e.importance else ""
         reason += f", Q/K rows permuted for {e.permute_heads} heads" if e.permute_heads else ""
         tensors.append(PlannedTensor(e.hf_name, "convert", reason, [{"name": e.out.name, "dtype": e.out.qtype.name,
                                                                    "shape": list(e.out.shape), "nbytes": e.out.nbytes}]))
     whole = max((4 * math.prod(checkpoint.tensors[e.hf_name].shape) for e in plan.entries if e.permute_heads), default=0)
     name = Path(request.out).name if request.out else "model.gguf"
-    return Preview(f"gguf {qtype.name}", tensors, {name: gf.gguf_file_bytes(plan.arch.gguf_arch, add_metadata, outputs)},
+    return Preview(f"gguf {file_type.name}", tensors, {name: gf.gguf_file_bytes(plan.arch.gguf_arch, add_metadata, outputs)},
                    working_bytes=max(3 * whole, 4 * CHUNK_BYTES),
-                   warnings=[f"warning: {line}" for line in plan.fallbacks + warnings], settings={"gguf_type": qtype.name})
+                   warnings=[f"warning: {line}" for line in grouped_fallbacks(plan.fallbacks) + warnings],
+                   settings={"gguf_type": file_type.name})
 
 
 def gguf_presets() -> dict[str, dict]:
-    """inspect's size table: every type quantkit writes."""
-    return {f"gguf-{name}": {"gguf_type": name} for name in GGUF_TYPES}
+    """inspect's size table: every file type quantkit writes."""
+    return {f"gguf-{name}": {"gguf_type": name} for name in FILE_TYPES}
 
 
 def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: bool = False,

@@ -13,12 +13,11 @@ import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
 from quantkit.dtypes import bf16_bits, to_float32
-from quantkit.errors import QuantkitError
-from quantkit.methods.gguf import kquants, legacy, native
+from quantkit.methods.gguf import iquants, kquants, legacy, native, weighted
 from quantkit.methods.gguf.blocks import fits, layout, row_bytes
 
-__all__ = ["FILE_TYPE", "GGUF_TYPES", "LEGACY_TYPES", "TYPES", "GGUFType", "fits", "layout", "parse_type", "quantize",
-           "quantize_reference", "quantize_stored", "row_bytes"]
+__all__ = ["GGUF_TYPES", "IGNORES_IMPORTANCE", "LEGACY_TYPES", "TYPES", "GGUFType", "fits", "layout", "quantize",
+           "quantize_reference", "quantize_stored", "quantize_weighted", "row_bytes"]
 
 QType = GGMLQuantizationType
 
@@ -29,11 +28,13 @@ class GGUFType:
     `fast`: the same bytes from rows as a checkpoint stores them (dtype given; BF16 as uint16 bits)."""
 
     qtype: QType
-    file_type: LlamaFileType
+    file_type: LlamaFileType | None  # where the type is a whole file type of llama-quantize's (mixes.py adds _S/_M/_L)
     reference: Callable[[np.ndarray], np.ndarray]
     fast: Callable[[np.ndarray, str], np.ndarray] | None
-    fallback: QType | None  # llama-quantize's choice when a row does not hold whole blocks
+    fallback: QType | None  # llama-quantize's choice when a row does not hold whole blocks (then F16)
     error_bound: float  # relative weight error (||W - W'|| / ||W||) above which verify fails a tensor
+    # float32 rows [n, k], importance weights [k] -> stored bytes, as llama-quantize --imatrix (weighted.py)
+    weighted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
 
 def _q8_0_native(rows: np.ndarray, dtype: str) -> np.ndarray:
@@ -41,38 +42,49 @@ def _q8_0_native(rows: np.ndarray, dtype: str) -> np.ndarray:
     return native.quantize_q8_0(rows, dtype).reshape(rows.shape[0], length)
 
 
-def _kquant_fast(qtype: QType) -> Callable[[np.ndarray, str], np.ndarray]:
-    return lambda rows, dtype: kquants.quantize(to_float32(rows, dtype) if dtype != "F32" else rows, qtype)
+def _compiled(qtype: QType) -> Callable[[np.ndarray, str], np.ndarray]:
+    def fast(rows: np.ndarray, dtype: str) -> np.ndarray:
+        from quantkit.methods.gguf import kernels  # imports numba (~0.4 s): only the types that need it pay
+
+        return kernels.quantize(to_float32(rows, dtype) if dtype != "F32" else rows, qtype)
+
+    return fast
 
 
+def _legacy(qtype: QType) -> Callable[[np.ndarray], np.ndarray]:
+    return partial(legacy.quantize_rows, qtype=qtype)
+
+
+F = LlamaFileType
 # Error bounds are about three times what each type gives on normally distributed weights
-# (Q4_0 0.09, Q4_K 0.07, Q6_K 0.02, Q8_0 0.005).
+# (Q2_K 0.33, Q3_K 0.17, Q4_0 0.09, Q4_K 0.07, IQ4_NL 0.08, Q5_K 0.035, Q6_K 0.02, Q8_0 0.005).
 TYPES: dict[QType, GGUFType] = {t.qtype: t for t in (
-    GGUFType(QType.F32, LlamaFileType.ALL_F32, lambda rows: rows, None, None, 1e-6),
-    GGUFType(QType.F16, LlamaFileType.MOSTLY_F16, lambda rows: rows.astype(np.float16), None, None, 1e-3),
+    GGUFType(QType.F32, F.ALL_F32, lambda rows: rows, None, None, 1e-6),
+    GGUFType(QType.F16, F.MOSTLY_F16, lambda rows: rows.astype(np.float16), None, None, 1e-3),
     # bfloat16 rounded to nearest even, NaN kept quiet, as ggml
-    GGUFType(QType.BF16, LlamaFileType.MOSTLY_BF16, lambda rows: bf16_bits(rows).view(np.uint8), None, None, 8e-3),
-    GGUFType(QType.Q8_0, LlamaFileType.MOSTLY_Q8_0, partial(legacy.quantize_rows, qtype=QType.Q8_0),
-             _q8_0_native if native.AVAILABLE else None, None, 0.03),
-    GGUFType(QType.Q4_0, LlamaFileType.MOSTLY_Q4_0, partial(legacy.quantize_rows, qtype=QType.Q4_0), None, None, 0.25),
-    GGUFType(QType.Q4_1, LlamaFileType.MOSTLY_Q4_1, partial(legacy.quantize_rows, qtype=QType.Q4_1), None, None, 0.25),
-    GGUFType(QType.Q5_0, LlamaFileType.MOSTLY_Q5_0, partial(legacy.quantize_rows, qtype=QType.Q5_0), None, None, 0.12),
-    GGUFType(QType.Q5_1, LlamaFileType.MOSTLY_Q5_1, partial(legacy.quantize_rows, qtype=QType.Q5_1), None, None, 0.12),
-    GGUFType(QType.Q4_K, LlamaFileType.MOSTLY_Q4_K_S, kquants.quantize_q4_k_reference, _kquant_fast(QType.Q4_K),
-             QType.Q5_0, 0.25),
-    GGUFType(QType.Q6_K, LlamaFileType.MOSTLY_Q6_K, kquants.quantize_q6_k_reference, _kquant_fast(QType.Q6_K),
-             QType.Q8_0, 0.06),
+    GGUFType(QType.BF16, F.MOSTLY_BF16, lambda rows: bf16_bits(rows).view(np.uint8), None, None, 8e-3),
+    GGUFType(QType.Q8_0, F.MOSTLY_Q8_0, _legacy(QType.Q8_0), _q8_0_native if native.AVAILABLE else None, None, 0.03),
+    GGUFType(QType.Q4_0, F.MOSTLY_Q4_0, _legacy(QType.Q4_0), None, None, 0.25,
+             weighted.quantize_q4_0),
+    GGUFType(QType.Q4_1, F.MOSTLY_Q4_1, _legacy(QType.Q4_1), None, None, 0.25),
+    GGUFType(QType.Q5_0, F.MOSTLY_Q5_0, _legacy(QType.Q5_0), None, None, 0.12,
+             weighted.quantize_q5_0),
+    GGUFType(QType.Q5_1, F.MOSTLY_Q5_1, _legacy(QType.Q5_1), None, None, 0.12),
+    GGUFType(QType.Q2_K, F.MOSTLY_Q2_K, kquants.quantize_q2_k_reference, _compiled(QType.Q2_K), QType.Q4_0, 0.8),
+    GGUFType(QType.Q3_K, None, kquants.quantize_q3_k_reference, _compiled(QType.Q3_K), QType.Q4_0, 0.5),
+    GGUFType(QType.Q4_K, None, kquants.quantize_q4_k_reference, _compiled(QType.Q4_K), QType.Q5_0, 0.25,
+             weighted.quantize_q4_k),
+    GGUFType(QType.Q5_K, None, kquants.quantize_q5_k_reference, _compiled(QType.Q5_K), QType.Q5_1, 0.12),
+    GGUFType(QType.Q6_K, F.MOSTLY_Q6_K, kquants.quantize_q6_k_reference, _compiled(QType.Q6_K), QType.Q8_0, 0.06,
+             weighted.quantize_q6_k),
+    GGUFType(QType.IQ4_NL, F.MOSTLY_IQ4_NL, iquants.quantize_iq4_nl_reference, _compiled(QType.IQ4_NL), None, 0.25),
+    GGUFType(QType.IQ4_XS, F.MOSTLY_IQ4_XS, iquants.quantize_iq4_xs_reference, _compiled(QType.IQ4_XS), QType.IQ4_NL,
+             0.25),
 )}  # fmt: skip
 
 GGUF_TYPES = tuple(q.name for q in TYPES)
-FILE_TYPE = {q: t.file_type for q, t in TYPES.items()}
 LEGACY_TYPES = tuple(legacy.BLOCK_QUANTIZERS)
-
-
-def parse_type(name: str) -> QType:
-    if name.upper() not in GGUF_TYPES:
-        raise QuantkitError(f"unknown GGUF type {name!r}", f"choose one of {', '.join(GGUF_TYPES)}")
-    return QType[name.upper()]
+IGNORES_IMPORTANCE = {QType.F32, QType.F16, QType.BF16, QType.Q8_0}  # llama.cpp quantizes these without it
 
 
 def quantize_reference(rows: np.ndarray, qtype: QType) -> np.ndarray:
@@ -91,3 +103,9 @@ def quantize_stored(rows: np.ndarray, dtype: str, qtype: QType) -> np.ndarray:
     if fast is not None:
         return fast(rows, dtype)
     return quantize_reference(to_float32(rows, dtype) if dtype != "F32" else rows, qtype)
+
+
+def quantize_weighted(rows: np.ndarray, dtype: str, qtype: QType, importance: np.ndarray) -> np.ndarray:
+    """`quantize_stored` with an importance matrix's weights for these rows' columns."""
+    return TYPES[qtype].weighted(np.ascontiguousarray(to_float32(rows, dtype) if dtype != "F32" else rows,
+                                                      dtype=np.float32), importance)

@@ -1,0 +1,141 @@
+"""Quantizers with an importance matrix, byte for byte as `llama-quantize --imatrix`: Q4_K
+(quantize_row_q4_K_impl: make_qkx3_quants, then make_qp_quants for the 6-bit scales and mins), Q6_K
+(quantize_row_q6_K_impl), Q4_0 and Q5_0 (quantize_row_q{4,5}_0_impl: make_qx_quants with weights
+qw * sqrt(sigma2 + x^2)). Arithmetic as in kquants.py.
+
+`importance` is one expert's per-column vector (length k), as llama-quantize hands it to every row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from quantkit.methods.gguf import kquants
+from quantkit.methods.gguf.blocks import row_bytes
+from quantkit.methods.gguf.kquants import GROUP_MAX_EPS, make_qkx2_quants, make_qx_quants, nearest_int, running_sum, to_f16
+
+QType = GGMLQuantizationType
+f32 = np.float32
+
+
+def _tiled(importance: np.ndarray, n: int, k: int, width: int) -> np.ndarray:
+    """The per-column weights repeated for each of n rows, cut in sub-blocks of `width`."""
+    return np.broadcast_to(np.asarray(importance, dtype=np.float32).reshape(1, k), (n, k)).reshape(-1, width)
+
+
+# ----------------------------------------------------------------------------------------------- Q4_K
+
+
+def _make_qp_quants(x: np.ndarray, qw: np.ndarray, nmax: int = 63) -> tuple[np.ndarray, np.ndarray]:
+    """make_qp_quants: non-negative values x [B, n] with weights -> (codes [B, n], scale [B])."""
+    top = np.zeros(x.shape[0], np.float32)
+    for i in range(x.shape[1]):
+        top = np.where(top > x[:, i], top, x[:, i])
+    zero = top < GROUP_MAX_EPS
+    with np.errstate(all="ignore"):
+        iscale = f32(nmax) / top
+        diff = x - (f32(1) / iscale)[:, None] * (nearest_int(iscale[:, None] * x) & 0xFF).astype(np.float32)
+        best = running_sum(qw * diff * diff)
+        for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+            trial_iscale = (f32(0.1) * f32(step) + f32(nmax)) / top
+            codes = np.minimum(nmax, nearest_int(trial_iscale[:, None] * x))
+            diff = x - (f32(1) / trial_iscale)[:, None] * codes.astype(np.float32)
+            mse = running_sum(qw * diff * diff)
+            take = mse < best
+            best = np.where(take, mse, best)
+            iscale = np.where(take, trial_iscale, iscale)
+        codes = np.minimum(nmax, nearest_int(iscale[:, None] * x))
+        sumlx = running_sum(qw * x * codes.astype(np.float32))
+        suml2 = running_sum(qw * codes.astype(np.float32) * codes.astype(np.float32))
+        codes = codes & 0xFF
+        active = ~zero
+        for _ in range(5):  # coordinate descent; a block stops at its first sweep without a change
+            changed = np.zeros(x.shape[0], bool)
+            for i in range(x.shape[1]):
+                w, xi, li = qw[:, i], x[:, i], codes[:, i].astype(np.float32)
+                slx = sumlx - w * xi * li
+                sl2 = suml2 - w * li * li
+                new = np.minimum(nmax, nearest_int(xi * sl2 / slx))
+                candidate = active & (slx > 0) & (sl2 > 0) & (new != codes[:, i])
+                nf = new.astype(np.float32)
+                slx = slx + w * xi * nf
+                sl2 = sl2 + w * nf * nf
+                take = candidate & (slx * slx * suml2 > sumlx * sumlx * sl2)
+                codes[:, i] = np.where(take, new & 0xFF, codes[:, i])
+                sumlx = np.where(take, slx, sumlx)
+                suml2 = np.where(take, sl2, suml2)
+                changed |= take
+            active &= changed
+            if not active.any():
+                break
+        d = np.where(suml2 > 0, sumlx / suml2, f32(0))
+    return np.where(zero[:, None], 0, codes).astype(np.uint8), np.where(zero, f32(0), d).astype(np.float32)
+
+
+def quantize_q4_k(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    """float32 rows [n, k], k a multiple of 256, importance [k] -> Q4_K bytes [n, k / 256 * 144]."""
+    n, k = rows.shape
+    x = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, 256)
+    nb = x.shape[0]
+    with np.errstate(all="ignore"):
+        sigma2 = f32(2) * running_sum(x * x) / f32(256)
+        weights = _tiled(importance, n, k, 256) * np.sqrt(sigma2[:, None] + x * x)
+    xs, ws = x.reshape(-1, 32), weights.reshape(-1, 32)
+    # make_qkx3_quants differs from make_qkx2_quants only in `max <= min` for `max == min`: the same here
+    codes, scales, mins = make_qkx2_quants(xs, ws, 15, -0.9, 0.05, 36)
+    sum_w = running_sum(ws).reshape(nb, 8)
+    ls, d_block = _make_qp_quants(scales.reshape(nb, 8), sum_w)
+    lm, m_block = _make_qp_quants(mins.reshape(nb, 8), sum_w)
+    packed = kquants.pack_scales_mins(ls, lm)
+    d16, dmin16 = to_f16(d_block), to_f16(m_block)
+    # the C reads the 6-bit scale and min back from the packed bytes (get_scale_min_k4)
+    s6 = np.concatenate([packed[:, 0:4] & 63, (packed[:, 8:12] & 0xF) | ((packed[:, 0:4] >> 6) << 4)], axis=1)
+    m6 = np.concatenate([packed[:, 4:8] & 63, (packed[:, 8:12] >> 4) | ((packed[:, 4:8] >> 6) << 4)], axis=1)
+    d = (d16.astype(np.float32)[:, None] * s6.astype(np.float32)).reshape(-1, 1)
+    dm = (dmin16.astype(np.float32)[:, None] * m6.astype(np.float32)).reshape(-1, 1)
+    with np.errstate(all="ignore"):
+        requant = np.clip(nearest_int((xs + dm) / d), 0, 15)
+    codes = np.where(d != 0, requant, codes).reshape(nb, 256)
+    out = np.concatenate([d16.view(np.uint8).reshape(nb, 2), dmin16.view(np.uint8).reshape(nb, 2), packed,
+                          kquants.pack_low_high(codes)], axis=1)
+    return out.reshape(n, row_bytes(QType.Q4_K, k))
+
+
+def quantize_q6_k(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    return kquants.quantize_q6_k(rows, np.asarray(importance, dtype=np.float32))
+
+
+# ------------------------------------------------------------------------------------------ Q4_0, Q5_0
+
+
+def _legacy_codes(rows: np.ndarray, importance: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks of 32 -> (codes [S, 32] in 0..2 nmax - 1, float16 scale [S]), weights qw sqrt(sigma2 + x^2)."""
+    n, k = rows.shape
+    x = np.ascontiguousarray(rows, dtype=np.float32)
+    with np.errstate(all="ignore"):
+        sigma2 = (running_sum(x * x) / f32(k)).repeat(k // 32)
+        x = x.reshape(-1, 32)
+        weights = _tiled(importance, n, k, 32) * np.sqrt(sigma2[:, None] + x * x)
+    codes, scale = make_qx_quants(x, weights, nmax)
+    return codes.astype(np.uint8), to_f16(scale)
+
+
+def quantize_q4_0(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    """float32 rows [n, k], k a multiple of 32, importance [k] -> Q4_0 bytes [n, k / 32 * 18]."""
+    codes, d16 = _legacy_codes(rows, importance, 8)
+    out = np.concatenate([d16.view(np.uint8).reshape(-1, 2), codes[:, :16] | (codes[:, 16:] << 4)], axis=1)
+    return out.reshape(rows.shape[0], row_bytes(QType.Q4_0, rows.shape[1]))
+
+
+def quantize_q5_0(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    """float32 rows [n, k], k a multiple of 32, importance [k] -> Q5_0 bytes [n, k / 32 * 22]: the fifth bit
+    of value j in bit j of qh."""
+    codes, d16 = _legacy_codes(rows, importance, 16)
+    qh = ((codes.astype(np.uint32) >> 4) << np.arange(32, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)
+    qs = (codes[:, :16] & 0xF) | ((codes[:, 16:] & 0xF) << 4)
+    out = np.concatenate([d16.view(np.uint8).reshape(-1, 2), qh.astype("<u4").view(np.uint8).reshape(-1, 4), qs], axis=1)
+    return out.reshape(rows.shape[0], row_bytes(QType.Q5_0, rows.shape[1]))
+
+
+QUANTIZERS = {QType.Q4_K: quantize_q4_k, QType.Q6_K: quantize_q6_k, QType.Q4_0: quantize_q4_0, QType.Q5_0: quantize_q5_0}

@@ -1,0 +1,194 @@
+"""llama.cpp's own tools as the reference for GGUF's quant types, file types and importance matrices,
+built from the llama-cpp-python sdist by `scripts/install_clients.py` (build_llama_tools) into
+.clients/llama.cpp-build; a missing build fails these tests.
+
+- every quant type's bytes == libggml's `ggml_quantize_chunk` (what llama-quantize calls) on hard rows,
+  and the importance-weighted ones == libggml's quantize_* with the same weights;
+- for every file type: `quantkit convert --gguf-type T` writes the tensor types, tensor bytes and
+  general.file_type that `llama-quantize` writes from our F32 GGUF of the same model, on a model whose
+  width is a multiple of 256 and one whose width (576) is not;
+- with `--imatrix` from a file `llama-imatrix` wrote (GGUF and legacy .dat): Q4_K_M as llama-quantize.
+"""
+
+import ctypes
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+
+from quantkit.io.source import open_checkpoint
+from quantkit.methods.gguf import convert as gc
+from quantkit.methods.gguf import file as gf
+from quantkit.methods.gguf import types as ggml
+from quantkit.methods.gguf import weighted
+from quantkit.methods.gguf.imatrix import read_imatrix
+from tests.gguf_checkpoints import TEXT, make_checkpoint
+
+pytestmark = pytest.mark.clients
+BIN = Path(__file__).resolve().parents[2] / ".clients" / "llama.cpp-build" / "bin"
+FILE_TYPES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS",
+              "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16"]
+
+
+def tool(name: str) -> Path:
+    path = BIN / name
+    assert path.exists(), f"{path} is missing: run scripts/install_clients.py (make test-clients) to build it"
+    return path
+
+
+@pytest.fixture(scope="module")
+def libggml():
+    lib = ctypes.CDLL(str(tool("libggml-base.so")))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_void_p]
+    return lib
+
+
+def hard_rows(seed: int = 0) -> np.ndarray:
+    """Rows of 1024: each 256 of another kind (scales over 24 decades, heavy tails, one sign, ties, sparse,
+    zeros, constants, huge, infinities)."""
+    rng = np.random.default_rng(seed)
+    n = 64
+    kinds = [
+        lambda: rng.standard_normal((n, 256)) * 10.0 ** rng.uniform(-12, 12, (n, 1)),
+        lambda: rng.standard_t(1.3, (n, 256)),
+        lambda: np.abs(rng.standard_normal((n, 256))) + rng.uniform(0, 3, (n, 1)),
+        lambda: -np.abs(rng.standard_normal((n, 256))),
+        lambda: rng.integers(-8, 9, (n, 256)) * 0.5,
+        lambda: rng.standard_normal((n, 256)) * (rng.random((n, 256)) < 0.03),
+        lambda: np.zeros((n, 256)),
+        lambda: np.full((n, 256), rng.standard_normal()),
+        lambda: rng.standard_normal((n, 256)) * 1e30,
+        lambda: np.where(rng.random((n, 256)) < 0.01, np.inf, rng.standard_normal((n, 256))),
+        lambda: rng.standard_normal((n, 256)).astype(np.float16).astype(np.float64),
+        lambda: rng.laplace(size=(n, 256)),
+    ]
+    with np.errstate(all="ignore"):
+        return np.concatenate([k() for k in kinds]).astype(np.float32).reshape(-1, 1024)
+
+
+def ggml_quantize(lib, x: np.ndarray, qtype: Q, importance: np.ndarray | None = None) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.zeros((x.shape[0], ggml.row_bytes(qtype, x.shape[1])), dtype=np.uint8)
+    weights = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)  # alive for the call
+    pointer = None if weights is None else weights.ctypes.data
+    assert lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], pointer) == out.size
+    return out
+
+
+@pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS], ids=lambda q: q.name)
+def test_block_bytes_equal_libggml(libggml, qtype):
+    x = hard_rows()
+    theirs = ggml_quantize(libggml, x, qtype)
+    with np.errstate(all="ignore"):
+        assert ggml.quantize(x, qtype).tobytes() == theirs.tobytes()  # the numba kernel
+        assert ggml.TYPES[qtype].reference(x).tobytes() == theirs.tobytes()
+    print(f"{qtype.name}: {theirs.size // GGML_QUANT_SIZES[qtype][1]} blocks byte-identical to libggml")
+
+
+@pytest.mark.parametrize("qtype", list(weighted.QUANTIZERS), ids=lambda q: q.name)
+def test_weighted_bytes_equal_libggml(libggml, qtype):
+    x = hard_rows(1)
+    rng = np.random.default_rng(2)
+    for importance in (rng.random(1024) * 10.0 ** rng.uniform(-3, 3, 1024), np.where(np.arange(1024) % 7, 0.0, 1.0)):
+        theirs = ggml_quantize(libggml, x, qtype, importance)
+        with np.errstate(all="ignore"):
+            assert weighted.QUANTIZERS[qtype](x, importance.astype(np.float32)).tobytes() == theirs.tobytes()
+
+
+# ------------------------------------------------------------------------------------------ whole files
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two 4-layer llamas: width 256 with 8 heads over 2 KV heads (n_gqa 4 switches rules on), and width
+    576 with 9 over 3 (SmolLM's shape: its rows do not hold 256-blocks). Each with its F32 GGUF by quantkit."""
+    root = tmp_path_factory.mktemp("models")
+    found = {}
+    for name, shape in {"w256": dict(hidden=256, ffn=768, heads=8, kv_heads=2),
+                        "w576": dict(hidden=576, ffn=1536, heads=9, kv_heads=3)}.items():
+        src = make_checkpoint(root / name, "llama", layers=4, vocab=320, seed=5, **shape)
+        gc.to_gguf(open_checkpoint(src), root / f"{name}-f32.gguf", "F32")
+        found[name] = (src, root / f"{name}-f32.gguf")
+    return found
+
+
+def llama_quantize(f32: Path, out: Path, file_type: str, *extra: str) -> str:
+    run = subprocess.run([str(tool("llama-quantize")), *extra, str(f32), str(out), file_type, "2"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    return run.stdout + run.stderr
+
+
+def assert_same_file(ours: Path, theirs: Path) -> dict[str, Q]:
+    a, b = gf.read_gguf(ours), gf.read_gguf(theirs)
+    ours_by_name, theirs_by_name = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert ours_by_name.keys() == theirs_by_name.keys()
+    wrong_type = {n: (t.qtype.name, theirs_by_name[n].qtype.name) for n, t in ours_by_name.items()
+                  if t.qtype != theirs_by_name[n].qtype}
+    assert not wrong_type, wrong_type
+    for name, t in ours_by_name.items():
+        assert a.rows(t).tobytes() == b.rows(theirs_by_name[name]).tobytes(), name
+    assert a.metadata["general.file_type"] == b.metadata["general.file_type"]
+    return {n: t.qtype for n, t in ours_by_name.items()}
+
+
+@pytest.mark.parametrize("file_type", FILE_TYPES)
+@pytest.mark.parametrize("model", ["w256", "w576"])
+def test_file_types_equal_llama_quantize(models, tmp_path, model, file_type):
+    src, f32 = models[model]
+    log = llama_quantize(f32, tmp_path / "theirs.gguf", file_type)
+    report = gc.to_gguf(open_checkpoint(src), tmp_path / "ours.gguf", file_type)
+    types = assert_same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
+    assert len(report.fallbacks) == log.count("falling back to")
+    print(f"{model} {file_type}: {len(types)} tensors equal ({', '.join(sorted({q.name for q in types.values()}))}), "
+          f"{len(report.fallbacks)} fallbacks")
+
+
+@pytest.fixture(scope="module")
+def imatrices(models, tmp_path_factory):
+    """(model, format) -> an importance matrix llama-imatrix computed on our F32 GGUF."""
+    root = tmp_path_factory.mktemp("imatrix")
+    calibration = root / "calibration.txt"
+    calibration.write_text(TEXT * 3)
+    found = {}
+    for model, fmt in (("w256", "gguf"), ("w256", "dat"), ("w576", "gguf")):
+        out = root / f"{model}.{'gguf' if fmt == 'gguf' else 'dat'}"
+        run = subprocess.run([str(tool("llama-imatrix")), "-m", str(models[model][1]), "-f", str(calibration), "-o",
+                              str(out), "-c", "64", "-b", "64", "--chunks", "8", "-t", "2", "--output-format", fmt],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        found[model, fmt] = out
+    return found
+
+
+@pytest.mark.parametrize("model, fmt", [("w256", "gguf"), ("w256", "dat"), ("w576", "gguf")])
+def test_imatrix_q4_k_m_equals_llama_quantize(models, imatrices, tmp_path, model, fmt):
+    src, f32 = models[model]
+    imatrix = imatrices[model, fmt]
+    assert len(read_imatrix(imatrix).weights) >= 4 * 7  # every linear weight of the 4 layers
+    llama_quantize(f32, tmp_path / "theirs.gguf", "Q4_K_M", "--imatrix", str(imatrix))
+    gc.to_gguf(open_checkpoint(src), tmp_path / "ours.gguf", "Q4_K_M", imatrix=read_imatrix(imatrix))
+    assert_same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
+    # and the weights made a difference: without them the bytes differ
+    gc.to_gguf(open_checkpoint(src), tmp_path / "plain.gguf", "Q4_K_M")
+    plain, ours = gf.read_gguf(tmp_path / "plain.gguf"), gf.read_gguf(tmp_path / "ours.gguf")
+    name = "blk.0.attn_q.weight"
+    t_plain, t_ours = (next(t for t in f.tensors if t.name == name) for f in (plain, ours))
+    assert plain.rows(t_plain).tobytes() != ours.rows(t_ours).tobytes()
+
+
+def test_imatrix_cli_refuses_a_type_without_a_weighted_path(models, imatrices, tmp_path):
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+
+    src = models["w256"][0]
+    result = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "m.gguf"), "--to", "gguf", "--gguf-type",
+                                      "Q5_K_M", "--imatrix", str(imatrices["w256", "gguf"])])
+    assert result.exit_code == 2 and "importance weights" in result.output
+    assert not (tmp_path / "m.gguf").exists()
