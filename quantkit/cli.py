@@ -1,14 +1,17 @@
 """The command line: parse flags, call one library function, print (rich for people, --json for scripts).
 
 Data goes to stdout, chatter and progress to stderr. A QuantkitError becomes one line and exit code 2;
-Ctrl-C exits 130 after the library has removed its temporary files. The library (numpy, gguf-py) and rich
+Ctrl-C (SIGINT) exits 130 and SIGTERM (timeout, docker stop, CI cancellation) 143, one line each, after
+the library has removed its temporary files. The library (numpy, gguf-py) and rich
 are imported inside each command, so that `--help` and shell completion start in a fraction of a second.
 """
 
 from __future__ import annotations
 
+import _thread
 import json
 import re
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +20,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from quantkit import errors
 from quantkit.errors import QuantkitError
 
 app = typer.Typer(
@@ -52,17 +56,34 @@ def err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+SIGNAL_NAMES = {signal.SIGINT: "", signal.SIGTERM: "SIGTERM, "}
+
+
+def stop(signum: int) -> typer.Exit:
+    err(f"interrupted: {SIGNAL_NAMES.get(signum, f'signal {signum}, ')}temporary output removed")
+    return typer.Exit(128 + signum)
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Our errors as one line and exit 2; Ctrl-C as exit 130. Anything else is a bug and keeps its traceback."""
+    """Our errors as one line and exit 2; SIGINT / SIGTERM as exit 130 / 143. Anything else is a bug and
+    keeps its traceback, unless a signal came first: then it is what the interrupted code made of it (a
+    compiler wraps what it catches)."""
     try:
         yield
     except QuantkitError as e:
+        if errors.interrupted():
+            raise stop(errors.interrupted()) from None
         err(f"error: {e}")
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        err("interrupted: temporary output removed")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:
+        raise stop(getattr(e, "signum", signal.SIGINT)) from None
+    except Exception:
+        if errors.interrupted():
+            raise stop(errors.interrupted()) from None
+        raise
+    if errors.interrupted():  # swallowed on the way, yet the command got to its end: it still did not finish
+        raise stop(errors.interrupted())
 
 
 @contextmanager
@@ -235,7 +256,27 @@ def verify(
     raise typer.Exit(0 if report.ok else 1)
 
 
+def _on_signal(signum: int, frame: object) -> None:
+    errors.interrupt(signum)
+
+
+def _unraisable(hook):
+    """An interrupt raised inside a finalizer or callback cannot propagate and Python would print it as
+    "Exception ignored": say nothing and deliver the signal again, so it lands in code that can stop."""
+
+    def unraisable(info) -> None:
+        if isinstance(info.exc_value, errors.Interrupted):
+            _thread.interrupt_main(info.exc_value.signum)
+            return
+        hook(info)
+
+    return unraisable
+
+
 def main() -> None:
+    for signum in SIGNAL_NAMES:
+        signal.signal(signum, _on_signal)
+    sys.unraisablehook = _unraisable(sys.unraisablehook)
     app()
 
 

@@ -32,7 +32,7 @@ from gguf import (
 
 from quantkit.errors import InternalError, QuantkitError
 from quantkit.io.outfile import OutputFile
-from quantkit.io.staged import partial_name
+from quantkit.io.staged import StagedFile
 
 QType = GGMLQuantizationType
 
@@ -472,37 +472,36 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
     """Write header, metadata and tensor infos, then each tensor's data from its chunk iterator as it is
     produced, into a temporary file beside `out` that replaces `out` only when complete. Returns bytes."""
     out = Path(out)
-    tmp = partial_name(out)  # verify spots leftovers
     writer = GGUFWriter(None, arch)
     add_metadata(writer)
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-    try:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        fp = writer.fout[0]
-        fp.flush()
-        data = OutputFile(tmp, keep=fp.tell())  # tensor data goes out from a thread, bypassing the page cache
+    with StagedFile(out) as staged:  # verify spots the temporary file if this run is killed
         try:
-            for t, parts in chunks:
+            writer.write_header_to_file(staged.tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            fp = writer.fout[0]
+            fp.flush()
+            data = OutputFile(staged.tmp, keep=fp.tell())  # tensor data goes out from a thread, bypassing the page cache
+            try:
+                for t, parts in chunks:
+                    data.write(bytes(-data.tell() % writer.data_alignment))
+                    start = data.tell()
+                    for part in parts:
+                        data.write(np.ascontiguousarray(part))
+                    if data.tell() - start != t.nbytes:
+                        raise InternalError(f"{t.name}: wrote {data.tell() - start} bytes, planned {t.nbytes}")
                 data.write(bytes(-data.tell() % writer.data_alignment))
-                start = data.tell()
-                for part in parts:
-                    data.write(np.ascontiguousarray(part))
-                if data.tell() - start != t.nbytes:
-                    raise InternalError(f"{t.name}: wrote {data.tell() - start} bytes, planned {t.nbytes}")
-            data.write(bytes(-data.tell() % writer.data_alignment))
-        except BaseException:
-            data.abort()
-            raise
-        total = data.close()
-        writer.close()
-        os.replace(tmp, out)
-        return total
-    except OSError as e:
-        raise QuantkitError(f"{out}: cannot write ({e.strerror})", "check free space and permissions") from e
-    finally:
-        with contextlib.suppress(OSError):  # on a full disk, closing flushes a tail that cannot fit either
+            except BaseException:
+                data.abort()
+                raise
+            total = data.close()
             writer.close()
-        tmp.unlink(missing_ok=True)
+            staged.commit()
+            return total
+        except OSError as e:
+            raise QuantkitError(f"{out}: cannot write ({e.strerror})", "check free space and permissions") from e
+        finally:
+            with contextlib.suppress(OSError):  # on a full disk, closing flushes a tail that cannot fit either
+                writer.close()
