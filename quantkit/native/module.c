@@ -1,4 +1,4 @@
-/* quantkit.native._kernels: one extension holding every family's kernels (bnb.c, gguf.c). */
+/* quantkit.native._kernels: one extension holding every family's kernels (bnb.c, gguf.c) and the SIGBUS guard of source maps (mapguard.c). */
 #include "common.h"
 
 static PyMethodDef methods[] = {
@@ -9,6 +9,10 @@ static PyMethodDef methods[] = {
     {"dequantize_4bit", py_dequantize_4bit, METH_VARARGS,
      "dequantize_4bit(packed, absmax, table, blocksize, first, bf16, out, threads): elements first.. into out"},
     {"q8_0", py_q8_0, METH_VARARGS, "q8_0(src, bf16, blocks, threads): GGUF Q8_0 blocks of 34 bytes"},
+    {"guard_map", py_guard_map, METH_VARARGS,
+     "guard_map(start, length, owner): a SIGBUS in [start, start + length) reads zeros and is counted; returns a slot (-1: none free)"},
+    {"unguard_map", py_unguard_map, METH_VARARGS, "unguard_map(slot): the map is gone"},
+    {"map_faults", py_map_faults, METH_NOARGS, "map_faults() -> (faults so far, owner of the last one)"},
     {NULL, NULL, 0, NULL},
 };
 
