@@ -27,6 +27,9 @@ from quantkit.io.outfile import OutputFile
 from quantkit.native import kernels
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+# Tensors one shard may list. The largest checkpoints published hold a few thousand per shard (~150k in all,
+# over many shards); a header of a million entries costs a minute and GBs of Python objects to parse.
+MAX_TENSORS = 200_000
 READAHEAD = 64 << 20  # source bytes asked of the disk beyond each read
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -68,6 +71,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raw = f.read(length)
     except OSError as e:
         raise QuantkitError(f"{path}: cannot read ({e.strerror})") from None
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:  # counted in the bytes, before parsing allocates for each
+        raise QuantkitError(f"{path}: header lists more than {MAX_TENSORS} tensors", "no real checkpoint shard holds so many")
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested absurdly deep

@@ -72,9 +72,9 @@ def _tensor_type(name: str, shape: tuple[int, ...], want: QType, fallbacks: list
 def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], qtype: QType) -> GGUFPlan:
     """Every source tensor's GGUF name, type and shape; no data read."""
     arch = gf.architecture_of(config)
-    hyper = gf.Hyper.from_config(config)
+    hyper = gf.Hyper.from_config(config, len(shapes))
     table = gf.name_table(arch, hyper.n_layers)
-    missing, wrong = gf.shape_problems(config, shapes)
+    missing, wrong = gf.shape_problems(hyper.sizes(), shapes)
     if wrong:
         raise QuantkitError(f"config.json and the weights disagree: {first_of(wrong)}",
                             "llama.cpp would refuse such a GGUF")
@@ -122,7 +122,7 @@ def to_gguf(checkpoint: Checkpoint, out: Path, qtype: QType,
     warnings: list[str] = []
     if plan.missing:
         warnings.append(f"llama.cpp will not load this GGUF: {first_of(plan.missing)}")
-    vocab = read_vocab(checkpoint.root, checkpoint.config, warnings)
+    vocab = read_vocab(checkpoint.root, checkpoint.config, plan.hyper.vocab, warnings)
 
     def add_metadata(writer) -> None:
         writer.add_name(checkpoint.root.name)
