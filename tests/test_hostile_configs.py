@@ -5,9 +5,7 @@ fails cleanly on an OUT whose folder cannot take it."""
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 
 from tests.gguf_checkpoints import make_checkpoint
 from tests.hostile_files import CONFIG, one_error_line, tiny_tensors, write_checkpoint
+from tests.test_output_safety import tmpfs
 
 
 @pytest.fixture
@@ -141,13 +140,8 @@ def test_out_parent_that_is_a_file_is_one_line(ckpt, tmp_path, cli):
 @pytest.fixture
 def read_only_folder(tmp_path):
     """A read-only tmpfs (needs root); skipped where mounting is not allowed."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as mount:
+        yield mount
 
 
 @pytest.mark.parametrize("command", [("convert", "--to", "gguf"), ("quantize", "--method", "int8")], ids=["gguf", "folder"])

@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -105,13 +107,21 @@ def test_failed_run_with_force_keeps_the_old_out(ckpt, tmp_path, cli, monkeypatc
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 256 KiB tmpfs (needs root); skipped where mounting is not allowed."""
-    mount = tmp_path / "disk"
+    with tmpfs(tmp_path / "disk", "size=256k") as mount:
+        yield mount
+
+
+@contextmanager
+def tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at `mount` with `options` (needs root); the test is skipped where mounting is not allowed."""
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
                                            capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_free_space_is_checked_before_writing(tmp_path, tiny_disk, cli):
