@@ -13,6 +13,8 @@ import json
 import re
 import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -262,11 +264,16 @@ def _on_signal(signum: int, frame: object) -> None:
 
 def _unraisable(hook):
     """An interrupt raised inside a finalizer or callback cannot propagate and Python would print it as
-    "Exception ignored": say nothing and deliver the signal again, so it lands in code that can stop."""
+    "Exception ignored": say nothing and deliver the signal again a moment later, from another thread, so
+    that it lands in code that can stop (not in this hook). Committing the output checks for it anyway."""
+
+    def again(signum: int) -> None:
+        time.sleep(0.05)
+        _thread.interrupt_main(signum)
 
     def unraisable(info) -> None:
         if isinstance(info.exc_value, errors.Interrupted):
-            _thread.interrupt_main(info.exc_value.signum)
+            threading.Thread(target=again, args=(info.exc_value.signum,), daemon=True).start()
             return
         hook(info)
 

@@ -36,14 +36,14 @@ def test_sigterm_mid_write_of_a_folder_exits_143_and_removes_it(big_ckpt, tmp_pa
 
 @pytest.fixture(scope="module")
 def llama_ckpt(tmp_path_factory):
-    """A llama checkpoint whose Q4_K conversion takes seconds (numpy K-quants)."""
-    config = dict(CONFIG, hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
+    """A llama checkpoint (~200 MB) whose Q4_K conversion takes seconds."""
+    config = dict(CONFIG, hidden_size=1024, intermediate_size=3072, num_hidden_layers=3, num_attention_heads=8,
                   num_key_value_heads=8, vocab_size=256)
     rng = np.random.default_rng(3)
     h, ffn = config["hidden_size"], config["intermediate_size"]
     tensors = {"model.embed_tokens.weight": rng.standard_normal((256, h), dtype=np.float32),
                "model.norm.weight": np.ones(h, np.float32), "lm_head.weight": rng.standard_normal((256, h), dtype=np.float32)}
-    for i in range(2):
+    for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         tensors |= {p + "input_layernorm.weight": np.ones(h, np.float32), p + "post_attention_layernorm.weight": np.ones(h, np.float32)}
         tensors |= {f"{p}self_attn.{m}_proj.weight": rng.standard_normal((h, h), dtype=np.float32) for m in "qkvo"}
@@ -58,7 +58,8 @@ def start_convert(src: Path, out: Path, *extra: str) -> subprocess.Popen:
 
 
 def partial_gguf(folder: Path) -> list[Path]:
-    return [p for p in folder.glob(".m.gguf.quantkit-partial-*") if p.stat().st_size > 1 << 20]
+    """The temporary GGUF once its header is written (tensor data follows in 8 MB writes)."""
+    return [p for p in folder.glob(".m.gguf.quantkit-partial-*") if p.stat().st_size > 0]
 
 
 def test_sigterm_mid_write_of_a_gguf_exits_143_and_removes_it(llama_ckpt, tmp_path):
@@ -147,6 +148,53 @@ def test_the_lock_marks_a_run_in_progress(big_ckpt, tmp_path):
 
 
 # ---------------------------------------------------------------- Ctrl-C while numba compiles
+
+
+# What numba's first compile does with an interrupt, made deterministic: the signal arrives inside a
+# finalizer (llvmlite's objects are freed by __del__ all through a compile; Python can only print "Exception
+# ignored" there), or inside code that catches it and raises something else (a compiler wrapping errors).
+SWALLOWING_KERNEL = """
+import os, signal, sys, time
+from quantkit.methods.gptq import groupwise
+
+real = groupwise.quantize
+calls = []
+where = sys.argv[1]
+
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # the handler runs here, inside __del__
+
+def quantize(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:
+        if where == "finalizer":
+            Finalized()
+        else:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.5)
+            except BaseException as e:
+                raise RuntimeError("compilation failed") from e
+    return real(*args, **kwargs)
+
+groupwise.quantize = quantize
+from quantkit.cli import main
+sys.argv = ["quantkit", "quantize", *sys.argv[2:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("where", ["finalizer", "wrapped"])
+def test_an_interrupt_swallowed_on_the_way_still_stops_the_run(tmp_path, where):
+    src = write_checkpoint(tmp_path / "src", tiny_tensors())
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", SWALLOWING_KERNEL, where, str(src), str(out), "--method", "gptq", "--group-size", "32"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert one_error_line(proc.stderr) == "interrupted: temporary output removed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def numba_loaded(pid: int) -> bool:

@@ -22,13 +22,14 @@ static struct {
 static _Atomic long fault_count, fault_owner;
 static struct sigaction previous;
 static int installed;
+static uintptr_t page_size; /* read once at install: sysconf is not async-signal-safe */
 
 static void on_sigbus(int sig, siginfo_t *info, void *context) {
     uintptr_t address = (uintptr_t)info->si_addr;
-    uintptr_t page = address & ~(uintptr_t)(sysconf(_SC_PAGESIZE) - 1);
+    uintptr_t page = address & ~(page_size - 1);
     for (int i = 0; i < SLOTS; i++) {
         if (address >= regions[i].start && address < regions[i].end) {
-            if (mmap((void *)page, sysconf(_SC_PAGESIZE), PROT_READ | PROT_WRITE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1,
+            if (mmap((void *)page, page_size, PROT_READ | PROT_WRITE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1,
                      0) == MAP_FAILED)
                 break;
             fault_owner = regions[i].owner;
@@ -47,6 +48,7 @@ static void on_sigbus(int sig, siginfo_t *info, void *context) {
 
 static int install(void) {
     struct sigaction action;
+    page_size = (uintptr_t)sysconf(_SC_PAGESIZE);
     memset(&action, 0, sizeof action);
     action.sa_sigaction = on_sigbus;
     action.sa_flags = SA_SIGINFO | SA_NODEFER;
