@@ -208,10 +208,11 @@ def numba_loaded(pid: int) -> bool:
 @pytest.mark.slow
 def test_ctrl_c_during_the_first_numba_compile(tmp_path):
     """With an empty numba cache, the first GPTQ run spends seconds compiling; an interrupt at any moment
-    of it ends with 130 and no OUT, never "Exception ignored" and exit 0, nor a traceback."""
+    of it ends with 130 and no OUT, never "Exception ignored" and exit 0, nor a traceback. The real thing,
+    end to end; where the signal lands is chance (the tests above make both bad landings certain)."""
     src = write_checkpoint(tmp_path / "src", tiny_tensors())
     outcomes = []
-    for attempt, delay in enumerate((0.0, 0.3, 0.8, 1.5, 2.5, 4.0)):
+    for attempt, delay in enumerate((0.0, 0.5, 1.5, 3.0)):
         out = tmp_path / f"out{attempt}"
         env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / f"numba{attempt}"))
         proc = subprocess.Popen([QUANTKIT, "quantize", str(src), str(out), "--method", "gptq", "--group-size", "32"],
