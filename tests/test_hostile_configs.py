@@ -72,6 +72,19 @@ def test_hostile_config_value_is_named(ckpt, tmp_path, cli, text, key):
     refused_convert(cli, with_config(ckpt, text), tmp_path / "m.gguf", "config.json", key)
 
 
+@pytest.mark.parametrize("key, value", [("model_type", []), ("model_type", 5), ("architectures", "LlamaForCausalLM"),
+                                        ("architectures", [5]), ("tie_word_embeddings", "false"), ("torch_dtype", ["x"])])
+def test_general_keys_of_the_wrong_type_are_named(ckpt, tmp_path, cli, key, value):
+    """Keys every command reads (found by scripts/fuzz.py: model_type [] crashed quantize)."""
+    with_config(ckpt, config_text(**{key: value}))
+    for args in (("inspect", ckpt), ("quantize", ckpt, tmp_path / "q", "--method", "gptq", "--group-size", "32"),
+                 ("dequantize", ckpt, tmp_path / "d")):
+        code, _, err = cli(*args)
+        assert code == 2, err
+        line = one_error_line(err)
+        assert "config.json" in line and key in line, line
+
+
 @pytest.mark.parametrize("layers", [2_000_000, 10**9])
 def test_layer_count_is_bounded_by_the_tensors_present(ckpt, tmp_path, cli, layers):
     refused_convert(cli, with_config(ckpt, config_text(num_hidden_layers=layers)), tmp_path / "m.gguf",
