@@ -55,7 +55,6 @@ def config_text(**changes) -> str:
     (config_text(num_attention_heads=True), "num_attention_heads"),
     (config_text(num_key_value_heads=8), "num_key_value_heads"),
     (config_text(architectures=[5]), "architectures"),
-    (config_text(architectures="LlamaForCausalLM"), "architectures"),
     (config_text(rope_parameters="x"), "rope_parameters"),
     (config_text(rope_scaling=[1]), "rope_scaling"),
     (config_text(rope_theta=-1.0), "rope_theta"),
@@ -66,13 +65,13 @@ def config_text(**changes) -> str:
     (config_text(head_dim=2**33), "head_dim"),
     (config_text(vocab_size=None), "vocab_size"),
 ], ids=["context-2^40", "context-negative", "hidden-1e999", "hidden-string", "heads-bool", "kv-heads-above-heads",
-        "architectures-int", "architectures-string", "rope-parameters-string", "rope-scaling-list", "rope-theta-negative",
+        "architectures-int", "rope-parameters-string", "rope-scaling-list", "rope-theta-negative",
         "rope-theta-string", "eps-nan", "eps-inf", "eps-zero", "head-dim-2^33", "vocab-null"])  # fmt: skip
 def test_hostile_config_value_is_named(ckpt, tmp_path, cli, text, key):
     refused_convert(cli, with_config(ckpt, text), tmp_path / "m.gguf", "config.json", key)
 
 
-@pytest.mark.parametrize("key, value", [("model_type", []), ("model_type", 5), ("architectures", "LlamaForCausalLM"),
+@pytest.mark.parametrize("key, value", [("model_type", []), ("model_type", 5), ("architectures", {"a": 1}),
                                         ("architectures", [5]), ("tie_word_embeddings", "false"), ("torch_dtype", ["x"])])
 def test_general_keys_of_the_wrong_type_are_named(ckpt, tmp_path, cli, key, value):
     """Keys every command reads (found by scripts/fuzz.py: model_type [] crashed quantize)."""

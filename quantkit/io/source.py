@@ -104,7 +104,8 @@ def read_config(root: Path) -> dict:
 # format needs are checked by that format (GGUF: methods/gguf/file.py's Hyper).
 _GENERAL_KEYS = {
     "model_type": (lambda v: isinstance(v, str), "a string"),
-    "architectures": (lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v), "a list of class names"),
+    "architectures": (lambda v: isinstance(v, str) or isinstance(v, list) and all(isinstance(a, str) for a in v),
+                      "a list of class names"),  # a bare string: one name
     "tie_word_embeddings": (lambda v: isinstance(v, bool), "true or false"),
     "dtype": (lambda v: isinstance(v, str), "a dtype name"),
     "torch_dtype": (lambda v: isinstance(v, str), "a dtype name"),

@@ -57,7 +57,8 @@ BY_GGUF_ARCH = {"llama": ARCHITECTURES["LlamaForCausalLM"], "qwen2": ARCHITECTUR
 
 
 def architecture_of(config: dict, where: str = "config.json") -> Architecture:
-    names = config.get("architectures") or []  # a list of names: read_config checks it
+    names = config.get("architectures") or []  # names: read_config checks it
+    names = [names] if isinstance(names, str) else names
     for name in names:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
