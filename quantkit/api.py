@@ -9,7 +9,9 @@ path; a *converter* is one `convert --to` target. Each method's folder registers
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -405,8 +407,11 @@ def _stream_folder(checkpoint: Checkpoint, entries: list[Entry], quantized: tupl
             else:
                 yield entry, _dequantized(checkpoint, entry, module, shape, quantized, TensorReads(checkpoint, reader))
     finally:
+        # Closed early (the run failed, or the generator is collected): the failure is being reported already,
+        # and a second one from closing the shard (its map faulted too) would only print "Exception ignored".
         if reader is not None:
-            reader.close()
+            with contextlib.suppress(QuantkitError) if sys.exc_info()[0] is not None else contextlib.nullcontext():
+                reader.close()
 
 
 def _dequantized(checkpoint: Checkpoint, entry: Entry, module: str, shape: tuple[int, ...], quantized: tuple,

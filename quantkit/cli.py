@@ -1,14 +1,19 @@
 """The command line: parse flags, call one library function, print (rich for people, --json for scripts).
 
 Data goes to stdout, chatter and progress to stderr. A QuantkitError becomes one line and exit code 2;
-Ctrl-C exits 130 after the library has removed its temporary files. The library (numpy, gguf-py) and rich
+Ctrl-C (SIGINT) exits 130 and SIGTERM (timeout, docker stop, CI cancellation) 143, one line each, after
+the library has removed its temporary files. The library (numpy, gguf-py) and rich
 are imported inside each command, so that `--help` and shell completion start in a fraction of a second.
 """
 
 from __future__ import annotations
 
+import _thread
 import json
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +23,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from quantkit import errors
 from quantkit.errors import QuantkitError
 
 
@@ -144,17 +150,34 @@ def err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+SIGNAL_NAMES = {signal.SIGINT: "", signal.SIGTERM: "SIGTERM, "}
+
+
+def stop(signum: int) -> typer.Exit:
+    err(f"interrupted: {SIGNAL_NAMES.get(signum, f'signal {signum}, ')}temporary output removed")
+    return typer.Exit(128 + signum)
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Our errors as one line and exit 2; Ctrl-C as exit 130. Anything else is a bug and keeps its traceback."""
+    """Our errors as one line and exit 2; SIGINT / SIGTERM as exit 130 / 143. Anything else is a bug and
+    keeps its traceback, unless a signal came first: then it is what the interrupted code made of it (a
+    compiler wraps what it catches)."""
     try:
         yield
     except QuantkitError as e:
+        if errors.interrupted():
+            raise stop(errors.interrupted()) from None
         err(f"error: {e}")
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        err("interrupted: temporary output removed")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:
+        raise stop(getattr(e, "signum", signal.SIGINT)) from None
+    except Exception:
+        if errors.interrupted():
+            raise stop(errors.interrupted()) from None
+        raise
+    if errors.interrupted():  # swallowed on the way, yet the command got to its end: it still did not finish
+        raise stop(errors.interrupted())
 
 
 @contextmanager
@@ -380,7 +403,32 @@ def formats(json_out: JsonFlag = False) -> None:
             print_formats(data)
 
 
+def _on_signal(signum: int, frame: object) -> None:
+    errors.interrupt(signum)
+
+
+def _unraisable(hook):
+    """An interrupt raised inside a finalizer or callback cannot propagate and Python would print it as
+    "Exception ignored": say nothing and deliver the signal again a moment later, from another thread, so
+    that it lands in code that can stop (not in this hook). Committing the output checks for it anyway."""
+
+    def again(signum: int) -> None:
+        time.sleep(0.05)
+        _thread.interrupt_main(signum)
+
+    def unraisable(info) -> None:
+        if isinstance(info.exc_value, errors.Interrupted):
+            threading.Thread(target=again, args=(info.exc_value.signum,), daemon=True).start()
+            return
+        hook(info)
+
+    return unraisable
+
+
 def main() -> None:
+    for signum in SIGNAL_NAMES:
+        signal.signal(signum, _on_signal)
+    sys.unraisablehook = _unraisable(sys.unraisablehook)
     app()
 
 

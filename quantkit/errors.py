@@ -17,3 +17,34 @@ class QuantkitError(Exception):
 
 class InternalError(Exception):
     """A broken invariant: quantkit's own bug, never the user's input. It keeps its traceback."""
+
+
+_received: list[int] = []  # signals the CLI's handler turned into Interrupted, whether or not they got through
+
+
+def interrupt(signum: int) -> None:
+    """Raise Interrupted for a signal, remembering it: code that swallows the exception (a finalizer, a
+    compiler that wraps what it catches) cannot make the run carry on as if nothing had happened."""
+    _received.append(signum)
+    raise Interrupted(signum)
+
+
+def raise_if_interrupted() -> None:
+    """Before a run makes its output final: an interrupt that was swallowed on the way stops it here."""
+    if _received:
+        raise Interrupted(_received[0])
+
+
+def interrupted() -> int:
+    """The first signal received so far, or 0."""
+    return _received[0] if _received else 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (the CLI turns both into this): the run stops, its temporary output is
+    removed on the way out, and the process exits 128 + the signal's number. A KeyboardInterrupt, so that
+    whatever cleans up after Ctrl-C cleans up after SIGTERM too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

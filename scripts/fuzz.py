@@ -1,9 +1,11 @@
-"""Fuzz the parsers that read untrusted files: safetensors headers, index files, GGUF, PyTorch pickles.
+"""Fuzz the parsers that read untrusted files: safetensors headers, index files, GGUF, PyTorch pickles;
+the values of config.json and of recipes; and where OUT goes (symlinks, '.', inside SRC, two runs at once).
 
 Hypothesis mutates valid files (byte flips, truncation, forged integers, rewritten JSON) and hands them to
 the validating readers. A QuantkitError is the expected answer to damage; any other exception, a run past
 HANG_SECONDS, or an allocation past the memory cap is a bug, reported with the input that
-caused it (saved under --findings).
+caused it (saved under --findings). Output paths are held to the promises of the README's Output safety:
+the source is never modified, nothing half-written is left beside OUT, and an OUT reported written verifies.
 
     .venv/bin/python scripts/fuzz.py --minutes 3
 """
@@ -11,12 +13,15 @@ caused it (saved under --findings).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
+import os
 import resource
 import shutil
 import signal
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,16 +31,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from quantkit import pipeline  # noqa: E402
 from quantkit.errors import QuantkitError  # noqa: E402
 from quantkit.io.safetensors import INDEX_NAME, read_header  # noqa: E402
 from quantkit.io.source import open_checkpoint  # noqa: E402
 from quantkit.io.torchpickle import read_state_dict_meta  # noqa: E402
 from quantkit.methods.gguf import file as gf  # noqa: E402
 from quantkit.methods.gguf.convert import gguf_to_safetensors  # noqa: E402
+from quantkit.plan import load_recipe, merge_options  # noqa: E402
+from tests.hostile_files import CONFIG, tiny_tensors, write_checkpoint  # noqa: E402
 
 WORK = Path(tempfile.mkdtemp(prefix="quantkit-fuzz-"))
 INTERESTING = [0, 1, 7, 8, 255, 2**16, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**50, 2**63 - 1, 2**63, 2**64 - 1]
@@ -182,6 +190,107 @@ def forged_index(draw) -> str:
     return text
 
 
+# ---------------------------------------------------------------- config values, recipes, output paths
+
+HOSTILE_VALUES = st.one_of(
+    st.sampled_from([None, True, False, 0, -1, 1, 2**31, 2**32, 2**40, 2**63, 2**64, 10**30, "", "x", "64", [], [5], {}, {"a": 1}]),
+    st.integers(), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8), st.lists(st.integers(), max_size=3),
+)
+CONFIG_KEYS = [*CONFIG, "head_dim", "rope_theta", "rope_parameters", "rope_scaling", "pad_token_id", "bos_token_id",
+               "eos_token_id", "torch_dtype", "dtype", "quantization_config", "tie_word_embeddings"]
+
+
+@st.composite
+def hostile_config(draw) -> str:
+    """CONFIG with a few keys given hostile values (non-finite floats are written as JSON's NaN/Infinity)."""
+    config = dict(CONFIG)
+    for key in draw(st.lists(st.sampled_from(CONFIG_KEYS), min_size=1, max_size=3, unique=True)):
+        config[key] = draw(HOSTILE_VALUES)
+    if draw(st.booleans()):
+        config["rope_parameters"] = {"rope_type": draw(HOSTILE_VALUES), "rope_theta": draw(HOSTILE_VALUES)}
+    return json.dumps(config)
+
+
+RECIPE_KEYS = ["method", "bits", "group_size", "sym", "format", "optimize", "double_quant", "blocksize", "compute_dtype",
+               "quant_storage", "skip", "backend", "device", "max_shard_size", "description", "nonsense"]
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "nan" if value != value else ("inf" if value == float("inf") else "-inf" if value == float("-inf") else repr(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if value is None:
+        return '""'
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+@st.composite
+def recipe(draw) -> str:
+    lines = [f"method = {toml_value(draw(st.sampled_from(['nf4', 'fp4', 'int8', 'gptq', 'q4', 4])))}"]
+    for key in draw(st.lists(st.sampled_from(RECIPE_KEYS), max_size=4, unique=True)):
+        value = draw(st.one_of(HOSTILE_VALUES.filter(lambda v: v is not None), st.sampled_from([2, 3, 4, 8, 32, 64, 128, -1, "v1", "v2", "numpy", "*"])))
+        lines.append(f"{key} = {toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+OUT_SHAPES = ["plain", "nested/missing", ".", "..", "src", "src/inside", "src/model.safetensors", "src/config.json",
+              "link-to-folder", "link-to-src", "dangling-link", "file", "file/below", "glob[1]", "a?", "existing"]
+
+
+def tree(source: Path) -> dict[str, str]:
+    """The digest of every file of a source folder (or of the source file)."""
+    files = sorted(source.rglob("*")) if source.is_dir() else [source]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
+
+
+def out_path(shape: str, root: Path, src: Path) -> Path:
+    """An OUT of the given shape under `root` (building what the shape needs: links, files, an old OUT)."""
+    if shape in ("link-to-folder", "link-to-src", "dangling-link"):
+        target = {"link-to-folder": root / "real", "link-to-src": src, "dangling-link": root / "nowhere"}[shape]
+        if shape == "link-to-folder":
+            target.mkdir(exist_ok=True)
+        (root / shape).symlink_to(target)
+        return root / shape
+    if shape in ("file", "file/below"):
+        (root / "file").write_text("not a folder")
+    if shape == "existing":
+        (root / "existing").mkdir()
+        (root / "existing" / "old.txt").write_text("old")
+    return {"src": src, ".": root / ".", "..": root / "sub" / ".."}.get(shape, root / shape)
+
+
+def leftovers_under(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob("*quantkit-*") if ".quantkit-" in p.name]
+
+
+def check_output_run(root: Path, src: Path, out: Path, run: Callable[[], object]) -> None:
+    """The promises: SRC untouched, no temporary file left, and a reported success verifies."""
+    before = tree(src)
+    try:
+        run()
+        written = True
+    except QuantkitError:
+        written = False
+    assert tree(src) == before, f"the source changed writing {out}"
+    assert not leftovers_under(root), f"left behind: {leftovers_under(root)}"
+    if written:
+        from quantkit.verify import verify
+
+        assert verify(out, None, None).checks[0].ok, f"{out}: verify flags leftovers after a success"
+
+
+def fresh_root(name: str) -> tuple[Path, Path]:
+    root = WORK / name
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "sub").mkdir(parents=True)
+    return root, write_checkpoint(root / "src", tiny_tensors(hidden=32), config=dict(CONFIG, hidden_size=32, intermediate_size=32))
+
+
 # ---------------------------------------------------------------- targets
 
 
@@ -273,8 +382,78 @@ def targets(examples: int) -> dict[str, Callable[[], None]]:
     def torch_pickle(data: bytes) -> None:
         expect_quantkit_error(lambda: read_state_dict_meta(write("m.bin", data)))
 
+    slow = settings(max_examples=max(1, examples // 10), deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    config_root, config_src = fresh_root("config")
+
+    @slow
+    @given(hostile_config(), st.sampled_from(["gguf-F16", "gguf-Q4_K", "nf4", "int8", "gptq"]))
+    def config_values(text: str, command: str) -> None:
+        (config_src / "config.json").write_text(text)
+        out = config_root / ("m.gguf" if command.startswith("gguf") else "q")
+        if command.startswith("gguf"):
+            run = lambda: pipeline.convert(str(config_src), out, "gguf", gguf_type=command[5:], force=True)  # noqa: E731
+        else:
+            run = lambda: pipeline.quantize(str(config_src), out, merge_options({}, {"method": command, "group_size": 32}), force=True)  # noqa: E731
+        expect_quantkit_error(lambda: check_output_run(config_root, config_src, out, run))
+
+    recipe_root, recipe_src = fresh_root("recipe")
+
+    @slow
+    @given(recipe())
+    def recipes(text: str) -> None:
+        path = write("r.toml", text.encode())
+
+        def run() -> None:
+            options = merge_options(load_recipe(path), {}, path)
+            pipeline.quantize(str(recipe_src), recipe_root / "q", options, force=True)
+
+        expect_quantkit_error(lambda: check_output_run(recipe_root, recipe_src, recipe_root / "q", run))
+
+    @slow
+    @given(st.sampled_from(OUT_SHAPES), st.sampled_from(["quantize", "convert-gguf", "convert-safetensors"]), st.booleans(),
+           st.booleans())
+    def output_paths(shape: str, command: str, force: bool, resume: bool) -> None:
+        root, src = fresh_root("paths")
+        out = out_path(shape, root, src)
+        if command == "convert-gguf":
+            out = out if shape in ("src/model.safetensors", "src/config.json", "file", "existing") else Path(str(out) + ".gguf")
+            run = lambda: pipeline.convert(str(src), out, "gguf", force=force)  # noqa: E731
+        elif command == "convert-safetensors":
+            src = shutil.copy(seed_gguf, root / "sub" / "m.gguf")
+            run = lambda: gguf_to_safetensors(src, out, force=force)  # noqa: E731
+        else:
+            run = lambda: pipeline.quantize(str(src), out, merge_options({}, {"method": "int8"}), force=force, resume=resume)  # noqa: E731
+        expect_quantkit_error(lambda: check_output_run(root, src, out, run))
+
+    seed_gguf = write("paths-seed.gguf", gguf_bytes)
+
+    @settings(max_examples=max(1, examples // 50), deadline=None, database=None, suppress_health_check=list(HealthCheck),
+              phases=[Phase.generate])  # shrinking would rerun processes for minutes
+    @given(st.sampled_from(["quantize", "convert-gguf"]), st.integers(2, 3), st.floats(0, 0.5))
+    def concurrent_runs(command: str, runs: int, stagger: float) -> None:
+        """Several processes write the same OUT at once: none may crash, and what is left verifies."""
+        root, src = fresh_root("concurrent")
+        out = root / ("m.gguf" if command == "convert-gguf" else "out")
+        args = ["convert", str(src), str(out), "--to", "gguf", "--force"] if command == "convert-gguf" else \
+            ["quantize", str(src), str(out), "--method", "int8", "--force"]
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        procs = []
+        for _ in range(runs):
+            procs.append(subprocess.Popen([sys.executable, "-m", "quantkit", *args], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, text=True, env=env))
+            time.sleep(stagger)
+        results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+        for code, stderr in results:
+            assert code in (0, 2) and "Traceback" not in stderr, stderr
+        assert any(code == 0 for code, _ in results), results
+        assert not leftovers_under(root), leftovers_under(root)
+        from quantkit.verify import verify
+
+        assert verify(out, None, None).checks[0].ok
+
     return {"safetensors-bytes": safetensors_bytes, "safetensors-header": safetensors_header, "index": index,
-            "gguf": gguf, "gguf-metadata": gguf_metadata, "torch-pickle": torch_pickle}  # fmt: skip
+            "gguf": gguf, "gguf-metadata": gguf_metadata, "torch-pickle": torch_pickle, "config-values": config_values,
+            "recipes": recipes, "output-paths": output_paths, "concurrent-runs": concurrent_runs}  # fmt: skip
 
 
 def main() -> int:
@@ -300,7 +479,7 @@ def main() -> int:
             except Exception:  # noqa: BLE001  - anything that is not a QuantkitError is what we are looking for
                 failure = traceback.format_exc()
             rounds += 1
-        print(f"{name:20s} {rounds * 200:7d} examples in {time.monotonic() - started:5.1f} s: "
+        print(f"{name:20s} {rounds:5d} rounds in {time.monotonic() - started:6.1f} s: "
               f"{'BUG' if failure else 'ok'}", flush=True)
         if failure:
             found += 1

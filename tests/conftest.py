@@ -114,3 +114,16 @@ def cli():
         return result.exit_code, result.stdout, result.stderr
 
     return run
+
+
+@pytest.fixture(scope="session")
+def big_ckpt(tmp_path_factory):
+    """~200 MB of float32 linear weights: a few seconds of --backend numpy quantization."""
+    import numpy as np
+
+    from tests.hostile_files import write_checkpoint
+
+    rng = np.random.default_rng(1)
+    tensors = {f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((1024, 4096), dtype=np.float32) for i in range(12)}
+    tensors["lm_head.weight"] = rng.standard_normal((32, 4096), dtype=np.float32)
+    return write_checkpoint(tmp_path_factory.mktemp("big") / "src", tensors)

@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -100,13 +102,21 @@ def test_failed_run_with_force_keeps_the_old_out(ckpt, tmp_path, cli, monkeypatc
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 256 KiB tmpfs (needs root); skipped where mounting is not allowed."""
-    mount = tmp_path / "disk"
+    with tmpfs(tmp_path / "disk", "size=256k") as mount:
+        yield mount
+
+
+@contextmanager
+def tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at `mount` with `options` (needs root); the test is skipped where mounting is not allowed."""
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
                                            capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_free_space_is_checked_before_writing(tmp_path, tiny_disk, cli):
@@ -136,15 +146,6 @@ def test_permission_denied_is_rolled_back(ckpt, tmp_path, cli, monkeypatch):
 
 
 # ---------------------------------------------------------------- interrupts (real process, real signals)
-
-
-@pytest.fixture(scope="module")
-def big_ckpt(tmp_path_factory):
-    """~200 MB of float32 linear weights: a few seconds of --backend numpy quantization."""
-    rng = np.random.default_rng(1)
-    tensors = {f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((1024, 4096), dtype=np.float32) for i in range(12)}
-    tensors["lm_head.weight"] = rng.standard_normal((32, 4096), dtype=np.float32)
-    return write_checkpoint(tmp_path_factory.mktemp("big") / "src", tensors)
 
 
 def start_quantize(src: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -242,8 +243,8 @@ def test_dequantize_resume(tmp_path, cli, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(staged.StagedOutput, "shard_done", killed_after_first_shard)
-        # a killed run cleans nothing up; its lock dies with it
-        m.setattr(staged.StagedOutput, "__exit__", lambda self, *exc: self._lock.close())
+        # a killed run cleans nothing up: the kernel drops its locks
+        m.setattr(staged.StagedOutput, "__exit__", lambda self, *exc: os.close(self._hold) or self._lock.close())
         with pytest.raises(Killed):
             pipeline.dequantize(str(tmp_path / "q"), tmp_path / "out", max_shard_size=300_000)
     partial = next(tmp_path.glob(".out.quantkit-partial-*"))

@@ -1,7 +1,8 @@
 """safetensors on disk: validated header parsing, chunked reads, and a size-bounded streaming writer.
 
 Headers are checked against the file size before anything is allocated. Reads map row ranges of
-the file (no copy), so memory follows a chunk, not a shard. The writer knows every
+the file (no copy), so memory follows a chunk, not a shard; a file truncated under a run is an error naming
+it, not a SIGBUS (see ShardReader). The writer knows every
 output tensor up front (from the plan), writes each shard's header first and the data as it is produced.
 """
 
@@ -12,6 +13,7 @@ import math
 import mmap
 import os
 import struct
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +24,12 @@ import numpy as np
 from quantkit.dtypes import STORAGE, itemsize
 from quantkit.errors import InternalError, QuantkitError
 from quantkit.io.outfile import OutputFile
+from quantkit.native import kernels
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+# Tensors one shard may list. The largest checkpoints published hold a few thousand per shard (~150k in all,
+# over many shards); a header of a million entries costs a minute and GBs of Python objects to parse.
+MAX_TENSORS = 200_000
 READAHEAD = 64 << 20  # source bytes asked of the disk beyond each read
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -65,6 +71,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raw = f.read(length)
     except OSError as e:
         raise QuantkitError(f"{path}: cannot read ({e.strerror})") from None
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:  # counted in the bytes, before parsing allocates for each
+        raise QuantkitError(f"{path}: header lists more than {MAX_TENSORS} tensors", "no real checkpoint shard holds so many")
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested absurdly deep
@@ -121,7 +129,15 @@ class ShardReader:
 
     A map costs no copy (the page cache's pages are mapped, copy-on-write) and is unmapped when the
     last array viewing it is dropped, so memory follows the chunks in use, not the shard.
+
+    A file that shrinks while it is read would end the process with SIGBUS at the first touch of a page
+    past its new end. Each read checks the size first; for a file truncated after that, while the data is
+    being used, the compiled guard (native/mapguard.c) reads zeros instead and counts the fault, and the
+    next read, or close(), stops the run with an error naming the file. Without the compiled extension
+    only the size checks remain.
     """
+
+    _paths: dict[int, Path] = {}  # guard owner id -> file, for naming the file that shrank
 
     def __init__(self, path: Path):
         self.path = path
@@ -129,6 +145,8 @@ class ShardReader:
             self._f: BinaryIO = open(path, "rb")
         except OSError as e:
             raise QuantkitError(f"{path}: cannot open ({e.strerror})") from None
+        self._faults = kernels.map_faults()[0] if kernels is not None else 0
+        ShardReader._paths[id(self)] = path
 
     def __enter__(self) -> ShardReader:
         return self
@@ -138,6 +156,18 @@ class ShardReader:
 
     def close(self) -> None:
         self._f.close()
+        try:
+            self._check_faults()
+        finally:
+            ShardReader._paths.pop(id(self), None)
+
+    def _check_faults(self) -> None:
+        if kernels is None:
+            return
+        count, owner = kernels.map_faults()
+        if count != self._faults:
+            raise QuantkitError(f"{ShardReader._paths.get(owner, self.path)}: truncated while being read",
+                                "the source changed under the run; nothing was written")
 
     def read(self, info: TensorInfo) -> np.ndarray:
         """The whole tensor as its stored bits (BF16 as uint16)."""
@@ -147,6 +177,7 @@ class ShardReader:
         """Rows [row_start, row_stop) of a tensor (the whole tensor for a scalar), as a writable array.
         The disk is asked for the range and the READAHEAD bytes after it now, without waiting, so a cold
         file streams while the caller computes (reads go front to back)."""
+        self._check_faults()
         row_shape = info.shape[1:]
         row_bytes = math.prod(row_shape) * itemsize(info.dtype)
         offset = info.start + row_start * row_bytes
@@ -161,6 +192,9 @@ class ShardReader:
                 os.posix_fadvise(self._f.fileno(), offset, count + READAHEAD, os.POSIX_FADV_WILLNEED)
             view = mmap.mmap(self._f.fileno(), skip + count, access=mmap.ACCESS_COPY, offset=offset - skip)
             buffer = np.frombuffer(view, np.uint8, count, skip)
+            if kernels is not None:
+                slot = kernels.guard_map(buffer.ctypes.data - skip, skip + count, id(self))
+                weakref.finalize(view, kernels.unguard_map, slot)
         array = buffer.view(STORAGE[info.dtype])
         if not info.shape:
             return array.reshape(())

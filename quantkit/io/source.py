@@ -110,7 +110,22 @@ def read_config(root: Path) -> dict:
     qc = config.get("quantization_config")
     if qc is not None and not isinstance(qc, dict):
         raise QuantkitError(f"{path}: quantization_config must be an object")
+    for key, (ok, expected) in _GENERAL_KEYS.items():
+        if config.get(key) is not None and not ok(config[key]):
+            raise QuantkitError(f"{path}: {key} = {str(config[key])[:60]} is not {expected}")
     return config
+
+
+# Keys every command may read, with the type transformers writes (null is allowed: "not set"); the numbers a
+# format needs are checked by that format (GGUF: methods/gguf/file.py's Hyper).
+_GENERAL_KEYS = {
+    "model_type": (lambda v: isinstance(v, str), "a string"),
+    "architectures": (lambda v: isinstance(v, str) or isinstance(v, list) and all(isinstance(a, str) for a in v),
+                      "a list of class names"),  # a bare string: one name
+    "tie_word_embeddings": (lambda v: isinstance(v, bool), "true or false"),
+    "dtype": (lambda v: isinstance(v, str), "a dtype name"),
+    "torch_dtype": (lambda v: isinstance(v, str), "a dtype name"),
+}
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:

@@ -7,6 +7,10 @@ SRC, one of its files (through a link too), lie inside it, or contain it. A run 
 (`.OUT.quantkit-lock`) while it writes, so a second run on the same OUT fails at once. Free space is
 checked against the plan before writing. Leftovers of killed runs are found here, for verify and for the
 next run.
+
+A live run holds an flock on its temporary folder or file; the kernel drops it when the process ends, however
+it ends. So a leftover is one nobody holds, whatever process its PID names now: it is adopted (--resume) or
+removed by the next run that finishes OUT, and a temporary output whose writer still runs is never touched.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, raise_if_interrupted
 from quantkit.io.outfile import file_digest
 from quantkit.io.safetensors import CheckpointWriter, OutputTensor
 from quantkit.io.source import Checkpoint
@@ -62,7 +66,7 @@ def output_lock(out: Path) -> Iterator[None]:
     path = lock_name(out)
     while True:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)  # OUT's parent is created, as for a folder OUT
+            _make_parent(path)  # OUT's parent is created (as for a folder OUT); a file there is one clear line
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise QuantkitError(f"{out}: cannot create its lock file {path.name} ({e.strerror})", "check permissions") from None
@@ -147,15 +151,45 @@ def check_free_space(out: Path, needed: int) -> None:
 MANIFEST = ".quantkit-manifest.json"  # in a partial folder: the run's fingerprint and its finished shards
 
 
-def _running(leftover: Path) -> bool:
-    """Whether the process whose pid ends a leftover's name still runs (then it is not a leftover yet)."""
+def hold(path: Path) -> int:
+    """Mark `path` (a temporary folder or file) as being written by this process: an flock the kernel
+    releases when the process ends. Returns the descriptor to close once the run is over."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.kill(int(leftover.name.rsplit("-", 1)[1]), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _running(leftover: Path) -> bool:
+    """Whether a live run still holds `leftover` (then it is not a leftover yet). The PID in its name is
+    no evidence: a killed run's PID may belong to an unrelated process by now."""
+    try:
+        os.close(hold(leftover))
+    except BlockingIOError:
         return True
-    return True
+    except OSError:  # gone meanwhile, or not ours to open: leave it alone
+        return True
+    return False
+
+
+def leftovers_beside(out: Path, keep: Path | None = None) -> list[Path]:
+    """Temporary files and folders of runs writing OUT that were killed (no live process holds them)."""
+    target = output_path(out)
+    found = target.parent.glob(f".{glob.escape(target.name)}.quantkit-*-*")
+    return [p for p in found if p != keep and LEFTOVER.search(p.name) and not _running(p)]
+
+
+def remove_leftovers(out: Path, keep: Path | None = None) -> None:
+    """Once OUT is finished, what killed runs left beside it goes (verify would flag it for good)."""
+    for leftover in leftovers_beside(out, keep):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
 
 def run_fingerprint(sources: list[Path], outputs: list[OutputTensor], settings: object) -> str:
@@ -186,16 +220,13 @@ class StagedOutput:
                     shutil.rmtree(self.tmp)
                 if not (resume and self._adopt_leftover()):
                     self.tmp.mkdir()
+                self._hold = hold(self.tmp)
             except OSError as e:
                 raise QuantkitError(f"{out}: cannot create the output folder ({e.strerror})", "check permissions") from None
             self._lock = held.pop_all()
 
-    def _leftovers(self) -> list[Path]:
-        found = self.out.parent.glob(f".{glob.escape(self.out.name)}.quantkit-*")
-        return [p for p in found if LEFTOVER.search(p.name) and p != self.tmp and not _running(p)]
-
     def _adopt_leftover(self) -> bool:
-        for old in sorted(self._leftovers(), key=lambda p: p.stat().st_mtime, reverse=True):
+        for old in sorted(leftovers_beside(self.out, self.tmp), key=lambda p: p.stat().st_mtime, reverse=True):
             try:
                 manifest = json.loads((old / MANIFEST).read_text(encoding="utf-8"))
                 shards = manifest["shards"] if manifest.get("fingerprint") == self.fingerprint else None
@@ -234,6 +265,7 @@ class StagedOutput:
                     self._writer.abort()  # an open shard would keep its blocks (a full disk stays full)
                 shutil.rmtree(self.tmp, ignore_errors=True)
         finally:
+            os.close(self._hold)
             self._lock.close()
 
     def writer(self, outputs: list[OutputTensor], max_shard_size: int) -> CheckpointWriter:
@@ -243,6 +275,7 @@ class StagedOutput:
         return self._writer
 
     def commit(self) -> None:
+        raise_if_interrupted()
         (self.tmp / MANIFEST).unlink(missing_ok=True)
         fd = os.open(self.tmp, os.O_RDONLY)
         try:
@@ -256,8 +289,48 @@ class StagedOutput:
         os.rename(self.tmp, self.out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        for leftover in self._leftovers():  # of runs killed before this one: OUT is finished now
-            shutil.rmtree(leftover, ignore_errors=True)
+        remove_leftovers(self.out)
+
+
+def _make_parent(out: Path) -> None:
+    """OUT's folder is created as needed; a parent that is a file or cannot be written is one clear line."""
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise QuantkitError(f"{out}: {parent} is not a folder", "choose an OUT inside a folder") from None
+
+
+class StagedFile:
+    """A single-file OUT (a .gguf) written as `.OUT.quantkit-partial-PID` beside it, held while it is written,
+    renamed over OUT by commit(), deleted on any failure."""
+
+    def __init__(self, out: Path):
+        self.out = output_path(out)
+        self.tmp = partial_name(out)
+        try:
+            _make_parent(out)
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            os.close(fd)
+            self._hold = hold(self.tmp)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self.tmp.unlink()
+            raise QuantkitError(f"{out}: cannot create the output file ({e.strerror})", "check permissions") from None
+
+    def __enter__(self) -> StagedFile:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            with contextlib.suppress(OSError):
+                self.tmp.unlink()
+        os.close(self._hold)
+
+    def commit(self) -> None:
+        raise_if_interrupted()
+        os.replace(self.tmp, self.out)
+        remove_leftovers(self.out)
 
 
 def os_error(e: OSError, out: Path) -> QuantkitError:

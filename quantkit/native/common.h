@@ -196,5 +196,9 @@ PyObject *py_dequantize_4bit(PyObject *self, PyObject *args);
 PyObject *py_q8_0(PyObject *self, PyObject *args);
 PyObject *py_gptq_rtn(PyObject *self, PyObject *args);
 PyObject *py_ct_fp8_channel(PyObject *self, PyObject *args);
+/* mapguard.c */
+PyObject *py_guard_map(PyObject *self, PyObject *args);
+PyObject *py_unguard_map(PyObject *self, PyObject *args);
+PyObject *py_map_faults(PyObject *self, PyObject *args);
 
 #endif

@@ -1,4 +1,5 @@
-/* quantkit.native._kernels: one extension holding every family's kernels (bnb.c, ct.c, gguf.c, gptq.c). */
+/* quantkit.native._kernels: one extension holding every family's kernels (bnb.c, ct.c, gguf.c, gptq.c) and the
+   SIGBUS guard of source maps (mapguard.c). */
 #include "common.h"
 
 static PyMethodDef methods[] = {
@@ -14,6 +15,10 @@ static PyMethodDef methods[] = {
     {"gptq_rtn", py_gptq_rtn, METH_VARARGS,
      "gptq_rtn(src, bf16, rows, cols, group_size, bits, sym, min_zero, out_features, col0, qweight, scales, zeros, "
      "problems, threads): round-to-nearest codes packed into qweight columns col0.., scales and zero points"},
+    {"guard_map", py_guard_map, METH_VARARGS,
+     "guard_map(start, length, owner): a SIGBUS in [start, start + length) reads zeros and is counted; returns a slot (-1: none free)"},
+    {"unguard_map", py_unguard_map, METH_VARARGS, "unguard_map(slot): the map is gone"},
+    {"map_faults", py_map_faults, METH_NOARGS, "map_faults() -> (faults so far, owner of the last one)"},
     {NULL, NULL, 0, NULL},
 };
 

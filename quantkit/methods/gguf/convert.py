@@ -106,9 +106,9 @@ def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], file_type: FileT
     if not isinstance(file_type, FileType):
         file_type = parse_file_type(file_type if isinstance(file_type, str) else file_type.name)
     arch = gf.architecture_of(config)
-    hyper = gf.Hyper.from_config(config)
+    hyper = gf.Hyper.from_config(config, len(shapes))
     table = gf.name_table(arch, hyper.n_layers)
-    missing, wrong = gf.shape_problems(config, shapes)
+    missing, wrong = gf.shape_problems(hyper.sizes(), shapes)
     if wrong:
         raise QuantkitError(f"config.json and the weights disagree: {first_of(wrong)}",
                             "llama.cpp would refuse such a GGUF")
@@ -207,7 +207,7 @@ def to_gguf(checkpoint: Checkpoint, out: Path, file_type: FileType | str | QType
     warnings: list[str] = []
     if plan.missing:
         warnings.append(f"llama.cpp will not load this GGUF: {first_of(plan.missing)}")
-    add_metadata = _metadata(checkpoint, plan, read_vocab(checkpoint.root, checkpoint.config, warnings))
+    add_metadata = _metadata(checkpoint, plan, read_vocab(checkpoint.root, checkpoint.config, plan.hyper.vocab, warnings))
 
     report = GGUFReport(Path(out), 0, len(plan.entries), plan.fallbacks, warnings)
 
@@ -383,7 +383,7 @@ def preview_gguf(request: ConvertRequest) -> Preview:
     plan = plan_gguf(checkpoint.config, {n: i.shape for n, i in checkpoint.tensors.items()}, file_type, imatrix)
     qtype = plan.qtype
     warnings: list[str] = [f"llama.cpp will not load this GGUF: {first_of(plan.missing)}"] if plan.missing else []
-    add_metadata = _metadata(checkpoint, plan, read_vocab(checkpoint.root, checkpoint.config, warnings))
+    add_metadata = _metadata(checkpoint, plan, read_vocab(checkpoint.root, checkpoint.config, plan.hyper.vocab, warnings))
     outputs = [e.out for e in plan.entries]
     tensors = []
     for e in plan.entries:

@@ -34,7 +34,7 @@ from gguf import (
 from quantkit.errors import InternalError, QuantkitError
 from quantkit.io.outfile import OutputFile
 from quantkit.io.source import architectures
-from quantkit.io.staged import check_clobber, output_lock, output_path, partial_name
+from quantkit.io.staged import StagedFile, check_clobber, output_lock
 
 QType = GGMLQuantizationType
 
@@ -122,13 +122,46 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- metadata
 
 
+UINT32_MAX = 2**32 - 1  # GGUF stores the model's sizes as uint32
+
+
+def config_int(config: dict, key: str, default: int | None = None, high: int = UINT32_MAX) -> int:
+    """A size from config.json: a whole number in 1..high (a missing key takes `default`, if any)."""
+    value = config.get(key)
+    if value is None and default is not None:
+        return default
+    if value is None:
+        raise QuantkitError(f"config.json: {key} is missing", "GGUF needs the model's sizes")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise QuantkitError(f"config.json: {key} = {str(value)[:40]} is not a whole number in 1..{high}")
+    return value
+
+
+def config_float(config: dict, key: str, default: float, where: dict | None = None) -> float:
+    """A constant from config.json (or from its sub-table `where`): a finite number above zero."""
+    value = (config if where is None else where).get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise QuantkitError(f"config.json: {key} = {str(value)[:40]} is not a finite number above zero")
+    return float(value)
+
+
+def _table(config: dict, key: str) -> dict:
+    value = config.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise QuantkitError(f"config.json: {key} = {str(value)[:40]} is not a table of settings")
+    return value or {}
+
+
 def _rope_theta(config: dict) -> float:
-    rope = config.get("rope_parameters") or {}
-    theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
-    kind = rope.get("rope_type", "default") if rope else (config.get("rope_scaling") or {}).get("type", "default")
+    rope = _table(config, "rope_parameters")
+    kind = rope.get("rope_type", "default") if rope else _table(config, "rope_scaling").get("type", "default")
     if kind not in ("default", None):
-        raise QuantkitError(f"config.json: rope scaling {kind!r} is not supported yet for GGUF output")
-    return float(theta)
+        raise QuantkitError(f"config.json: rope scaling {str(kind)[:40]!r} is not supported yet for GGUF output")
+    if "rope_theta" in config:
+        return config_float(config, "rope_theta", 10000.0)
+    return config_float(config, "rope_theta", 10000.0, where=rope)
 
 
 @dataclass(frozen=True)
@@ -147,17 +180,26 @@ class Hyper:
     head_dim: int
 
     @classmethod
-    def from_config(cls, config: dict) -> Hyper:
-        try:
-            n_head = int(config["num_attention_heads"])
-            hidden = int(config["hidden_size"])
-            return cls(int(config["num_hidden_layers"]), hidden, int(config["intermediate_size"]), n_head,
-                       int(config.get("num_key_value_heads") or n_head),
-                       int(config.get("max_position_embeddings", 2048)), _rope_theta(config),
-                       float(config.get("rms_norm_eps", 1e-6)), int(config["vocab_size"]),
-                       int(config.get("head_dim") or hidden // n_head))
-        except (KeyError, TypeError, ValueError) as e:
-            raise QuantkitError(f"config.json: missing or bad field {e}", "GGUF needs the model's sizes") from e
+    def from_config(cls, config: dict, n_tensors: int) -> Hyper:
+        """Every number GGUF output takes from config.json, checked: whole sizes within uint32, finite
+        positive constants, tables where tables belong, and no more layers than the checkpoint has
+        tensors (name tables and shape checks are built per layer). Each refusal names the key."""
+        n_layers = config_int(config, "num_hidden_layers")
+        if n_layers > n_tensors:
+            raise QuantkitError(f"config.json: num_hidden_layers = {n_layers}, but the checkpoint holds {n_tensors} tensors",
+                                "is the checkpoint what its config.json says?")
+        n_head, hidden = config_int(config, "num_attention_heads"), config_int(config, "hidden_size")
+        n_kv_head = config_int(config, "num_key_value_heads", n_head, high=n_head)
+        return cls(n_layers, hidden, config_int(config, "intermediate_size"), n_head, n_kv_head,
+                   config_int(config, "max_position_embeddings", 2048), _rope_theta(config),
+                   config_float(config, "rms_norm_eps", 1e-6), config_int(config, "vocab_size"),
+                   config_int(config, "head_dim", max(1, hidden // n_head)))
+
+    def sizes(self) -> dict[str, int]:
+        """The checked sizes under config.json's names, for expected_shapes."""
+        return {"hidden_size": self.hidden, "intermediate_size": self.ffn, "num_hidden_layers": self.n_layers,
+                "num_attention_heads": self.n_head, "num_key_value_heads": self.n_kv_head, "head_dim": self.head_dim,
+                "vocab_size": self.vocab}
 
 
 def write_hyper(writer: GGUFWriter, h: Hyper) -> None:
@@ -513,30 +555,29 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
 
 def _write_gguf(out: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
                 tensors: list[GGUFOutput], chunks: Iterable[tuple[GGUFOutput, Iterator[np.ndarray]]]) -> int:
-    tmp = partial_name(out)  # verify spots leftovers
     writer = _writer(arch, add_metadata, tensors)
-    try:
-        fp = _write_head(writer, tmp)
-        data = OutputFile(tmp, keep=fp.tell())  # tensor data goes out from a thread, bypassing the page cache
+    with StagedFile(out) as staged:  # verify spots the temporary file if this run is killed
         try:
-            for t, parts in chunks:
+            fp = _write_head(writer, staged.tmp)
+            data = OutputFile(staged.tmp, keep=fp.tell())  # tensor data goes out from a thread, bypassing the page cache
+            try:
+                for t, parts in chunks:
+                    data.write(bytes(-data.tell() % writer.data_alignment))
+                    start = data.tell()
+                    for part in parts:
+                        data.write(np.ascontiguousarray(part))
+                    if data.tell() - start != t.nbytes:
+                        raise InternalError(f"{t.name}: wrote {data.tell() - start} bytes, planned {t.nbytes}")
                 data.write(bytes(-data.tell() % writer.data_alignment))
-                start = data.tell()
-                for part in parts:
-                    data.write(np.ascontiguousarray(part))
-                if data.tell() - start != t.nbytes:
-                    raise InternalError(f"{t.name}: wrote {data.tell() - start} bytes, planned {t.nbytes}")
-            data.write(bytes(-data.tell() % writer.data_alignment))
-        except BaseException:
-            data.abort()
-            raise
-        total = data.close()
-        writer.close()
-        os.replace(tmp, output_path(out))
-        return total
-    except OSError as e:
-        raise QuantkitError(f"{out}: cannot write ({e.strerror})", "check free space and permissions") from e
-    finally:
-        with contextlib.suppress(OSError):  # on a full disk, closing flushes a tail that cannot fit either
+            except BaseException:
+                data.abort()
+                raise
+            total = data.close()
             writer.close()
-        tmp.unlink(missing_ok=True)
+            staged.commit()
+            return total
+        except OSError as e:
+            raise QuantkitError(f"{out}: cannot write ({e.strerror})", "check free space and permissions") from e
+        finally:
+            with contextlib.suppress(OSError):  # on a full disk, closing flushes a tail that cannot fit either
+                writer.close()

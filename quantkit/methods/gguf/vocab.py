@@ -90,7 +90,11 @@ def _bpe_vocab(tok: dict, where: Path, vocab_size: int, warnings: list[str]) -> 
     added = {t["content"]: t for t in tok.get("added_tokens") or []}
     for content, t in added.items():
         ids[content] = t["id"]
-    size = max(vocab_size, max(ids.values()) + 1)
+    size = max(vocab_size, len(ids))  # the token table: ids beyond it would leave holes no file can justify
+    for content, i in ids.items():
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < size:
+            raise QuantkitError(f"{where}: token {str(content)[:40]!r} has id {str(i)[:40]}, outside the vocabulary "
+                                f"of {size} (config.json vocab_size {vocab_size}, {len(ids)} tokens)")
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [int(TokenType.UNUSED)] * size
     for content, i in ids.items():
@@ -129,9 +133,9 @@ def _spm_vocab(path: Path, vocab_size: int) -> Vocab:
     return Vocab("llama", tokens, types, scores=scores, special_ids={k: v for k, v in specials.items() if v >= 0})
 
 
-def read_vocab(src: Path, config: dict, warnings: list[str]) -> Vocab | None:
-    """The tokenizer files beside a checkpoint as a GGUF vocab; None (and a warning) when there are none."""
-    vocab_size = int(config.get("vocab_size") or 0)
+def read_vocab(src: Path, config: dict, vocab_size: int, warnings: list[str]) -> Vocab | None:
+    """The tokenizer files beside a checkpoint as a GGUF vocab; None (and a warning) when there are none.
+    `vocab_size`: config.json's, checked (Hyper)."""
     tok_json = src / "tokenizer.json"
     tok = _load_json(tok_json) if tok_json.is_file() else None
     model_type = tok.get("model", {}).get("type") if isinstance(tok, dict) and isinstance(tok.get("model"), dict) else None
@@ -158,10 +162,14 @@ def _add_tokenizer_config(vocab: Vocab, src: Path, config: dict) -> None:
     index = {t: i for i, t in enumerate(vocab.tokens)}
     for kind in _SPECIALS:
         text = _token_text(tc.get(f"{kind}_token"))
+        token_id = config.get(f"{kind}_token_id")
         if text in index:
             vocab.special_ids[kind] = index[text]
-        elif isinstance(config.get(f"{kind}_token_id"), int):
-            vocab.special_ids.setdefault(kind, config[f"{kind}_token_id"])
+        elif isinstance(token_id, int) and not isinstance(token_id, bool) and token_id >= 0:  # -1: none (old LLaMA configs)
+            if token_id >= len(vocab.tokens):
+                raise QuantkitError(f"{src / 'config.json'}: {kind}_token_id = {token_id} is beyond the vocabulary "
+                                    f"of {len(vocab.tokens)} tokens")
+            vocab.special_ids.setdefault(kind, token_id)
     for kind in ("bos", "eos"):
         if isinstance(tc.get(f"add_{kind}_token"), bool):
             setattr(vocab, f"add_{kind}", tc[f"add_{kind}_token"])
