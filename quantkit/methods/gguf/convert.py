@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
-from quantkit.api import ConvertRequest, Result, first_of
+from quantkit.api import ConvertRequest, DenseWeights, Result, first_of
 from quantkit.dtypes import BY_NAME, from_float32
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor, ShardReader, TensorInfo, iter_row_chunks
@@ -27,6 +27,7 @@ from quantkit.methods.gguf import file as gf
 from quantkit.methods.gguf import types as gguf_types
 from quantkit.methods.gguf.types import FILE_TYPE, GGUF_TYPES, TYPES, fits, parse_type
 from quantkit.methods.gguf.vocab import read_vocab, write_hf_tokenizer
+from quantkit.modules import shape_problems
 from quantkit.numerics import COPY_CHUNK
 
 QType = GGMLQuantizationType
@@ -74,7 +75,7 @@ def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], qtype: QType) ->
     arch = gf.architecture_of(config)
     hyper = gf.Hyper.from_config(config)
     table = gf.name_table(arch, hyper.n_layers)
-    missing, wrong = gf.shape_problems(config, shapes)
+    missing, wrong = shape_problems(config, shapes)
     if wrong:
         raise QuantkitError(f"config.json and the weights disagree: {first_of(wrong)}",
                             "llama.cpp would refuse such a GGUF")
@@ -177,10 +178,30 @@ class FromGGUF:
         for start in range(0, n_rows, step):
             yield dequantize_rows(self.file, t, start, start + step)
 
+    def tensor(self, hf_name: str) -> np.ndarray:
+        """One whole tensor, float32, in HF order."""
+        return np.concatenate([c.reshape(-1) for c in self.chunks(hf_name)]).reshape(self.names[hf_name].shape)
+
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(HF name, whole float32 tensor) one at a time."""
-        for hf_name, t in self.names.items():
-            yield hf_name, np.concatenate([c.reshape(-1) for c in self.chunks(hf_name)]).reshape(t.shape)
+        for hf_name in self.names:
+            yield hf_name, self.tensor(hf_name)
+
+    def weights(self) -> DenseWeights:
+        """The tensors as verify --logits reads them; rows of any matrix whose rows stay in place."""
+        arch = gf.BY_GGUF_ARCH[self.file.metadata["general.architecture"]]
+        heads = (self.config["num_attention_heads"], self.config["num_key_value_heads"])
+        by_rows = frozenset(n for n, t in self.names.items() if len(t.shape) == 2 and not gf.permuted_heads(arch, n, *heads))
+
+        def read_rows(hf_name: str, start: int, stop: int) -> np.ndarray:
+            t = self.names[hf_name]
+            return dequantize_rows(self.file, t, start, stop).reshape(stop - start, t.shape[-1])
+
+        def tokenizer(scratch: Path) -> Path:
+            write_hf_tokenizer(self.file.metadata, scratch, self.warnings)
+            return scratch
+
+        return DenseWeights(self.config, {n: t.shape for n, t in self.names.items()}, self.tensor, read_rows, by_rows, tokenizer)
 
 
 def dequantize_rows(file: gf.GGUFFile, t: gf.GGUFTensor, start: int = 0, stop: int | None = None) -> np.ndarray:
