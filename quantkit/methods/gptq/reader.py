@@ -137,7 +137,7 @@ class GptqReader:
             if found and found != config.version:
                 problems.append(
                     f"'{module}': zero points are stored as GPTQ {found} but config.json declares "
-                    f"checkpoint_format {CHECKPOINT_FORMATS[config.version]!r} ({config.version})"
+                    f"checkpoint_format {CHECKPOINT_FORMATS[config.version]!r} ({config.version}); verify --fix declares what the data holds"
                 )
         return problems
 
