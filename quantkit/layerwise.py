@@ -100,19 +100,19 @@ class KeyMap:
                     self.sources.setdefault(key, set()).add(t)
 
 
-def shape_problems(config: dict, shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Each checkpoint tensor whose shape is not the one the architecture gives its parameter, and each
-    parameter no tensor fills (tied ones excepted)."""
+def shape_problems(config: dict, shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str]]:
+    """(each checkpoint tensor whose shape is not the one the architecture gives its parameter, each
+    parameter no tensor fills, tied ones excepted)."""
     causal = any(a.endswith(CAUSAL_SUFFIXES) for a in config.get("architectures") or [])
     model = meta_model(config, causal)
     keys = KeyMap(model, list(shapes))
     params = dict(model.named_parameters(remove_duplicate=False))
-    problems = [f"'{name}' has shape {tuple(shape)}, the architecture implies {tuple(params[target].shape)}"
-                for name, shape in shapes.items() if name not in keys.converted
-                for target in keys.sources.get(name, ()) if target in params and tuple(params[target].shape) != tuple(shape)]
+    wrong = [f"'{name}' has shape {tuple(shape)}, the architecture implies {tuple(params[target].shape)}"
+             for name, shape in shapes.items() if name not in keys.converted
+             for target in keys.sources.get(name, ()) if target in params and tuple(params[target].shape) != tuple(shape)]
     aliases = _aliases(model)
     missing = [n for n in params if n not in keys.targets and not any(a in keys.targets for a in aliases.get(n, ()))]
-    return problems + [f"'{n}' is missing (the architecture has it)" for n in missing]
+    return wrong, missing
 
 
 def _aliases(model: nn.Module) -> dict[str, set[str]]:

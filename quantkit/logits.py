@@ -74,16 +74,21 @@ def require_transformers() -> None:
 
 
 class _Collect:
-    """A sink keeping what a dequantizer writes (float32 rows) for one module."""
+    """A sink filling one dense tensor with what a dequantizer writes (float32 rows, in order)."""
 
-    def __init__(self):
-        self.chunks: dict[str, list[np.ndarray]] = {}
+    def __init__(self, name: str, shape: tuple[int, ...]):
+        self.name, self.values, self.filled = name, np.empty(shape, np.float32), 0
 
     def write(self, name: str, chunk) -> None:
-        self.chunks.setdefault(name, []).append(np.frombuffer(chunk, np.float32) if isinstance(chunk, bytes) else chunk.reshape(-1))
+        if name != self.name:
+            return
+        flat = np.frombuffer(chunk, np.float32) if isinstance(chunk, bytes) else chunk.reshape(-1).view(np.float32)
+        self.values.reshape(-1)[self.filled : self.filled + flat.size] = flat
+        self.filled += flat.size
 
     def done(self, name: str) -> None:
-        pass
+        if name == self.name and self.filled != self.values.size:
+            raise QuantkitError(f"'{name}': the reader gave {self.filled} values for shape {list(self.values.shape)}")
 
 
 def folder_weights(checkpoint: Checkpoint) -> DenseWeights:
@@ -104,10 +109,10 @@ def folder_weights(checkpoint: Checkpoint) -> DenseWeights:
     def read(name: str) -> np.ndarray:
         if name in dense:
             module, shape = dense[name]
-            sink = _Collect()
+            sink = _Collect(name, shape)
             with ShardReader(checkpoint.tensors[modules[module][0]].file) as reader:
                 dequantizer.dequantize(checkpoint, module, modules[module], TensorReads(checkpoint, reader), "F32", sink)
-            return np.concatenate(sink.chunks[name]).view(np.float32).reshape(shape)
+            return sink.values
         return read_rows(name, 0, plain[name].shape[0] if plain[name].shape else 1)
 
     def read_rows(name: str, start: int, stop: int) -> np.ndarray:

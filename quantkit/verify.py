@@ -100,7 +100,8 @@ def check_size(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[s
 
 def check_shapes(checkpoint: Checkpoint) -> Check:
     """Every tensor (quantized ones by their dense shape) has the shape the architecture in config.json
-    gives it: transformers' meta skeleton when it is installed, else the llama family's known names."""
+    gives it: transformers' meta skeleton when it is installed, else the llama family's known names.
+    Parameters the checkpoint lacks are noted, not failed (loaders initialize them, and partial files exist)."""
     try:
         shapes = logits.folder_weights(checkpoint).shapes
     except QuantkitError as e:
@@ -109,18 +110,21 @@ def check_shapes(checkpoint: Checkpoint) -> Check:
         from quantkit import layerwise  # imports torch and transformers (seconds)
 
         try:
-            problems = layerwise.shape_problems(checkpoint.config, shapes)
+            wrong, missing = layerwise.shape_problems(checkpoint.config, shapes)
         except (QuantkitError, ValueError, TypeError, KeyError, AttributeError) as e:
             return Check("shapes", True, f"not checked: transformers cannot build {checkpoint.architecture} ({e})")
-        return Check("shapes", not problems, first_of(problems, f"{len(shapes)} tensors as {checkpoint.architecture} needs them"))
-    if checkpoint.config.get("model_type") not in LLAMA_FAMILY:
+        source = f"as {checkpoint.architecture} needs them"
+    elif checkpoint.config.get("model_type") not in LLAMA_FAMILY:
         return Check("shapes", True, f"not checked: {checkpoint.architecture} needs transformers ({logits.INSTALL})")
-    try:
-        missing, wrong = shape_problems(checkpoint.config, shapes)
-    except (KeyError, TypeError, ZeroDivisionError) as e:
-        return Check("shapes", False, f"config.json lacks or garbles a size field ({e})")
-    problems = wrong + missing
-    return Check("shapes", not problems, first_of(problems, f"{len(shapes)} tensors as config.json's sizes imply"))
+    else:
+        try:
+            missing, wrong = shape_problems(checkpoint.config, shapes)
+        except (KeyError, TypeError, ZeroDivisionError) as e:
+            return Check("shapes", False, f"config.json lacks or garbles a size field ({e})")
+        missing = [m.removesuffix(" is missing") for m in missing]
+        source = "as config.json's sizes imply"
+    note = f"; {len(missing)} parameter(s) not in the checkpoint (loaders initialize them), e.g. {missing[0]}" if missing else ""
+    return Check("shapes", not wrong, first_of(wrong, f"{len(shapes)} tensors {source}") + note)
 
 
 def tokenizer_ids(root: Path) -> int | None:

@@ -2,7 +2,8 @@
 
 A random bf16 Llama of ~1 GB (4 shards) is generated once and cached outside the repo. Each job runs
 as its own process under /usr/bin/time -v, so wall time and peak RSS include start-up:
-  quantkit quantize nf4 / int8 / gptq, dequantize, convert --to gguf Q8_0;
+  quantkit quantize nf4 / int8 / gptq, dequantize, convert --to gguf Q8_0, verify --logits --tokens 256
+  (the nf4 output against the source: both forward passes, every check verify runs);
   anchors: transformers + bitsandbytes load-quantize-save (nf4, int8), bitsandbytes dequantize_4bit
   of every weight, gguf-py's own Q8_0 quantizer.
 The nf4 and int8 outputs are compared tensor for tensor with the anchors' (identical bytes or it fails).
@@ -79,6 +80,7 @@ def make_checkpoint(size_gb: float) -> Path:
     layers = max(1, round((size_gb * 1e9 / 2 - 2 * vocab * hidden) / per_layer))
     folder = CACHE / f"llama-bf16-{layers}L"
     if (folder / "config.json").exists():
+        write_tokenizer(folder)  # checkpoints cached before verify --logits was benched have none
         return folder
     sys.path.insert(0, str(ROOT))
     from quantkit.dtypes import bf16_bits
@@ -108,9 +110,27 @@ def make_checkpoint(size_gb: float) -> Path:
         "dtype": "bfloat16", "hidden_act": "silu",
     }  # fmt: skip
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(tmp)
     CACHE.mkdir(parents=True, exist_ok=True)
     os.rename(tmp, folder)
     return folder
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer.json trained on quantkit's built-in text (ids well below the vocab), so
+    that verify --logits can tokenize with the checkpoint's own tokenizer."""
+    if (folder / "tokenizer.json").exists():
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    sys.path.insert(0, str(ROOT))
+    from quantkit.logits import BUILTIN_TEXT
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator([BUILTIN_TEXT], trainers.BpeTrainer(vocab_size=1000, show_progress=False,
+                                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(str(folder / "tokenizer.json"))
 
 
 def timed(label: str, argv: list[str], output: Path, input_bytes: int, repeat: int) -> dict:
@@ -179,6 +199,8 @@ def main() -> None:
             ("quantkit gptq 4-bit", [*qk, "quantize", str(src), str(work / "qk-gptq"), "--method", "gptq", "--bits", "4"], work / "qk-gptq", size),
             ("quantkit dequantize nf4", [*qk, "dequantize", str(work / "qk-nf4"), str(work / "qk-dense")], work / "qk-dense", size),
             ("quantkit gguf Q8_0", [*qk, "convert", str(src), str(work / "qk.gguf"), "--to", "gguf", "--gguf-type", "Q8_0"], work / "qk.gguf", size),
+            ("quantkit verify --logits nf4", [*qk, "verify", str(work / "qk-nf4"), "--reference", str(src), "--logits", "--tokens", "256",
+                                              "--json"], work / "no-output", 2 * size),
         ]
         if args.only == "all":
             jobs += [

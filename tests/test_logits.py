@@ -200,10 +200,24 @@ def test_shape_check_catches_a_norm_missing_one_element(with_transformers, sourc
     assert list(problems) == ["shapes"] and "model.norm.weight" in problems["shapes"] and "(127,)" in problems["shapes"]
 
 
-def test_shape_check_catches_a_missing_tensor_and_quantized_shapes(source, quantized, tmp_path, cli):
+@pytest.mark.parametrize("with_transformers", [True, False])
+def test_shape_check_notes_a_missing_tensor(with_transformers, source, tmp_path, cli, monkeypatch):
     copy = rewritten(source, tmp_path, lambda t: t.pop("model.layers.1.post_attention_layernorm.weight"))
-    assert "post_attention_layernorm" in failed(cli, copy)["shapes"]
-    assert failed(cli, quantized["nf4"]) == {}  # packed 4-bit weights are checked by their dense shapes
+    if not with_transformers:
+        monkeypatch.setattr(logits, "transformers_available", lambda: False)
+    code, out, _ = cli("verify", copy, "--json")
+    check = next(c for c in json.loads(out)["checks"] if c["name"] == "shapes")
+    assert code == 0 and check["ok"] and "1 parameter(s) not in the checkpoint" in check["detail"]
+    assert "model.layers.1.post_attention_layernorm.weight" in check["detail"]
+
+
+def test_shape_check_quantized_by_dense_shapes(quantized, tmp_path, cli):
+    assert failed(cli, quantized["nf4"]) == {}
+    copy = tmp_path / "nf4"
+    shutil.copytree(quantized["nf4"], copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "intermediate_size": 384}))
+    assert "mlp" in failed(cli, copy)["shapes"]
 
 
 def test_shape_check_moe_and_tied(models, mixtral, cli):
