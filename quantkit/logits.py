@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import math
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import ShardReader
 from quantkit.io.source import Checkpoint, open_checkpoint
 from quantkit.io.stream import TensorReads
+from quantkit.numerics import CHUNK_ELEMENTS
 from quantkit.plan import dequantizer_for
 
 INSTALL = "pip install 'quantkit[logits]'  (transformers >= 5 and torch)"
@@ -116,9 +118,19 @@ def folder_weights(checkpoint: Checkpoint) -> DenseWeights:
         return read_rows(name, 0, plain[name].shape[0] if plain[name].shape else 1)
 
     def read_rows(name: str, start: int, stop: int) -> np.ndarray:
+        """float32 rows, converted a chunk at a time into the result (a bf16 matrix widened whole would
+        take three times its float32 size at once)."""
         info = plain[name]
+        if not info.shape:
+            with ShardReader(info.file) as reader:
+                return dtypes.to_float32(reader.read(info), info.dtype)
+        values = np.empty((stop - start, *info.shape[1:]), np.float32)
+        step = max(1, CHUNK_ELEMENTS // max(1, math.prod(info.shape[1:])))
         with ShardReader(info.file) as reader:
-            return dtypes.to_float32(reader.read_rows(info, start, stop), info.dtype)
+            for first in range(start, stop, step):
+                last = min(stop, first + step)
+                values[first - start : last - start] = dtypes.to_float32(reader.read_rows(info, first, last), info.dtype)
+        return values
 
     rows = frozenset(n for n, info in plain.items() if info.dtype in dtypes.FLOATS and len(info.shape) == 2)
     return DenseWeights(checkpoint.config, shapes, read, read_rows, rows, lambda scratch: checkpoint.root)

@@ -255,7 +255,9 @@ def verify(path: Path, reference: str | None = None, max_error: float | None = N
     if logit_tokens is not None and reference is None:
         raise QuantkitError("--logits compares with a reference: add --reference SRC")
     report = _verify(path, reference, max_error, fix)
-    if logit_tokens is not None and report.ok:
+    if logit_tokens is not None and not report.ok:
+        report.checks.append(Check("logits", False, "not run: the checks above failed"))
+    elif logit_tokens is not None:
         check, report.logits = logits.compare(path, resolve(reference), logit_text, logit_tokens, max_kl)
         report.checks.append(check)
     return report

@@ -157,6 +157,13 @@ def test_logits_usage_errors(source, cli, monkeypatch):
     assert code == 2 and "pip install 'quantkit[logits]'" in err and len(err.strip().splitlines()) == 1
 
 
+def test_logits_not_run_on_a_failing_checkpoint(source, tmp_path, cli):
+    copy = rewritten(source, tmp_path, drop_last_norm_element)
+    code, report = verify_logits(cli, copy, source)
+    assert code == 1 and "logits" not in report
+    assert {c["name"]: c["detail"] for c in report["checks"] if not c["ok"]}["logits"] == "not run: the checks above failed"
+
+
 def test_logits_without_tokenizer_is_one_line(models, cli):
     code, _, err = cli("verify", models["llama"], "--reference", models["llama"], "--logits")
     assert code == 2 and "no tokenizer files" in err and "Traceback" not in err
