@@ -111,7 +111,8 @@ class Dequantizer(Protocol):
     `options` the options that would write this checkpoint (verify compares sizes with its layout), None
     where quantkit does not write this layout;
     `error_bound` the relative weight error above which verify fails a layer of `scheme`; `describe` the
-    method and its salient settings from a `quantization_config`, for inspect.
+    method and its salient settings from a `quantization_config`, for inspect; `fix` (verify --fix) repairs
+    in place what `check` finds that metadata alone can repair, and returns what it changed.
 
     Optional: `integers(checkpoint, module, names, read) -> IntegerBlocks | None`, the module's values as
     signed integers times per-block float16 factors when they are exactly that (lossless transcoding).
@@ -137,6 +138,23 @@ class Dequantizer(Protocol):
     def error_bound(self, scheme: str) -> float: ...
 
     def describe(self, config: dict) -> dict: ...
+
+    def fix(self, checkpoint: Checkpoint, modules: dict[str, list[str]]) -> list[str]: ...
+
+
+@dataclass
+class DenseWeights:
+    """A checkpoint's tensors as a model would load them: HF names, dense shapes, float32 values read one
+    tensor at a time (quantized ones dequantized). `read_rows(name, start, stop)` reads rows of a 2-D
+    tensor without the rest, for the names in `row_readable`; `tokenizer(scratch)` is the folder holding
+    its tokenizer files (a folder's own; a single file writes them into `scratch`)."""
+
+    config: dict
+    shapes: dict[str, tuple[int, ...]]
+    read: Callable[[str], np.ndarray]
+    read_rows: Callable[[str, int, int], np.ndarray]
+    row_readable: frozenset[str]
+    tokenizer: Callable[[Path], Path]
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -175,18 +193,22 @@ class Layer:
 
 @dataclass
 class Report:
-    """What verify found: named checks, and with a reference one row per layer."""
+    """What verify found: named checks, with a reference one row per layer, with --logits the logit figures."""
 
     path: str
     checks: list[Check] = field(default_factory=list)
     layers: list[Layer] = field(default_factory=list)
+    logits: dict | None = None  # verify --logits: KL divergence, top-1 agreement, perplexities
+    fixed: list[str] = field(default_factory=list)  # verify --fix: what was rewritten
 
     @property
     def ok(self) -> bool:
         return all(c.ok for c in self.checks) and all(layer.ok for layer in self.layers)
 
     def as_dict(self) -> dict:
-        return {"ok": self.ok, "path": self.path, "checks": [asdict(c) for c in self.checks], "layers": [asdict(x) for x in self.layers]}
+        found = {"ok": self.ok, "path": self.path, "checks": [asdict(c) for c in self.checks], "layers": [asdict(x) for x in self.layers]}
+        found |= {"fixed": self.fixed} if self.fixed else {}
+        return found if self.logits is None else {**found, "logits": self.logits}
 
 
 def read_floats(checkpoint: Checkpoint, read: Callable[[str], np.ndarray], name: str) -> np.ndarray:
@@ -221,8 +243,9 @@ class FileFormat(Protocol):
     """A source that is not a safetensors folder, recognised by its path (a .gguf file, PyTorch .bin).
 
     `to_dense` writes it as a dense safetensors checkpoint; `verify` returns None where the format has no
-    checks of its own (the folder checks then report it). Optional: `source(path) -> TensorSource`, the file
-    as dense tensors for quantize and convert."""
+    checks of its own (the folder checks then report it); `weights` gives its tensors with their HF names
+    as float32, one at a time (verify --logits). Optional: `source(path) -> TensorSource`, the file as dense
+    tensors for quantize and convert."""
 
     name: str
 
@@ -234,6 +257,8 @@ class FileFormat(Protocol):
 
     def to_dense(self, src: str, path: Path, out: Path, dtype: str | None, force: bool, max_shard_size: int,
                  progress: Progress) -> Result: ...
+
+    def weights(self, path: Path) -> DenseWeights: ...
 
 
 @dataclass(frozen=True)

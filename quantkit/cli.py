@@ -365,15 +365,26 @@ def verify(
     max_error: Annotated[Optional[float], typer.Option("--max-error", help="Largest relative weight error per layer. \\[default: per scheme]")] = None,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write a JUnit XML report here.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every layer, not only the worst and the failures.")] = False,
+    logits: Annotated[bool, typer.Option("--logits", help="Run both checkpoints on a text and compare next-token distributions (needs --reference; pip install 'quantkit[logits]').")] = False,
+    text: Annotated[Optional[Path], typer.Option("--text", help="--logits: a UTF-8 text file to run (default: a built-in English text).")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", min=2, help="--logits: how many tokens of the text to run.")] = 256,
+    max_kl: Annotated[Optional[float], typer.Option("--max-kl", help="--logits: fail when the mean KL divergence (nats) is above this.")] = None,
+    fix: Annotated[bool, typer.Option("--fix", help="Repair in place what metadata alone can repair (a GPTQ checkpoint_format that contradicts its zero points), and say what changed.")] = False,
     json_out: JsonFlag = False,
 ) -> None:
-    """Check a checkpoint: structure, quantization companions, values, size, and layers against a reference.
-    Exit 0 when all pass, 1 when a problem is found."""
+    """Check a checkpoint: structure, shapes, tokenizer, quantization companions, values, size, layers against
+    a reference and (--logits) what the model now predicts. Exit 0 when all pass, 1 when a problem is found."""
     import quantkit.commands as qk
 
     with user_errors():
+        if (text or max_kl is not None) and not logits:
+            raise QuantkitError("--text and --max-kl apply to --logits")
+        logit_text = read_text(text) if text else None
         with progress_bar(not json_out, "verify") as progress:
-            report = qk.verify(path, reference, max_error, progress=progress)
+            report = qk.verify(path, reference, max_error, progress=progress, fix=fix, logit_text=logit_text,
+                               logit_tokens=tokens if logits else None, max_kl=max_kl)
+        for line in report.fixed:
+            err(f"fixed {path}: {line}")
         if junit:
             from quantkit.verification import write_junit
 
@@ -385,6 +396,15 @@ def verify(
 
             print_report(report, verbose)
     raise typer.Exit(0 if report.ok else 1)
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise QuantkitError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise QuantkitError(f"{path}: not UTF-8 text") from None
 
 
 @app.command()

@@ -99,12 +99,17 @@ def convert(src: str | Path, out: str | Path, to: str, *, gguf_type: str = "F16"
 
 
 def verify(path: str | Path, reference: str | Path | None = None, max_error: float | None = None,
-           progress: Progress = no_progress) -> api.Report:
-    """Check a checkpoint folder or .gguf file: structure, quantization companions, values, sizes, and with
-    `reference` (the dense source) every layer's relative error against its bound. `report.ok` is the verdict."""
+           progress: Progress = no_progress, *, fix: bool = False, logit_text: str | None = None,
+           logit_tokens: int | None = None, max_kl: float | None = None) -> api.Report:
+    """Check a checkpoint folder or .gguf file: structure, shapes, tokenizer, quantization companions, values,
+    sizes, and with `reference` (the dense source) every layer's relative error against its bound; with
+    `logit_tokens` also the KL divergence of next-token distributions over a text (`logit_text`, default a
+    built-in one), `max_kl` failing it above that mean. `fix` repairs what metadata alone can. `report.ok` is
+    the verdict."""
     from quantkit import verification
 
-    return verification.verify(Path(path), None if reference is None else str(reference), max_error, progress)
+    return verification.verify(Path(path), None if reference is None else str(reference), max_error, progress, fix=fix,
+                               logit_text=logit_text, logit_tokens=logit_tokens, max_kl=max_kl)
 
 
 def inspect(src: str | Path, method: str | None = None, *, gguf_type: str | None = None, revision: str | None = None,

@@ -93,6 +93,15 @@ def print_report(report, verbose: bool = False, worst: int = 5) -> None:
             layers.add_row(x.name, x.scheme, f"{x.rel_error:.5f}", f"{x.max_error:g}", f"{x.snr_db:.1f}",
                            "pass" if x.ok else "[red]FAIL[/red]")
         console.print(layers)
+    if report.logits:
+        kl = report.logits["kl"]
+        figures = Table(title=f"logits vs {report.logits['reference']} ({report.logits['tokens']} tokens)", title_justify="left")
+        for column in ("KL mean", "KL median", "KL p99", "KL max", "top-1 agreement", "perplexity ref.", "perplexity"):
+            figures.add_column(column, justify="right")
+        ppl = report.logits["perplexity"]
+        figures.add_row(*(f"{kl[k]:.4g}" for k in ("mean", "median", "p99", "max")), f"{report.logits['top1_agreement']:.1%}",
+                        f"{ppl['reference']:.4g}", f"{ppl['checkpoint']:.4g}")
+        console.print(figures)
     console.print("[bold green]OK[/bold green]" if report.ok else "[bold red]PROBLEMS FOUND[/bold red]")
 
 

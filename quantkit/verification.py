@@ -6,23 +6,27 @@ missing companion, a NaN, a layer that does not match its reference.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 from pathlib import Path
 from xml.etree import ElementTree
 
 import numpy as np
 
-from quantkit import api, dtypes, methods
+from quantkit import api, dtypes, logits, methods
 from quantkit.api import Check, Dequantizer, Layer, Report, check_leftovers, first_of
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import ShardReader, iter_row_chunks
 from quantkit.io.source import Checkpoint, open_checkpoint, read_config, resolve
 from quantkit.io.stream import Progress, TensorReads, no_progress
-from quantkit.modules import is_conv1d
+from quantkit.modules import is_conv1d, shape_problems
 from quantkit.numerics import error_figures
 from quantkit.plan import dequantizer_for, quantizer_for
 
 SCALE_SUFFIXES = (".absmax", ".nested_absmax", ".SCB", ".scales")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")  # the families whose shapes quantkit knows without transformers
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def check_structure(path: Path) -> tuple[Check, Check, Checkpoint | None]:
@@ -116,6 +120,110 @@ def check_size(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: dict[s
     return Check("size", not problems, first_of(problems, detail))
 
 
+def check_shapes(checkpoint: Checkpoint) -> Check:
+    """Every tensor (quantized ones by their dense shape) has the shape the architecture in config.json
+    gives it: transformers' meta skeleton when it is installed, else the llama family's known names.
+    Parameters the checkpoint lacks are noted, not failed (loaders initialize them, and partial files exist)."""
+    try:
+        shapes = logits.folder_weights(checkpoint).shapes
+    except QuantkitError as e:
+        return Check("shapes", True, f"not checked: {e.message}")
+    if logits.transformers_available():
+        from quantkit import layerwise  # imports torch and transformers (seconds)
+
+        try:
+            wrong, missing = layerwise.shape_problems(checkpoint.config, shapes)
+        except (QuantkitError, ValueError, TypeError, KeyError, AttributeError) as e:
+            return Check("shapes", True, f"not checked: transformers cannot build {checkpoint.architecture} ({e})")
+        source = f"as {checkpoint.architecture} needs them"
+    elif checkpoint.config.get("model_type") not in LLAMA_FAMILY:
+        return Check("shapes", True, f"not checked: {checkpoint.architecture} needs transformers ({logits.INSTALL})")
+    else:
+        try:
+            missing, wrong = shape_problems(checkpoint.config, shapes)
+        except (KeyError, TypeError, ZeroDivisionError) as e:
+            return Check("shapes", False, f"config.json lacks or garbles a size field ({e})")
+        missing = [m.removesuffix(" is missing") for m in missing]
+        source = "as config.json's sizes imply"
+    note = f"; {len(missing)} parameter(s) not in the checkpoint (loaders initialize them), e.g. {missing[0]}" if missing else ""
+    return Check("shapes", not wrong, first_of(wrong, f"{len(shapes)} tensors {source}") + note)
+
+
+def tokenizer_ids(root: Path) -> int | None:
+    """How many token ids the tokenizer files define (highest id + 1); None when that cannot be read."""
+    path = root / "tokenizer.json"
+    if path.is_file():
+        tokenizer = json.loads(path.read_text(encoding="utf-8"))
+        vocab = (tokenizer.get("model") or {}).get("vocab") or {}
+        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+        ids += [t["id"] for t in tokenizer.get("added_tokens") or []]
+        return max(ids) + 1 if ids else 0
+    if (root / "vocab.txt").is_file():
+        return len((root / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    if (root / "vocab.json").is_file():
+        ids = list(json.loads((root / "vocab.json").read_text(encoding="utf-8")).values())
+        if (root / "added_tokens.json").is_file():
+            ids += list(json.loads((root / "added_tokens.json").read_text(encoding="utf-8")).values())
+        return max(ids) + 1 if ids else 0
+    if (root / "tokenizer.model").is_file() and importlib.util.find_spec("sentencepiece"):
+        import sentencepiece
+
+        return sentencepiece.SentencePieceProcessor(model_file=str(root / "tokenizer.model")).get_piece_size()
+    return None
+
+
+def chat_templates(root: Path) -> dict[str, str]:
+    """Chat templates by where they come from: tokenizer_config.json (a string or named list), *.jinja files."""
+    found = {}
+    config_path = root / "tokenizer_config.json"
+    if config_path.is_file():
+        template = json.loads(config_path.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(template, str):
+            found["tokenizer_config.json"] = template
+        elif isinstance(template, list):
+            found |= {f"tokenizer_config.json ({t.get('name')})": t.get("template", "") for t in template if isinstance(t, dict)}
+    for path in sorted(root.glob("chat_template*.jinja")):
+        found[path.name] = path.read_text(encoding="utf-8")
+    return found
+
+
+def check_tokenizer(checkpoint: Checkpoint) -> Check:
+    """Tokenizer files agree with config.json: ids within vocab_size, special token ids defined, chat
+    templates parse as Jinja. A folder without tokenizer files passes with a note."""
+    root, config = checkpoint.root, checkpoint.config
+    if not any((root / name).is_file() for name in logits.TOKENIZER_FILES):
+        return Check("tokenizer", True, "no tokenizer files in the folder (loaders will need them from elsewhere)")
+    try:
+        ids, templates = tokenizer_ids(root), chat_templates(root)
+    except (ValueError, UnicodeDecodeError, RecursionError, AttributeError, TypeError, KeyError, OSError) as e:
+        return Check("tokenizer", False, f"tokenizer files unreadable ({type(e).__name__}: {e})")
+    problems, notes = [], []
+    vocab_size = config.get("vocab_size")
+    if ids is not None and isinstance(vocab_size, int) and ids > vocab_size:
+        problems.append(f"the tokenizer defines ids up to {ids - 1}, config.json's vocab_size is {vocab_size}")
+    for key in SPECIAL_IDS:
+        value = config.get(key)
+        for token in value if isinstance(value, list) else [value]:
+            if token is None:
+                continue
+            limit = ids if ids is not None else vocab_size
+            if not isinstance(token, int) or token < 0 or (isinstance(limit, int) and token >= limit):
+                problems.append(f"config.json's {key} {token} is not a token id of the tokenizer ({limit} ids)")
+    if templates and importlib.util.find_spec("jinja2") is None:
+        notes.append("chat template not parsed (jinja2 is not installed)")
+    elif templates:
+        import jinja2
+
+        for where, template in templates.items():
+            try:
+                jinja2.Environment().parse(template)
+            except jinja2.TemplateSyntaxError as e:
+                problems.append(f"the chat template in {where} does not parse as Jinja (line {e.lineno}: {e.message})")
+    detail = f"{ids if ids is not None else 'unknown number of'} token ids within vocab_size, special token ids defined"
+    detail += f", {len(templates)} chat template(s) parse" if templates and not notes else ""
+    return Check("tokenizer", not problems, first_of(problems, "; ".join([detail, *notes])))
+
+
 class _ErrorSink:
     """Takes what a dequantizer writes (float32 rows, in order) and compares it on the fly with the same
     rows of the reference, so memory follows a chunk, not a tensor."""
@@ -166,9 +274,23 @@ def compare_layers(checkpoint: Checkpoint, dequantizer: Dequantizer, modules: di
 
 
 def verify(path: Path, reference: str | None = None, max_error: float | None = None,
-           progress: Progress = no_progress) -> Report:
+           progress: Progress = no_progress, fix: bool = False, logit_text: str | None = None,
+           logit_tokens: int | None = None, max_kl: float | None = None) -> Report:
     """Every check on the checkpoint folder or file at `path`; a problem in it is a failed check. Bad input
-    (no such path, a file that is neither a checkpoint folder nor a known file format) raises."""
+    (no such path, a file that is neither a checkpoint folder nor a known file format) raises. With
+    `logit_tokens` (--logits) also the next-token distributions against `reference`."""
+    if logit_tokens is not None and reference is None:
+        raise QuantkitError("--logits compares with a reference: add --reference SRC")
+    report = _verify(path, reference, max_error, fix, progress)
+    if logit_tokens is not None and not report.ok:
+        report.checks.append(Check("logits", False, "not run: the checks above failed"))
+    elif logit_tokens is not None:
+        check, report.logits = logits.compare(path, resolve(reference), logit_text, logit_tokens, max_kl)
+        report.checks.append(check)
+    return report
+
+
+def _verify(path: Path, reference: str | None, max_error: float | None, fix: bool, progress: Progress) -> Report:
     if not path.exists():
         leftovers = check_leftovers(path)
         if not leftovers.ok:
@@ -188,7 +310,7 @@ def verify(path: Path, reference: str | None = None, max_error: float | None = N
     report.checks += [config_check, structure_check]
     if checkpoint is None:
         return report
-    report.checks.append(check_values(checkpoint))
+    report.checks += [check_values(checkpoint), check_shapes(checkpoint), check_tokenizer(checkpoint)]
     if checkpoint.quantization_config is None:
         report.checks.append(check_undeclared(checkpoint))
         return report
@@ -198,7 +320,13 @@ def verify(path: Path, reference: str | None = None, max_error: float | None = N
     except QuantkitError as e:
         report.checks.append(Check("quantization", False, e.message))
         return report
-    report.checks.append(check_quantization(checkpoint, dequantizer, modules))
+    quantization = check_quantization(checkpoint, dequantizer, modules)
+    if fix and not quantization.ok:
+        report.fixed = dequantizer.fix(checkpoint, modules)
+        if report.fixed:
+            checkpoint = open_checkpoint(path)
+            quantization = check_quantization(checkpoint, dequantizer, modules)
+    report.checks.append(quantization)
     report.checks.append(check_size(checkpoint, dequantizer, modules))
     if reference is not None and report.ok:
         report.layers = compare_layers(checkpoint, dequantizer, modules, resolve(reference), max_error, progress)
@@ -212,6 +340,11 @@ def verify(path: Path, reference: str | None = None, max_error: float | None = N
 def write_junit(report: Report, file: Path) -> None:
     cases = [(c.name, c.ok, c.detail) for c in report.checks]
     cases += [(f"layer {x.name}", x.ok, f"relative error {x.rel_error:.5f} (bound {x.max_error}), SNR {x.snr_db:.1f} dB") for x in report.layers]
+    if report.logits:
+        kl = report.logits["kl"]
+        cases += [(f"logits KL {stat}", True, f"{kl[stat]:.6g} nats") for stat in ("mean", "median", "p99", "max")]
+        cases += [("logits top-1 agreement", True, f"{report.logits['top1_agreement']:.4f}")]
+        cases += [(f"logits perplexity {who}", True, f"{ppl:.6g}") for who, ppl in report.logits["perplexity"].items()]
     suite = ElementTree.Element("testsuite", name=f"quantkit verify {report.path}", tests=str(len(cases)),
                                 failures=str(sum(not ok for _, ok, _ in cases)))
     for name, ok, detail in cases:

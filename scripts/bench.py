@@ -3,7 +3,8 @@
 A random bf16 Llama of ~1 GB (4 shards) is generated once and cached outside the repo. Each job runs
 as its own process under /usr/bin/time -v, so wall time and peak RSS include start-up:
   quantkit quantize nf4 / int8 / gptq / fp8 (compressed-tensors and fine-grained layouts), dequantize nf4 and
-  fp8, convert --to gguf Q8_0 and Q4_K_M, quantized sources to other formats;
+  fp8, convert --to gguf Q8_0 and Q4_K_M, quantized sources to other formats, verify --logits --tokens 256
+  (the nf4 output against the source: both forward passes, every check verify runs);
   anchors: transformers + bitsandbytes load-quantize-save (nf4, int8), bitsandbytes dequantize_4bit
   of every weight, gguf-py's own Q8_0 quantizer, llm-compressor's model_free_ptq FP8_DYNAMIC (in
   .venv-llmc, which make test-clients installs); for Q4_K_M, llama-quantize from a BF16 GGUF (written by
@@ -92,6 +93,7 @@ def make_checkpoint(size_gb: float) -> Path:
     layers = max(1, round((size_gb * 1e9 / 2 - 2 * vocab * hidden) / per_layer))
     folder = CACHE / f"llama-bf16-{layers}L"
     if (folder / "config.json").exists():
+        write_tokenizer(folder)  # checkpoints cached before verify --logits was benched have none
         return folder
     sys.path.insert(0, str(ROOT))
     from quantkit.dtypes import bf16_bits
@@ -121,6 +123,7 @@ def make_checkpoint(size_gb: float) -> Path:
         "dtype": "bfloat16", "hidden_act": "silu",
     }  # fmt: skip
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(tmp)
     CACHE.mkdir(parents=True, exist_ok=True)
     os.rename(tmp, folder)
     return folder
@@ -152,6 +155,23 @@ def same_gguf_tensors(a: Path, b: Path) -> bool:
     ta, tb = {t.name: t for t in fa.tensors}, {t.name: t for t in fb.tensors}
     return ta.keys() == tb.keys() and all(ta[n].qtype == tb[n].qtype and fa.rows(ta[n]).tobytes() == fb.rows(tb[n]).tobytes()
                                           for n in ta)
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer.json trained on quantkit's built-in text (ids well below the vocab), so
+    that verify --logits can tokenize with the checkpoint's own tokenizer."""
+    if (folder / "tokenizer.json").exists():
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    sys.path.insert(0, str(ROOT))
+    from quantkit.logits import BUILTIN_TEXT
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator([BUILTIN_TEXT], trainers.BpeTrainer(vocab_size=1000, show_progress=False,
+                                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(str(folder / "tokenizer.json"))
 
 
 def timed(label: str, argv: list[str], output: Path, input_bytes: int, repeat: int) -> dict:
@@ -229,6 +249,8 @@ def main() -> None:
             ("quantkit dequantize gptq", [*qk, "dequantize", str(work / "qk-gptq"), str(work / "gptq-dense")], work / "gptq-dense", size),
             ("quantkit gguf Q4_0", [*qk, "convert", str(src), str(work / "q4.gguf"), "--to", "gguf", "--gguf-type", "Q4_0"], work / "q4.gguf", size),
             ("quantkit gptq -> Q4_0 (lossless)", [*qk, "convert", str(work / "qk-gptq"), str(work / "gptq.gguf"), "--to", "gguf", "--gguf-type", "Q4_0"], work / "gptq.gguf", size),
+            ("quantkit verify --logits nf4", [*qk, "verify", str(work / "qk-nf4"), "--reference", str(src), "--logits", "--tokens", "256",
+                                              "--json"], work / "no-output", 2 * size),
         ]
         spm = with_tokenizer(src)
         q4km = [("quantkit gguf Q4_K_M", [*qk, "convert", str(spm), str(work / "qk-q4km.gguf"), "--to", "gguf", "--gguf-type", "Q4_K_M"],

@@ -46,8 +46,8 @@ def install_llama_cpp() -> None:
     # Portable build (no -march=native: its fused multiply-adds could change the reference quantizers'
     # bytes), without the multimodal library the tests do not use.
     env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
-    print("$ pip install llama-cpp-python==0.3.36  (builds llama.cpp from source)", flush=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "llama-cpp-python==0.3.36"], check=True, env=env)
+    print(f"$ pip install {LLAMA_CPP_PYTHON}  (builds llama.cpp from source)", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", LLAMA_CPP_PYTHON], check=True, env=env)
 
 
 def build_llama_tools(targets: list[str] = LLAMA_TOOLS) -> None:

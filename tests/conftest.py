@@ -126,4 +126,7 @@ def big_ckpt(tmp_path_factory):
     rng = np.random.default_rng(1)
     tensors = {f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((1024, 4096), dtype=np.float32) for i in range(12)}
     tensors["lm_head.weight"] = rng.standard_normal((32, 4096), dtype=np.float32)
-    return write_checkpoint(tmp_path_factory.mktemp("big") / "src", tensors)
+    from tests.hostile_files import CONFIG
+
+    config = {**CONFIG, "hidden_size": 4096, "intermediate_size": 1024, "num_hidden_layers": 12}  # the shapes verify expects
+    return write_checkpoint(tmp_path_factory.mktemp("big") / "src", tensors, config=config)

@@ -9,8 +9,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "quantkit"
 # Lower numbers sit lower; a module may import its own layer or any below it.
 LAYERS = {"errors": 0, "dtypes": 0, "numerics": 0, "jit": 0, "native": 0, "io": 1, "api": 2, "modules": 2, "methods": 3,
-          "plan": 4, "pipeline": 4, "verification": 4, "inspection": 4, "preview": 4, "card": 4, "commands": 5, "cli": 5,
-          "render": 5, "__main__": 5, "__init__": 6}  # __init__ hands out the commands lazily
+          "plan": 4, "pipeline": 4, "verification": 4, "inspection": 4, "preview": 4, "card": 4, "logits": 4, "layerwise": 4,
+          "commands": 5, "cli": 5, "render": 5, "__main__": 5, "__init__": 6}  # __init__ hands out the commands lazily
 
 
 def modules() -> dict[str, Path]:

@@ -361,6 +361,20 @@ def bytes_on_disk(out: Path, files: list[str]) -> int:
     return sum((out / f).stat().st_size for f in files)
 
 
+def replace_json(path: Path, data: dict) -> None:
+    """Rewrite a JSON file in place (key order kept), through a temporary file renamed over it."""
+    temp = path.with_name(f".{path.name}.quantkit-partial-{os.getpid()}")
+    try:
+        with open(temp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except OSError as e:
+        temp.unlink(missing_ok=True)
+        raise QuantkitError(f"{path}: cannot rewrite ({e.strerror})") from None
+
+
 def write_config(folder: Path, config: dict) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

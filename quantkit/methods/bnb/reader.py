@@ -207,6 +207,9 @@ class BitsAndBytesReader:
                 problems.append(f"'{module}' should be quantized (not in llm_int8_skip_modules) but is dense")
         return problems
 
+    def fix(self, checkpoint: Checkpoint, modules: dict[str, list[str]]) -> list[str]:
+        return []  # nothing check finds here can be repaired from metadata alone
+
     def _check_4bit(self, checkpoint: Checkpoint, module: str, names: list[str], qc: dict) -> list[str]:
         weight = f"{module}.weight"
         try:

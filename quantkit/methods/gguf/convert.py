@@ -18,6 +18,7 @@ from gguf.quants import dequantize
 
 from quantkit.api import (
     ConvertRequest,
+    DenseWeights,
     IntegerBlocks,
     PlannedTensor,
     Preview,
@@ -43,6 +44,7 @@ from quantkit.methods.gguf.imatrix import weights_for as imatrix_weights
 from quantkit.methods.gguf.mixes import FILE_TYPES, Fallback, FileType, parse_file_type
 from quantkit.methods.gguf.types import IGNORES_IMPORTANCE, TYPES
 from quantkit.methods.gguf.vocab import read_vocab, write_hf_tokenizer
+from quantkit.modules import shape_problems
 from quantkit.numerics import COPY_CHUNK, ErrorSums
 
 QType = GGMLQuantizationType
@@ -108,7 +110,7 @@ def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], file_type: FileT
     arch = gf.architecture_of(config)
     hyper = gf.Hyper.from_config(config, len(shapes))
     table = gf.name_table(arch, hyper.n_layers)
-    missing, wrong = gf.shape_problems(hyper.sizes(), shapes)
+    missing, wrong = shape_problems(hyper.sizes(), shapes)
     if wrong:
         raise QuantkitError(f"config.json and the weights disagree: {first_of(wrong)}",
                             "llama.cpp would refuse such a GGUF")
@@ -293,6 +295,22 @@ class FromGGUF:
         for hf_name in self.names:
             yield hf_name, self.whole(hf_name)
 
+    def weights(self) -> DenseWeights:
+        """The tensors as verify --logits reads them; rows of any matrix whose rows stay in place."""
+        arch = gf.BY_GGUF_ARCH[self.file.metadata["general.architecture"]]
+        heads = (self.config["num_attention_heads"], self.config["num_key_value_heads"])
+        by_rows = frozenset(n for n, t in self.names.items() if len(t.shape) == 2 and not gf.permuted_heads(arch, n, *heads))
+
+        def read_rows(hf_name: str, start: int, stop: int) -> np.ndarray:
+            t = self.names[hf_name]
+            return dequantize_rows(self.file, t, start, stop).reshape(stop - start, t.shape[-1])
+
+        def tokenizer(scratch: Path) -> Path:
+            write_hf_tokenizer(self.file.metadata, scratch, self.warnings)
+            return scratch
+
+        return DenseWeights(self.config, {n: t.shape for n, t in self.names.items()}, self.whole, read_rows, by_rows, tokenizer)
+
 
 def dequantize_rows(file: gf.GGUFFile, t: gf.GGUFTensor, start: int = 0, stop: int | None = None) -> np.ndarray:
     try:
@@ -415,7 +433,7 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
     if dtype not in BY_NAME:
         raise QuantkitError(f"--dtype {dtype}: not a float dtype", f"choose one of {', '.join(BY_NAME)}")
     st_dtype = BY_NAME[dtype]
-    _, wrong = gf.shape_problems(conv.config, {name: t.shape for name, t in conv.names.items()})
+    _, wrong = shape_problems(conv.config, {name: t.shape for name, t in conv.names.items()})
     if wrong:
         raise QuantkitError(f"{src}: {first_of(wrong)}", "the tensors disagree with the GGUF's metadata; "
                                                          "transformers could not load the output")

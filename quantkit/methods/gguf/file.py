@@ -270,41 +270,6 @@ def hf_config(meta: dict[str, Any], tensor_names: set[str], dtype: str) -> dict:
     return config
 
 
-def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape the config implies, for every tensor a model must have (optional ones:
-    the output head when embeddings are tied, biases)."""
-    h, ffn, n_layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    head_dim = config.get("head_dim") or h // config["num_attention_heads"]
-    q_rows, kv_rows = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
-    shapes = {"model.norm.weight": (h,)}
-    if config.get("vocab_size"):
-        shapes["model.embed_tokens.weight"] = (config["vocab_size"], h)
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                   p + "self_attn.q_proj.weight": (q_rows, h), p + "self_attn.k_proj.weight": (kv_rows, h),
-                   p + "self_attn.v_proj.weight": (kv_rows, h), p + "self_attn.o_proj.weight": (h, q_rows),
-                   p + "mlp.gate_proj.weight": (ffn, h), p + "mlp.up_proj.weight": (ffn, h),
-                   p + "mlp.down_proj.weight": (h, ffn)}
-    return shapes
-
-
-def shape_problems(config: dict, shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str]]:
-    """(tensors missing, tensors whose shape contradicts the sizes in the config): llama.cpp refuses both."""
-    expected = expected_shapes(config)
-    missing = [f"{name} is missing" for name in expected if name not in shapes]
-    wrong = []
-    for name, shape in shapes.items():
-        want = expected.get(name)
-        if want is None and name.endswith(".bias"):
-            want = (expected[name.replace(".bias", ".weight")][0],)
-        if name == "lm_head.weight":
-            want = expected.get("model.embed_tokens.weight")
-        if want is not None and tuple(shape) != want:
-            wrong.append(f"{name} has shape {tuple(shape)}, the config implies {want}")
-    return missing, wrong
-
-
 # --------------------------------------------------------------------------------------------- reader
 
 _SCALARS = {

@@ -74,6 +74,11 @@ class GGUFFormat:
 
         return convert.gguf_to_safetensors(path, out, dtype, force, max_shard_size, progress)
 
+    def weights(self, path: Path) -> api.DenseWeights:
+        from quantkit.methods.gguf import convert  # imports gguf-py
+
+        return convert.from_gguf(path).weights()
+
 
 def convert_to_gguf(request: api.ConvertRequest, progress: Progress) -> api.Result:
     from quantkit.methods.gguf import convert  # imports gguf-py

@@ -13,13 +13,16 @@ in the model's dtype: bf16 from a bf16 model).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from quantkit import __version__, dtypes
 from quantkit.errors import QuantkitError
+from quantkit.io.staged import replace_json
 from quantkit.methods.gptq import groupwise
 
 COMPANIONS = ("qweight", "qzeros", "scales", "g_idx")
@@ -272,3 +275,18 @@ def with_version(config: dict, version: str) -> dict:
     """The same `quantization_config` declaring `version`: `checkpoint_format` and `format` both."""
     fmt = CHECKPOINT_FORMATS[version]
     return dict(config, checkpoint_format=fmt, format=fmt)
+
+
+def rewrite_quantize_config(path: Path, version: str) -> bool:
+    """GPTQModel also writes quantize_config.json; it must declare the same format as config.json.
+    True when the file was rewritten."""
+    if not path.is_file():
+        return False
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    if not isinstance(config, dict) or config.get("quant_method", "gptq") != "gptq" or config == with_version(config, version):
+        return False
+    replace_json(path, with_version(config, version))
+    return True

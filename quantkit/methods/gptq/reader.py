@@ -11,6 +11,7 @@ from quantkit.api import IntegerBlocks, TensorSink, read_floats
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor, ShardReader
 from quantkit.io.source import Checkpoint
+from quantkit.io.staged import replace_json
 from quantkit.methods.gptq import groupwise
 from quantkit.methods.gptq.integers import to_integers
 from quantkit.methods.gptq.layout import (
@@ -26,8 +27,10 @@ from quantkit.methods.gptq.layout import (
     group_index,
     infer_version,
     read_config,
+    rewrite_quantize_config,
     unpack_awq,
     unpack_rows,
+    with_version,
     zero_points,
 )
 from quantkit.methods.gptq.quantizer import GptqOptions
@@ -43,6 +46,11 @@ def checkpoint_config(checkpoint: Checkpoint) -> GptqConfig:
     if config is None:
         raise QuantkitError(f"{checkpoint.root / 'config.json'}: not a GPTQ or AWQ checkpoint")
     return config
+
+
+def stored_version(checkpoint: Checkpoint, module: str, config: GptqConfig) -> str | None:
+    """v1 or v2, as the module's zero points prove it (None when they cannot tell)."""
+    return infer_version(read_tensor(checkpoint, f"{module}.qzeros"), config.bits, config.sym)
 
 
 def read_tensor(checkpoint: Checkpoint, name: str) -> np.ndarray:
@@ -156,13 +164,31 @@ class GptqReader:
             problem = g_idx_problem(read_tensor(checkpoint, f"{module}.g_idx"), parts["scales"].shape[0])
             if problem:
                 problems.append(f"'{module}': {problem}")
-            found = infer_version(read_tensor(checkpoint, f"{module}.qzeros"), config.bits, config.sym)
+            found = stored_version(checkpoint, module, config)
             if found and found != config.version:
                 problems.append(
                     f"'{module}': zero points are stored as GPTQ {found} but config.json declares "
-                    f"checkpoint_format {CHECKPOINT_FORMATS[config.version]!r} ({config.version})"
+                    f"checkpoint_format {CHECKPOINT_FORMATS[config.version]!r} ({config.version}); verify --fix declares what the data holds"
                 )
         return problems
+
+    def fix(self, checkpoint: Checkpoint, modules: dict[str, list[str]]) -> list[str]:
+        """Declare the zero-point format every module's data proves (config.json, quantize_config.json);
+        nothing when the modules disagree among themselves or cannot tell."""
+        config = checkpoint_config(checkpoint)
+        if config.method != "gptq":
+            return []
+        found = {stored_version(checkpoint, m, config) for m in modules if f"{m}.qzeros" in checkpoint.tensors} - {None}
+        if len(found) != 1 or found == {config.version}:
+            return []
+        version = found.pop()
+        declared = with_version(checkpoint.quantization_config, version)
+        replace_json(checkpoint.root / "config.json", dict(checkpoint.config, quantization_config=declared))
+        changed = [f"config.json: checkpoint_format and format {CHECKPOINT_FORMATS[config.version]!r} -> "
+                   f"{CHECKPOINT_FORMATS[version]!r} (the zero points are stored as GPTQ {version})"]
+        if rewrite_quantize_config(checkpoint.root / "quantize_config.json", version):
+            changed.append(f"quantize_config.json: the same, {CHECKPOINT_FORMATS[version]!r}")
+        return changed
 
     def _check_awq(self, module: str, parts: dict, config: GptqConfig) -> list[str]:
         missing = [p for p in AWQ_COMPANIONS if p not in parts]

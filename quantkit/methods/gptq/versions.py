@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from quantkit.api import ConvertRequest, Result
@@ -11,7 +10,7 @@ from quantkit.io.safetensors import OutputTensor, ShardReader
 from quantkit.io.source import open_checkpoint, resolve
 from quantkit.io.staged import bytes_on_disk, check_free_space, check_output, copy_side_files, write_config, write_staged
 from quantkit.io.stream import Entry, Progress, copy_tensor, ordered, stream_entries
-from quantkit.methods.gptq.layout import convert_qzeros, with_version
+from quantkit.methods.gptq.layout import convert_qzeros, rewrite_quantize_config, with_version
 from quantkit.methods.gptq.reader import GptqReader, checkpoint_config, read_tensor
 
 
@@ -51,7 +50,7 @@ def convert_version(request: ConvertRequest, version: str, progress: Progress) -
         declared = with_version(checkpoint.quantization_config, version)
         write_config(folder, dict(checkpoint.config, quantization_config=declared))
         side = copy_side_files(checkpoint, folder)
-        _rewrite_quantize_config(folder / "quantize_config.json", version)
+        rewrite_quantize_config(folder / "quantize_config.json", version)
         return side
 
     fill = lambda writer: stream_entries(checkpoint, entries, writer, handle, progress)  # noqa: E731
@@ -61,14 +60,3 @@ def convert_version(request: ConvertRequest, version: str, progress: Progress) -
                                "tensors": len(entries), "output_bytes": bytes_on_disk(out, files),
                                "fallbacks": [], "warnings": []})
 
-
-def _rewrite_quantize_config(path: Path, version: str) -> None:
-    """GPTQModel also writes quantize_config.json; it must declare the same format as config.json."""
-    if not path.is_file():
-        return
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return
-    if isinstance(config, dict) and config.get("quant_method", "gptq") == "gptq":
-        path.write_text(json.dumps(with_version(config, version), indent=2) + "\n", encoding="utf-8")

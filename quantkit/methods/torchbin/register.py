@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantkit import api
+from quantkit.errors import QuantkitError
 from quantkit.io.stream import Progress
 from quantkit.io.torchpickle import is_torch_checkpoint
 from quantkit.methods.torchbin.convert import convert, inspect
@@ -27,6 +28,10 @@ class TorchFormat:
     def to_dense(self, src: str, path: Path, out: Path, dtype: str | None, force: bool, max_shard_size: int,
                  progress: Progress) -> api.Result:
         return convert(src, out, dtype, force, None, max_shard_size, progress)
+
+    def weights(self, path: Path) -> api.DenseWeights:
+        raise QuantkitError(f"{path}: PyTorch pickles are not read in place",
+                                "convert it first: quantkit convert SRC OUT --to safetensors")
 
 
 api.register_file_format(TorchFormat())
