@@ -1,32 +1,39 @@
 """The model card every output folder gets: README.md with Hugging Face metadata (base_model, tags,
 library_name, how it was quantized, verify figures when known), the source's own card kept below ours.
 
-huggingface_hub (a declared dependency) parses and writes the YAML front matter; it is imported here,
-when a run is finishing, never at start-up.
+The YAML front matter is read and written with PyYAML (huggingface_hub's own dependency) as
+huggingface_hub.ModelCard reads it; huggingface_hub itself costs ~0.6 s to import, more than quantizing a
+1 GB model, so it is not used here.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+import yaml
 
 from quantkit.io.source import HUB_ID
 
 CARD = "README.md"
+_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.S)
 INHERITED = ("license", "license_name", "license_link", "language", "datasets", "pipeline_tag")  # carried over
 
 
 def _source_card(root: Path | None) -> tuple[dict, str]:
     """The source's card metadata and body ({} and "" when it has none or it does not parse)."""
-    from huggingface_hub import ModelCard
-
     path = root / CARD if root is not None and root.is_dir() else None
     if path is None or not path.is_file():
         return {}, ""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    match = _FRONT_MATTER.match(text)
     try:
-        card = ModelCard.load(path)
-    except Exception:  # a README without valid front matter: keep its text as the body
-        return {}, path.read_text(encoding="utf-8", errors="replace")
-    return card.data.to_dict(), card.text
+        meta = yaml.safe_load(match.group(1)) if match else None
+    except yaml.YAMLError:
+        meta = None
+    if not isinstance(meta, dict):  # a README without valid front matter: keep its text as the body
+        return {}, text
+    return meta, text[match.end():]
 
 
 def base_model_of(src: str, source_meta: dict) -> str | None:
@@ -42,8 +49,6 @@ def write_card(folder: Path, src: str, source_root: Path | None, what: str, tags
     """Write `folder`/README.md: our metadata and a short description of `what` was done (e.g. "quantized
     to nf4"), then the source card's text. Returns the file name. Nothing in it depends on OUT's name, so
     two runs with the same settings write the same card."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     source_meta, source_body = _source_card(source_root)
     base = base_model_of(src, source_meta)
     extra = {k: source_meta[k] for k in INHERITED if k in source_meta}
@@ -51,8 +56,9 @@ def write_card(folder: Path, src: str, source_root: Path | None, what: str, tags
                     if v not in (None, ()) and not isinstance(v, dict)}
     if verify:
         quantization["verify"] = verify
-    data = ModelCardData(base_model=base, library_name=library_name, tags=["quantkit", *tags],
-                         quantized_by="quantkit", quantization=quantization, **extra)
+    data = {"base_model": base, "library_name": library_name, "tags": ["quantkit", *tags], "quantized_by": "quantkit",
+            "quantization": quantization, **extra}
+    front = yaml.safe_dump({k: v for k, v in data.items() if v is not None}, sort_keys=False, allow_unicode=True)
     title = f"{Path(src.rstrip('/')).name} ({what.split(' with ')[0]})"  # the same card whatever OUT is called
     lines = [f"# {title}", "",
              f"{'[' + base + '](https://huggingface.co/' + base + ')' if base else 'The source model'} {what} with quantkit.", ""]
@@ -61,6 +67,5 @@ def write_card(folder: Path, src: str, source_root: Path | None, what: str, tags
         lines += ["", "verify: " + ", ".join(f"{k} {v}" for k, v in verify.items())]
     if source_body.strip():
         lines += ["", "---", "", "*The source model's card follows.*", "", source_body.strip()]
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
-    (folder / CARD).write_text(str(card), encoding="utf-8")
+    (folder / CARD).write_text(f"---\n{front}---\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
     return CARD
