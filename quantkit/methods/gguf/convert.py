@@ -262,17 +262,13 @@ class FromGGUF:
         """One tensor as float32, whole."""
         return np.concatenate([c.reshape(-1) for c in self.chunks(hf_name)]).reshape(self.names[hf_name].shape)
 
-    def _heads(self, hf_name: str) -> int:
-        arch = gf.BY_GGUF_ARCH[self.file.metadata["general.architecture"]]
-        return gf.permuted_heads(arch, hf_name, self.config["num_attention_heads"], self.config["num_key_value_heads"])
-
     def rows(self, hf_name: str, rows: int, dtype: str) -> Iterator[np.ndarray]:
         """Chunks of exactly `rows` rows (a 1-D tensor: whole), as stored bits of `dtype`."""
         t = self.names[hf_name]
         if len(t.shape) == 1:
             yield from_float32(dequantize_rows(self.file, t).reshape(t.shape), dtype)
             return
-        if self._heads(hf_name):
+        if self.permuted(hf_name):
             whole = from_float32(next(self.chunks(hf_name)), dtype)
             yield from (whole[start : start + rows] for start in range(0, whole.shape[0], rows))
             return
@@ -285,7 +281,7 @@ class FromGGUF:
         if t.qtype not in legacy.INTEGER_BITS or len(t.shape) != 2:
             return None
         q, d = legacy.integers_of(self.file.rows(t), t.qtype)
-        heads = self._heads(hf_name)
+        heads = self.permuted(hf_name)
         if heads:
             q, d = gf.unpermute_qk(q, heads), gf.unpermute_qk(d, heads)
         return IntegerBlocks(legacy.INTEGER_BITS[t.qtype], legacy.INTEGER_BLOCK, q, d)
@@ -297,9 +293,7 @@ class FromGGUF:
 
     def weights(self) -> DenseWeights:
         """The tensors as verify --logits reads them; rows of any matrix whose rows stay in place."""
-        arch = gf.BY_GGUF_ARCH[self.file.metadata["general.architecture"]]
-        heads = (self.config["num_attention_heads"], self.config["num_key_value_heads"])
-        by_rows = frozenset(n for n, t in self.names.items() if len(t.shape) == 2 and not gf.permuted_heads(arch, n, *heads))
+        by_rows = frozenset(n for n, t in self.names.items() if len(t.shape) == 2 and not self.permuted(n))
 
         def read_rows(hf_name: str, start: int, stop: int) -> np.ndarray:
             t = self.names[hf_name]
