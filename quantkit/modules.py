@@ -73,10 +73,11 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def shape_problems(config: dict, shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str]]:
+def shape_problems(config: dict, shapes: dict[str, tuple[int, ...]],
+                   expected: dict[str, tuple[int, ...]] | None = None) -> tuple[list[str], list[str]]:
     """(tensors missing, tensors whose shape contradicts the sizes in the config), for the llama family
-    (llama, mistral, qwen2): llama.cpp and transformers refuse both."""
-    expected = expected_shapes(config)
+    (llama, mistral, qwen2; `expected` for others): llama.cpp and transformers refuse both."""
+    expected = expected_shapes(config) if expected is None else expected
     missing = [f"{name} is missing" for name in expected if name not in shapes]
     wrong = []
     for name, shape in shapes.items():

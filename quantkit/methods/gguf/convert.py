@@ -36,8 +36,8 @@ from quantkit.io.safetensors import OutputTensor, TensorInfo
 from quantkit.io.source import Checkpoint, open_checkpoint, resolve
 from quantkit.io.staged import bytes_on_disk, check_free_space, check_output, write_config, write_staged
 from quantkit.io.stream import Entry, FiniteSink, Progress
+from quantkit.methods.gguf import experts, legacy, mixes
 from quantkit.methods.gguf import file as gf
-from quantkit.methods.gguf import legacy, mixes
 from quantkit.methods.gguf import types as gguf_types
 from quantkit.methods.gguf.imatrix import Imatrix, read_imatrix
 from quantkit.methods.gguf.imatrix import weights_for as imatrix_weights
@@ -58,6 +58,12 @@ class GGUFEntry:
     out: gf.GGUFOutput
     permute_heads: int  # 0: no Q/K permutation, else the head count to permute with
     importance: bool = False  # quantized with the importance matrix's weights for this tensor
+    experts: tuple[str, ...] = ()  # a merged expert tensor (hf_name its merged name): its experts' HF names
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The source tensors written one after the other into this GGUF tensor."""
+        return self.experts or (self.hf_name,)
 
 
 @dataclass
@@ -68,6 +74,7 @@ class GGUFPlan:
     entries: list[GGUFEntry]
     fallbacks: list[Fallback] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # tensors llama.cpp needs that the source lacks
+    moe: experts.MoE | None = None  # a mixture of experts: its expert sizes
 
     @property
     def qtype(self) -> QType:
@@ -109,25 +116,29 @@ def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], file_type: FileT
         file_type = parse_file_type(file_type if isinstance(file_type, str) else file_type.name)
     arch = gf.architecture_of(config)
     hyper = gf.Hyper.from_config(config, len(shapes))
-    table = gf.name_table(arch, hyper.n_layers)
-    missing, wrong = shape_problems(hyper.sizes(), shapes)
+    moe = experts.MoE.from_config(config, arch.experts) if arch.experts else None
+    table = experts.full_name_table(arch, hyper.n_layers)
+    missing, wrong = shape_problems(hyper.sizes(), shapes, experts.expected_shapes(hyper.sizes(), moe))
     if wrong:
         raise QuantkitError(f"config.json and the weights disagree: {first_of(wrong)}",
                             "llama.cpp would refuse such a GGUF")
+    shapes, members = experts.merge_shapes(shapes, moe.n_expert) if moe else (shapes, {})
     unnamed = [name for name in shapes if name not in table]
     if unnamed:
         raise QuantkitError(f"tensor {unnamed[0]} has no GGUF name for {arch.gguf_arch}",
                             "is the checkpoint what its config.json says?")
     mix = mixes.tensor_types(file_type, arch.gguf_arch, hyper.n_layers,
                              [(table[name], tuple(shape)) for name, shape in shapes.items()],
-                             n_head=hyper.n_head, n_head_kv=hyper.n_kv_head, has_imatrix=imatrix is not None)
+                             n_head=hyper.n_head, n_head_kv=hyper.n_kv_head, n_expert=moe.n_expert if moe else 0,
+                             has_imatrix=imatrix is not None)
     entries = []
     for hf_name, shape in shapes.items():
         gguf_name, t_type = table[hf_name], mix.types[table[hf_name]]
         heads = gf.permuted_heads(arch, hf_name, hyper.n_head, hyper.n_kv_head)
         weighted = imatrix is not None and _check_importance(imatrix, gguf_name, t_type, tuple(shape))
-        entries.append(GGUFEntry(hf_name, gf.GGUFOutput(gguf_name, tuple(shape), t_type), heads, weighted))
-    return GGUFPlan(arch, hyper, file_type, entries, mix.fallbacks, missing)
+        entries.append(GGUFEntry(hf_name, gf.GGUFOutput(gguf_name, tuple(shape), t_type), heads, weighted,
+                                 tuple(members.get(hf_name, ()))))
+    return GGUFPlan(arch, hyper, file_type, entries, mix.fallbacks, missing, moe)
 
 
 @dataclass
@@ -145,6 +156,8 @@ def _metadata(checkpoint: Checkpoint, plan: GGUFPlan, vocab) -> Callable:
     def add_metadata(writer) -> None:
         writer.add_name(checkpoint.name)
         gf.write_hyper(writer, plan.hyper)
+        if plan.moe:
+            plan.moe.write(writer)
         writer.add_file_type(int(plan.file_type.value))
         writer.add_quantization_version(2)
         if vocab is not None:
@@ -178,9 +191,20 @@ def _quantized(rows: Iterator[np.ndarray], dtype: str, qtype: QType, importance:
         yield data
 
 
-def _tensor_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport, imatrix: Imatrix | None) -> Iterator[np.ndarray]:
-    """A tensor's GGUF data: a quantized source's integers as they are where the type holds them (Q4_0, Q8_0),
-    else quantized from its values (the error measured when those were themselves dequantized)."""
+def _entry_data(e: GGUFEntry, tensors: Iterator[tuple[Entry, SourceTensor]], report: GGUFReport,
+                imatrix: Imatrix | None) -> Iterator[np.ndarray]:
+    """A GGUF tensor's data from its source tensors, taken from the stream one at a time as they are
+    written: a merged expert tensor is its experts' blocks one after the other."""
+    for expert in range(len(e.sources)):
+        _, tensor = next(tensors)
+        yield from _tensor_data(tensor, e, report, imatrix, expert)
+
+
+def _tensor_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport, imatrix: Imatrix | None,
+                 expert: int = 0) -> Iterator[np.ndarray]:
+    """A source tensor's GGUF data (expert `expert` of a merged one): a quantized source's integers as they are
+    where the type holds them (Q4_0, Q8_0), else quantized from its values (the error measured when those
+    were themselves dequantized)."""
     bits = legacy.INTEGER_BITS.get(e.out.qtype)
     blocks = tensor.integers() if tensor.scheme and bits else None
     blocks = blocks.regroup(legacy.INTEGER_BLOCK) if blocks is not None and blocks.bits <= bits else None
@@ -188,10 +212,10 @@ def _tensor_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport, imatrix
         q, d = blocks.q, blocks.d
         if e.permute_heads:
             q, d = gf.permute_qk(q, e.permute_heads), gf.permute_qk(d, e.permute_heads)
-        report.lossless.append(e.hf_name)
+        report.lossless.append(tensor.name)
         return iter([legacy.blocks_of(q, d, e.out.qtype)])
-    error = report.requantized.setdefault(e.hf_name, ErrorSums()) if tensor.scheme else None
-    importance = imatrix_weights(imatrix, e.out.name, e.out.shape[-1])[0] if e.importance else None
+    error = report.requantized.setdefault(tensor.name, ErrorSums()) if tensor.scheme else None
+    importance = imatrix_weights(imatrix, e.out.name, e.out.shape[-1], len(e.sources))[expert] if e.importance else None
     return _quantized(_source_rows(tensor, e.permute_heads), tensor.dtype, e.out.qtype, importance, error)
 
 
@@ -206,7 +230,7 @@ def to_gguf(checkpoint: Checkpoint, out: Path, file_type: FileType | str | QType
     checkpoint = source.checkpoint
     shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
     plan = plan_gguf(checkpoint.config, shapes, file_type, imatrix)
-    warnings: list[str] = []
+    warnings: list[str] = list(plan.moe.warnings) if plan.moe else []
     if plan.missing:
         warnings.append(f"llama.cpp will not load this GGUF: {first_of(plan.missing)}")
     add_metadata = _metadata(checkpoint, plan, read_vocab(checkpoint.root, checkpoint.config, plan.hyper.vocab, warnings))
@@ -215,9 +239,9 @@ def to_gguf(checkpoint: Checkpoint, out: Path, file_type: FileType | str | QType
 
     def chunks():
         done, total = 0, plan.nbytes
-        tensors = source.stream([Entry(e.hf_name, "gguf") for e in plan.entries])
-        for e, (_, tensor) in zip(plan.entries, tensors, strict=True):
-            yield e.out, _tensor_data(tensor, e, report, imatrix)
+        tensors = source.stream([Entry(name, "gguf") for e in plan.entries for name in e.sources])
+        for e in plan.entries:
+            yield e.out, _entry_data(e, tensors, report, imatrix)
             done += e.out.nbytes
             if progress:
                 progress(done, total, e.hf_name)
@@ -250,8 +274,15 @@ class FromGGUF:
 
     def permuted(self, hf_name: str) -> int:
         """The head count Q/K rows are permuted with between HF and GGUF order (0: not permuted)."""
-        arch = gf.BY_GGUF_ARCH[self.file.metadata["general.architecture"]]
+        arch = gf.gguf_architecture(self.file.metadata)
         return gf.permuted_heads(arch, hf_name, self.config["num_attention_heads"], self.config["num_key_value_heads"])
+
+    def shape_problems(self) -> tuple[list[str], list[str]]:
+        """(tensors missing, tensors of the wrong shape) against the rebuilt config.json."""
+        arch = gf.gguf_architecture(self.file.metadata)
+        moe = experts.MoE.from_config(self.config, arch.experts) if arch.experts else None
+        return shape_problems(self.config, {n: t.shape for n, t in self.names.items()},
+                              experts.expected_shapes(self.config, moe))
 
     def to_stored_order(self, hf_name: str, values: np.ndarray) -> np.ndarray:
         """A tensor in HF order (any dtype) rearranged to the GGUF's row order."""
@@ -326,13 +357,20 @@ def from_gguf(path: Path, dtype: str | None = None) -> FromGGUF:
     file = gf.read_gguf(path)
     meta = file.metadata
     config = gf.hf_config(meta, {t.name for t in file.tensors}, dtype or default_dtype(file))
-    arch = gf.BY_GGUF_ARCH[meta["general.architecture"]]
-    reverse = {g: hf for hf, g in gf.name_table(arch, config["num_hidden_layers"]).items()}
+    arch = gf.gguf_architecture(meta)
+    if arch.experts:
+        config |= experts.hf_config(meta, arch.gguf_arch, arch.experts)
+    reverse = {g: hf for hf, g in experts.full_name_table(arch, config["num_hidden_layers"]).items()}
     names = {}
     for t in file.tensors:
         if t.name not in reverse:
             raise QuantkitError(f"{path}: tensor {t.name} has no HF name for {arch.gguf_arch}")
-        names[reverse[t.name]] = t
+        if ".experts." not in reverse[t.name]:
+            names[reverse[t.name]] = t
+        elif len(t.shape) != 3:
+            raise QuantkitError(f"{path}: tensor {t.name} has shape {list(t.shape)}, not (experts, rows, columns)")
+        else:
+            names |= experts.split(t, reverse[t.name])
     return FromGGUF(config, names, file, [])
 
 
@@ -394,7 +432,8 @@ def preview_gguf(request: ConvertRequest) -> Preview:
     checkpoint = (request.source or folder_source(open_checkpoint(resolve(request.src, request.revision)))).checkpoint
     plan = plan_gguf(checkpoint.config, {n: i.shape for n, i in checkpoint.tensors.items()}, file_type, imatrix)
     qtype = plan.qtype
-    warnings: list[str] = [f"llama.cpp will not load this GGUF: {first_of(plan.missing)}"] if plan.missing else []
+    warnings: list[str] = list(plan.moe.warnings) if plan.moe else []
+    warnings += [f"llama.cpp will not load this GGUF: {first_of(plan.missing)}"] if plan.missing else []
     add_metadata = _metadata(checkpoint, plan, read_vocab(checkpoint.root, checkpoint.config, plan.hyper.vocab, warnings))
     outputs = [e.out for e in plan.entries]
     tensors = []
@@ -403,6 +442,7 @@ def preview_gguf(request: ConvertRequest) -> Preview:
         reason += f" ({file_type.name} gives it more bits than {qtype.name}, or a fallback)" if e.out.qtype not in (qtype, QType.F32) else ""
         reason += ", with importance weights" if e.importance else ""
         reason += f", Q/K rows permuted for {e.permute_heads} heads" if e.permute_heads else ""
+        reason += f", merged from {len(e.experts)} experts ({e.experts[0]}, ...)" if e.experts else ""
         tensors.append(PlannedTensor(e.hf_name, "convert", reason, [{"name": e.out.name, "dtype": e.out.qtype.name,
                                                                    "shape": list(e.out.shape), "nbytes": e.out.nbytes}]))
     whole = max((4 * math.prod(checkpoint.tensors[e.hf_name].shape) for e in plan.entries if e.permute_heads), default=0)
@@ -427,7 +467,7 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
     if dtype not in BY_NAME:
         raise QuantkitError(f"--dtype {dtype}: not a float dtype", f"choose one of {', '.join(BY_NAME)}")
     st_dtype = BY_NAME[dtype]
-    _, wrong = shape_problems(conv.config, {name: t.shape for name, t in conv.names.items()})
+    _, wrong = conv.shape_problems()
     if wrong:
         raise QuantkitError(f"{src}: {first_of(wrong)}", "the tensors disagree with the GGUF's metadata; "
                                                          "transformers could not load the output")

@@ -48,14 +48,30 @@ class Architecture:
     hf_class: str  # what GGUF -> HF writes back
     model_type: str
     permute_qk: bool  # llama.cpp's converter permutes Q/K heads for llama-family rope only
+    experts: str = ""  # mixture of experts: its layout in experts.LAYOUTS ("" for a dense model)
 
 
 ARCHITECTURES = {
     "LlamaForCausalLM": Architecture("llama", MODEL_ARCH.LLAMA, "LlamaForCausalLM", "llama", True),
     "MistralForCausalLM": Architecture("llama", MODEL_ARCH.LLAMA, "LlamaForCausalLM", "llama", True),
     "Qwen2ForCausalLM": Architecture("qwen2", MODEL_ARCH.QWEN2, "Qwen2ForCausalLM", "qwen2", False),
+    "MixtralForCausalLM": Architecture("llama", MODEL_ARCH.LLAMA, "MixtralForCausalLM", "mixtral", True, "mixtral"),
+    "Qwen2MoeForCausalLM": Architecture("qwen2moe", MODEL_ARCH.QWEN2MOE, "Qwen2MoeForCausalLM", "qwen2_moe", False, "qwen2_moe"),
+    "Qwen3MoeForCausalLM": Architecture("qwen3moe", MODEL_ARCH.QWEN3MOE, "Qwen3MoeForCausalLM", "qwen3_moe", False, "qwen3_moe"),
 }
-BY_GGUF_ARCH = {"llama": ARCHITECTURES["LlamaForCausalLM"], "qwen2": ARCHITECTURES["Qwen2ForCausalLM"]}
+BY_GGUF_ARCH = {"llama": ARCHITECTURES["LlamaForCausalLM"], "qwen2": ARCHITECTURES["Qwen2ForCausalLM"],
+                "qwen2moe": ARCHITECTURES["Qwen2MoeForCausalLM"], "qwen3moe": ARCHITECTURES["Qwen3MoeForCausalLM"]}
+
+
+def gguf_architecture(meta: dict[str, Any]) -> Architecture:
+    """The architecture a GGUF's metadata names (llama with experts: Mixtral, as llama.cpp reads it)."""
+    arch_name = meta.get("general.architecture")
+    if not isinstance(arch_name, str) or arch_name not in BY_GGUF_ARCH:
+        raise QuantkitError(f"GGUF architecture {arch_name!r} is not supported yet",
+                            f"supported: {', '.join(BY_GGUF_ARCH)}")
+    if arch_name == "llama" and meta.get("llama.expert_count"):
+        return ARCHITECTURES["MixtralForCausalLM"]
+    return BY_GGUF_ARCH[arch_name]
 
 
 def architecture_of(config: dict, where: str = "config.json") -> Architecture:
@@ -71,14 +87,15 @@ def architecture_of(config: dict, where: str = "config.json") -> Architecture:
 # ----------------------------------------------------------------------------------------------- names
 
 
-def _hf_names(n_layers: int) -> list[str]:
-    """Every tensor name these architectures can have (biases: qwen2, and llama with attention_bias)."""
+def _hf_names(n_layers: int, experts: bool = False) -> list[str]:
+    """Every tensor name these architectures can have (biases: qwen2, and llama with attention_bias); a
+    mixture of experts has no dense MLP (experts.name_table adds its own)."""
     names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
     for i in range(n_layers):
         p = f"model.layers.{i}."
         names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
         names += [f"{p}self_attn.{m}_proj.{kind}" for m in "qkvo" for kind in ("weight", "bias")]
-        names += [f"{p}mlp.{m}_proj.weight" for m in ("gate", "up", "down")]
+        names += [] if experts else [f"{p}mlp.{m}_proj.weight" for m in ("gate", "up", "down")]
     return names
 
 
@@ -86,7 +103,7 @@ def name_table(arch: Architecture, n_layers: int) -> dict[str, str]:
     """HF tensor name -> GGUF tensor name for every tensor the architecture can have."""
     tmap = get_tensor_name_map(arch.model_arch, n_layers)
     table = {}
-    for hf in _hf_names(n_layers):
+    for hf in _hf_names(n_layers, bool(arch.experts)):
         gguf_name = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise InternalError(f"{hf} has no GGUF name: our own list of names is wrong")
@@ -220,11 +237,8 @@ def write_hyper(writer: GGUFWriter, h: Hyper) -> None:
 
 def hf_config(meta: dict[str, Any], tensor_names: set[str], dtype: str) -> dict:
     """config.json rebuilt from GGUF metadata (the inverse of write_hyper)."""
-    arch_name = meta.get("general.architecture")
-    if not isinstance(arch_name, str) or arch_name not in BY_GGUF_ARCH:
-        raise QuantkitError(f"GGUF architecture {arch_name!r} is not supported yet",
-                            f"supported: {', '.join(BY_GGUF_ARCH)}")
-    arch = BY_GGUF_ARCH[arch_name]
+    arch = gguf_architecture(meta)
+    arch_name = arch.gguf_arch
 
     def get(key: str, default: Any = None, kind: type | tuple[type, ...] = int) -> Any:
         """A size (or, with kind=float, a constant) of the model: present, positive and finite."""
@@ -263,7 +277,7 @@ def hf_config(meta: dict[str, Any], tensor_names: set[str], dtype: str) -> dict:
             if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
                 raise QuantkitError(f"GGUF metadata tokenizer.ggml.{key} = {str(token_id)[:40]} is not a token id")
             config[field_name] = token_id
-    if arch.model_type == "qwen2":
+    if arch.model_type.startswith("qwen2"):
         config["use_sliding_window"] = False
     else:
         config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
