@@ -1,0 +1,122 @@
+"""llama.cpp as the client for mixture-of-experts GGUFs (mixtral, qwen2_moe, qwen3_moe), from bfloat16
+checkpoints transformers 5 saved with one tensor per expert:
+
+- llama.cpp's own converter (convert_hf_to_gguf.py, vendored in the llama-cpp-python sdist) writes the same
+  F32 tensors and the same expert metadata as ours;
+- every file type: our tensor types and bytes == what `llama-quantize` writes from our F32 GGUF, on each
+  family with 4 experts and on an 8-expert, 8-layer Mixtral (llama.cpp's rules for 8 experts), with an
+  importance matrix that `llama-imatrix` computed (per expert) too;
+- llama.cpp loads our GGUF of each family and its logits match transformers' on the source within each
+  type's bound.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantkit.io.source import open_checkpoint
+from quantkit.methods.gguf import convert as gc
+from quantkit.methods.gguf import file as gf
+from quantkit.methods.gguf.imatrix import read_imatrix
+from tests.clients.test_llama_quantize import FILE_TYPES, assert_same_file, llama_quantize, tool
+from tests.gguf_checkpoints import TEXT
+from tests.moe_checkpoints import FAMILIES, make_moe_checkpoint
+
+pytestmark = pytest.mark.clients
+LLAMA_CPP = Path(__file__).resolve().parents[2] / ".clients" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
+MODELS = [*FAMILIES, "mixtral8"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """family -> (bfloat16 checkpoint, our F32 GGUF of it)."""
+    root = tmp_path_factory.mktemp("moe")
+    found = {}
+    for name in MODELS:
+        if name == "mixtral8":
+            src = make_moe_checkpoint(root / name, "mixtral", seed=2, layers=8, num_local_experts=8)
+        else:
+            src = make_moe_checkpoint(root / name, name, seed=1)
+        gc.to_gguf(open_checkpoint(src), root / f"{name}-f32.gguf", "F32")
+        found[name] = (src, root / f"{name}-f32.gguf")
+    return found
+
+
+# llama.cpp's converter refuses a BPE pre-tokenizer it does not know (ours is freshly trained): name it gpt-2
+CONVERTER = """
+import sys
+sys.path[:0] = [{root!r}, {root!r} + "/gguf-py"]
+import convert_hf_to_gguf
+from conversion import base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sys.argv = ["convert_hf_to_gguf.py", *sys.argv[1:]]
+convert_hf_to_gguf.main()
+"""
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_converter_writes_the_same_tensors_and_expert_metadata(models, tmp_path, family):
+    src, ours = models[family]
+    assert (LLAMA_CPP / "convert_hf_to_gguf.py").exists(), f"{LLAMA_CPP} is missing: run scripts/install_clients.py"
+    theirs = tmp_path / "theirs.gguf"
+    run = subprocess.run([sys.executable, "-c", CONVERTER.format(root=str(LLAMA_CPP)), str(src), "--outtype", "f32",
+                          "--outfile", str(theirs)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert_same_file(ours, theirs)
+    a, b = gf.read_gguf(ours).metadata, gf.read_gguf(theirs).metadata
+    arch = a["general.architecture"]
+    keys = {k for k in a.keys() | b.keys() if k.startswith(f"{arch}.") and k not in (f"{arch}.vocab_size", f"{arch}.rope.dimension_count")}
+    assert any("expert" in k for k in keys)
+    assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
+
+
+@pytest.mark.parametrize("file_type", FILE_TYPES)
+@pytest.mark.parametrize("model", MODELS)
+def test_moe_file_types_equal_llama_quantize(models, tmp_path, model, file_type):
+    src, f32 = models[model]
+    log = llama_quantize(f32, tmp_path / "theirs.gguf", file_type)
+    report = gc.to_gguf(open_checkpoint(src), tmp_path / "ours.gguf", file_type)
+    types = assert_same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
+    assert len(report.fallbacks) == log.count("falling back to")
+    exps = sorted({q.name for n, q in types.items() if "_exps" in n})
+    print(f"{model} {file_type}: {len(types)} tensors equal, experts as {', '.join(exps)}, {len(report.fallbacks)} fallbacks")
+
+
+@pytest.mark.parametrize("model", ["qwen3_moe", "mixtral", "qwen2_moe"])  # mixtral8: Q5_K, not yet weighted
+def test_moe_imatrix_q4_k_m_equals_llama_quantize(models, tmp_path, model):
+    src, f32 = models[model]
+    (tmp_path / "calibration.txt").write_text(TEXT * 3)
+    imatrix = tmp_path / "imatrix.gguf"
+    run = subprocess.run([str(tool("llama-imatrix")), "-m", str(f32), "-f", str(tmp_path / "calibration.txt"), "-o",
+                          str(imatrix), "-c", "64", "-b", "64", "--chunks", "8", "-t", "2", "--output-format", "gguf"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert any("_exps" in name for name in read_imatrix(imatrix).weights)
+    llama_quantize(f32, tmp_path / "theirs.gguf", "Q4_K_M", "--imatrix", str(imatrix))
+    gc.to_gguf(open_checkpoint(src), tmp_path / "ours.gguf", "Q4_K_M", imatrix=read_imatrix(imatrix))
+    assert_same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
+
+
+# Relative logit error (Frobenius norm) of llama.cpp on our GGUF against transformers on the bfloat16 source
+# (measured, with margin; llama.cpp keeps its KV cache in float16, and a quantized router may pick other experts)
+TO_SOURCE = {"F32": 2e-3, "F16": 5e-3, "Q8_0": 5e-2, "Q4_K_M": 0.4}
+
+
+@pytest.mark.parametrize("type_name", TO_SOURCE)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_logits_match_transformers(models, tmp_path, family, type_name):
+    from tests.clients.test_llamacpp import _llama_cpp_logits, _relative, _transformers_logits, llama_cpp
+
+    assert llama_cpp is not None, "llama_cpp is not installed: `make test-clients` installs llama-cpp-python"
+    from transformers import AutoTokenizer
+
+    src = models[family][0]
+    out = tmp_path / "model.gguf"
+    gc.to_gguf(open_checkpoint(src), out, type_name)
+    ids = [0, *AutoTokenizer.from_pretrained(src)(TEXT[:200])["input_ids"]]
+    error = _relative(_llama_cpp_logits(out, ids), _transformers_logits(src, ids))
+    print(f"{family} {type_name}: relative logit error {error:.2e} over {len(ids)} tokens")
+    assert error < TO_SOURCE[type_name]
