@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from quantkit.io.source import open_checkpoint
@@ -101,8 +100,12 @@ def test_moe_imatrix_q4_k_m_equals_llama_quantize(models, tmp_path, model):
 
 
 # Relative logit error (Frobenius norm) of llama.cpp on our GGUF against transformers on the bfloat16 source
-# (measured, with margin; llama.cpp keeps its KV cache in float16, and a quantized router may pick other experts)
-TO_SOURCE = {"F32": 2e-3, "F16": 5e-3, "Q8_0": 5e-2, "Q4_K_M": 0.4}
+# (measured, with margin): the weights' own error, which routing amplifies in these small random models (a
+# weight error that changes a token's top-2 experts changes that token's output wholesale; transformers on
+# our dequantized weights shows the same error) ...
+TO_SOURCE = {"F32": 2e-3, "F16": 5e-3, "Q8_0": 0.1, "Q4_K_M": 0.4}
+# ... and against transformers running the very weights our GGUF holds: llama.cpp's arithmetic alone
+TO_SAME_WEIGHTS = 5e-2
 
 
 @pytest.mark.parametrize("type_name", TO_SOURCE)
@@ -116,7 +119,12 @@ def test_llama_cpp_logits_match_transformers(models, tmp_path, family, type_name
     src = models[family][0]
     out = tmp_path / "model.gguf"
     gc.to_gguf(open_checkpoint(src), out, type_name)
+    gc.gguf_to_safetensors(out, tmp_path / "same_weights", dtype="float32")
     ids = [0, *AutoTokenizer.from_pretrained(src)(TEXT[:200])["input_ids"]]
-    error = _relative(_llama_cpp_logits(out, ids), _transformers_logits(src, ids))
-    print(f"{family} {type_name}: relative logit error {error:.2e} over {len(ids)} tokens")
-    assert error < TO_SOURCE[type_name]
+    ours = _llama_cpp_logits(out, ids)
+    to_source = _relative(ours, _transformers_logits(src, ids))
+    to_same = _relative(ours, _transformers_logits(tmp_path / "same_weights", ids))
+    print(f"{family} {type_name}: relative logit error {to_source:.2e} to the source, {to_same:.2e} to the same "
+          f"weights, over {len(ids)} tokens")
+    assert to_source < TO_SOURCE[type_name]
+    assert to_same < TO_SAME_WEIGHTS
