@@ -19,7 +19,8 @@ FAMILIES = {
 }
 
 
-def make_moe_checkpoint(out: Path, family: str, seed: int = 0, layers: int = 2, vocab: int = 320, **config_extra) -> Path:
+def make_moe_checkpoint(out: Path, family: str, seed: int = 0, layers: int = 2, vocab: int = 320,
+                        max_shard_size: str = "50MB", **config_extra) -> Path:
     """A random *ForCausalLM of `family` saved in bfloat16 as transformers writes it."""
     import torch
     import transformers
@@ -35,6 +36,6 @@ def make_moe_checkpoint(out: Path, family: str, seed: int = 0, layers: int = 2, 
         for name, p in model.named_parameters():
             if p.ndim >= 2 or "proj.bias" in name:
                 p.normal_(0, 0.05)
-    model.to(torch.bfloat16).save_pretrained(out)
+    model.to(torch.bfloat16).save_pretrained(out, max_shard_size=max_shard_size)
     train_tokenizer(out, vocab)
     return Path(out)

@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as Q
 from quantkit.errors import QuantkitError
 from quantkit.io.source import open_checkpoint
 from quantkit.methods.gguf import convert as gc
+from quantkit.methods.gguf import file as gf
 from quantkit.methods.gguf import types as ggml
 from quantkit.methods.gguf import verify as gv
 from tests.moe_checkpoints import FAMILIES, make_moe_checkpoint
@@ -157,3 +158,38 @@ def test_preview_names_merged_experts(checkpoints):
     merged = [t for t in preview.tensors if "merged from 4 experts" in t.reason]
     assert len(merged) == 6  # 2 layers x gate, up, down
     assert merged[0].outputs[0]["shape"][0] == 4
+
+
+def test_cli_from_a_sharded_hub_cache_snapshot(tmp_path):
+    """As users have them: a Hugging Face cache snapshot (symlinks into blobs/), experts spread over shards."""
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+    from tests.test_hub_cache import add_to_cache
+
+    plain = make_moe_checkpoint(tmp_path / "plain", "mixtral", seed=4, max_shard_size="400KB")
+    assert len(list(plain.glob("*.safetensors"))) > 3
+    snapshot = add_to_cache(tmp_path / "hub", "org/tiny-mixtral", plain)
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert", str(snapshot), str(tmp_path / "m.gguf"), "--to", "gguf", "--gguf-type", "Q4_K_M", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert {f["tensor"] for f in summary["fallbacks"]} >= {"blk.0.ffn_down_exps.weight", "blk.1.ffn_down_exps.weight"}
+    gc.to_gguf(open_checkpoint(plain), tmp_path / "plain.gguf", "Q4_K_M")
+    ours, plain_gguf = gf.read_gguf(tmp_path / "m.gguf"), gf.read_gguf(tmp_path / "plain.gguf")  # general.name differs
+    assert [(t.name, t.qtype, t.shape) for t in ours.tensors] == [(t.name, t.qtype, t.shape) for t in plain_gguf.tensors]
+    assert all(ours.rows(a).tobytes() == plain_gguf.rows(b).tobytes() for a, b in zip(ours.tensors, plain_gguf.tensors, strict=True))
+    result = runner.invoke(app, ["convert", str(tmp_path / "m.gguf"), str(tmp_path / "back"), "--to", "safetensors"])
+    assert result.exit_code == 0, result.output
+    assert sorted(_shapes(tmp_path / "back")) == sorted(_shapes(plain))
+
+
+def _shapes(folder) -> dict[str, tuple]:
+    """Every tensor's shape across a folder's shards."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            shapes |= {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    return shapes
