@@ -30,7 +30,7 @@ def make_moe_checkpoint(out: Path, family: str, seed: int = 0, layers: int = 2, 
     config = getattr(transformers, config_class)(
         hidden_size=256, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=vocab, max_position_embeddings=256, rms_norm_eps=1e-5, num_experts_per_tok=2,
-        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, **(sizes | config_extra))
+        bos_token_id=0, eos_token_id=1, **({"tie_word_embeddings": False} | sizes | config_extra))
     model = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():  # random init is tiny; give the weights a spread that exercises the quantizers
         for name, p in model.named_parameters():

@@ -143,6 +143,17 @@ def test_layers_without_experts_are_refused(tmp_path):
         gc.to_gguf(open_checkpoint(src), tmp_path / "model.gguf", "F32")
 
 
+def test_tied_qwen2_moe_is_a_warning_then_a_verify_failure(tmp_path):
+    """llama.cpp's qwen2moe graph needs output.weight (qwen3moe falls back to the embeddings)."""
+    src = make_moe_checkpoint(tmp_path / "src", "qwen2_moe", layers=1, tie_word_embeddings=True)
+    report = gc.to_gguf(open_checkpoint(src), tmp_path / "model.gguf", "F32")
+    assert any("lm_head.weight is missing" in w for w in report.warnings)
+    checks = {c.name: c for c in gv.verify_gguf(tmp_path / "model.gguf").checks}
+    assert not checks["metadata"].ok and "lm_head" in checks["metadata"].detail
+    src = make_moe_checkpoint(tmp_path / "src3", "qwen3_moe", layers=1, tie_word_embeddings=True)
+    assert gc.to_gguf(open_checkpoint(src), tmp_path / "model3.gguf", "F32").warnings == []
+
+
 def test_qwen3_moe_without_renormalized_routing_is_a_warning(tmp_path):
     src = make_moe_checkpoint(tmp_path / "src", "qwen3_moe", layers=1, norm_topk_prob=False)
     report = gc.to_gguf(open_checkpoint(src), tmp_path / "model.gguf", "F32")

@@ -114,6 +114,8 @@ def expected_shapes(sizes: dict, moe: MoE | None) -> dict[str, tuple[int, ...]] 
     if moe is None:
         return None
     dense = {name: shape for name, shape in dense_shapes(sizes).items() if ".mlp." not in name}
+    if moe.layout == "qwen2_moe" and "model.embed_tokens.weight" in dense:  # llama.cpp's qwen2moe needs output.weight
+        dense["lm_head.weight"] = dense["model.embed_tokens.weight"]
     return dense | moe.expected_shapes(sizes["hidden_size"], sizes["num_hidden_layers"])
 
 
