@@ -196,6 +196,8 @@ PyObject *py_dequantize_4bit(PyObject *self, PyObject *args);
 PyObject *py_q8_0(PyObject *self, PyObject *args);
 PyObject *py_gptq_rtn(PyObject *self, PyObject *args);
 PyObject *py_ct_fp8_channel(PyObject *self, PyObject *args);
+PyObject *py_fp8_dense(PyObject *self, PyObject *args);
+PyObject *py_nonfinite(PyObject *self, PyObject *args);
 /* mapguard.c */
 PyObject *py_guard_map(PyObject *self, PyObject *args);
 PyObject *py_unguard_map(PyObject *self, PyObject *args);

@@ -99,3 +99,105 @@ PyObject *py_ct_fp8_channel(PyObject *self, PyObject *args) {
     release(v, 3);
     Py_RETURN_NONE;
 }
+
+/* ------------------------------------------------------------------------------------------------
+   FP8 weights back to dense: fine-grained FP8 (`weight_scale_inv` per 128 x 128 block, float32) and
+   compressed-tensors float-quantized (a scale per tensor, row or block, in the checkpoint's dtype S).
+   Each value is the references' (fp8/blocks.py dequantize_band, ct/formats.py affine):
+   round_S(e4m3(code) * scale) in float32, then stored as the output dtype (nearest even). One layout
+   covers every strategy: the scale of element (r, c) is scales[(first_row + r) / block_rows][c / block_cols]. */
+
+/* float8_e4m3fn code -> float32 bits, exactly: normal codes re-biased (7 -> 127), subnormals m * 2**-9
+   computed (not left as float32 subnormals, whose arithmetic is slow), 0x7F / 0xFF the NaN the numpy
+   table holds (0x7FC00000, sign dropped). */
+static inline float e4m3_value(uint8_t code) {
+    const uint32_t c = code, sign = (c & 0x80u) << 24, magnitude = c & 0x7Fu;
+    const uint32_t normal = (magnitude << 20) + (120u << 23);
+    const uint32_t subnormal = as_bits((float)(int32_t)(c & 7u) * 0.001953125f);
+    const uint32_t bits = pick(when(magnitude < 8u), subnormal, normal) | sign;
+    return as_float(pick(when(magnitude == 0x7Fu), 0x7FC00000u, bits));
+}
+
+typedef struct {
+    const uint8_t *codes;
+    const float *scales;
+    Py_ssize_t cols, scale_cols, block_rows, block_cols, first_row;
+    int round; /* S: S_BF16, S_F16 or S_F32 (no rounding) */
+    int out;   /* the output dtype, the same codes */
+    void *dense;
+} fp8_dense_t;
+
+/* The output dtype's bits of a float32 that is already a value of S (or any float32 for S_F32). */
+static inline uint32_t dense_bits(float v, const int out) {
+    if (out == S_BF16)
+        return bf16_bits(v);
+    if (out == S_F16)
+        return float16_bits(v);
+    return as_bits(v);
+}
+
+BODY void fp8_dense_body(const fp8_dense_t *q, Py_ssize_t lo, Py_ssize_t hi, const int round, const int out) {
+    const uint8_t *codes = q->codes;
+    const Py_ssize_t cols = q->cols, width = q->block_cols;
+    void *dense = q->dense;
+    for (Py_ssize_t row = lo; row < hi; row++) {
+        const float *scales = q->scales + (q->first_row + row) / q->block_rows * q->scale_cols;
+        for (Py_ssize_t start = 0, block = 0; start < cols; start += width, block++) {
+            const float scale = scales[block];
+            const Py_ssize_t base = row * cols + start, count = min_size(width, cols - start);
+            for (Py_ssize_t i = 0; i < count; i++)
+                store(dense, out != S_F32, base + i, dense_bits(round_to(e4m3_value(codes[base + i]) * scale, round), out));
+        }
+    }
+}
+
+HOT static void fp8_dense_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
+    const fp8_dense_t *q = ctx;
+    /* the common pairs get a loop of their own; the rest share one that tests at run time */
+    if (q->round == S_F32 && q->out == S_BF16)
+        fp8_dense_body(q, lo, hi, S_F32, S_BF16);
+    else if (q->round == S_BF16 && q->out == S_BF16)
+        fp8_dense_body(q, lo, hi, S_BF16, S_BF16);
+    else if (q->round == S_F16 && q->out == S_F16)
+        fp8_dense_body(q, lo, hi, S_F16, S_F16);
+    else
+        fp8_dense_body(q, lo, hi, q->round, q->out);
+}
+
+/* fp8_dense(codes, cols, scales, block_rows, block_cols, first_row, round, out, dense, threads): codes uint8
+   [rows, cols]; scales float32 [*, ceil(cols / block_cols)] holding at least scale row
+   (first_row + rows - 1) / block_rows; round and out 0 bfloat16, 1 float16, 2 float32; dense the output
+   [rows, cols] (2-byte bits or float32). */
+PyObject *py_fp8_dense(PyObject *self, PyObject *args) {
+    Py_buffer v[3];
+    fp8_dense_t q;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*ny*nnniiw*i", &v[0], &q.cols, &v[1], &q.block_rows, &q.block_cols, &q.first_row, &q.round,
+                          &q.out, &v[2], &threads))
+        return NULL;
+    q.codes = v[0].buf;
+    q.scales = v[1].buf;
+    q.dense = v[2].buf;
+    if (q.cols < 1 || q.block_rows < 1 || q.block_cols < 1 || q.first_row < 0 || q.round < S_BF16 || q.round > S_F32 ||
+        q.out < S_BF16 || q.out > S_F32 || v[0].len % q.cols) {
+        PyErr_SetString(PyExc_ValueError, "cols, block_rows, block_cols must be positive (cols dividing the codes), "
+                                          "first_row not negative, round and out one of 0, 1, 2");
+        release(v, 3);
+        return NULL;
+    }
+    const Py_ssize_t rows = v[0].len / q.cols, item = q.out == S_F32 ? 4 : 2;
+    q.scale_cols = (q.cols + q.block_cols - 1) / q.block_cols;
+    const Py_ssize_t scale_rows = rows ? (q.first_row + rows - 1) / q.block_rows + 1 : 0;
+    if (v[1].len / 4 < scale_rows * q.scale_cols || v[1].len % (4 * q.scale_cols))
+        PyErr_Format(PyExc_ValueError, "scales: %zd bytes, expected rows of %zd float32 covering %zd rows", v[1].len, q.scale_cols,
+                     scale_rows);
+    if (PyErr_Occurred() || check_length(&v[2], rows * q.cols * item, "dense")) {
+        release(v, 3);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(fp8_dense_part, &q, rows, thread_count(threads, rows * q.cols));
+    Py_END_ALLOW_THREADS
+    release(v, 3);
+    Py_RETURN_NONE;
+}

@@ -56,6 +56,20 @@ def expand(scale: np.ndarray, rows: int, cols: int, args: dict, row_start: int) 
     return scale.reshape(-1, 1) if scale.size == rows and scale.size > 1 else scale.reshape(1, 1)
 
 
+def scale_grid(scale: np.ndarray, rows: int, cols: int, args: dict) -> tuple[np.ndarray, tuple[int, int]]:
+    """A whole scale as `expand` reads it, as a 2-D grid and the block each entry covers: the scale of
+    element (r, c) is grid[r // block[0], c // block[1]] (for the native kernels, which take any chunk of rows)."""
+    strategy = args.get("strategy")
+    if strategy == "block":
+        height, width = args["block_structure"]
+        return scale.reshape(-(-rows // height), -(-cols // width)), (height, width)
+    if strategy in ("group", "tensor_group") and scale.size > 1:
+        return scale.reshape(rows, -1), (1, args["group_size"])
+    if scale.size == rows and scale.size > 1:
+        return scale.reshape(rows, 1), (1, cols)
+    return scale.reshape(1, 1), (max(rows, 1), cols)
+
+
 def affine(q: np.ndarray, scale: np.ndarray, scale_dtype: str, zero: np.ndarray | None, args: dict, row_start: int) -> np.ndarray:
     """compressed-tensors' _dequantize in S: round_S(round_S(q - zero) * scale), q exact in S."""
     rows, cols = q.shape
