@@ -1,6 +1,6 @@
-"""The native FP8 -> dense kernel (native.fp8_dense) and the finite check (native.nonfinite) give what the
-numpy references give, bit for bit: every e4m3 code (NaN and subnormals included), every scale dtype and
-output dtype, ragged blocks, chunks that start inside a block row. The references themselves are checked
+"""The native FP8 kernels (native.fp8_dense, the fine-grained writer's fp8.native) and the finite check
+(native.nonfinite) give what the numpy references give, bit for bit: every e4m3 code (NaN and subnormals
+included), every scale dtype and output dtype, ragged blocks, chunks that start inside a block row. The references themselves are checked
 against transformers and compressed-tensors in test_fp8_mxfp4.py and test_quantize_ct.py."""
 
 from __future__ import annotations
@@ -89,3 +89,25 @@ def test_the_kernels_refuse_wrong_lengths():
         native.kernels.fp8_dense(codes, 8, np.zeros(4, np.float32), 1, 8, 0, 0, 0, np.zeros(31, np.uint16), 1)
     with pytest.raises(ValueError, match="kind"):
         native.kernels.nonfinite(np.zeros(3, np.uint8), 0, 1)
+
+
+@pytest.mark.parametrize("dtype", DENSE)
+@pytest.mark.parametrize("shape", [(300, 200), (128, 128), (1, 7), (257, 1000)])
+def test_fine_grained_fp8_writer_kernel_equals_the_reference(dtype, shape):
+    from quantkit.methods.fp8 import native as fp8_native
+
+    rng = np.random.default_rng(shape[0] + shape[1])
+    low, high = (-12, 6) if dtype == "F16" else (-30, 12)  # float16 overflows beyond 65504
+    values = (rng.standard_normal(shape) * np.exp(rng.uniform(low, high, (shape[0], 1)))).astype(np.float32)
+    values[: min(128, shape[0]), : min(128, shape[1])] = 0  # an all-zero block: scale 1
+    if shape[1] > 5:
+        values[-1, 5] = -0.0
+    stored = dtypes.from_float32(values, dtype)
+    assert dtypes.all_finite(stored, dtype)
+    reference = blocks.quantize_band(dtypes.to_float32(stored, dtype))
+    ours = fp8_native.quantize_band(stored, dtype, blocks.BLOCK)
+    assert np.array_equal(ours[0], reference[0]) and np.array_equal(ours[1].view(np.uint32), reference[1].view(np.uint32))
+    for special in (np.nan, np.inf):
+        damaged = values.copy()
+        damaged[-1, -1] = special
+        assert fp8_native.quantize_band(dtypes.from_float32(damaged, dtype), dtype, blocks.BLOCK) is None

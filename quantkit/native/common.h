@@ -197,6 +197,8 @@ PyObject *py_q8_0(PyObject *self, PyObject *args);
 PyObject *py_gptq_rtn(PyObject *self, PyObject *args);
 PyObject *py_ct_fp8_channel(PyObject *self, PyObject *args);
 PyObject *py_fp8_dense(PyObject *self, PyObject *args);
+PyObject *py_fp8_blocks(PyObject *self, PyObject *args);
+PyObject *py_ct_int_symmetric(PyObject *self, PyObject *args);
 PyObject *py_nonfinite(PyObject *self, PyObject *args);
 /* mapguard.c */
 PyObject *py_guard_map(PyObject *self, PyObject *args);

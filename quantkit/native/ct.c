@@ -201,3 +201,181 @@ PyObject *py_fp8_dense(PyObject *self, PyObject *args) {
     release(v, 3);
     Py_RETURN_NONE;
 }
+
+/* ------------------------------------------------------------------------------------------------
+   Fine-grained FP8 out (fp8/blocks.py quantize_band, transformers' Fp8Quantize): per block of
+   block_rows x block_cols (ragged at the edges) amax = max |w|, scale = (1 / amax) * 448 in float32 (two
+   roundings, as torch computes 448 / amax; 1 for an all-zero block), scale_inv = 1 / scale, and
+   code = e4m3(w * scale) (e4m3 saturates at 448: the reference's clamp). One unit of work is one band of
+   block rows. A NaN or infinity anywhere is reported (the caller refuses the tensor), not coded. */
+
+typedef struct {
+    const void *src; /* bfloat16 bits, or float32 values */
+    int bf16;
+    Py_ssize_t rows, cols, block_rows, block_cols;
+    uint8_t *codes;
+    float *scale_inv; /* [bands, ceil(cols / block_cols)] */
+    atomic_int nonfinite;
+} fp8_blocks_t;
+
+BODY void fp8_blocks_body(fp8_blocks_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) {
+    const void *src = q->src;
+    const Py_ssize_t cols = q->cols, width = q->block_cols, grid = (cols + width - 1) / width;
+    float scales[4096]; /* per column block of the band; grid <= 4096 is checked at the entry */
+    uint32_t peaks[4096];
+    for (Py_ssize_t band = lo; band < hi; band++) {
+        const Py_ssize_t first = band * q->block_rows, last = min_size(q->rows, first + q->block_rows);
+        memset(peaks, 0, sizeof peaks[0] * grid);
+        for (Py_ssize_t row = first; row < last; row++)
+            for (Py_ssize_t block = 0; block < grid; block++) {
+                const Py_ssize_t start = block * width;
+                const uint32_t peak = peak_bits(src, bf16, row * cols + start, min_size(width, cols - start));
+                peaks[block] = peak > peaks[block] ? peak : peaks[block];
+            }
+        for (Py_ssize_t block = 0; block < grid; block++) {
+            if (peaks[block] >= EXPONENT)
+                atomic_store_explicit(&q->nonfinite, 1, memory_order_relaxed);
+            const float amax = as_float(peaks[block]);
+            scales[block] = amax > 0.0f ? (1.0f / amax) * 448.0f : 1.0f;
+            q->scale_inv[band * grid + block] = 1.0f / scales[block];
+        }
+        for (Py_ssize_t row = first; row < last; row++)
+            for (Py_ssize_t block = 0; block < grid; block++) {
+                const Py_ssize_t start = block * width, base = row * cols + start, count = min_size(width, cols - start);
+                const float scale = scales[block];
+                uint8_t *codes = q->codes;
+                for (Py_ssize_t i = 0; i < count; i++)
+                    codes[base + i] = e4m3(as_float(load_bits(src, bf16, base + i)) * scale);
+            }
+    }
+}
+
+HOT static void fp8_blocks_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
+    fp8_blocks_t *q = (fp8_blocks_t *)ctx;
+    if (q->bf16)
+        fp8_blocks_body(q, lo, hi, 1);
+    else
+        fp8_blocks_body(q, lo, hi, 0);
+}
+
+/* fp8_blocks(src, bf16, cols, block_rows, block_cols, codes, scale_inv, threads) -> whether every value was
+   finite: src [rows, cols] bfloat16 bits or float32, codes uint8 [rows, cols], scale_inv float32
+   [ceil(rows / block_rows), ceil(cols / block_cols)]. */
+PyObject *py_fp8_blocks(PyObject *self, PyObject *args) {
+    Py_buffer v[3];
+    fp8_blocks_t q;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*pnnnw*w*i", &v[0], &q.bf16, &q.cols, &q.block_rows, &q.block_cols, &v[1], &v[2], &threads))
+        return NULL;
+    q.src = v[0].buf;
+    q.codes = v[1].buf;
+    q.scale_inv = v[2].buf;
+    atomic_init(&q.nonfinite, 0);
+    const Py_ssize_t item = q.bf16 ? 2 : 4;
+    if (q.cols < 1 || q.block_rows < 1 || q.block_cols < 1 || (q.cols + q.block_cols - 1) / q.block_cols > 4096 ||
+        v[0].len % (q.cols * item)) {
+        PyErr_SetString(PyExc_ValueError, "cols, block_rows and block_cols must be positive, at most 4096 blocks a row, "
+                                          "and src whole rows");
+        release(v, 3);
+        return NULL;
+    }
+    q.rows = v[0].len / (q.cols * item);
+    const Py_ssize_t bands = (q.rows + q.block_rows - 1) / q.block_rows, grid = (q.cols + q.block_cols - 1) / q.block_cols;
+    if (check_length(&v[1], q.rows * q.cols, "codes") || check_length(&v[2], bands * grid * 4, "scale_inv")) {
+        release(v, 3);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(fp8_blocks_part, &q, bands, thread_count(threads, q.rows * q.cols));
+    Py_END_ALLOW_THREADS
+    release(v, 3);
+    return PyBool_FromLong(!atomic_load(&q.nonfinite));
+}
+
+/* ------------------------------------------------------------------------------------------------
+   W4A16 / W8A16 (schemes.int_symmetric + pack_int32): per group of a row, scale = round_S(absmax / q)
+   with q = (2**bits - 1) / 2 (0 -> finfo(S).eps), code = rint(clamp(round_S(w / scale), -2**(bits-1),
+   2**(bits-1) - 1)), stored + 2**(bits-1) and packed lowest first into int32 words along the row. A group
+   holding NaN or infinity is reported, and the caller takes the reference for the chunk. */
+
+typedef struct {
+    const void *src;
+    int dtype, bits;
+    Py_ssize_t cols, group;
+    uint32_t *packed;
+    float *scale;
+    atomic_int nonfinite;
+} int_symmetric_t;
+
+BODY void int_symmetric_body(int_symmetric_t *q, Py_ssize_t lo, Py_ssize_t hi, const int dtype, const int bits) {
+    const void *src = q->src;
+    const Py_ssize_t cols = q->cols, group = q->group, groups = cols / group, per_word = 32 / bits;
+    const int bf16 = dtype == S_BF16;
+    const float eps = dtype == S_BF16 ? 0.0078125f : dtype == S_F16 ? 0.0009765625f : 1.1920928955078125e-07f;
+    const float half_range = bits == 4 ? 7.5f : 127.5f, low = -(float)(1 << (bits - 1)), high = (float)((1 << (bits - 1)) - 1);
+    const int32_t offset = 1 << (bits - 1);
+    uint8_t stored[4096]; /* one group's codes; group <= 4096 is checked at the entry */
+    for (Py_ssize_t row = lo; row < hi; row++)
+        for (Py_ssize_t g = 0; g < groups; g++) {
+            const Py_ssize_t start = row * cols + g * group;
+            const uint32_t peak = peak_bits(src, bf16, start, group);
+            if (peak >= EXPONENT)
+                atomic_store_explicit(&q->nonfinite, 1, memory_order_relaxed);
+            float scale = round_to(as_float(peak) / half_range, dtype);
+            scale = scale == 0.0f ? eps : scale;
+            q->scale[row * groups + g] = scale;
+            for (Py_ssize_t i = 0; i < group; i++) {
+                const float v = round_to(as_float(load_bits(src, bf16, start + i)) / scale, dtype);
+                const float clamped = as_float(pick(when(v < low), as_bits(low), pick(when(v > high), as_bits(high), as_bits(v))));
+                stored[i] = (uint8_t)(rint_int(clamped) + offset);
+            }
+            uint32_t *words = q->packed + start / per_word;
+            for (Py_ssize_t w = 0; w < group / per_word; w++) {
+                uint32_t word = 0;
+                for (Py_ssize_t k = 0; k < per_word; k++)
+                    word |= (uint32_t)stored[w * per_word + k] << (k * bits);
+                words[w] = word;
+            }
+        }
+}
+
+HOT static void int_symmetric_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
+    int_symmetric_t *q = (int_symmetric_t *)ctx;
+    if (q->bits == 4)
+        q->dtype == S_BF16 ? int_symmetric_body(q, lo, hi, S_BF16, 4) : int_symmetric_body(q, lo, hi, q->dtype, 4);
+    else
+        q->dtype == S_BF16 ? int_symmetric_body(q, lo, hi, S_BF16, 8) : int_symmetric_body(q, lo, hi, q->dtype, 8);
+}
+
+/* ct_int_symmetric(src, dtype, cols, group, bits, packed, scale, threads) -> whether every value was finite:
+   dtype as ct_fp8_channel's, bits 4 or 8, group a multiple of 32 / bits dividing cols; packed int32
+   [rows, cols * bits / 32], scale float32 [rows, cols / group]. */
+PyObject *py_ct_int_symmetric(PyObject *self, PyObject *args) {
+    Py_buffer v[3];
+    int_symmetric_t q;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*inniw*w*i", &v[0], &q.dtype, &q.cols, &q.group, &q.bits, &v[1], &v[2], &threads))
+        return NULL;
+    atomic_init(&q.nonfinite, 0);
+    const Py_ssize_t item = q.dtype == S_BF16 ? 2 : 4;
+    if (q.dtype < S_BF16 || q.dtype > S_F32 || (q.bits != 4 && q.bits != 8) || q.group < 1 || q.group > 4096 || q.cols < 1 ||
+        q.group % (32 / q.bits) || q.cols % q.group || v[0].len % (q.cols * item)) {
+        PyErr_SetString(PyExc_ValueError, "dtype 0, 1 or 2, bits 4 or 8, a group of whole words dividing cols (at most 4096), "
+                                          "src whole rows");
+        release(v, 3);
+        return NULL;
+    }
+    const Py_ssize_t rows = v[0].len / (q.cols * item);
+    q.src = v[0].buf;
+    q.packed = v[1].buf;
+    q.scale = v[2].buf;
+    if (check_length(&v[1], rows * q.cols * q.bits / 8, "packed") || check_length(&v[2], rows * (q.cols / q.group) * 4, "scale")) {
+        release(v, 3);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(int_symmetric_part, &q, rows, thread_count(threads, rows * q.cols));
+    Py_END_ALLOW_THREADS
+    release(v, 3);
+    return PyBool_FromLong(!atomic_load(&q.nonfinite));
+}
