@@ -1,5 +1,5 @@
 /* What quantkit's kernels share: float bit tricks, float16 / bfloat16 rounding, the fork-join over pthreads
-and the buffer checks. Each family's kernels live in a file of their own (bnb.c, gguf.c, gptq.c); module.c makes
+and the buffer checks. Each family's kernels live in a file of their own (bnb.c, ct.c, gguf.c, gptq.c; dense.c checks dense output); module.c makes
 them one extension, quantkit.native._kernels.
 
 Every kernel gives the bytes of its numpy reference (quantkit/methods/FAMILY/): every value is a float32 and

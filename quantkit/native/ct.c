@@ -1,7 +1,8 @@
-/* compressed-tensors: FP8_DYNAMIC weights (one float8_e4m3fn scale per output row), the bytes of
+/* compressed-tensors and FP8: FP8_DYNAMIC weights (one float8_e4m3fn scale per output row), the bytes of
 schemes.fp8_channel in quantkit/methods/ct/. Each step is the reference's torch step in the weight's dtype S:
 scale = R(absmax / 448) (0 -> finfo(S).eps), code = e4m3(clamp(R(w / scale), +-448)), R rounding a float32
-result to S (bfloat16, float16, or nothing for float32). */
+result to S (bfloat16, float16, or nothing for float32). Further down, each in a section of its own: FP8
+weights back to dense (both layouts), the fine-grained FP8 writer, and W4A16 / W8A16. */
 #include "common.h"
 
 enum { S_BF16 = 0, S_F16 = 1, S_F32 = 2 };

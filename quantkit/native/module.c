@@ -1,4 +1,4 @@
-/* quantkit.native._kernels: one extension holding every family's kernels (bnb.c, ct.c, gguf.c, gptq.c) and the
+/* quantkit.native._kernels: one extension holding every family's kernels (bnb.c, ct.c, dense.c, gguf.c, gptq.c) and the
    SIGBUS guard of source maps (mapguard.c). */
 #include "common.h"
 
