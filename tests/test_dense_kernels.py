@@ -111,3 +111,21 @@ def test_fine_grained_fp8_writer_kernel_equals_the_reference(dtype, shape):
         damaged = values.copy()
         damaged[-1, -1] = special
         assert fp8_native.quantize_band(dtypes.from_float32(damaged, dtype), dtype, blocks.BLOCK) is None
+
+
+@pytest.mark.parametrize("dtype", DENSE)
+def test_mxfp4_kernel_equals_the_reference(dtype):
+    from quantkit.methods.mxfp4 import blocks as mx
+    from quantkit.methods.mxfp4 import native as mx_native
+
+    rng = np.random.default_rng(5)
+    rows, groups = 70, 12
+    packed = rng.integers(0, 256, (rows, groups, 16), dtype=np.uint8)
+    scales = rng.integers(100, 140, (rows, groups), dtype=np.uint8)
+    scales.reshape(-1)[:256] = np.arange(256, dtype=np.uint8)  # every e8m0 code, 0 and 255 included
+    for first, count in [(0, groups), (5, 4), (11, 1)]:
+        with np.errstate(over="ignore"):
+            values = mx.dequantize_groups(packed[:, first : first + count], scales[:, first : first + count])
+            reference = dtypes.from_float32(np.ascontiguousarray(values.T), dtype)
+        ours = mx_native.dense_groups(packed, scales, first, count, dtype)
+        assert ours.dtype == reference.dtype and np.array_equal(ours.view(np.uint8), reference.view(np.uint8)), (first, count)

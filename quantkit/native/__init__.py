@@ -44,7 +44,7 @@ def stored(chunk: np.ndarray, dtype: str) -> tuple[np.ndarray, bool]:
 
 
 DENSE = {"BF16": 0, "F16": 1, "F32": 2}  # the dtypes the dense kernels take, as they number them
-_STORED = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}  # as dtypes.STORAGE holds them
+DENSE_STORAGE = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}  # their bits, as dtypes.STORAGE holds them
 DENSE_KERNELS = AVAILABLE and hasattr(kernels, "fp8_dense") and hasattr(kernels, "nonfinite")
 
 
@@ -58,7 +58,7 @@ def fp8_dense(codes: np.ndarray, scales: np.ndarray, block: tuple[int, int], fir
     scale, the product rounded to `scale_dtype` first: scales float32 [*, ceil(cols / block[1])], the scale of
     element (r, c) at [(first_row + r) // block[0], c // block[1]]. `dtype` and `scale_dtype` in DENSE."""
     rows, cols = codes.shape
-    dense = np.empty((rows, cols), _STORED[dtype])
+    dense = np.empty((rows, cols), DENSE_STORAGE[dtype])
     if codes.size:
         kernels.fp8_dense(np.ascontiguousarray(codes).view(np.uint8), cols, np.ascontiguousarray(scales, np.float32), block[0],
                           block[1], first_row, DENSE[scale_dtype], DENSE[dtype], dense, threads())

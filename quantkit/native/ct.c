@@ -2,7 +2,7 @@
 schemes.fp8_channel in quantkit/methods/ct/. Each step is the reference's torch step in the weight's dtype S:
 scale = R(absmax / 448) (0 -> finfo(S).eps), code = e4m3(clamp(R(w / scale), +-448)), R rounding a float32
 result to S (bfloat16, float16, or nothing for float32). Further down, each in a section of its own: FP8
-weights back to dense (both layouts), the fine-grained FP8 writer, and W4A16 / W8A16. */
+weights back to dense (both layouts), the fine-grained FP8 writer, W4A16 / W8A16, and gpt-oss MXFP4 back to dense. */
 #include "common.h"
 
 enum { S_BF16 = 0, S_F16 = 1, S_F32 = 2 };
@@ -379,4 +379,99 @@ PyObject *py_ct_int_symmetric(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     release(v, 3);
     return PyBool_FromLong(!atomic_load(&q.nonfinite));
+}
+
+/* ------------------------------------------------------------------------------------------------
+   gpt-oss MXFP4 experts back to dense (mxfp4/blocks.py dequantize_groups, then transposed): one expert's
+   blocks uint8 [rows, groups, 16] (two e2m1 values a byte, low nibble first) and e8m0 scales [rows, groups]
+   give dense [groups * 32, rows]: value = e2m1 * 2**(scale - 127) in float32, exact (code 255 is
+   torch.ldexp's 2**128, applied in two exact steps), then stored as the output dtype. One unit of work is one
+   group: 32 output rows, each written in order along the expert's rows. */
+
+#define MX_TILE 64 /* expert rows decoded at a time: their bytes turned around so that each loop runs along rows */
+
+/* e2m1 code (bit 3 the sign) -> float32 bits, branch-free: 0 and 0.5 (codes 0, 1), else 2**(e - 1) * (1 + m / 2). */
+static inline uint32_t e2m1_bits(uint32_t code) {
+    const uint32_t magnitude = code & 7u, sign = (code & 8u) << 28;
+    const uint32_t normal = (((magnitude >> 1) + 126u) << 23) | ((magnitude & 1u) << 22);
+    return sign | pick(when(magnitude < 2u), pick(when(magnitude == 1u), 0x3F000000u, 0u), normal);
+}
+
+typedef struct {
+    const uint8_t *blocks, *scales;
+    Py_ssize_t rows, groups, first_group;
+    int out;
+    void *dense;
+} mxfp4_dense_t;
+
+BODY void mxfp4_dense_body(const mxfp4_dense_t *q, Py_ssize_t lo, Py_ssize_t hi, const int out) {
+    const Py_ssize_t rows = q->rows, groups = q->groups;
+    void *dense = q->dense;
+    uint8_t bytes[16][MX_TILE];
+    float scale[MX_TILE], twice[MX_TILE];
+    for (Py_ssize_t unit = lo; unit < hi; unit++) {
+        const Py_ssize_t group = q->first_group + unit;
+        for (Py_ssize_t r0 = 0; r0 < rows; r0 += MX_TILE) {
+            const Py_ssize_t count = min_size(MX_TILE, rows - r0);
+            for (Py_ssize_t r = 0; r < count; r++) {
+                const uint8_t *from = q->blocks + ((r0 + r) * groups + group) * 16;
+                for (int b = 0; b < 16; b++)
+                    bytes[b][r] = from[b];
+                const uint32_t code = q->scales[(r0 + r) * groups + group];
+                /* code 0 is 2**-127 (a float32 subnormal), 255 torch.ldexp's 2**128 as 2**127 then 2 */
+                scale[r] = code == 0 ? as_float(0x00400000u) : code == 255 ? 0x1p127f : as_float(code << 23);
+                twice[r] = code == 255 ? 2.0f : 1.0f;
+            }
+            for (int j = 0; j < 32; j++) {
+                const uint8_t *column = bytes[j >> 1];
+                const int shift = (j & 1) * 4;
+                const Py_ssize_t base = (unit * 32 + j) * rows + r0;
+                for (Py_ssize_t r = 0; r < count; r++)
+                    store(dense, out != S_F32, base + r, dense_bits(as_float(e2m1_bits((uint32_t)(column[r] >> shift))) * scale[r] * twice[r], out));
+            }
+        }
+    }
+}
+
+HOT static void mxfp4_dense_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
+    const mxfp4_dense_t *q = ctx;
+    if (q->out == S_BF16)
+        mxfp4_dense_body(q, lo, hi, S_BF16);
+    else if (q->out == S_F16)
+        mxfp4_dense_body(q, lo, hi, S_F16);
+    else
+        mxfp4_dense_body(q, lo, hi, S_F32);
+}
+
+/* mxfp4_dense(blocks, scales, groups, first_group, out, dense, threads): blocks uint8 [rows, groups, 16] and
+   scales uint8 [rows, groups] of one expert; dense [count * 32, rows] for groups first_group.. (count from
+   its length) in out (0 bfloat16, 1 float16, 2 float32). */
+PyObject *py_mxfp4_dense(PyObject *self, PyObject *args) {
+    Py_buffer v[3];
+    mxfp4_dense_t q;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*y*nniw*i", &v[0], &v[1], &q.groups, &q.first_group, &q.out, &v[2], &threads))
+        return NULL;
+    q.blocks = v[0].buf;
+    q.scales = v[1].buf;
+    q.dense = v[2].buf;
+    const Py_ssize_t item = q.out == S_F32 ? 4 : 2;
+    if (q.groups < 1 || q.first_group < 0 || q.out < S_BF16 || q.out > S_F32 || v[1].len % q.groups || v[0].len != v[1].len * 16) {
+        PyErr_SetString(PyExc_ValueError, "groups positive, first_group not negative, out 0, 1 or 2, blocks 16 bytes per scale");
+        release(v, 3);
+        return NULL;
+    }
+    q.rows = v[1].len / q.groups;
+    const Py_ssize_t count = q.rows ? v[2].len / (32 * q.rows * item) : 0;
+    if (q.first_group + count > q.groups || check_length(&v[2], count * 32 * q.rows * item, "dense")) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "dense: more groups than the blocks hold");
+        release(v, 3);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(mxfp4_dense_part, &q, count, thread_count(threads, count * 32 * q.rows));
+    Py_END_ALLOW_THREADS
+    release(v, 3);
+    Py_RETURN_NONE;
 }

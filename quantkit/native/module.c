@@ -20,6 +20,9 @@ static PyMethodDef methods[] = {
     {"fp8_blocks", py_fp8_blocks, METH_VARARGS,
      "fp8_blocks(src, bf16, cols, block_rows, block_cols, codes, scale_inv, threads) -> all finite: fine-grained FP8 codes "
      "and scale_inv per block, as transformers' Fp8Quantize"},
+    {"mxfp4_dense", py_mxfp4_dense, METH_VARARGS,
+     "mxfp4_dense(blocks, scales, groups, first_group, out, dense, threads): one gpt-oss expert's MXFP4 groups, dense and "
+     "transposed"},
     {"nonfinite", py_nonfinite, METH_VARARGS, "nonfinite(bits, wide, threads) -> whether any 2-byte (bf16/f16, wide 0) or float32 (wide 1) value is NaN or infinite"},
     {"q8_0", py_q8_0, METH_VARARGS, "q8_0(src, bf16, blocks, threads): GGUF Q8_0 blocks of 34 bytes"},
     {"gptq_rtn", py_gptq_rtn, METH_VARARGS,
