@@ -152,6 +152,26 @@ def test_verify_finds_a_missing_scale(quantized, tmp_path, cli):
     assert code == 1 and "weight_shape" in json.dumps(json.loads(out)["checks"])
 
 
+@pytest.mark.parametrize("method", ["fp8", "fp8-block"])
+def test_dequantize_refuses_a_scale_that_does_not_fit(quantized, tmp_path, cli, method):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder, _ = quantized(method)
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    tensors = load_tensors(broken)
+    name = "model.layers.0.self_attn.q_proj.weight_scale"
+    tensors[name] = tensors[name][:-1].contiguous()
+    for f in broken.glob("*.safetensors*"):
+        f.unlink()
+    save_file(tensors, broken / "model.safetensors")
+    code, _, err = cli("dequantize", broken, tmp_path / "dense")
+    assert code == 2 and "model.layers.0.self_attn.q_proj" in err and "weight_scale" in err and "Traceback" not in err
+    assert not (tmp_path / "dense").exists()
+
+
 def test_group_size(llama, tmp_path, cli):
     code, _, err = cli("quantize", llama, tmp_path / "g64", "--method", "w4a16", "--group-size", "64")
     assert code == 0 and "kept dense" not in err, err  # 320 is a multiple of 64

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from quantkit.dtypes import round_to, to_float32
+from quantkit.errors import QuantkitError
 from quantkit.numerics import E8M0_VALUES, FP8_E4M3_VALUES, unpack_fp4
 
 FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized", "nvfp4-pack-quantized",
@@ -62,12 +63,17 @@ def scale_grid(scale: np.ndarray, rows: int, cols: int, args: dict) -> tuple[np.
     strategy = args.get("strategy")
     if strategy == "block":
         height, width = args["block_structure"]
-        return scale.reshape(-(-rows // height), -(-cols // width)), (height, width)
-    if strategy in ("group", "tensor_group") and scale.size > 1:
-        return scale.reshape(rows, -1), (1, args["group_size"])
-    if scale.size == rows and scale.size > 1:
-        return scale.reshape(rows, 1), (1, cols)
-    return scale.reshape(1, 1), (max(rows, 1), cols)
+        grid, block = (-(-rows // height), -(-cols // width)), (height, width)
+    elif strategy in ("group", "tensor_group") and scale.size > 1:
+        grid, block = (rows, -(-cols // args["group_size"])), (1, args["group_size"])
+    elif scale.size == rows and scale.size > 1:
+        grid, block = (rows, 1), (1, cols)
+    else:
+        grid, block = (1, 1), (max(rows, 1), cols)
+    if scale.size != grid[0] * grid[1]:
+        raise QuantkitError(f"weight_scale holds {scale.size} values where a {rows} x {cols} weight of strategy {strategy!r} "
+                            f"has {grid[0] * grid[1]}")
+    return scale.reshape(grid), block
 
 
 def affine(q: np.ndarray, scale: np.ndarray, scale_dtype: str, zero: np.ndarray | None, args: dict, row_start: int) -> np.ndarray:

@@ -159,7 +159,10 @@ class CompressedTensorsReader:
         step = max(unit, CHUNK_ELEMENTS // max(cols, 1) // unit * unit)
         scale_dtype = kinds["weight_scale"]
         if kinds.get("weight") == "F8_E4M3" and "zero" not in stored and native.DENSE_KERNELS and {scale_dtype, dtype} <= set(native.DENSE):
-            grid, block = formats.scale_grid(dtypes.to_float32(stored["weight_scale"], scale_dtype), rows, cols, args)
+            try:
+                grid, block = formats.scale_grid(dtypes.to_float32(stored["weight_scale"], scale_dtype), rows, cols, args)
+            except QuantkitError as e:
+                raise QuantkitError(f"{checkpoint.tensors[names[0]].file}: '{module}': {e.message}") from None
             for start in range(0, rows, step):
                 sink.write(f"{module}.weight", native.fp8_dense(stored["weight"][start : start + step], grid, block, start, scale_dtype, dtype))
             sink.done(f"{module}.weight")
