@@ -271,21 +271,22 @@ def main() -> None:
                  ("disk read 1 GB (dd, direct)", ["dd", f"if={work / 'dd'}", "of=/dev/null", "bs=8M", "iflag=direct"], work / "no-output", disk)]
         if args.only == "fp8":
             jobs = [j for j in jobs if "fp8" in j[0] or j[0].startswith("disk")]
-        spm = with_tokenizer(src)
-        q4km = [("quantkit gguf Q4_K_M", [*qk, "convert", str(spm), str(work / "qk-q4km.gguf"), "--to", "gguf", "--gguf-type", "Q4_K_M"],
-                 work / "qk-q4km.gguf", size)]
-        if args.only in ("all", "gguf"):
-            subprocess.run([*qk, "convert", str(spm), str(work / "bf16.gguf"), "--to", "gguf", "--gguf-type", "BF16"], check=True,
-                           capture_output=True)  # llama-quantize's input, not timed
-            env = f"PYTHONPATH={LLAMA_CPP / 'gguf-py'}"
-            q4km += [
-                ("llama-quantize Q4_K_M", [str(LLAMA_QUANTIZE), str(work / "bf16.gguf"), str(work / "lq-q4km.gguf"), "Q4_K_M", THREADS],
-                 work / "lq-q4km.gguf", size),
-                ("convert_hf_to_gguf+llama-quantize", ["sh", "-c", f"{env} {PY} {LLAMA_CPP / 'convert_hf_to_gguf.py'} {spm} --outtype bf16 "
-                                                      f"--outfile {work / 'hf-bf16.gguf'} && {LLAMA_QUANTIZE} {work / 'hf-bf16.gguf'} "
-                                                      f"{work / 'hf-q4km.gguf'} Q4_K_M {THREADS}"], work / "hf-q4km.gguf", size),
-            ]
-        jobs = q4km if args.only == "gguf" else jobs if args.only == "fp8" else jobs + q4km
+        else:  # the GGUF jobs need a sentencepiece vocab beside the checkpoint
+            spm = with_tokenizer(src)
+            q4km = [("quantkit gguf Q4_K_M", [*qk, "convert", str(spm), str(work / "qk-q4km.gguf"), "--to", "gguf", "--gguf-type", "Q4_K_M"],
+                     work / "qk-q4km.gguf", size)]
+            if args.only in ("all", "gguf"):
+                subprocess.run([*qk, "convert", str(spm), str(work / "bf16.gguf"), "--to", "gguf", "--gguf-type", "BF16"], check=True,
+                               capture_output=True)  # llama-quantize's input, not timed
+                env = f"PYTHONPATH={LLAMA_CPP / 'gguf-py'}"
+                q4km += [
+                    ("llama-quantize Q4_K_M", [str(LLAMA_QUANTIZE), str(work / "bf16.gguf"), str(work / "lq-q4km.gguf"), "Q4_K_M", THREADS],
+                     work / "lq-q4km.gguf", size),
+                    ("convert_hf_to_gguf+llama-quantize", ["sh", "-c", f"{env} {PY} {LLAMA_CPP / 'convert_hf_to_gguf.py'} {spm} --outtype bf16 "
+                                                          f"--outfile {work / 'hf-bf16.gguf'} && {LLAMA_QUANTIZE} {work / 'hf-bf16.gguf'} "
+                                                          f"{work / 'hf-q4km.gguf'} Q4_K_M {THREADS}"], work / "hf-q4km.gguf", size),
+                ]
+            jobs = q4km if args.only == "gguf" else jobs + q4km
         if args.only == "all":
             jobs += [
                 ("transformers+bnb nf4", [PY, "-c", ANCHOR_QUANTIZE, str(src), str(work / "tf-nf4"), "nf4"], work / "tf-nf4", size),
