@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from quantkit import native
+
 # safetensors dtype -> numpy dtype of the stored bits
 STORAGE = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
@@ -37,6 +39,9 @@ def to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
 
 def all_finite(bits: np.ndarray, dtype: str) -> bool:
     """Whether stored bits of a float dtype hold no NaN or infinity (BF16: its exponent is not all ones)."""
+    if native.DENSE_KERNELS and dtype in native.DENSE and isinstance(bits, np.ndarray) and bits.flags.c_contiguous \
+            and bits.dtype.itemsize == itemsize(dtype):  # fmt: skip
+        return not native.nonfinite(bits.reshape(-1).view(np.uint8), dtype)
     if dtype == "BF16":
         return not np.any((np.asarray(bits).view(np.uint16) & 0x7F80) == 0x7F80)
     return bool(np.isfinite(bits).all())

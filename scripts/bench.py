@@ -12,12 +12,19 @@ as its own process under /usr/bin/time -v, so wall time and peak RSS include sta
   from .clients/ (scripts/install_clients.py builds them), with as many threads as quantkit uses.
 The nf4, int8, fp8 and Q4_K_M outputs are compared tensor for tensor with the anchors' (identical bytes or it fails).
 
-    python scripts/bench.py [--size GB] [--only quantkit|gguf] [--json]
+Dequantize jobs also give output MB/s (dense bytes written per second), beside the disk's own speed measured
+in the same run with dd (1 GB written with O_DIRECT and fsync, read back with O_DIRECT: no page cache).
+quantkit's bytecode is compiled before anything is timed, as pip does at install (a run with
+PYTHONDONTWRITEBYTECODE and no __pycache__ otherwise compiles every module it imports, each time).
+--only fp8: the FP8 jobs alone (quantize fp8 in both layouts, dequantize both), e.g. at --size 10.
+
+    python scripts/bench.py [--size GB] [--only quantkit|gguf|fp8] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import re
@@ -194,8 +201,11 @@ def timed(label: str, argv: list[str], output: Path, input_bytes: int, repeat: i
         peaks.append(int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)))
         cpus.append(sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", proc.stderr).group(1)) for kind in ("User", "System")))
     wall = sorted(walls)[len(walls) // 2]
+    written = sum(f.stat().st_size for f in output.rglob("*") if f.is_file()) if output.is_dir() else \
+        output.stat().st_size if output.exists() else 0  # fmt: skip
     return {"job": label, "seconds": round(wall, 2), "runs": [round(w, 2) for w in walls], "cpu_seconds": round(sorted(cpus)[len(cpus) // 2], 2),
-            "peak_rss_mb": round(max(peaks) / 1024), "mb_per_s": round(input_bytes / 1e6 / wall, 1)}
+            "peak_rss_mb": round(max(peaks) / 1024), "mb_per_s": round(input_bytes / 1e6 / wall, 1),
+            "out_mb_per_s": round(written / 1e6 / wall, 1)}
 
 
 def same_tensors(a: Path, b: Path, common_only: bool = False) -> bool:
@@ -221,8 +231,8 @@ def same_tensors(a: Path, b: Path, common_only: bool = False) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=float, default=1.0, help="checkpoint size in GB (e.g. 10 to show memory stays flat)")
-    parser.add_argument("--only", choices=["all", "quantkit", "gguf"], default="all",
-                        help="quantkit: skip the anchors (they take minutes); gguf: only Q4_K_M and its anchors")
+    parser.add_argument("--only", choices=["all", "quantkit", "gguf", "fp8"], default="all",
+                        help="quantkit: skip the anchors (they take minutes); gguf: only Q4_K_M and its anchors; fp8: the FP8 jobs")
     parser.add_argument("--repeat", type=int, default=3, help="runs per job; the median is reported")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -231,6 +241,7 @@ def main() -> None:
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     work = Path(tempfile.mkdtemp(prefix="quantkit-bench-"))
     qk = [PY, "-m", "quantkit"]
+    compileall.compile_dir(ROOT / "quantkit", quiet=1)
     try:
         subprocess.run([*qk, "quantize", str(src), str(work / "warm"), "--method", "int8", "--max-shard-size", "1GB"],
                        check=True, capture_output=True)  # reads the checkpoint into the page cache; not timed
@@ -243,6 +254,8 @@ def main() -> None:
             ("quantkit dequantize nf4", [*qk, "dequantize", str(work / "qk-nf4"), str(work / "qk-dense")], work / "qk-dense", size),
             ("quantkit fp8 (fp8 layout)", [*qk, "quantize", str(src), str(work / "qk-fp8-fine"), "--method", "fp8-block", "--layout", "fp8"], work / "qk-fp8-fine", size),
             ("quantkit dequantize fp8", [*qk, "dequantize", str(work / "qk-fp8-fine"), str(work / "qk-fp8-dense")], work / "qk-fp8-dense", size),
+            ("quantkit dequantize fp8 (c-t)", [*qk, "dequantize", str(work / "qk-fp8"), str(work / "qk-fp8-ct-dense")], work / "qk-fp8-ct-dense",
+             size),
             ("quantkit gguf Q8_0", [*qk, "convert", str(src), str(work / "qk.gguf"), "--to", "gguf", "--gguf-type", "Q8_0"], work / "qk.gguf", size),
             # quantized -> quantized (#15): against the slower of "dequantize" and "quantize" alone
             ("quantkit nf4 -> Q8_0", [*qk, "convert", str(work / "qk-nf4"), str(work / "nf4.gguf"), "--to", "gguf", "--gguf-type", "Q8_0"], work / "nf4.gguf", size),
@@ -252,21 +265,28 @@ def main() -> None:
             ("quantkit verify --logits nf4", [*qk, "verify", str(work / "qk-nf4"), "--reference", str(src), "--logits", "--tokens", "256",
                                               "--json"], work / "no-output", 2 * size),
         ]
-        spm = with_tokenizer(src)
-        q4km = [("quantkit gguf Q4_K_M", [*qk, "convert", str(spm), str(work / "qk-q4km.gguf"), "--to", "gguf", "--gguf-type", "Q4_K_M"],
-                 work / "qk-q4km.gguf", size)]
-        if args.only != "quantkit":
-            subprocess.run([*qk, "convert", str(spm), str(work / "bf16.gguf"), "--to", "gguf", "--gguf-type", "BF16"], check=True,
-                           capture_output=True)  # llama-quantize's input, not timed
-            env = f"PYTHONPATH={LLAMA_CPP / 'gguf-py'}"
-            q4km += [
-                ("llama-quantize Q4_K_M", [str(LLAMA_QUANTIZE), str(work / "bf16.gguf"), str(work / "lq-q4km.gguf"), "Q4_K_M", THREADS],
-                 work / "lq-q4km.gguf", size),
-                ("convert_hf_to_gguf+llama-quantize", ["sh", "-c", f"{env} {PY} {LLAMA_CPP / 'convert_hf_to_gguf.py'} {spm} --outtype bf16 "
-                                                      f"--outfile {work / 'hf-bf16.gguf'} && {LLAMA_QUANTIZE} {work / 'hf-bf16.gguf'} "
-                                                      f"{work / 'hf-q4km.gguf'} Q4_K_M {THREADS}"], work / "hf-q4km.gguf", size),
-            ]
-        jobs = q4km if args.only == "gguf" else jobs + q4km
+        disk = 1 << 30
+        jobs += [("disk write 1 GB (dd, direct)", ["dd", "if=/dev/zero", f"of={work / 'dd'}", "bs=8M", f"count={disk >> 23}", "oflag=direct",
+                                                   "conv=fsync"], work / "dd", disk),
+                 ("disk read 1 GB (dd, direct)", ["dd", f"if={work / 'dd'}", "of=/dev/null", "bs=8M", "iflag=direct"], work / "no-output", disk)]
+        if args.only == "fp8":
+            jobs = [j for j in jobs if "fp8" in j[0] or j[0].startswith("disk")]
+        else:  # the GGUF jobs need a sentencepiece vocab beside the checkpoint
+            spm = with_tokenizer(src)
+            q4km = [("quantkit gguf Q4_K_M", [*qk, "convert", str(spm), str(work / "qk-q4km.gguf"), "--to", "gguf", "--gguf-type", "Q4_K_M"],
+                     work / "qk-q4km.gguf", size)]
+            if args.only in ("all", "gguf"):
+                subprocess.run([*qk, "convert", str(spm), str(work / "bf16.gguf"), "--to", "gguf", "--gguf-type", "BF16"], check=True,
+                               capture_output=True)  # llama-quantize's input, not timed
+                env = f"PYTHONPATH={LLAMA_CPP / 'gguf-py'}"
+                q4km += [
+                    ("llama-quantize Q4_K_M", [str(LLAMA_QUANTIZE), str(work / "bf16.gguf"), str(work / "lq-q4km.gguf"), "Q4_K_M", THREADS],
+                     work / "lq-q4km.gguf", size),
+                    ("convert_hf_to_gguf+llama-quantize", ["sh", "-c", f"{env} {PY} {LLAMA_CPP / 'convert_hf_to_gguf.py'} {spm} --outtype bf16 "
+                                                          f"--outfile {work / 'hf-bf16.gguf'} && {LLAMA_QUANTIZE} {work / 'hf-bf16.gguf'} "
+                                                          f"{work / 'hf-q4km.gguf'} Q4_K_M {THREADS}"], work / "hf-q4km.gguf", size),
+                ]
+            jobs = q4km if args.only == "gguf" else jobs + q4km
         if args.only == "all":
             jobs += [
                 ("transformers+bnb nf4", [PY, "-c", ANCHOR_QUANTIZE, str(src), str(work / "tf-nf4"), "nf4"], work / "tf-nf4", size),
@@ -286,7 +306,8 @@ def main() -> None:
         slower_of = {"quantkit nf4 -> Q8_0": ("quantkit dequantize nf4", "quantkit gguf Q8_0"),
                      "quantkit gptq -> Q4_0 (lossless)": ("quantkit dequantize gptq", "quantkit gguf Q4_0")}
         for label, parts in slower_of.items():
-            results[label]["vs_slower_part"] = round(results[label]["seconds"] / max(results[p]["seconds"] for p in parts), 2)
+            if label in results:
+                    results[label]["vs_slower_part"] = round(results[label]["seconds"] / max(results[p]["seconds"] for p in parts), 2)
         for label, anchor in anchors.items():
             if label in results and anchor in results:
                 results[label]["vs_anchor"] = round(results[label]["seconds"] / results[anchor]["seconds"], 3)
@@ -301,7 +322,7 @@ def main() -> None:
             identical = {m: same_tensors(work / f"qk-{m}", work / f"tf-{m}") for m in ("nf4", "int8")}
             identical["dequantize nf4"] = same_tensors(work / "qk-dense", work / "bnb-dense", common_only=True)
             identical["fp8"] = same_tensors(work / "qk-fp8", work / "llmc-fp8")
-        if args.only != "quantkit":
+        if args.only in ("all", "gguf"):
             identical["gguf Q4_K_M"] = same_gguf_tensors(work / "qk-q4km.gguf", work / "lq-q4km.gguf")
         report = {"checkpoint": str(src), "input_mb": round(size / 1e6), "results": list(results.values()), "identical_to_transformers": identical}
     finally:
@@ -310,9 +331,9 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     print(f"checkpoint {report['checkpoint']} ({report['input_mb']} MB bf16)")
-    print(f"{'job':32} {'seconds':>8} {'cpu s':>6} {'MB/s':>8} {'peak RSS MB':>12} {'vs anchor':>10}  runs")
+    print(f"{'job':32} {'seconds':>8} {'cpu s':>6} {'MB/s':>8} {'out MB/s':>8} {'peak RSS MB':>12} {'vs anchor':>10}  runs")
     for r in report["results"]:
-        print(f"{r['job']:32} {r['seconds']:8.2f} {r['cpu_seconds']:6.2f} {r['mb_per_s']:8.1f} {r['peak_rss_mb']:12d} "
+        print(f"{r['job']:32} {r['seconds']:8.2f} {r['cpu_seconds']:6.2f} {r['mb_per_s']:8.1f} {r['out_mb_per_s']:8.1f} {r['peak_rss_mb']:12d} "
               f"{r.get('vs_anchor', r.get('vs_slower_part', '')):>10}  {r['runs']}"
               + (f"  cpu vs anchor {r['cpu_vs_anchor']}" if "cpu_vs_anchor" in r else "")
               + (f"  vs llama-quantize {r['vs_llama_quantize']} (cpu {r['cpu_vs_llama_quantize']})" if "vs_llama_quantize" in r else ""))

@@ -152,6 +152,26 @@ def test_verify_finds_a_missing_scale(quantized, tmp_path, cli):
     assert code == 1 and "weight_shape" in json.dumps(json.loads(out)["checks"])
 
 
+@pytest.mark.parametrize("method", ["fp8", "fp8-block"])
+def test_dequantize_refuses_a_scale_that_does_not_fit(quantized, tmp_path, cli, method):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder, _ = quantized(method)
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    tensors = load_tensors(broken)
+    name = "model.layers.0.self_attn.q_proj.weight_scale"
+    tensors[name] = tensors[name][:-1].contiguous()
+    for f in broken.glob("*.safetensors*"):
+        f.unlink()
+    save_file(tensors, broken / "model.safetensors")
+    code, _, err = cli("dequantize", broken, tmp_path / "dense")
+    assert code == 2 and "model.layers.0.self_attn.q_proj" in err and "weight_scale" in err and "Traceback" not in err
+    assert not (tmp_path / "dense").exists()
+
+
 def test_group_size(llama, tmp_path, cli):
     code, _, err = cli("quantize", llama, tmp_path / "g64", "--method", "w4a16", "--group-size", "64")
     assert code == 0 and "kept dense" not in err, err  # 320 is a multiple of 64
@@ -186,3 +206,21 @@ def test_c_kernel_gives_the_reference_bytes(dtype):
         codes, scale = schemes.fp8_channel(dtypes.to_float32(stored, dtype), dtype)
     fast_codes, fast_scale = native.fp8_channel(stored, dtype)
     assert np.array_equal(fast_codes, codes) and np.array_equal(fast_scale.view(np.uint32), scale.view(np.uint32))
+
+
+@pytest.mark.skipif(not native.INT_AVAILABLE, reason="quantkit's C kernels are not built")
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 32), (8, 128), (8, 8)])
+def test_c_int_kernel_gives_the_reference_bytes(dtype, bits, group_size):
+    rng = np.random.default_rng(bits + group_size)
+    scale = np.exp(rng.standard_normal((97, 1)) * (2 if dtype == "F16" else 6))
+    w = (rng.standard_normal((97, 512)) * scale).astype(np.float32)
+    w[3] = 0
+    w[5, :6] = [1e-30, -1e-30, 0.0, -0.0, 7.5, -8.0]
+    stored = dtypes.from_float32(w, dtype)
+    codes, scales = schemes.int_symmetric(dtypes.to_float32(stored, dtype), dtype, bits, group_size)
+    packed, fast_scales = native.int_symmetric(stored, dtype, bits, group_size)
+    assert np.array_equal(packed, schemes.pack_int32(codes, bits))
+    assert np.array_equal(fast_scales.view(np.uint32), scales.view(np.uint32))
+    w[7, 9] = np.nan
+    assert native.int_symmetric(dtypes.from_float32(w, dtype), dtype, bits, group_size) is None

@@ -1,5 +1,5 @@
 /* What quantkit's kernels share: float bit tricks, float16 / bfloat16 rounding, the fork-join over pthreads
-and the buffer checks. Each family's kernels live in a file of their own (bnb.c, gguf.c, gptq.c); module.c makes
+and the buffer checks. Each family's kernels live in a file of their own (bnb.c, ct.c, gguf.c, gptq.c; dense.c checks dense output); module.c makes
 them one extension, quantkit.native._kernels.
 
 Every kernel gives the bytes of its numpy reference (quantkit/methods/FAMILY/): every value is a float32 and
@@ -196,6 +196,11 @@ PyObject *py_dequantize_4bit(PyObject *self, PyObject *args);
 PyObject *py_q8_0(PyObject *self, PyObject *args);
 PyObject *py_gptq_rtn(PyObject *self, PyObject *args);
 PyObject *py_ct_fp8_channel(PyObject *self, PyObject *args);
+PyObject *py_fp8_dense(PyObject *self, PyObject *args);
+PyObject *py_fp8_blocks(PyObject *self, PyObject *args);
+PyObject *py_mxfp4_dense(PyObject *self, PyObject *args);
+PyObject *py_ct_int_symmetric(PyObject *self, PyObject *args);
+PyObject *py_nonfinite(PyObject *self, PyObject *args);
 /* mapguard.c */
 PyObject *py_guard_map(PyObject *self, PyObject *args);
 PyObject *py_unguard_map(PyObject *self, PyObject *args);

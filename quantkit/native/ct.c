@@ -1,7 +1,8 @@
-/* compressed-tensors: FP8_DYNAMIC weights (one float8_e4m3fn scale per output row), the bytes of
+/* compressed-tensors and FP8: FP8_DYNAMIC weights (one float8_e4m3fn scale per output row), the bytes of
 schemes.fp8_channel in quantkit/methods/ct/. Each step is the reference's torch step in the weight's dtype S:
 scale = R(absmax / 448) (0 -> finfo(S).eps), code = e4m3(clamp(R(w / scale), +-448)), R rounding a float32
-result to S (bfloat16, float16, or nothing for float32). */
+result to S (bfloat16, float16, or nothing for float32). Further down, each in a section of its own: FP8
+weights back to dense (both layouts), the fine-grained FP8 writer, W4A16 / W8A16, and gpt-oss MXFP4 back to dense. */
 #include "common.h"
 
 enum { S_BF16 = 0, S_F16 = 1, S_F32 = 2 };
@@ -95,6 +96,381 @@ PyObject *py_ct_fp8_channel(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     parallel_for(fp8_channel_part, &q, rows, thread_count(threads, rows * q.cols));
+    Py_END_ALLOW_THREADS
+    release(v, 3);
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------------------------------
+   FP8 weights back to dense: fine-grained FP8 (`weight_scale_inv` per 128 x 128 block, float32) and
+   compressed-tensors float-quantized (a scale per tensor, row or block, in the checkpoint's dtype S).
+   Each value is the references' (fp8/blocks.py dequantize_band, ct/formats.py affine):
+   round_S(e4m3(code) * scale) in float32, then stored as the output dtype (nearest even). One layout
+   covers every strategy: the scale of element (r, c) is scales[(first_row + r) / block_rows][c / block_cols]. */
+
+/* float8_e4m3fn code -> float32 bits, exactly: normal codes re-biased (7 -> 127), subnormals m * 2**-9
+   computed (not left as float32 subnormals, whose arithmetic is slow), 0x7F / 0xFF the NaN the numpy
+   table holds (0x7FC00000, sign dropped). */
+static inline float e4m3_value(uint8_t code) {
+    const uint32_t c = code, sign = (c & 0x80u) << 24, magnitude = c & 0x7Fu;
+    const uint32_t normal = (magnitude << 20) + (120u << 23);
+    const uint32_t subnormal = as_bits((float)(int32_t)(c & 7u) * 0.001953125f);
+    const uint32_t bits = pick(when(magnitude < 8u), subnormal, normal) | sign;
+    return as_float(pick(when(magnitude == 0x7Fu), 0x7FC00000u, bits));
+}
+
+typedef struct {
+    const uint8_t *codes;
+    const float *scales;
+    Py_ssize_t cols, scale_cols, block_rows, block_cols, first_row;
+    int round; /* S: S_BF16, S_F16 or S_F32 (no rounding) */
+    int out;   /* the output dtype, the same codes */
+    void *dense;
+} fp8_dense_t;
+
+/* The output dtype's bits of a float32 that is already a value of S (or any float32 for S_F32). */
+static inline uint32_t dense_bits(float v, const int out) {
+    if (out == S_BF16)
+        return bf16_bits(v);
+    if (out == S_F16)
+        return float16_bits(v);
+    return as_bits(v);
+}
+
+BODY void fp8_dense_body(const fp8_dense_t *q, Py_ssize_t lo, Py_ssize_t hi, const int round, const int out) {
+    const uint8_t *codes = q->codes;
+    const Py_ssize_t cols = q->cols, width = q->block_cols;
+    void *dense = q->dense;
+    for (Py_ssize_t row = lo; row < hi; row++) {
+        const float *scales = q->scales + (q->first_row + row) / q->block_rows * q->scale_cols;
+        for (Py_ssize_t start = 0, block = 0; start < cols; start += width, block++) {
+            const float scale = scales[block];
+            const Py_ssize_t base = row * cols + start, count = min_size(width, cols - start);
+            for (Py_ssize_t i = 0; i < count; i++)
+                store(dense, out != S_F32, base + i, dense_bits(round_to(e4m3_value(codes[base + i]) * scale, round), out));
+        }
+    }
+}
+
+HOT static void fp8_dense_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
+    const fp8_dense_t *q = ctx;
+    /* the common pairs get a loop of their own; the rest share one that tests at run time */
+    if (q->round == S_F32 && q->out == S_BF16)
+        fp8_dense_body(q, lo, hi, S_F32, S_BF16);
+    else if (q->round == S_BF16 && q->out == S_BF16)
+        fp8_dense_body(q, lo, hi, S_BF16, S_BF16);
+    else if (q->round == S_F16 && q->out == S_F16)
+        fp8_dense_body(q, lo, hi, S_F16, S_F16);
+    else
+        fp8_dense_body(q, lo, hi, q->round, q->out);
+}
+
+/* fp8_dense(codes, cols, scales, block_rows, block_cols, first_row, round, out, dense, threads): codes uint8
+   [rows, cols]; scales float32 [*, ceil(cols / block_cols)] holding at least scale row
+   (first_row + rows - 1) / block_rows; round and out 0 bfloat16, 1 float16, 2 float32; dense the output
+   [rows, cols] (2-byte bits or float32). */
+PyObject *py_fp8_dense(PyObject *self, PyObject *args) {
+    Py_buffer v[3];
+    fp8_dense_t q;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*ny*nnniiw*i", &v[0], &q.cols, &v[1], &q.block_rows, &q.block_cols, &q.first_row, &q.round,
+                          &q.out, &v[2], &threads))
+        return NULL;
+    q.codes = v[0].buf;
+    q.scales = v[1].buf;
+    q.dense = v[2].buf;
+    if (q.cols < 1 || q.block_rows < 1 || q.block_cols < 1 || q.first_row < 0 || q.round < S_BF16 || q.round > S_F32 ||
+        q.out < S_BF16 || q.out > S_F32 || v[0].len % q.cols) {
+        PyErr_SetString(PyExc_ValueError, "cols, block_rows, block_cols must be positive (cols dividing the codes), "
+                                          "first_row not negative, round and out one of 0, 1, 2");
+        release(v, 3);
+        return NULL;
+    }
+    const Py_ssize_t rows = v[0].len / q.cols, item = q.out == S_F32 ? 4 : 2;
+    q.scale_cols = (q.cols + q.block_cols - 1) / q.block_cols;
+    const Py_ssize_t scale_rows = rows ? (q.first_row + rows - 1) / q.block_rows + 1 : 0;
+    if (v[1].len / 4 < scale_rows * q.scale_cols || v[1].len % (4 * q.scale_cols))
+        PyErr_Format(PyExc_ValueError, "scales: %zd bytes, expected rows of %zd float32 covering %zd rows", v[1].len, q.scale_cols,
+                     scale_rows);
+    if (PyErr_Occurred() || check_length(&v[2], rows * q.cols * item, "dense")) {
+        release(v, 3);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(fp8_dense_part, &q, rows, thread_count(threads, rows * q.cols));
+    Py_END_ALLOW_THREADS
+    release(v, 3);
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------------------------------
+   Fine-grained FP8 out (fp8/blocks.py quantize_band, transformers' Fp8Quantize): per block of
+   block_rows x block_cols (ragged at the edges) amax = max |w|, scale = (1 / amax) * 448 in float32 (two
+   roundings, as torch computes 448 / amax; 1 for an all-zero block), scale_inv = 1 / scale, and
+   code = e4m3(w * scale) (e4m3 saturates at 448: the reference's clamp). One unit of work is one band of
+   block rows. A NaN or infinity anywhere is reported (the caller refuses the tensor), not coded. */
+
+typedef struct {
+    const void *src; /* bfloat16 bits, or float32 values */
+    int bf16;
+    Py_ssize_t rows, cols, block_rows, block_cols;
+    uint8_t *codes;
+    float *scale_inv; /* [bands, ceil(cols / block_cols)] */
+    atomic_int nonfinite;
+} fp8_blocks_t;
+
+BODY void fp8_blocks_body(fp8_blocks_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) {
+    const void *src = q->src;
+    const Py_ssize_t cols = q->cols, width = q->block_cols, grid = (cols + width - 1) / width;
+    float scales[4096]; /* per column block of the band; grid <= 4096 is checked at the entry */
+    uint32_t peaks[4096];
+    for (Py_ssize_t band = lo; band < hi; band++) {
+        const Py_ssize_t first = band * q->block_rows, last = min_size(q->rows, first + q->block_rows);
+        memset(peaks, 0, sizeof peaks[0] * grid);
+        for (Py_ssize_t row = first; row < last; row++)
+            for (Py_ssize_t block = 0; block < grid; block++) {
+                const Py_ssize_t start = block * width;
+                const uint32_t peak = peak_bits(src, bf16, row * cols + start, min_size(width, cols - start));
+                peaks[block] = peak > peaks[block] ? peak : peaks[block];
+            }
+        for (Py_ssize_t block = 0; block < grid; block++) {
+            if (peaks[block] >= EXPONENT)
+                atomic_store_explicit(&q->nonfinite, 1, memory_order_relaxed);
+            const float amax = as_float(peaks[block]);
+            scales[block] = amax > 0.0f ? (1.0f / amax) * 448.0f : 1.0f;
+            q->scale_inv[band * grid + block] = 1.0f / scales[block];
+        }
+        for (Py_ssize_t row = first; row < last; row++)
+            for (Py_ssize_t block = 0; block < grid; block++) {
+                const Py_ssize_t start = block * width, base = row * cols + start, count = min_size(width, cols - start);
+                const float scale = scales[block];
+                uint8_t *codes = q->codes;
+                for (Py_ssize_t i = 0; i < count; i++)
+                    codes[base + i] = e4m3(as_float(load_bits(src, bf16, base + i)) * scale);
+            }
+    }
+}
+
+HOT static void fp8_blocks_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
+    fp8_blocks_t *q = (fp8_blocks_t *)ctx;
+    if (q->bf16)
+        fp8_blocks_body(q, lo, hi, 1);
+    else
+        fp8_blocks_body(q, lo, hi, 0);
+}
+
+/* fp8_blocks(src, bf16, cols, block_rows, block_cols, codes, scale_inv, threads) -> whether every value was
+   finite: src [rows, cols] bfloat16 bits or float32, codes uint8 [rows, cols], scale_inv float32
+   [ceil(rows / block_rows), ceil(cols / block_cols)]. */
+PyObject *py_fp8_blocks(PyObject *self, PyObject *args) {
+    Py_buffer v[3];
+    fp8_blocks_t q;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*pnnnw*w*i", &v[0], &q.bf16, &q.cols, &q.block_rows, &q.block_cols, &v[1], &v[2], &threads))
+        return NULL;
+    q.src = v[0].buf;
+    q.codes = v[1].buf;
+    q.scale_inv = v[2].buf;
+    atomic_init(&q.nonfinite, 0);
+    const Py_ssize_t item = q.bf16 ? 2 : 4;
+    if (q.cols < 1 || q.block_rows < 1 || q.block_cols < 1 || (q.cols + q.block_cols - 1) / q.block_cols > 4096 ||
+        v[0].len % (q.cols * item)) {
+        PyErr_SetString(PyExc_ValueError, "cols, block_rows and block_cols must be positive, at most 4096 blocks a row, "
+                                          "and src whole rows");
+        release(v, 3);
+        return NULL;
+    }
+    q.rows = v[0].len / (q.cols * item);
+    const Py_ssize_t bands = (q.rows + q.block_rows - 1) / q.block_rows, grid = (q.cols + q.block_cols - 1) / q.block_cols;
+    if (check_length(&v[1], q.rows * q.cols, "codes") || check_length(&v[2], bands * grid * 4, "scale_inv")) {
+        release(v, 3);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(fp8_blocks_part, &q, bands, thread_count(threads, q.rows * q.cols));
+    Py_END_ALLOW_THREADS
+    release(v, 3);
+    return PyBool_FromLong(!atomic_load(&q.nonfinite));
+}
+
+/* ------------------------------------------------------------------------------------------------
+   W4A16 / W8A16 (schemes.int_symmetric + pack_int32): per group of a row, scale = round_S(absmax / q)
+   with q = (2**bits - 1) / 2 (0 -> finfo(S).eps), code = rint(clamp(round_S(w / scale), -2**(bits-1),
+   2**(bits-1) - 1)), stored + 2**(bits-1) and packed lowest first into int32 words along the row. A group
+   holding NaN or infinity is reported, and the caller takes the reference for the chunk. */
+
+typedef struct {
+    const void *src;
+    int dtype, bits;
+    Py_ssize_t cols, group;
+    uint32_t *packed;
+    float *scale;
+    atomic_int nonfinite;
+} int_symmetric_t;
+
+BODY void int_symmetric_body(int_symmetric_t *q, Py_ssize_t lo, Py_ssize_t hi, const int dtype, const int bits) {
+    const void *src = q->src;
+    const Py_ssize_t cols = q->cols, group = q->group, groups = cols / group, per_word = 32 / bits;
+    const int bf16 = dtype == S_BF16;
+    const float eps = dtype == S_BF16 ? 0.0078125f : dtype == S_F16 ? 0.0009765625f : 1.1920928955078125e-07f;
+    const float half_range = bits == 4 ? 7.5f : 127.5f, low = -(float)(1 << (bits - 1)), high = (float)((1 << (bits - 1)) - 1);
+    const int32_t offset = 1 << (bits - 1);
+    uint8_t stored[4096]; /* one group's codes; group <= 4096 is checked at the entry */
+    for (Py_ssize_t row = lo; row < hi; row++)
+        for (Py_ssize_t g = 0; g < groups; g++) {
+            const Py_ssize_t start = row * cols + g * group;
+            const uint32_t peak = peak_bits(src, bf16, start, group);
+            if (peak >= EXPONENT)
+                atomic_store_explicit(&q->nonfinite, 1, memory_order_relaxed);
+            float scale = round_to(as_float(peak) / half_range, dtype);
+            scale = scale == 0.0f ? eps : scale;
+            q->scale[row * groups + g] = scale;
+            for (Py_ssize_t i = 0; i < group; i++) {
+                const float v = round_to(as_float(load_bits(src, bf16, start + i)) / scale, dtype);
+                const float clamped = as_float(pick(when(v < low), as_bits(low), pick(when(v > high), as_bits(high), as_bits(v))));
+                stored[i] = (uint8_t)(rint_int(clamped) + offset);
+            }
+            uint32_t *words = q->packed + start / per_word;
+            for (Py_ssize_t w = 0; w < group / per_word; w++) {
+                uint32_t word = 0;
+                for (Py_ssize_t k = 0; k < per_word; k++)
+                    word |= (uint32_t)stored[w * per_word + k] << (k * bits);
+                words[w] = word;
+            }
+        }
+}
+
+HOT static void int_symmetric_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
+    int_symmetric_t *q = (int_symmetric_t *)ctx;
+    if (q->bits == 4)
+        q->dtype == S_BF16 ? int_symmetric_body(q, lo, hi, S_BF16, 4) : int_symmetric_body(q, lo, hi, q->dtype, 4);
+    else
+        q->dtype == S_BF16 ? int_symmetric_body(q, lo, hi, S_BF16, 8) : int_symmetric_body(q, lo, hi, q->dtype, 8);
+}
+
+/* ct_int_symmetric(src, dtype, cols, group, bits, packed, scale, threads) -> whether every value was finite:
+   dtype as ct_fp8_channel's, bits 4 or 8, group a multiple of 32 / bits dividing cols; packed int32
+   [rows, cols * bits / 32], scale float32 [rows, cols / group]. */
+PyObject *py_ct_int_symmetric(PyObject *self, PyObject *args) {
+    Py_buffer v[3];
+    int_symmetric_t q;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*inniw*w*i", &v[0], &q.dtype, &q.cols, &q.group, &q.bits, &v[1], &v[2], &threads))
+        return NULL;
+    atomic_init(&q.nonfinite, 0);
+    const Py_ssize_t item = q.dtype == S_BF16 ? 2 : 4;
+    if (q.dtype < S_BF16 || q.dtype > S_F32 || (q.bits != 4 && q.bits != 8) || q.group < 1 || q.group > 4096 || q.cols < 1 ||
+        q.group % (32 / q.bits) || q.cols % q.group || v[0].len % (q.cols * item)) {
+        PyErr_SetString(PyExc_ValueError, "dtype 0, 1 or 2, bits 4 or 8, a group of whole words dividing cols (at most 4096), "
+                                          "src whole rows");
+        release(v, 3);
+        return NULL;
+    }
+    const Py_ssize_t rows = v[0].len / (q.cols * item);
+    q.src = v[0].buf;
+    q.packed = v[1].buf;
+    q.scale = v[2].buf;
+    if (check_length(&v[1], rows * q.cols * q.bits / 8, "packed") || check_length(&v[2], rows * (q.cols / q.group) * 4, "scale")) {
+        release(v, 3);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(int_symmetric_part, &q, rows, thread_count(threads, rows * q.cols));
+    Py_END_ALLOW_THREADS
+    release(v, 3);
+    return PyBool_FromLong(!atomic_load(&q.nonfinite));
+}
+
+/* ------------------------------------------------------------------------------------------------
+   gpt-oss MXFP4 experts back to dense (mxfp4/blocks.py dequantize_groups, then transposed): one expert's
+   blocks uint8 [rows, groups, 16] (two e2m1 values a byte, low nibble first) and e8m0 scales [rows, groups]
+   give dense [groups * 32, rows]: value = e2m1 * 2**(scale - 127) in float32, exact (code 255 is
+   torch.ldexp's 2**128, applied in two exact steps), then stored as the output dtype. One unit of work is one
+   group: 32 output rows, each written in order along the expert's rows. */
+
+#define MX_TILE 64 /* expert rows decoded at a time: their bytes turned around so that each loop runs along rows */
+
+/* e2m1 code (bit 3 the sign) -> float32 bits, branch-free: 0 and 0.5 (codes 0, 1), else 2**(e - 1) * (1 + m / 2). */
+static inline uint32_t e2m1_bits(uint32_t code) {
+    const uint32_t magnitude = code & 7u, sign = (code & 8u) << 28;
+    const uint32_t normal = (((magnitude >> 1) + 126u) << 23) | ((magnitude & 1u) << 22);
+    return sign | pick(when(magnitude < 2u), pick(when(magnitude == 1u), 0x3F000000u, 0u), normal);
+}
+
+typedef struct {
+    const uint8_t *blocks, *scales;
+    Py_ssize_t rows, groups, first_group;
+    int out;
+    void *dense;
+} mxfp4_dense_t;
+
+BODY void mxfp4_dense_body(const mxfp4_dense_t *q, Py_ssize_t lo, Py_ssize_t hi, const int out) {
+    const Py_ssize_t rows = q->rows, groups = q->groups;
+    void *dense = q->dense;
+    uint8_t bytes[16][MX_TILE];
+    float scale[MX_TILE], twice[MX_TILE];
+    for (Py_ssize_t unit = lo; unit < hi; unit++) {
+        const Py_ssize_t group = q->first_group + unit;
+        for (Py_ssize_t r0 = 0; r0 < rows; r0 += MX_TILE) {
+            const Py_ssize_t count = min_size(MX_TILE, rows - r0);
+            for (Py_ssize_t r = 0; r < count; r++) {
+                const uint8_t *from = q->blocks + ((r0 + r) * groups + group) * 16;
+                for (int b = 0; b < 16; b++)
+                    bytes[b][r] = from[b];
+                const uint32_t code = q->scales[(r0 + r) * groups + group];
+                /* code 0 is 2**-127 (a float32 subnormal), 255 torch.ldexp's 2**128 as 2**127 then 2 */
+                scale[r] = code == 0 ? as_float(0x00400000u) : code == 255 ? 0x1p127f : as_float(code << 23);
+                twice[r] = code == 255 ? 2.0f : 1.0f;
+            }
+            for (int j = 0; j < 32; j++) {
+                const uint8_t *column = bytes[j >> 1];
+                const int shift = (j & 1) * 4;
+                const Py_ssize_t base = (unit * 32 + j) * rows + r0;
+                for (Py_ssize_t r = 0; r < count; r++)
+                    store(dense, out != S_F32, base + r, dense_bits(as_float(e2m1_bits((uint32_t)(column[r] >> shift))) * scale[r] * twice[r], out));
+            }
+        }
+    }
+}
+
+HOT static void mxfp4_dense_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
+    const mxfp4_dense_t *q = ctx;
+    if (q->out == S_BF16)
+        mxfp4_dense_body(q, lo, hi, S_BF16);
+    else if (q->out == S_F16)
+        mxfp4_dense_body(q, lo, hi, S_F16);
+    else
+        mxfp4_dense_body(q, lo, hi, S_F32);
+}
+
+/* mxfp4_dense(blocks, scales, groups, first_group, out, dense, threads): blocks uint8 [rows, groups, 16] and
+   scales uint8 [rows, groups] of one expert; dense [count * 32, rows] for groups first_group.. (count from
+   its length) in out (0 bfloat16, 1 float16, 2 float32). */
+PyObject *py_mxfp4_dense(PyObject *self, PyObject *args) {
+    Py_buffer v[3];
+    mxfp4_dense_t q;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*y*nniw*i", &v[0], &v[1], &q.groups, &q.first_group, &q.out, &v[2], &threads))
+        return NULL;
+    q.blocks = v[0].buf;
+    q.scales = v[1].buf;
+    q.dense = v[2].buf;
+    const Py_ssize_t item = q.out == S_F32 ? 4 : 2;
+    if (q.groups < 1 || q.first_group < 0 || q.out < S_BF16 || q.out > S_F32 || v[1].len % q.groups || v[0].len != v[1].len * 16) {
+        PyErr_SetString(PyExc_ValueError, "groups positive, first_group not negative, out 0, 1 or 2, blocks 16 bytes per scale");
+        release(v, 3);
+        return NULL;
+    }
+    q.rows = v[1].len / q.groups;
+    const Py_ssize_t count = q.rows ? v[2].len / (32 * q.rows * item) : 0;
+    if (q.first_group + count > q.groups || check_length(&v[2], count * 32 * q.rows * item, "dense")) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "dense: more groups than the blocks hold");
+        release(v, 3);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(mxfp4_dense_part, &q, count, thread_count(threads, count * 32 * q.rows));
     Py_END_ALLOW_THREADS
     release(v, 3);
     Py_RETURN_NONE;

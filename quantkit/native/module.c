@@ -1,4 +1,4 @@
-/* quantkit.native._kernels: one extension holding every family's kernels (bnb.c, ct.c, gguf.c, gptq.c) and the
+/* quantkit.native._kernels: one extension holding every family's kernels (bnb.c, ct.c, dense.c, gguf.c, gptq.c) and the
    SIGBUS guard of source maps (mapguard.c). */
 #include "common.h"
 
@@ -11,6 +11,19 @@ static PyMethodDef methods[] = {
      "dequantize_4bit(packed, absmax, table, blocksize, first, bf16, out, threads): elements first.. into out"},
     {"ct_fp8_channel", py_ct_fp8_channel, METH_VARARGS,
      "ct_fp8_channel(src, dtype, cols, codes, scale, threads): compressed-tensors FP8 codes and per-row scales"},
+    {"ct_int_symmetric", py_ct_int_symmetric, METH_VARARGS,
+     "ct_int_symmetric(src, dtype, cols, group, bits, packed, scale, threads) -> all finite: compressed-tensors W4A16 / W8A16 "
+     "codes packed into int32 along rows, and the group scales"},
+    {"fp8_dense", py_fp8_dense, METH_VARARGS,
+     "fp8_dense(codes, cols, scales, block_rows, block_cols, first_row, round, out, dense, threads): e4m3 codes times "
+     "block scales, rounded to `round` then stored as `out` (0 bfloat16, 1 float16, 2 float32)"},
+    {"fp8_blocks", py_fp8_blocks, METH_VARARGS,
+     "fp8_blocks(src, bf16, cols, block_rows, block_cols, codes, scale_inv, threads) -> all finite: fine-grained FP8 codes "
+     "and scale_inv per block, as transformers' Fp8Quantize"},
+    {"mxfp4_dense", py_mxfp4_dense, METH_VARARGS,
+     "mxfp4_dense(blocks, scales, groups, first_group, out, dense, threads): one gpt-oss expert's MXFP4 groups, dense and "
+     "transposed"},
+    {"nonfinite", py_nonfinite, METH_VARARGS, "nonfinite(bits, wide, threads) -> whether any 2-byte (bf16/f16, wide 0) or float32 (wide 1) value is NaN or infinite"},
     {"q8_0", py_q8_0, METH_VARARGS, "q8_0(src, bf16, blocks, threads): GGUF Q8_0 blocks of 34 bytes"},
     {"gptq_rtn", py_gptq_rtn, METH_VARARGS,
      "gptq_rtn(src, bf16, rows, cols, group_size, bits, sym, min_zero, out_features, col0, qweight, scales, zeros, "

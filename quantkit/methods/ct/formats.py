@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from quantkit.dtypes import round_to, to_float32
+from quantkit.errors import QuantkitError
 from quantkit.numerics import E8M0_VALUES, FP8_E4M3_VALUES, unpack_fp4
 
 FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized", "nvfp4-pack-quantized",
@@ -54,6 +55,25 @@ def expand(scale: np.ndarray, rows: int, cols: int, args: dict, row_start: int) 
     if strategy in ("group", "tensor_group") and scale.size > 1:
         return np.repeat(scale.reshape(rows, -1), args["group_size"], axis=1)[:, :cols]
     return scale.reshape(-1, 1) if scale.size == rows and scale.size > 1 else scale.reshape(1, 1)
+
+
+def scale_grid(scale: np.ndarray, rows: int, cols: int, args: dict) -> tuple[np.ndarray, tuple[int, int]]:
+    """A whole scale as `expand` reads it, as a 2-D grid and the block each entry covers: the scale of
+    element (r, c) is grid[r // block[0], c // block[1]] (for the native kernels, which take any chunk of rows)."""
+    strategy = args.get("strategy")
+    if strategy == "block":
+        height, width = args["block_structure"]
+        grid, block = (-(-rows // height), -(-cols // width)), (height, width)
+    elif strategy in ("group", "tensor_group") and scale.size > 1:
+        grid, block = (rows, -(-cols // args["group_size"])), (1, args["group_size"])
+    elif scale.size == rows and scale.size > 1:
+        grid, block = (rows, 1), (1, cols)
+    else:
+        grid, block = (1, 1), (max(rows, 1), cols)
+    if scale.size != grid[0] * grid[1]:
+        raise QuantkitError(f"weight_scale holds {scale.size} values where a {rows} x {cols} weight of strategy {strategy!r} "
+                            f"has {grid[0] * grid[1]}")
+    return scale.reshape(grid), block
 
 
 def affine(q: np.ndarray, scale: np.ndarray, scale_dtype: str, zero: np.ndarray | None, args: dict, row_start: int) -> np.ndarray:

@@ -9,6 +9,7 @@ import numpy as np
 from quantkit.native import kernels, stored, threads
 
 AVAILABLE = kernels is not None and hasattr(kernels, "ct_fp8_channel")
+INT_AVAILABLE = kernels is not None and hasattr(kernels, "ct_int_symmetric")
 DTYPES = {"BF16": 0, "F16": 1, "F32": 2}
 
 
@@ -20,3 +21,14 @@ def fp8_channel(chunk: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     scale = np.empty((rows, 1), np.float32)
     kernels.ct_fp8_channel(raw, DTYPES[dtype], cols, codes, scale, threads())
     return codes, scale
+
+
+def int_symmetric(chunk: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(int32 words [rows, cols * bits / 32], scales float32 [rows, groups] holding values of `dtype`): the
+    packed result of schemes.int_symmetric; None where a value is NaN or infinite (the reference decides)."""
+    rows, cols = chunk.shape
+    raw, _ = stored(chunk, dtype)
+    packed = np.empty((rows, cols * bits // 32), np.int32)
+    scale = np.empty((rows, cols // group_size), np.float32)
+    finite = kernels.ct_int_symmetric(raw, DTYPES[dtype], cols, group_size, bits, packed, scale, threads())
+    return (packed, scale) if finite else None

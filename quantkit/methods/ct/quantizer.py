@@ -117,6 +117,11 @@ class CompressedTensors:
         if scheme.method == "fp8" and native.AVAILABLE and dtype in native.DTYPES:
             codes, scale = native.fp8_channel(chunk, dtype)
             return codes, {"weight_scale": scale}
+        if scheme.method in schemes.INT_METHODS and scheme.symmetric and native.INT_AVAILABLE and dtype in native.DTYPES \
+                and group_size <= 4096:  # fmt: skip
+            packed = native.int_symmetric(chunk, dtype, scheme.bits, group_size)
+            if packed is not None:
+                return packed[0], {"weight_scale": packed[1]}
         w = dtypes.to_float32(chunk, dtype)
         if scheme.method == "fp8":
             codes, scale = schemes.fp8_channel(w, dtype)

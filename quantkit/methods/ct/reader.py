@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from quantkit import dtypes
+from quantkit import dtypes, native
 from quantkit.api import TensorSink
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor, ShardReader
@@ -157,6 +157,16 @@ class CompressedTensorsReader:
                 else zero.astype(np.float32)  # fmt: skip
         unit = args["block_structure"][0] if args.get("strategy") == "block" else 1
         step = max(unit, CHUNK_ELEMENTS // max(cols, 1) // unit * unit)
+        scale_dtype = kinds["weight_scale"]
+        if kinds.get("weight") == "F8_E4M3" and "zero" not in stored and native.DENSE_KERNELS and {scale_dtype, dtype} <= set(native.DENSE):
+            try:
+                grid, block = formats.scale_grid(dtypes.to_float32(stored["weight_scale"], scale_dtype), rows, cols, args)
+            except QuantkitError as e:
+                raise QuantkitError(f"{checkpoint.tensors[names[0]].file}: '{module}': {e.message}") from None
+            for start in range(0, rows, step):
+                sink.write(f"{module}.weight", native.fp8_dense(stored["weight"][start : start + step], grid, block, start, scale_dtype, dtype))
+            sink.done(f"{module}.weight")
+            return
         per_row = [k for k, v in stored.items() if v.ndim == 2 and v.shape[0] == rows and args.get("strategy") != "block"]
         main = "weight_packed" if "weight_packed" in stored else "weight"
         for start in range(0, rows, step):

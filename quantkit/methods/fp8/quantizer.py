@@ -15,7 +15,7 @@ from quantkit import api, dtypes
 from quantkit.api import TensorSink, WeightSource
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor
-from quantkit.methods.fp8 import blocks
+from quantkit.methods.fp8 import blocks, native
 from quantkit.numerics import CHUNK_ELEMENTS
 
 METHOD = "fp8-fine"
@@ -54,12 +54,17 @@ class Fp8Fine:
         step = max(band, CHUNK_ELEMENTS // cols // band * band)
         start = 0
         for chunk in weight.chunks(step):
-            values = dtypes.to_float32(chunk, weight.dtype)
-            if not np.all(np.isfinite(values)):
+            bands = slice(start // band, (start + len(chunk) + band - 1) // band)
+            if native.AVAILABLE and weight.dtype in ("BF16", "F16", "F32"):
+                quantized = native.quantize_band(chunk, weight.dtype, blocks.BLOCK)
+            else:
+                values = dtypes.to_float32(chunk, weight.dtype)
+                quantized = blocks.quantize_band(values) if np.all(np.isfinite(values)) else None
+            if quantized is None:
                 raise QuantkitError(f"tensor '{module}.weight': holds NaN or infinite values")
-            codes, scale_inv[start // band : (start + len(values) + band - 1) // band] = blocks.quantize_band(values)
+            codes, scale_inv[bands] = quantized
             sink.write(f"{module}.weight", codes)
-            start += len(values)
+            start += len(chunk)
         sink.done(f"{module}.weight")
         sink.write(f"{module}.weight_scale_inv", scale_inv)
         sink.done(f"{module}.weight_scale_inv")

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from quantkit import api, dtypes
+from quantkit import api, dtypes, native
 from quantkit.api import TensorSink
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor
@@ -78,6 +78,9 @@ class Fp8Reader:
         name = f"{module}.weight"
         rows = max(block[0], CHUNK_ELEMENTS // codes.shape[1] // block[0] * block[0])
         for start in range(0, codes.shape[0], rows):
+            if native.DENSE_KERNELS and dtype in native.DENSE:
+                sink.write(name, native.fp8_dense(codes[start : start + rows], scales, block, start, "F32", dtype))
+                continue
             values = blocks.dequantize_band(codes[start : start + rows], scales, start, block)
             sink.write(name, dtypes.from_float32(values, dtype))
         sink.done(name)

@@ -12,7 +12,8 @@ from quantkit.api import TensorSink
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor
 from quantkit.io.source import Checkpoint
-from quantkit.methods.mxfp4 import blocks
+from quantkit.methods.mxfp4 import blocks, native
+from quantkit.native import DENSE
 from quantkit.numerics import CHUNK_ELEMENTS
 
 ERROR_BOUND = 0.3  # relative weight error of FP4 with power-of-two scales
@@ -60,8 +61,12 @@ class Mxfp4Reader:
         packed = packed.reshape(-1, rows, groups, blocks.BYTES)
         scales = scales.reshape(-1, rows, groups)
         step = max(1, CHUNK_ELEMENTS // (rows * blocks.GROUP))  # groups per chunk: output rows of 32 inputs each
+        fast = native.AVAILABLE and dtype in DENSE and packed.flags.c_contiguous and scales.flags.c_contiguous
         for expert in range(packed.shape[0]):
             for g in range(0, groups, step):
+                if fast:
+                    sink.write(module, native.dense_groups(packed[expert], scales[expert], g, min(step, groups - g), dtype))
+                    continue
                 values = blocks.dequantize_groups(packed[expert, :, g : g + step], scales[expert, :, g : g + step])
                 sink.write(module, dtypes.from_float32(np.ascontiguousarray(values.T), dtype))
         sink.done(module)

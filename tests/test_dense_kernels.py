@@ -1,0 +1,131 @@
+"""The native FP8 kernels (native.fp8_dense, the fine-grained writer's fp8.native) and the finite check
+(native.nonfinite) give what the numpy references give, bit for bit: every e4m3 code (NaN and subnormals
+included), every scale dtype and output dtype, ragged blocks, chunks that start inside a block row. The references themselves are checked
+against transformers and compressed-tensors in test_fp8_mxfp4.py and test_quantize_ct.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantkit import dtypes, native
+from quantkit.methods.ct import formats
+from quantkit.methods.fp8 import blocks
+from quantkit.numerics import FP8_E4M3_VALUES
+
+pytestmark = pytest.mark.skipif(not native.DENSE_KERNELS, reason="the C extension was not built")
+DENSE = ("BF16", "F16", "F32")
+
+
+def scales_of(rng, shape, dtype: str) -> np.ndarray:
+    """float32 values of `dtype`, over many magnitudes (float16 ones overflow past 65504: infinity is an output too)."""
+    values = np.exp2(rng.uniform(-20, 14, shape)).astype(np.float32) * rng.choice([1, -1], shape).astype(np.float32)
+    return dtypes.round_to(values, dtype) if dtype != "F32" else values
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+@pytest.mark.parametrize("scale_dtype", DENSE)
+@pytest.mark.parametrize("dtype", DENSE)
+@pytest.mark.parametrize("block", [(128, 128), (1, 200), (1, 32), (300, 200), (7, 5)])
+def test_fp8_dense_equals_the_ct_reference(scale_dtype, dtype, block):
+    rng = np.random.default_rng(sum(map(ord, scale_dtype + dtype)) + block[0])
+    rows, cols = 300, 200
+    codes = rng.integers(0, 256, (rows, cols), dtype=np.uint8)
+    codes[0, :256 if cols >= 256 else cols] = np.arange(min(256, cols), dtype=np.uint8)
+    codes[1, : 256 - cols] = np.arange(cols, 256, dtype=np.uint8)
+    grid = scales_of(rng, (-(-rows // block[0]), -(-cols // block[1])), scale_dtype)
+    args = {"strategy": "block", "block_structure": list(block)}
+    for start, stop in [(0, rows), (0, 128), (128, 300), (37, 299)]:
+        reference = dtypes.from_float32(formats.affine(FP8_E4M3_VALUES[codes[start:stop]], grid, scale_dtype, None, args, start), dtype)
+        ours = native.fp8_dense(codes[start:stop], grid, block, start, scale_dtype, dtype)
+        assert ours.dtype == reference.dtype and np.array_equal(ours.view(np.uint8), reference.view(np.uint8)), (start, stop)
+
+
+@pytest.mark.parametrize("strategy", ["channel", "tensor", "group"])
+def test_scale_grid_covers_every_strategy(strategy):
+    rng = np.random.default_rng(1)
+    rows, cols = 70, 96
+    shape = {"channel": (rows, 1), "tensor": (1,), "group": (rows, 3)}[strategy]
+    scale = scales_of(rng, shape, "BF16")
+    args = {"strategy": strategy, "group_size": 32}
+    codes = rng.integers(0, 126, (rows, cols), dtype=np.uint8)
+    grid, block = formats.scale_grid(scale, rows, cols, args)
+    for start, stop in [(0, rows), (13, 50)]:
+        sliced = scale[start:stop] if strategy != "tensor" else scale
+        reference = dtypes.from_float32(formats.affine(FP8_E4M3_VALUES[codes[start:stop]], sliced, "BF16", None, args, start), "BF16")
+        assert np.array_equal(native.fp8_dense(codes[start:stop], grid, block, start, "BF16", "BF16"), reference)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 300), cols=st.integers(1, 300), first=st.integers(0, 2), seed=st.integers(0, 2**16))
+def test_fp8_dense_equals_the_fine_grained_reference(rows, cols, first, seed):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, (rows, cols), dtype=np.uint8)
+    start = first * 128
+    grid = scales_of(rng, (-(-(start + rows) // 128), -(-cols // 128)), "F32")
+    reference = dtypes.from_float32(blocks.dequantize_band(codes, grid, start), "BF16")
+    assert np.array_equal(native.fp8_dense(codes, grid, (128, 128), start, "F32", "BF16"), reference)
+
+
+@pytest.mark.parametrize("dtype", DENSE)
+def test_nonfinite_finds_each_nan_and_infinity(dtype):
+    values = np.linspace(-3, 3, 5000, dtype=np.float32)
+    stored = dtypes.from_float32(values, dtype)
+    assert dtypes.all_finite(stored, dtype)
+    for special in (np.inf, -np.inf, np.nan):
+        for where in (0, 2500, 4999):
+            damaged = values.copy()
+            damaged[where] = special
+            assert not dtypes.all_finite(dtypes.from_float32(damaged, dtype), dtype), (special, where)
+
+
+def test_the_kernels_refuse_wrong_lengths():
+    codes = np.zeros((4, 8), np.uint8)
+    with pytest.raises(ValueError, match="scales"):
+        native.kernels.fp8_dense(codes, 8, np.zeros(1, np.float32), 1, 8, 0, 0, 0, np.zeros(32, np.uint16), 1)
+    with pytest.raises(ValueError, match="dense"):
+        native.kernels.fp8_dense(codes, 8, np.zeros(4, np.float32), 1, 8, 0, 0, 0, np.zeros(31, np.uint16), 1)
+    with pytest.raises(ValueError, match="kind"):
+        native.kernels.nonfinite(np.zeros(3, np.uint8), 0, 1)
+
+
+@pytest.mark.parametrize("dtype", DENSE)
+@pytest.mark.parametrize("shape", [(300, 200), (128, 128), (1, 7), (257, 1000)])
+def test_fine_grained_fp8_writer_kernel_equals_the_reference(dtype, shape):
+    from quantkit.methods.fp8 import native as fp8_native
+
+    rng = np.random.default_rng(shape[0] + shape[1])
+    low, high = (-12, 6) if dtype == "F16" else (-30, 12)  # float16 overflows beyond 65504
+    values = (rng.standard_normal(shape) * np.exp(rng.uniform(low, high, (shape[0], 1)))).astype(np.float32)
+    values[: min(128, shape[0]), : min(128, shape[1])] = 0  # an all-zero block: scale 1
+    if shape[1] > 5:
+        values[-1, 5] = -0.0
+    stored = dtypes.from_float32(values, dtype)
+    assert dtypes.all_finite(stored, dtype)
+    reference = blocks.quantize_band(dtypes.to_float32(stored, dtype))
+    ours = fp8_native.quantize_band(stored, dtype, blocks.BLOCK)
+    assert np.array_equal(ours[0], reference[0]) and np.array_equal(ours[1].view(np.uint32), reference[1].view(np.uint32))
+    for special in (np.nan, np.inf):
+        damaged = values.copy()
+        damaged[-1, -1] = special
+        assert fp8_native.quantize_band(dtypes.from_float32(damaged, dtype), dtype, blocks.BLOCK) is None
+
+
+@pytest.mark.parametrize("dtype", DENSE)
+def test_mxfp4_kernel_equals_the_reference(dtype):
+    from quantkit.methods.mxfp4 import blocks as mx
+    from quantkit.methods.mxfp4 import native as mx_native
+
+    rng = np.random.default_rng(5)
+    rows, groups = 70, 12
+    packed = rng.integers(0, 256, (rows, groups, 16), dtype=np.uint8)
+    scales = rng.integers(100, 140, (rows, groups), dtype=np.uint8)
+    scales.reshape(-1)[:256] = np.arange(256, dtype=np.uint8)  # every e8m0 code, 0 and 255 included
+    for first, count in [(0, groups), (5, 4), (11, 1)]:
+        with np.errstate(over="ignore"):
+            values = mx.dequantize_groups(packed[:, first : first + count], scales[:, first : first + count])
+            reference = dtypes.from_float32(np.ascontiguousarray(values.T), dtype)
+        ours = mx_native.dense_groups(packed, scales, first, count, dtype)
+        assert ours.dtype == reference.dtype and np.array_equal(ours.view(np.uint8), reference.view(np.uint8)), (first, count)
