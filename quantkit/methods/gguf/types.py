@@ -42,7 +42,19 @@ def _q8_0_native(rows: np.ndarray, dtype: str) -> np.ndarray:
     return native.quantize_q8_0(rows, dtype).reshape(rows.shape[0], length)
 
 
+def _k_native(qtype: QType) -> Callable[[np.ndarray, str], np.ndarray]:
+    def fast(rows: np.ndarray, dtype: str) -> np.ndarray:
+        row_bytes(qtype, rows.shape[1])  # refuses partial blocks before the kernel runs
+        return native.quantize_k(rows, dtype, qtype)
+
+    return fast
+
+
 def _compiled(qtype: QType) -> Callable[[np.ndarray, str], np.ndarray]:
+    """The C kernel where the extension has one (it reads bfloat16 as stored), else the numba kernel."""
+    if native.AVAILABLE and qtype in native.K_QUANTS:
+        return _k_native(qtype)
+
     def fast(rows: np.ndarray, dtype: str) -> np.ndarray:
         from quantkit.methods.gguf import kernels  # imports numba (~0.4 s): only the types that need it pay
 
