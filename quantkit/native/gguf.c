@@ -63,6 +63,60 @@ PyObject *py_q8_0(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static inline void put16(uint8_t *p, uint16_t v) {
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+
+/* ------------------------------------------------------------------------------------------------
+   GGUF Q4_0 and Q5_0 (legacy._q4_0 / _q5_0): blocks of 32, d = the value of largest magnitude (numpy's
+   argmax of |x|: the first one, a NaN before all) / -8 or -16, codes min(15 or 31, uint8(trunc(x / d + 8.5
+   or 16.5))) with numpy's cast (the low byte of a 32-bit truncation, which is INT32_MIN for NaN and beyond
+   its range). Stored as d (float16), for Q5_0 the fifth bits of the 32 codes (4 bytes, little endian),
+   then code j | code j + 16 << 4. */
+
+typedef struct {
+    const void *src;
+    int bf16;
+    uint8_t *out;
+    Py_ssize_t blocks; /* of 32 for Q4_0 / Q5_0, of 256 for the K-quants */
+} gguf_t;
+
+static inline uint8_t numpy_uint8(float v) { return (uint8_t)(fabsf(v) < 2147483648.0f ? (int32_t)v : INT32_MIN); }
+
+BODY void q4_5_0_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16, const int five) {
+    const int size = five ? 22 : 18;
+    const float divisor = five ? -16.0f : -8.0f, offset = five ? 16.5f : 8.5f;
+    const uint8_t top = five ? 31 : 15;
+    for (Py_ssize_t b = lo; b < hi; b++) {
+        float x[32];
+        int at = 0;
+        for (int j = 0; j < 32; j++)
+            x[j] = as_float(load_bits(q->src, bf16, b * 32 + j));
+        for (int j = 1; j < 32 && x[at] == x[at]; j++)
+            at = x[j] != x[j] || fabsf(x[j]) > fabsf(x[at]) ? j : at;
+        const float d = x[at] / divisor, inverse = d == 0.0f ? 0.0f : 1.0f / d;
+        uint8_t codes[32], *block = q->out + b * size, *qs = block + size - 16;
+        for (int j = 0; j < 32; j++) {
+            const uint8_t c = numpy_uint8(truncf(x[j] * inverse + offset));
+            codes[j] = c < top ? c : top;
+        }
+        put16(block, float16_bits(d));
+        if (five)
+            for (int k = 0; k < 4; k++) {
+                uint8_t byte = 0;
+                for (int j = 0; j < 8; j++)
+                    byte |= (uint8_t)(((codes[8 * k + j] >> 4) & 1) << j);
+                block[2 + k] = byte;
+            }
+        for (int j = 0; j < 16; j++)
+            qs[j] = (uint8_t)((codes[j] & 0x0F) | (codes[j + 16] << 4));
+    }
+}
+
+BODY void q4_0_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) { q4_5_0_body(q, lo, hi, bf16, 0); }
+BODY void q5_0_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) { q4_5_0_body(q, lo, hi, bf16, 1); }
+
 /* ------------------------------------------------------------------------------------------------
    K-quants Q2_K, Q4_K, Q5_K, Q6_K: the bytes of llama.cpp's quantize_row_q{2,4,5,6}_K_ref (kquants.py is
    the numpy spec). Their scale searches (make_qkx2_quants, make_qx_quants) sum 16 or 32 terms left to
@@ -101,10 +155,6 @@ VALWAYS vi clamp_v(vi l, int32_t lo, int32_t hi) {
 /* The value of a float16 as the block stores it (GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(v))). */
 static inline float f16_value(float v) { return float16_round(as_bits(v)); }
 
-static inline void put16(uint8_t *p, uint16_t v) {
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-}
 
 /* make_qkx2_quants(n, nmax, x, w, ..., rmin, 0.1, nstep, mad) for G * 8 sub-blocks at once: x and w hold
    element i of sub-block (g, lane) at [i * G + g][lane]. Out: scale and the_min per sub-block, and the codes
@@ -250,16 +300,10 @@ VALWAYS void qx_lanes(const int n, const int G, const vf *x, const int nmax, vf 
         }
 }
 
-typedef struct {
-    const void *src;
-    int bf16;
-    uint8_t *out;
-    Py_ssize_t blocks; /* super-blocks */
-} kquant_t;
 
 /* Super-blocks first .. first + count - 1 (the last repeated to fill G * 8 sub-blocks of n) into lanes:
    xs the values in order, x[i * G + g][lane] element i of sub-block 8 g + lane. */
-VALWAYS void load_lanes(const kquant_t *q, const int bf16, Py_ssize_t first, int count, const int n, const int G,
+VALWAYS void load_lanes(const gguf_t *q, const int bf16, Py_ssize_t first, int count, const int n, const int G,
                         float *xs, vf *x) {
     const int per = QK_K / n; /* sub-blocks per super-block */
     for (int s = 0; s < G * LANES; s++) {
@@ -315,7 +359,7 @@ static void scale_min_finish(const float *x, const float *scales, const float *m
 }
 
 /* Q4_K (nmax 15) and Q5_K (31): super-blocks in pairs, 16 sub-blocks of 32. */
-BODY void q45_k_body(const kquant_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16, const int five) {
+BODY void q45_k_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16, const int five) {
     const int nmax = five ? 31 : 15, size = five ? 176 : 144;
     float xs[2 * QK_K];
     vf x[64], w[64], scale[2], min[2];
@@ -359,11 +403,11 @@ BODY void q45_k_body(const kquant_t *q, Py_ssize_t lo, Py_ssize_t hi, const int 
     }
 }
 
-BODY void q4_k_body(const kquant_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) { q45_k_body(q, lo, hi, bf16, 0); }
-BODY void q5_k_body(const kquant_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) { q45_k_body(q, lo, hi, bf16, 1); }
+BODY void q4_k_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) { q45_k_body(q, lo, hi, bf16, 0); }
+BODY void q5_k_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) { q45_k_body(q, lo, hi, bf16, 1); }
 
 /* Q6_K: one super-block a unit, 16 sub-blocks of 16. */
-BODY void q6_k_body(const kquant_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) {
+BODY void q6_k_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) {
     float xs[QK_K];
     vf x[32], scale[2];
     vi lanes[32];
@@ -412,7 +456,7 @@ BODY void q6_k_body(const kquant_t *q, Py_ssize_t lo, Py_ssize_t hi, const int b
 }
 
 /* Q2_K: one super-block a unit, 16 sub-blocks of 16, weights |x|, mean absolute error. */
-BODY void q2_k_body(const kquant_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) {
+BODY void q2_k_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) {
     float xs[QK_K];
     vf x[32], w[32], scale[2], min[2];
     vi lanes[32];
@@ -464,36 +508,51 @@ BODY void q2_k_body(const kquant_t *q, Py_ssize_t lo, Py_ssize_t hi, const int b
     }
 }
 
-PART(q2_k, kquant_t)
-PART(q4_k, kquant_t)
-PART(q5_k, kquant_t)
-PART(q6_k, kquant_t)
+PART(q4_0, gguf_t)
+PART(q5_0, gguf_t)
+PART(q2_k, gguf_t)
+PART(q4_k, gguf_t)
+PART(q5_k, gguf_t)
+PART(q6_k, gguf_t)
 
-/* kquant(src, bf16, ggml type, blocks, threads): Q2_K (10), Q4_K (12), Q5_K (13), Q6_K (14). */
-PyObject *py_kquant(PyObject *self, PyObject *args) {
+/* Per ggml type: values and bytes a block, blocks a unit of work, and the work per value against Q8_0's
+   (the scale searches of the K-quants: ~16x), which decides when threads pay. */
+static const struct {
+    int type, values, size, per_unit, work;
+    part_fn part;
+} GGUF_KERNELS[] = {
+    {2, 32, 18, 1, 1, q4_0_part},    {6, 32, 22, 1, 1, q5_0_part},   {10, QK_K, 84, 1, 16, q2_k_part},
+    {12, QK_K, 144, 2, 16, q4_k_part}, {13, QK_K, 176, 2, 16, q5_k_part}, {14, QK_K, 210, 1, 16, q6_k_part},
+};
+
+/* gguf_blocks(src, bf16, ggml type, blocks, threads): Q4_0 (2), Q5_0 (6), Q2_K (10), Q4_K (12), Q5_K (13),
+   Q6_K (14). Q4_K and Q5_K take super-blocks in pairs (the sub-blocks of both in the lanes); the last pair
+   may be one. */
+PyObject *py_gguf_blocks(PyObject *self, PyObject *args) {
     Py_buffer v[2];
-    kquant_t q;
-    int type, threads;
+    gguf_t q;
+    int type, threads, k = 0;
     if (!PyArg_ParseTuple(args, "y*piw*i", &v[0], &q.bf16, &type, &v[1], &threads))
         return NULL;
-    part_fn part = type == 10 ? q2_k_part : type == 12 ? q4_k_part : type == 13 ? q5_k_part : type == 14 ? q6_k_part : NULL;
-    const Py_ssize_t size = type == 10 ? 84 : type == 12 ? 144 : type == 13 ? 176 : 210, item = q.bf16 ? 2 : 4;
-    if (part == NULL) {
+    while (k < (int)(sizeof GGUF_KERNELS / sizeof GGUF_KERNELS[0]) && GGUF_KERNELS[k].type != type)
+        k++;
+    if (k == (int)(sizeof GGUF_KERNELS / sizeof GGUF_KERNELS[0])) {
         release(v, 2);
-        PyErr_Format(PyExc_ValueError, "kquant: no kernel for ggml type %d", type);
+        PyErr_Format(PyExc_ValueError, "gguf_blocks: no kernel for ggml type %d", type);
         return NULL;
     }
-    q.blocks = v[0].len / (item * QK_K);
+    const Py_ssize_t values = GGUF_KERNELS[k].values, item = q.bf16 ? 2 : 4;
+    q.blocks = v[0].len / (item * values);
     q.src = v[0].buf;
     q.out = v[1].buf;
-    if (check_length(&v[0], q.blocks * item * QK_K, "input (whole super-blocks of 256)") ||
-        check_length(&v[1], q.blocks * size, "blocks")) {
+    if (check_length(&v[0], q.blocks * item * values, "input (whole blocks)") ||
+        check_length(&v[1], q.blocks * GGUF_KERNELS[k].size, "blocks")) {
         release(v, 2);
         return NULL;
     }
-    const Py_ssize_t units = type == 12 || type == 13 ? (q.blocks + 1) / 2 : q.blocks;
+    const Py_ssize_t per = GGUF_KERNELS[k].per_unit, units = (q.blocks + per - 1) / per;
     Py_BEGIN_ALLOW_THREADS
-    parallel_for(part, &q, units, thread_count(threads, q.blocks * QK_K * 16)); /* ~16x the work of Q8_0 per value */
+    parallel_for(GGUF_KERNELS[k].part, &q, units, thread_count(threads, q.blocks * values * GGUF_KERNELS[k].work));
     Py_END_ALLOW_THREADS
     release(v, 2);
     Py_RETURN_NONE;

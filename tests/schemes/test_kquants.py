@@ -52,16 +52,16 @@ def test_kernel_equals_reference(qtype, kind):
         assert kernels.quantize(x, qtype).tobytes() == ggml.TYPES[qtype].reference(x).tobytes()
 
 
-@pytest.mark.parametrize("qtype", native.K_QUANTS, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", native.TYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
 def test_c_kernel_equals_reference(qtype, kind, dtype):
     """As stored (bfloat16 bits read by the kernel itself), 3 x 768: an odd number of super-blocks, which
-    Q4_K and Q5_K take in pairs."""
+    Q4_K and Q5_K take in pairs. (Q8_0, Q4_0, Q5_0: the legacy types, also here.)"""
     with np.errstate(all="ignore"):
         raw = dtypes.from_float32(_rows(kind, (3, 768)), dtype)
         expected = ggml.TYPES[qtype].reference(dtypes.to_float32(raw, dtype))
-    assert native.quantize_k(raw, dtype, qtype).tobytes() == expected.tobytes()
+    assert native.quantize(raw, dtype, qtype).tobytes() == expected.tobytes()
 
 
 @pytest.mark.parametrize("qtype", COMPILED, ids=lambda q: q.name)

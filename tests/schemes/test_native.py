@@ -18,7 +18,7 @@ from quantkit.methods.bnb import int8, native, nf4
 from quantkit.methods.gguf import types as ggml
 
 DTYPES = ("BF16", "F16", "F32")
-K_QUANTS = (Q.Q2_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)  # the C kernels of methods/gguf/native.py
+BLOCK_TYPES = (Q.Q4_0, Q.Q5_0, Q.Q2_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)  # native/gguf.c's gguf_blocks
 
 
 def values(n: int, seed: int, scale: float = 0.02) -> np.ndarray:
@@ -169,7 +169,7 @@ def by_threads():
             outputs[threads] = [*native.quantize_4bit(raw, "BF16", 64, "fp4"), *native.quantize_4bit(raw, "BF16", 100, "nf4"),
                                 *native.quantize_int8(rows, "BF16"), ggml.quantize_stored(rows, "BF16", Q.Q8_0),
                                 native.dequantize_4bit(packed, absmax, nf4.NF4_CODE, 64, 1, raw.size - 2, "BF16"),
-                                *(ggml.quantize_stored(rows, "BF16", q) for q in K_QUANTS)]
+                                *(ggml.quantize_stored(rows, "BF16", q) for q in BLOCK_TYPES)]
     return raw, rows, packed, absmax, outputs
 
 
@@ -185,10 +185,10 @@ def test_threaded_output_equals_reference(by_threads):
     expected = [*nf4.quantize_4bit(widened, 64, "fp4"), *nf4.quantize_4bit(widened, 100, "nf4"),
                 *int8.quantize_int8(dtypes.to_float32(rows, "BF16")), ggml.quantize_reference(dtypes.to_float32(rows, "BF16"), Q.Q8_0),
                 dtypes.bf16_bits(nf4.dequantize_range(packed, absmax, nf4.NF4_CODE, 64, 1, raw.size - 2))]
-    # the K-quants' numpy references take ~10 s on these rows: one slice of each thread's share
+    # the K-quants' numpy references take ~10 s on all these rows: every 97th row, from every thread's share
     some = dtypes.to_float32(rows, "BF16")[::97]
-    expected += [ggml.quantize_reference(some, q) for q in K_QUANTS]
-    threaded = outputs[2][: -len(K_QUANTS)] + [out[::97] for out in outputs[2][-len(K_QUANTS):]]
+    expected += [ggml.quantize_reference(some, q) for q in BLOCK_TYPES]
+    threaded = outputs[2][: -len(BLOCK_TYPES)] + [out[::97] for out in outputs[2][-len(BLOCK_TYPES):]]
     assert all(same(a, b) for a, b in zip(threaded, expected, strict=True))
 
 
