@@ -118,8 +118,8 @@ BODY void q4_0_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf1
 BODY void q5_0_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) { q4_5_0_body(q, lo, hi, bf16, 1); }
 
 /* ------------------------------------------------------------------------------------------------
-   K-quants Q2_K, Q4_K, Q5_K, Q6_K: the bytes of llama.cpp's quantize_row_q{2,4,5,6}_K_ref (kquants.py is
-   the numpy spec). Their scale searches (make_qkx2_quants, make_qx_quants) sum 16 or 32 terms left to
+   K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: the bytes of llama.cpp's quantize_row_q{2,3,4,5,6}_K_ref (kquants.py is
+   the numpy spec). Their scale searches (make_qkx2_quants, make_qx_quants, make_q3_quants) sum 16 or 32 terms left to
    right, a chain of dependent float adds per sub-block; here the sub-blocks of a super-block run side by
    side in the lanes of 8-float vectors, each lane doing exactly the reference's operations in its order,
    and every `if` becomes a per-lane select. A lane's codes are recomputed at the end from the trial that
@@ -300,6 +300,54 @@ VALWAYS void qx_lanes(const int n, const int G, const vf *x, const int nmax, vf 
         }
 }
 
+
+/* make_q3_quants(n, nmax, x, L, true) for G * 8 sub-blocks (laid out as in qkx2_lanes): a first fit at
+   -nmax / max, then up to 5 passes that move one code at a time where that raises (sum w x l)^2 / sum w l^2.
+   Every lane makes all 5 passes: a pass that changes nothing leaves the state as it found it, so the passes
+   the reference skips after one would change nothing either. Codes + nmax; an empty sub-block's are 0. */
+VALWAYS void q3_lanes(const int n, const int G, const vf *x, const int nmax, vf *scale_out, vi *codes) {
+    vf amax[MAXG], top[MAXG], w[16 * MAXG], wx[16 * MAXG], sumlx[MAXG], suml2[MAXG], iscale[MAXG], L[16 * MAXG];
+    EACH(g) amax[g] = top[g] = sumlx[g] = suml2[g] = vf_set(0.0f);
+    for (int i = 0; i < n; i++)
+        EACH(g) {
+            const vf xi = x[i * G + g], ax = vabs(xi);
+            const vi more = ax > amax[g];
+            amax[g] = vsel(more, ax, amax[g]);
+            top[g] = vsel(more, xi, top[g]);
+            w[i * G + g] = xi * xi;
+            wx[i * G + g] = w[i * G + g] * xi;
+        }
+    EACH(g) iscale[g] = vf_set((float)-nmax) / top[g];
+    for (int i = 0; i < n; i++)
+        EACH(g) {
+            const vf l = vcvt(clamp_v(nearest_v(iscale[g] * x[i * G + g]), -nmax, nmax - 1));
+            L[i * G + g] = l;
+            sumlx[g] += wx[i * G + g] * l;
+            suml2[g] += w[i * G + g] * l * l;
+        }
+    for (int pass = 0; pass < 5; pass++)
+        for (int i = 0; i < n; i++)
+            EACH(g) {
+                const int k = i * G + g;
+                vf slx = sumlx[g] - wx[k] * L[k];
+                vf sl2 = suml2[g] - w[k] * L[k] * L[k];
+                const vi positive = slx > vf_set(0.0f);
+                const vf l = vcvt(clamp_v(nearest_v(x[k] * sl2 / slx), -nmax, nmax - 1));
+                slx += wx[k] * l;
+                sl2 += w[k] * l * l;
+                const vi better = positive & (l != L[k]) & (sl2 > vf_set(0.0f)) &
+                                  (slx * slx * suml2[g] > sumlx[g] * sumlx[g] * sl2);
+                L[k] = vsel(better, l, L[k]);
+                sumlx[g] = vsel(better, slx, sumlx[g]);
+                suml2[g] = vsel(better, sl2, suml2[g]);
+            }
+    EACH(g) {
+        const vi empty = amax[g] < vf_set(1e-15f);
+        scale_out[g] = vsel(empty | (suml2[g] <= vf_set(0.0f)), vf_set(0.0f), sumlx[g] / suml2[g]);
+        for (int i = 0; i < n; i++)
+            codes[i * G + g] = vseli(empty, vi_set(0), __builtin_convertvector(L[i * G + g], vi) + vi_set(nmax));
+    }
+}
 
 /* Super-blocks first .. first + count - 1 (the last repeated to fill G * 8 sub-blocks of n) into lanes:
    xs the values in order, x[i * G + g][lane] element i of sub-block 8 g + lane. */
@@ -508,9 +556,72 @@ BODY void q2_k_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf1
     }
 }
 
+/* Q3_K: one super-block a unit, 16 sub-blocks of 16; 6-bit signed sub-block scales. */
+BODY void q3_k_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) {
+    float xs[QK_K];
+    vf x[32], scale[2];
+    vi lanes[32];
+    for (Py_ssize_t b = lo; b < hi; b++) {
+        load_lanes(q, bf16, b, 1, 16, 2, xs, x);
+        q3_lanes(16, 2, x, 4, scale, lanes);
+        uint8_t *block = q->out + b * 110, *hmask = block, *qs = block + 32, *sc = block + 96;
+        float scales[16], max_scale = 0.0f, amax = 0.0f;
+        int32_t L[QK_K];
+        for (int s = 0; s < 16; s++) {
+            scales[s] = scale[s / LANES][s % LANES];
+            if (fabsf(scales[s]) > amax) {
+                amax = fabsf(scales[s]);
+                max_scale = scales[s];
+            }
+            for (int i = 0; i < 16; i++)
+                L[16 * s + i] = lanes[i * 2 + s / LANES][s % LANES];
+        }
+        memset(sc, 0, 12);
+        float d_all = 0.0f;
+        if (max_scale != 0.0f) {
+            const float iscale = -32.0f / max_scale;
+            for (int s = 0; s < 16; s++) {
+                int32_t l = (int8_t)nearest_int(iscale * scales[s]);
+                l = (l < -32 ? -32 : l > 31 ? 31 : l) + 32;
+                if (s < 8)
+                    sc[s] = (uint8_t)(l & 0xF);
+                else
+                    sc[s - 8] |= (uint8_t)((l & 0xF) << 4);
+                sc[s % 4 + 8] |= (uint8_t)((l >> 4) << (2 * (s / 4)));
+            }
+            put16(block + 108, float16_bits(1 / iscale));
+            d_all = f16_value(1 / iscale);
+        } else {
+            put16(block + 108, 0);
+        }
+        for (int s = 0; s < 16; s++) {
+            const int32_t low = s < 8 ? sc[s] & 0xF : sc[s - 8] >> 4;
+            const float d = d_all * (float)((low | (((sc[8 + s % 4] >> (2 * (s / 4))) & 3) << 4)) - 32);
+            if (d == 0.0f)
+                continue;
+            for (int i = 0; i < 16; i++) {
+                const int32_t l = nearest_int(xs[16 * s + i] / d);
+                L[16 * s + i] = (l < -4 ? -4 : l > 3 ? 3 : l) + 4;
+            }
+        }
+        memset(hmask, 0, 32);
+        for (int j = 0; j < QK_K; j++)
+            if (L[j] > 3) {
+                hmask[j % 32] |= (uint8_t)(1u << (j / 32));
+                L[j] -= 4;
+            }
+        for (int h = 0; h < 2; h++)
+            for (int i = 0; i < 32; i++) {
+                const int32_t *c = L + 128 * h + i;
+                qs[32 * h + i] = (uint8_t)(c[0] | (c[32] << 2) | (c[64] << 4) | (c[96] << 6));
+            }
+    }
+}
+
 PART(q4_0, gguf_t)
 PART(q5_0, gguf_t)
 PART(q2_k, gguf_t)
+PART(q3_k, gguf_t)
 PART(q4_k, gguf_t)
 PART(q5_k, gguf_t)
 PART(q6_k, gguf_t)
@@ -521,11 +632,11 @@ static const struct {
     int type, values, size, per_unit, work;
     part_fn part;
 } GGUF_KERNELS[] = {
-    {2, 32, 18, 1, 1, q4_0_part},    {6, 32, 22, 1, 1, q5_0_part},   {10, QK_K, 84, 1, 16, q2_k_part},
+    {2, 32, 18, 1, 1, q4_0_part},    {6, 32, 22, 1, 1, q5_0_part},   {10, QK_K, 84, 1, 16, q2_k_part}, {11, QK_K, 110, 1, 16, q3_k_part},
     {12, QK_K, 144, 2, 16, q4_k_part}, {13, QK_K, 176, 2, 16, q5_k_part}, {14, QK_K, 210, 1, 16, q6_k_part},
 };
 
-/* gguf_blocks(src, bf16, ggml type, blocks, threads): Q4_0 (2), Q5_0 (6), Q2_K (10), Q4_K (12), Q5_K (13),
+/* gguf_blocks(src, bf16, ggml type, blocks, threads): Q4_0 (2), Q5_0 (6), Q2_K (10), Q3_K (11), Q4_K (12), Q5_K (13),
    Q6_K (14). Q4_K and Q5_K take super-blocks in pairs (the sub-blocks of both in the lanes); the last pair
    may be one. */
 PyObject *py_gguf_blocks(PyObject *self, PyObject *args) {

@@ -18,7 +18,7 @@ from quantkit.methods.bnb import int8, native, nf4
 from quantkit.methods.gguf import types as ggml
 
 DTYPES = ("BF16", "F16", "F32")
-BLOCK_TYPES = (Q.Q4_0, Q.Q5_0, Q.Q2_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)  # native/gguf.c's gguf_blocks
+BLOCK_TYPES = (Q.Q4_0, Q.Q5_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)  # native/gguf.c's gguf_blocks
 
 
 def values(n: int, seed: int, scale: float = 0.02) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The compiled paths for GGUF Q8_0, Q4_0, Q5_0 and the K-quants Q2_K, Q4_K, Q5_K, Q6_K: quantkit.native's
+"""The compiled paths for GGUF Q8_0, Q4_0, Q5_0 and the K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: quantkit.native's
 kernels (native/gguf.c), the bytes of legacy.py's and kquants.py's references."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from quantkit.native import AVAILABLE, kernels, stored, threads
 __all__ = ["AVAILABLE", "TYPES", "quantize"]
 
 QType = GGMLQuantizationType
-TYPES = (QType.Q8_0, QType.Q4_0, QType.Q5_0, QType.Q2_K, QType.Q4_K, QType.Q5_K, QType.Q6_K)
+TYPES = (QType.Q8_0, QType.Q4_0, QType.Q5_0, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K)
 
 
 def quantize(rows: np.ndarray, dtype: str, qtype: QType) -> np.ndarray:
