@@ -406,6 +406,36 @@ static void scale_min_finish(const float *x, const float *scales, const float *m
     }
 }
 
+/* A super-block's 16 sub-blocks of 16 out of the lanes (G = 2): scales[s] and codes L[16 s + i]. */
+VALWAYS void from_lanes16(const vf *scale, const vi *lanes, float *scales, int32_t *L) {
+    for (int s = 0; s < 16; s++) {
+        scales[s] = scale[s / LANES][s % LANES];
+        for (int i = 0; i < 16; i++)
+            L[16 * s + i] = lanes[i * 2 + s / LANES][s % LANES];
+    }
+}
+
+/* The value of largest magnitude among 16, the first one on ties (C's strict >); its magnitude to *amax. */
+static inline float signed_max16(const float *v, float *amax) {
+    float top = 0.0f;
+    *amax = 0.0f;
+    for (int s = 0; s < 16; s++)
+        if (fabsf(v[s]) > *amax) {
+            *amax = fabsf(v[s]);
+            top = v[s];
+        }
+    return top;
+}
+
+/* 2-bit codes: byte i of each 32 holds codes i, i + 32, i + 64, i + 96 of its half of 128, low bits first. */
+static inline void pack_2bit(const int32_t *L, uint8_t *qs) {
+    for (int h = 0; h < 2; h++)
+        for (int i = 0; i < 32; i++) {
+            const int32_t *c = L + 128 * h + i;
+            qs[32 * h + i] = (uint8_t)(c[0] | (c[32] << 2) | (c[64] << 4) | (c[96] << 6));
+        }
+}
+
 /* Q4_K (nmax 15) and Q5_K (31): super-blocks in pairs, 16 sub-blocks of 32. */
 BODY void q45_k_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16, const int five) {
     const int nmax = five ? 31 : 15, size = five ? 176 : 144;
@@ -463,17 +493,10 @@ BODY void q6_k_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf1
         load_lanes(q, bf16, b, 1, 16, 2, xs, x);
         qx_lanes(16, 2, x, 32, scale, lanes);
         uint8_t *block = q->out + b * 210;
-        float scales[16], max_scale = 0.0f, max_abs = 0.0f;
+        float scales[16], max_abs;
         int32_t L[QK_K];
-        for (int s = 0; s < 16; s++) {
-            scales[s] = scale[s / LANES][s % LANES];
-            if (fabsf(scales[s]) > max_abs) {
-                max_abs = fabsf(scales[s]);
-                max_scale = scales[s];
-            }
-            for (int i = 0; i < 16; i++)
-                L[16 * s + i] = lanes[i * 2 + s / LANES][s % LANES];
-        }
+        from_lanes16(scale, lanes, scales, L);
+        const float max_scale = signed_max16(scales, &max_abs);
         if (max_abs < 1e-15f) {
             memset(block, 0, 210);
             continue;
@@ -516,13 +539,11 @@ BODY void q2_k_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf1
         uint8_t *block = q->out + b * 84, *sc = block;
         float scales[16], mins[16], max_scale = 0.0f, max_min = 0.0f;
         int32_t L[QK_K];
+        from_lanes16(scale, lanes, scales, L);
         for (int s = 0; s < 16; s++) {
-            scales[s] = scale[s / LANES][s % LANES];
             mins[s] = min[s / LANES][s % LANES];
             max_scale = scales[s] > max_scale ? scales[s] : max_scale;
             max_min = mins[s] > max_min ? mins[s] : max_min;
-            for (int i = 0; i < 16; i++)
-                L[16 * s + i] = lanes[i * 2 + s / LANES][s % LANES];
         }
         memset(sc, 0, 16);
         if (max_scale > 0) {
@@ -548,11 +569,7 @@ BODY void q2_k_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf1
                 L[16 * s + i] = l < 0 ? 0 : l > 3 ? 3 : l;
             }
         }
-        for (int h = 0; h < 2; h++)
-            for (int i = 0; i < 32; i++) {
-                const int32_t *c = L + 128 * h + i;
-                block[16 + 32 * h + i] = (uint8_t)(c[0] | (c[32] << 2) | (c[64] << 4) | (c[96] << 6));
-            }
+        pack_2bit(L, block + 16);
     }
 }
 
@@ -565,17 +582,10 @@ BODY void q3_k_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf1
         load_lanes(q, bf16, b, 1, 16, 2, xs, x);
         q3_lanes(16, 2, x, 4, scale, lanes);
         uint8_t *block = q->out + b * 110, *hmask = block, *qs = block + 32, *sc = block + 96;
-        float scales[16], max_scale = 0.0f, amax = 0.0f;
+        float scales[16], amax;
         int32_t L[QK_K];
-        for (int s = 0; s < 16; s++) {
-            scales[s] = scale[s / LANES][s % LANES];
-            if (fabsf(scales[s]) > amax) {
-                amax = fabsf(scales[s]);
-                max_scale = scales[s];
-            }
-            for (int i = 0; i < 16; i++)
-                L[16 * s + i] = lanes[i * 2 + s / LANES][s % LANES];
-        }
+        from_lanes16(scale, lanes, scales, L);
+        const float max_scale = signed_max16(scales, &amax);
         memset(sc, 0, 12);
         float d_all = 0.0f;
         if (max_scale != 0.0f) {
@@ -610,11 +620,7 @@ BODY void q3_k_body(const gguf_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf1
                 hmask[j % 32] |= (uint8_t)(1u << (j / 32));
                 L[j] -= 4;
             }
-        for (int h = 0; h < 2; h++)
-            for (int i = 0; i < 32; i++) {
-                const int32_t *c = L + 128 * h + i;
-                qs[32 * h + i] = (uint8_t)(c[0] | (c[32] << 2) | (c[64] << 4) | (c[96] << 6));
-            }
+        pack_2bit(L, qs);
     }
 }
 
