@@ -303,8 +303,9 @@ VALWAYS void qx_lanes(const int n, const int G, const vf *x, const int nmax, vf 
 
 /* make_q3_quants(n, nmax, x, L, true) for G * 8 sub-blocks (laid out as in qkx2_lanes): a first fit at
    -nmax / max, then up to 5 passes that move one code at a time where that raises (sum w x l)^2 / sum w l^2.
-   Every lane makes all 5 passes: a pass that changes nothing leaves the state as it found it, so the passes
-   the reference skips after one would change nothing either. Codes + nmax; an empty sub-block's are 0. */
+   The lanes make their passes together until one changes no lane: a pass that changes nothing in a lane
+   leaves it as it found it, so the passes the reference skips after one would change nothing either.
+   Codes + nmax; an empty sub-block's are 0. */
 VALWAYS void q3_lanes(const int n, const int G, const vf *x, const int nmax, vf *scale_out, vi *codes) {
     vf amax[MAXG], top[MAXG], w[16 * MAXG], wx[16 * MAXG], sumlx[MAXG], suml2[MAXG], iscale[MAXG], L[16 * MAXG];
     EACH(g) amax[g] = top[g] = sumlx[g] = suml2[g] = vf_set(0.0f);
@@ -325,7 +326,8 @@ VALWAYS void q3_lanes(const int n, const int G, const vf *x, const int nmax, vf 
             sumlx[g] += wx[i * G + g] * l;
             suml2[g] += w[i * G + g] * l * l;
         }
-    for (int pass = 0; pass < 5; pass++)
+    for (int pass = 0; pass < 5; pass++) {
+        vi changed = vi_set(0);
         for (int i = 0; i < n; i++)
             EACH(g) {
                 const int k = i * G + g;
@@ -340,7 +342,14 @@ VALWAYS void q3_lanes(const int n, const int G, const vf *x, const int nmax, vf 
                 L[k] = vsel(better, l, L[k]);
                 sumlx[g] = vsel(better, slx, sumlx[g]);
                 suml2[g] = vsel(better, sl2, suml2[g]);
+                changed |= better;
             }
+        int any = 0;
+        for (int k = 0; k < LANES; k++)
+            any |= changed[k];
+        if (!any)
+            break;
+    }
     EACH(g) {
         const vi empty = amax[g] < vf_set(1e-15f);
         scale_out[g] = vsel(empty | (suml2[g] <= vf_set(0.0f)), vf_set(0.0f), sumlx[g] / suml2[g]);
