@@ -200,7 +200,7 @@ def test_bad_thread_count_is_refused(monkeypatch, value):
 
 
 def test_compiled_paths_do_not_import_numba(tmp_path):
-    """numba's import costs ~0.4 s: NF4, int8 and a Q8_0 GGUF must not pay it."""
+    """numba's import costs ~0.4 s: NF4, int8 and GGUF Q8_0, Q4_0, Q5_0 and the K-quants must not pay it."""
     script = """
 import sys
 import numpy as np
@@ -208,10 +208,10 @@ from gguf import GGMLQuantizationType as Q
 from quantkit.methods.bnb import quantizer as bnb
 from quantkit.methods.bnb.quantizer import BnbOptions as QuantOptions
 from quantkit.methods.gguf import types as ggml
-x = np.ones((4, 64), np.float32)
+x = np.ones((4, 256), np.float32)
 bnb.nf4_kernel(QuantOptions(method="nf4"))(x, "F32", 64, "nf4")
 bnb.int8_kernel(QuantOptions(method="int8"))(x, "F32")
-for qtype in (Q.Q8_0, Q.F16, Q.BF16, Q.F32):
+for qtype in (Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32):
     ggml.quantize_stored(x, "F32", qtype)
 assert "numba" not in sys.modules
 """
@@ -232,6 +232,8 @@ x = np.ones((4, 64), np.float32)
 assert np.array_equal(bnb.nf4_kernel(QuantOptions(method="nf4"))(x, "F32", 64, "nf4")[0], nf4.quantize_4bit(x, 64, "nf4")[0])
 bnb.int8_kernel(QuantOptions(method="int8"))(x, "F32")
 assert ggml.quantize_stored(x, "F32", Q.Q8_0).tobytes() == ggml.quantize_reference(x, Q.Q8_0).tobytes()
+rows = np.linspace(-1, 1, 512, dtype=np.float32).reshape(2, 256)
+assert ggml.quantize_stored(rows, "F32", Q.Q4_K).tobytes() == ggml.quantize_reference(rows, Q.Q4_K).tobytes()  # numba
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert len(result.stderr.splitlines()) == 1 and "numpy path" in result.stderr, result.stderr
