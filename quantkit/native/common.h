@@ -194,6 +194,7 @@ PyObject *py_quantize_4bit(PyObject *self, PyObject *args);
 PyObject *py_quantize_int8(PyObject *self, PyObject *args);
 PyObject *py_dequantize_4bit(PyObject *self, PyObject *args);
 PyObject *py_q8_0(PyObject *self, PyObject *args);
+PyObject *py_gguf_blocks(PyObject *self, PyObject *args);
 PyObject *py_gptq_rtn(PyObject *self, PyObject *args);
 PyObject *py_ct_fp8_channel(PyObject *self, PyObject *args);
 PyObject *py_fp8_dense(PyObject *self, PyObject *args);

@@ -25,6 +25,8 @@ static PyMethodDef methods[] = {
      "transposed"},
     {"nonfinite", py_nonfinite, METH_VARARGS, "nonfinite(bits, wide, threads) -> whether any 2-byte (bf16/f16, wide 0) or float32 (wide 1) value is NaN or infinite"},
     {"q8_0", py_q8_0, METH_VARARGS, "q8_0(src, bf16, blocks, threads): GGUF Q8_0 blocks of 34 bytes"},
+    {"gguf_blocks", py_gguf_blocks, METH_VARARGS,
+     "gguf_blocks(src, bf16, ggml_type, blocks, threads): GGUF Q4_0 / Q5_0 blocks, Q2_K / Q3_K / Q4_K / Q5_K / Q6_K super-blocks"},
     {"gptq_rtn", py_gptq_rtn, METH_VARARGS,
      "gptq_rtn(src, bf16, rows, cols, group_size, bits, sym, min_zero, out_features, col0, qweight, scales, zeros, "
      "problems, threads): round-to-nearest codes packed into qweight columns col0.., scales and zero points"},

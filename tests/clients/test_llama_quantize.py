@@ -85,7 +85,7 @@ def test_block_bytes_equal_libggml(libggml, qtype):
     x = hard_rows()
     theirs = ggml_quantize(libggml, x, qtype)
     with np.errstate(all="ignore"):
-        assert ggml.quantize(x, qtype).tobytes() == theirs.tobytes()  # the numba kernel
+        assert ggml.quantize(x, qtype).tobytes() == theirs.tobytes()  # the compiled kernel (C; numba for IQ4)
         assert ggml.TYPES[qtype].reference(x).tobytes() == theirs.tobytes()
     print(f"{qtype.name}: {theirs.size // GGML_QUANT_SIZES[qtype][1]} blocks byte-identical to libggml")
 

@@ -1,5 +1,6 @@
-"""K-quants and IQ4: each numba kernel against its numpy reference on rows meant to hit the corner cases,
-gguf-py's decoder against both, and the importance-weighted quantizers' shapes and errors.
+"""K-quants and IQ4: each numba kernel and each C kernel (native/gguf.c) against its numpy reference on rows
+meant to hit the corner cases, gguf-py's decoder against both, and the importance-weighted quantizers' shapes
+and errors.
 
 Byte identity with llama.cpp itself (libggml's ggml_quantize_chunk / quantize_*) is checked in
 tests/clients/test_llama_quantize.py.
@@ -9,7 +10,8 @@ import gguf
 import numpy as np
 import pytest
 
-from quantkit.methods.gguf import kernels, weighted
+from quantkit import dtypes
+from quantkit.methods.gguf import kernels, native, weighted
 from quantkit.methods.gguf import types as ggml
 
 COMPILED = list(kernels.KERNELS)
@@ -48,6 +50,18 @@ def test_kernel_equals_reference(qtype, kind):
     x = _rows(kind)
     with np.errstate(all="ignore"):
         assert kernels.quantize(x, qtype).tobytes() == ggml.TYPES[qtype].reference(x).tobytes()
+
+
+@pytest.mark.parametrize("qtype", native.TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
+def test_c_kernel_equals_reference(qtype, kind, dtype):
+    """As stored (bfloat16 bits read by the kernel itself), 3 x 768: an odd number of super-blocks, which
+    Q4_K and Q5_K take in pairs. (Q8_0, Q4_0, Q5_0: the legacy types, also here.)"""
+    with np.errstate(all="ignore"):
+        raw = dtypes.from_float32(_rows(kind, (3, 768)), dtype)
+        expected = ggml.TYPES[qtype].reference(dtypes.to_float32(raw, dtype))
+    assert native.quantize(raw, dtype, qtype).tobytes() == expected.tobytes()
 
 
 @pytest.mark.parametrize("qtype", COMPILED, ids=lambda q: q.name)

@@ -18,6 +18,7 @@ from quantkit.methods.bnb import int8, native, nf4
 from quantkit.methods.gguf import types as ggml
 
 DTYPES = ("BF16", "F16", "F32")
+BLOCK_TYPES = (Q.Q4_0, Q.Q5_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)  # native/gguf.c's gguf_blocks
 
 
 def values(n: int, seed: int, scale: float = 0.02) -> np.ndarray:
@@ -167,7 +168,8 @@ def by_threads():
             patch.setenv("QUANTKIT_THREADS", str(threads))
             outputs[threads] = [*native.quantize_4bit(raw, "BF16", 64, "fp4"), *native.quantize_4bit(raw, "BF16", 100, "nf4"),
                                 *native.quantize_int8(rows, "BF16"), ggml.quantize_stored(rows, "BF16", Q.Q8_0),
-                                native.dequantize_4bit(packed, absmax, nf4.NF4_CODE, 64, 1, raw.size - 2, "BF16")]
+                                native.dequantize_4bit(packed, absmax, nf4.NF4_CODE, 64, 1, raw.size - 2, "BF16"),
+                                *(ggml.quantize_stored(rows, "BF16", q) for q in BLOCK_TYPES)]
     return raw, rows, packed, absmax, outputs
 
 
@@ -183,7 +185,11 @@ def test_threaded_output_equals_reference(by_threads):
     expected = [*nf4.quantize_4bit(widened, 64, "fp4"), *nf4.quantize_4bit(widened, 100, "nf4"),
                 *int8.quantize_int8(dtypes.to_float32(rows, "BF16")), ggml.quantize_reference(dtypes.to_float32(rows, "BF16"), Q.Q8_0),
                 dtypes.bf16_bits(nf4.dequantize_range(packed, absmax, nf4.NF4_CODE, 64, 1, raw.size - 2))]
-    assert all(same(a, b) for a, b in zip(outputs[2], expected, strict=True))
+    # the K-quants' numpy references take ~10 s on all these rows: every 97th row, from every thread's share
+    some = dtypes.to_float32(rows, "BF16")[::97]
+    expected += [ggml.quantize_reference(some, q) for q in BLOCK_TYPES]
+    threaded = outputs[2][: -len(BLOCK_TYPES)] + [out[::97] for out in outputs[2][-len(BLOCK_TYPES):]]
+    assert all(same(a, b) for a, b in zip(threaded, expected, strict=True))
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "many"])
@@ -194,7 +200,7 @@ def test_bad_thread_count_is_refused(monkeypatch, value):
 
 
 def test_compiled_paths_do_not_import_numba(tmp_path):
-    """numba's import costs ~0.4 s: NF4, int8 and a Q8_0 GGUF must not pay it."""
+    """numba's import costs ~0.4 s: NF4, int8 and GGUF Q8_0, Q4_0, Q5_0 and the K-quants must not pay it."""
     script = """
 import sys
 import numpy as np
@@ -202,10 +208,10 @@ from gguf import GGMLQuantizationType as Q
 from quantkit.methods.bnb import quantizer as bnb
 from quantkit.methods.bnb.quantizer import BnbOptions as QuantOptions
 from quantkit.methods.gguf import types as ggml
-x = np.ones((4, 64), np.float32)
+x = np.ones((4, 256), np.float32)
 bnb.nf4_kernel(QuantOptions(method="nf4"))(x, "F32", 64, "nf4")
 bnb.int8_kernel(QuantOptions(method="int8"))(x, "F32")
-for qtype in (Q.Q8_0, Q.F16, Q.BF16, Q.F32):
+for qtype in (Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32):
     ggml.quantize_stored(x, "F32", qtype)
 assert "numba" not in sys.modules
 """
@@ -226,6 +232,8 @@ x = np.ones((4, 64), np.float32)
 assert np.array_equal(bnb.nf4_kernel(QuantOptions(method="nf4"))(x, "F32", 64, "nf4")[0], nf4.quantize_4bit(x, 64, "nf4")[0])
 bnb.int8_kernel(QuantOptions(method="int8"))(x, "F32")
 assert ggml.quantize_stored(x, "F32", Q.Q8_0).tobytes() == ggml.quantize_reference(x, Q.Q8_0).tobytes()
+rows = np.linspace(-1, 1, 512, dtype=np.float32).reshape(2, 256)
+assert ggml.quantize_stored(rows, "F32", Q.Q4_K).tobytes() == ggml.quantize_reference(rows, Q.Q4_K).tobytes()  # numba
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert len(result.stderr.splitlines()) == 1 and "numpy path" in result.stderr, result.stderr

@@ -37,12 +37,21 @@ class GGUFType:
     weighted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
 
-def _q8_0_native(rows: np.ndarray, dtype: str) -> np.ndarray:
-    length = row_bytes(QType.Q8_0, rows.shape[1])  # refuses partial blocks before the kernel runs
-    return native.quantize_q8_0(rows, dtype).reshape(rows.shape[0], length)
+def _native(qtype: QType) -> Callable[[np.ndarray, str], np.ndarray] | None:
+    """The C kernel (native.py), None where the extension was not built."""
+
+    def fast(rows: np.ndarray, dtype: str) -> np.ndarray:
+        row_bytes(qtype, rows.shape[1])  # refuses partial blocks before the kernel runs
+        return native.quantize(rows, dtype, qtype)
+
+    return fast if native.AVAILABLE else None
 
 
 def _compiled(qtype: QType) -> Callable[[np.ndarray, str], np.ndarray]:
+    """The C kernel where the extension has one, else the numba kernel."""
+    if native.AVAILABLE and qtype in native.TYPES:
+        return _native(qtype)
+
     def fast(rows: np.ndarray, dtype: str) -> np.ndarray:
         from quantkit.methods.gguf import kernels  # imports numba (~0.4 s): only the types that need it pay
 
@@ -63,11 +72,11 @@ TYPES: dict[QType, GGUFType] = {t.qtype: t for t in (
     GGUFType(QType.F16, F.MOSTLY_F16, lambda rows: rows.astype(np.float16), None, None, 1e-3),
     # bfloat16 rounded to nearest even, NaN kept quiet, as ggml
     GGUFType(QType.BF16, F.MOSTLY_BF16, lambda rows: bf16_bits(rows).view(np.uint8), None, None, 8e-3),
-    GGUFType(QType.Q8_0, F.MOSTLY_Q8_0, _legacy(QType.Q8_0), _q8_0_native if native.AVAILABLE else None, None, 0.03),
-    GGUFType(QType.Q4_0, F.MOSTLY_Q4_0, _legacy(QType.Q4_0), None, None, 0.25,
+    GGUFType(QType.Q8_0, F.MOSTLY_Q8_0, _legacy(QType.Q8_0), _native(QType.Q8_0), None, 0.03),
+    GGUFType(QType.Q4_0, F.MOSTLY_Q4_0, _legacy(QType.Q4_0), _native(QType.Q4_0), None, 0.25,
              weighted.quantize_q4_0),
     GGUFType(QType.Q4_1, F.MOSTLY_Q4_1, _legacy(QType.Q4_1), None, None, 0.25),
-    GGUFType(QType.Q5_0, F.MOSTLY_Q5_0, _legacy(QType.Q5_0), None, None, 0.12,
+    GGUFType(QType.Q5_0, F.MOSTLY_Q5_0, _legacy(QType.Q5_0), _native(QType.Q5_0), None, 0.12,
              weighted.quantize_q5_0),
     GGUFType(QType.Q5_1, F.MOSTLY_Q5_1, _legacy(QType.Q5_1), None, None, 0.12),
     GGUFType(QType.Q2_K, F.MOSTLY_Q2_K, kquants.quantize_q2_k_reference, _compiled(QType.Q2_K), QType.Q4_0, 0.8),
