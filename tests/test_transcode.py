@@ -13,7 +13,7 @@ import pytest
 from quantkit import pipeline
 from quantkit.api import IntegerBlocks
 from quantkit.methods.gguf import convert as gc
-from quantkit.methods.gptq.integers import from_integers, to_integers
+from quantkit.methods.gptq.integers import from_integers, from_qweight, to_integers, to_qweight
 from tests.conftest import load_tensors
 from tests.gguf_checkpoints import make_checkpoint
 
@@ -176,3 +176,66 @@ def test_integer_blocks_round_trip_through_gptq_groups():
     assert from_integers(blocks, 2, 32, sym=False) is None  # fewer bits
     wide = IntegerBlocks(4, 128, q, np.abs(d[:, :1]))
     assert same_values(wide.regroup(32).values(), wide.values())
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32), (8, 64), (2, 32), (4, 8)])
+def test_compiled_gptq_integers_equal_the_reference(bits, group):
+    """native.unpack_signed / pack_signed against integers.py's numpy: every zero point mid or mid - 1."""
+    from quantkit.methods.gptq import native
+    from quantkit.methods.gptq.layout import pack_qweight
+
+    if not native.AVAILABLE:
+        pytest.skip("the compiled extension is not built")
+    rng = np.random.default_rng(bits * group)
+    out_features, in_features = 40, 256  # 40 output columns: one tile and a partial one
+    codes = rng.integers(0, 2**bits, (out_features, in_features)).astype(np.uint8)
+    mid = 2 ** (bits - 1)
+    zeros = rng.choice([mid - 1, mid], (out_features, in_features // group)).astype(np.uint8)
+    scales = (rng.random((out_features, in_features // group)) * 0.01 + 1e-3).astype(np.float16)
+    qweight = pack_qweight(codes, bits)
+    reference = to_integers(codes, zeros, scales, bits, group)
+    turned = zeros == mid - 1
+    q = native.unpack_signed(qweight, turned, bits, group)
+    assert np.array_equal(q, reference.q)
+    assert np.array_equal(native.pack_signed(q, turned, bits, group), qweight)
+    found = from_qweight(qweight, zeros, scales, bits, group)
+    assert np.array_equal(found.q, reference.q) and np.array_equal(found.d.view(np.uint16), reference.d.view(np.uint16))
+    packed, back_scales, back_zeros = to_qweight(reference, bits, group, sym=False)
+    assert np.array_equal(packed, qweight) and np.array_equal(back_zeros, zeros) and np.array_equal(back_scales, scales)
+    bad = zeros.copy()
+    bad[3, 0] = mid + 1
+    assert from_qweight(qweight, bad, scales, bits, group) is None
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_compiled_integer_blocks_equal_the_reference(qtype):
+    from quantkit.methods.gguf import legacy, native
+
+    if not native.AVAILABLE:
+        pytest.skip("the compiled extension is not built")
+    qt = legacy.QType[qtype]
+    bits = legacy.INTEGER_BITS[qt]
+    rng = np.random.default_rng(bits)
+    q = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (7, 96)).astype(np.int8)
+    d = (rng.standard_normal((7, 3)) * 0.01).astype(np.float16)
+    raw = legacy.blocks_of(q, d, qt)
+    assert np.array_equal(native.blocks_of(q, d, bits), raw)
+    back_q, back_d = native.integers_of(raw, bits, 96)
+    ref_q, ref_d = legacy.integers_of(raw, qt)
+    assert np.array_equal(back_q, ref_q) and np.array_equal(back_d.view(np.uint16), ref_d.view(np.uint16))
+    assert np.array_equal(back_q, q)
+
+
+def test_lossless_modules_are_never_dequantized(llama, tmp_path, monkeypatch):
+    """A module moved as its integers costs no float32 pass: the reader's dequantize is not called."""
+    from quantkit.methods.gptq import reader
+
+    gptq = tmp_path / "gptq"
+    pipeline.quantize(str(llama), gptq, pipeline.quantizer_for("gptq").options(method="gptq", bits=4, group_size=32))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("dequantized a module that moves losslessly")
+
+    monkeypatch.setattr(reader.GptqReader, "dequantize", refuse)
+    result = pipeline.convert(str(gptq), tmp_path / "m.gguf", "gguf", gguf_type="Q4_0")
+    assert result.summary["lossless"] and result.summary["requantized"] == []

@@ -195,6 +195,10 @@ PyObject *py_quantize_int8(PyObject *self, PyObject *args);
 PyObject *py_dequantize_4bit(PyObject *self, PyObject *args);
 PyObject *py_q8_0(PyObject *self, PyObject *args);
 PyObject *py_gptq_rtn(PyObject *self, PyObject *args);
+PyObject *py_gptq_unpack_signed(PyObject *self, PyObject *args);
+PyObject *py_gptq_pack_signed(PyObject *self, PyObject *args);
+PyObject *py_q_blocks(PyObject *self, PyObject *args);
+PyObject *py_q_integers(PyObject *self, PyObject *args);
 PyObject *py_ct_fp8_channel(PyObject *self, PyObject *args);
 /* mapguard.c */
 PyObject *py_guard_map(PyObject *self, PyObject *args);

@@ -189,7 +189,7 @@ def _tensor_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport, imatrix
         if e.permute_heads:
             q, d = gf.permute_qk(q, e.permute_heads), gf.permute_qk(d, e.permute_heads)
         report.lossless.append(e.hf_name)
-        return iter([legacy.blocks_of(q, d, e.out.qtype)])
+        return iter([gguf_types.integer_blocks(q, d, e.out.qtype)])
     error = report.requantized.setdefault(e.hf_name, ErrorSums()) if tensor.scheme else None
     importance = imatrix_weights(imatrix, e.out.name, e.out.shape[-1])[0] if e.importance else None
     return _quantized(_source_rows(tensor, e.permute_heads), tensor.dtype, e.out.qtype, importance, error)
@@ -280,7 +280,7 @@ class FromGGUF:
         t = self.names[hf_name]
         if t.qtype not in legacy.INTEGER_BITS or len(t.shape) != 2:
             return None
-        q, d = legacy.integers_of(self.file.rows(t), t.qtype)
+        q, d = gguf_types.block_integers(self.file.rows(t), t.qtype, t.shape[-1])
         heads = self.permuted(hf_name)
         if heads:
             q, d = gf.unpermute_qk(q, heads), gf.unpermute_qk(d, heads)
