@@ -84,7 +84,9 @@ class TensorSink(Protocol):
 class Quantizer(Protocol):
     """A quantization method: its options, checks, output layout, a module's quantization, its config.
 
-    `presets` are the settings `inspect` sizes a checkpoint for (label -> options)."""
+    `presets` are the settings `inspect` sizes a checkpoint for (label -> options).
+    Optional: `transcode(module, blocks, dtype, options, sink) -> bool` writes IntegerBlocks as they are when
+    the method holds them exactly (source `dtype` as planned), and returns False, writing nothing, otherwise."""
 
     methods: tuple[str, ...]
     options: type[Options]

@@ -239,3 +239,78 @@ def test_lossless_modules_are_never_dequantized(llama, tmp_path, monkeypatch):
     monkeypatch.setattr(reader.GptqReader, "dequantize", refuse)
     result = pipeline.convert(str(gptq), tmp_path / "m.gguf", "gguf", gguf_type="Q4_0")
     assert result.summary["lossless"] and result.summary["requantized"] == []
+
+
+def _options(method: str, **fields):
+    return pipeline.quantizer_for(method).options(method=method, **fields)
+
+
+def _lossless(result, source: Path, out: Path, tmp: Path) -> list[str]:
+    """The tensors reported lossless, each checked bit for bit (dequantized source against output)."""
+    a, b = dense_of(source, tmp), dense_of(out, tmp)
+    names = sorted(result.summary["lossless"])
+    assert names == projections(a) and result.summary["requantized"] == []
+    for name in names:
+        assert same_values(a[name], b[name]), name
+    return names
+
+
+def test_gptq_v1_v2_and_compressed_tensors_are_the_same_integers(llama, tmp_path):
+    """GPTQ v1 -> v2 -> compressed-tensors W4A16 -> GPTQ v1: the integers move, the values stay bit for bit,
+    and the last file is the first one byte for byte."""
+    v1 = tmp_path / "v1"
+    pipeline.quantize(str(llama), v1, _options("gptq", bits=4, group_size=32))
+    assert json.loads((v1 / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq"
+    v2 = tmp_path / "v2"
+    _lossless(pipeline.quantize(str(v1), v2, _options("gptq", bits=4, group_size=32, format="v2")), v1, v2, tmp_path)
+    ct = tmp_path / "ct"
+    result = pipeline.quantize(str(v2), ct, _options("w4a16", group_size=32))
+    _lossless(result, v2, ct, tmp_path)
+    assert result.summary["from"] == "gptq-4"
+    config = json.loads((ct / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    back = tmp_path / "back"
+    _lossless(pipeline.quantize(str(ct), back, _options("gptq", bits=4, group_size=32)), ct, back, tmp_path)
+    assert (back / "model.safetensors").read_bytes() == (v1 / "model.safetensors").read_bytes()
+    gguf = tmp_path / "ct.gguf"
+    _lossless(pipeline.convert(str(ct), gguf, "gguf", gguf_type="Q4_0"), ct, gguf, tmp_path)
+
+
+@pytest.mark.parametrize("method,gguf_type", [("w4a16-asym", "Q4_0"), ("w8a16", "Q8_0")])
+def test_gguf_to_compressed_tensors_and_back_is_lossless(llama, tmp_path, method, gguf_type):
+    """Q4_0's negative scales take the zero point -1 (W4A16_ASYM); Q8_0's scales are never negative."""
+    gguf = tmp_path / "m.gguf"
+    pipeline.convert(str(llama), gguf, "gguf", gguf_type=gguf_type)
+    ct = tmp_path / "ct"
+    _lossless(pipeline.quantize(str(gguf), ct, _options(method, group_size=32)), gguf, ct, tmp_path)
+    back = tmp_path / "back.gguf"
+    _lossless(pipeline.convert(str(ct), back, "gguf", gguf_type=gguf_type), ct, back, tmp_path)
+
+
+def test_compressed_tensors_whose_arithmetic_rounds_is_requantized(llama, tmp_path):
+    """compressed-tensors multiplies in the scale's dtype: W4A16 written from a bf16 model rounds q * scale to
+    bf16, which no Q4_0 block reproduces, so it is re-quantized with its error reported."""
+    ct = tmp_path / "ct"
+    pipeline.quantize(str(llama), ct, _options("w4a16", group_size=32))
+    result = pipeline.convert(str(ct), tmp_path / "m.gguf", "gguf", gguf_type="Q4_0")
+    assert result.summary["lossless"] == [] and len(result.summary["requantized"]) == 14
+    assert all(0 < r["rel_error"] < 0.3 for r in result.summary["requantized"])
+
+
+def test_compressed_tensors_integers_exact_only_where_the_scale_dtype_holds_the_products():
+    from quantkit.dtypes import bf16_bits
+    from quantkit.methods.ct import integers as ct_integers
+    from quantkit.methods.ct.schemes import pack_int32
+
+    rng = np.random.default_rng(1)
+    q = rng.integers(-8, 8, (4, 64)).astype(np.int8)
+    packed = pack_int32(q, 4)
+    coarse = np.full((4, 2), 2.0**-7, np.float32)  # one significant bit: every product is a bf16 value
+    found = ct_integers.from_packed(packed, bf16_bits(coarse), "BF16", None, 4, 32, 64)
+    assert found is not None and np.array_equal(found.q, q)
+    fine = np.full((4, 2), np.float32(1 + 2.0**-7) * np.float32(2.0**-7), np.float32)  # 8 significant bits
+    assert ct_integers.from_packed(packed, bf16_bits(fine), "BF16", None, 4, 32, 64) is None
+    assert ct_integers.from_packed(packed, fine, "F32", None, 4, 32, 64) is not None
+    assert ct_integers.to_packed(IntegerBlocks(4, 32, q, fine.astype(np.float16)), 4, 32, True, "BF16") is None
+    again = ct_integers.to_packed(IntegerBlocks(4, 32, q, fine.astype(np.float16)), 4, 32, True, "F32")
+    assert np.array_equal(again[0], packed) and np.array_equal(again[1], fine)

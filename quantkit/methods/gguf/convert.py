@@ -341,16 +341,24 @@ def gguf_source(path: Path, dtype: str | None = None) -> TensorSource:
     it is read, Q4_0 / Q8_0 also as their integers; the tokenizer comes back as HF files."""
     conv = from_gguf(Path(path), dtype)
     st_dtype = BY_NAME[conv.config["dtype"]]
+
+    def dense_dtype(t: gf.GGUFTensor) -> str:
+        # Q4_0 / Q8_0 values q * d are float32 values (as a quantized folder's modules are): a target whose
+        # scales take the source's dtype (compressed-tensors) can then hold d exactly
+        return "F32" if t.qtype in legacy.INTEGER_BITS else st_dtype
+
     tensors = {}
     for name, t in sorted(conv.names.items(), key=lambda item: item[1].offset):
-        tensors[name] = TensorInfo(name, st_dtype, t.shape, conv.file.path, t.offset, t.offset + math.prod(t.shape) * itemsize(st_dtype))
+        kind = dense_dtype(t)
+        tensors[name] = TensorInfo(name, kind, t.shape, conv.file.path, t.offset, t.offset + math.prod(t.shape) * itemsize(kind))
     view = Checkpoint(Path(path), conv.config, [conv.file.path], tensors)
 
     def stream(entries: list[Entry]) -> Iterator[tuple[Entry, SourceTensor]]:
         for entry in entries:
             t = conv.names[entry.source]
+            kind = dense_dtype(t)
             scheme = "" if t.qtype in (QType.F32, QType.F16, QType.BF16) else t.qtype.name
-            yield entry, SourceTensor(entry.source, t.shape, st_dtype, lambda rows, name=entry.source: conv.rows(name, rows, st_dtype),
+            yield entry, SourceTensor(entry.source, t.shape, kind, lambda rows, name=entry.source, kind=kind: conv.rows(name, rows, kind),
                                       scheme, lambda name=entry.source: conv.integers(name))
 
     return TensorSource(view, "gguf", stream, lambda folder: write_tokenizer_files(conv, folder))

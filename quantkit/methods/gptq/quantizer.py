@@ -94,9 +94,9 @@ class Gptq:
             start = stop
         _write(module, qweight, zeros, scales, options, sink)
 
-    def transcode(self, module: str, blocks: IntegerBlocks, options: GptqOptions, sink: TensorSink) -> bool:
+    def transcode(self, module: str, blocks: IntegerBlocks, dtype: str, options: GptqOptions, sink: TensorSink) -> bool:
         """Write IntegerBlocks as they are (no rounding) when these options' groups can hold them; False
-        (nothing written) when they cannot."""
+        (nothing written) when they cannot. GPTQ scales are float16 whatever the source `dtype`."""
         found = to_qweight(blocks, options.bits, options.group_size, options.sym)
         if found is None:
             return False
