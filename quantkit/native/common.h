@@ -194,6 +194,7 @@ PyObject *py_quantize_4bit(PyObject *self, PyObject *args);
 PyObject *py_quantize_int8(PyObject *self, PyObject *args);
 PyObject *py_dequantize_4bit(PyObject *self, PyObject *args);
 PyObject *py_q8_0(PyObject *self, PyObject *args);
+PyObject *py_q4_0(PyObject *self, PyObject *args);
 PyObject *py_gptq_rtn(PyObject *self, PyObject *args);
 PyObject *py_gptq_unpack_signed(PyObject *self, PyObject *args);
 PyObject *py_gptq_pack_signed(PyObject *self, PyObject *args);

@@ -1,4 +1,5 @@
-/* GGUF: Q8_0 blocks, the bytes of quantkit/methods/gguf/legacy.py's reference. */
+/* GGUF: Q8_0 and Q4_0 blocks, the bytes of quantkit/methods/gguf/legacy.py's references, and Q4_0 / Q8_0 codes
+   moved to and from signed integers. */
 #include "common.h"
 
 #define Q8_0_BLOCK 32
@@ -12,7 +13,8 @@ typedef struct {
     const void *src;
     int bf16;
     uint8_t *blocks;
-} q8_0_t;
+    atomic_long *bad; /* Q4_0: blocks holding NaN or infinity */
+} legacy_t;
 
 /* C's roundf (ties away from zero) for |x| < 2**22: the nearest-even integer to |x|, one further out on an
    exact tie. NaN and infinity give 0, as numpy's cast of the reference's NaN or infinite codes does. */
@@ -25,7 +27,7 @@ static inline int8_t round_half_away(float x) {
 }
 
 /* Blocks [lo, hi). */
-BODY void q8_0_body(const q8_0_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) {
+BODY void q8_0_body(const legacy_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) {
     const void *src = q->src;
     for (Py_ssize_t b = lo; b < hi; b++) {
         const Py_ssize_t start = b * Q8_0_BLOCK;
@@ -40,28 +42,76 @@ BODY void q8_0_body(const q8_0_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf1
     }
 }
 
-PART(q8_0, q8_0_t)
+PART(q8_0, legacy_t)
 
-PyObject *py_q8_0(PyObject *self, PyObject *args) {
+/* The legacy entry points: (src, bf16, blocks, threads), each block of 32 inputs stored in `size` bytes;
+   returns the count of blocks holding NaN or infinity (Q4_0 counts them, Q8_0 codes them itself). */
+static PyObject *legacy_blocks(PyObject *args, part_fn part, Py_ssize_t size) {
     Py_buffer v[2];
-    q8_0_t q;
+    legacy_t q;
     int threads;
+    atomic_long bad = 0;
     if (!PyArg_ParseTuple(args, "y*pw*i", &v[0], &q.bf16, &v[1], &threads))
         return NULL;
     const Py_ssize_t item = q.bf16 ? 2 : 4, blocks = v[0].len / (item * Q8_0_BLOCK);
     q.src = v[0].buf;
     q.blocks = v[1].buf;
+    q.bad = &bad;
     if (check_length(&v[0], blocks * item * Q8_0_BLOCK, "input (whole blocks of 32)") ||
-        check_length(&v[1], blocks * (Q8_0_BLOCK + 2), "blocks")) {
+        check_length(&v[1], blocks * size, "blocks")) {
         release(v, 2);
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    parallel_for(q8_0_part, &q, blocks, thread_count(threads, blocks * Q8_0_BLOCK));
+    parallel_for(part, &q, blocks, thread_count(threads, blocks * Q8_0_BLOCK));
     Py_END_ALLOW_THREADS
     release(v, 2);
-    Py_RETURN_NONE;
+    return PyLong_FromLong(atomic_load(&bad));
 }
+
+PyObject *py_q8_0(PyObject *self, PyObject *args) { return legacy_blocks(args, q8_0_part, Q8_0_BLOCK + 2); }
+
+/* ------------------------------------------------------------------------------------------------
+   GGUF Q4_0 (legacy._q4_0, llama.cpp's quantize_row_q4_0_ref): blocks of 32, max = the value of largest
+   magnitude (the first on ties), d = max / -8, codes min(15, trunc(v * (1 / d) + 8.5)), stored as 18 bytes:
+   d as float16, then 16 bytes whose low nibbles hold codes 0..15 and high nibbles codes 16..31. A block
+   holding NaN or infinity is left to the numpy reference (`bad` counts them): its codes come from casts of
+   NaN whose result C leaves undefined. */
+
+BODY void q4_0_body(const legacy_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) {
+    const void *src = q->src;
+    long bad = 0;
+    for (Py_ssize_t b = lo; b < hi; b++) {
+        const Py_ssize_t start = b * Q8_0_BLOCK;
+        uint32_t peak = load_bits(src, bf16, start), amax = peak & MAGNITUDE; /* all zeros: the first one's sign */
+        for (int j = 1; j < Q8_0_BLOCK; j++) {
+            const uint32_t bits = load_bits(src, bf16, start + j), magnitude = bits & MAGNITUDE;
+            peak = magnitude > amax ? bits : peak;
+            amax = magnitude > amax ? magnitude : amax;
+        }
+        bad += amax >= EXPONENT;
+        const float d = as_float(peak) / -8.0f;
+        const float inverse = d != 0.0f ? 1.0f / d : 0.0f;
+        const uint16_t scale = float16_bits(d);
+        uint8_t *block = q->blocks + b * (2 + Q8_0_BLOCK / 2);
+        block[0] = (uint8_t)scale;
+        block[1] = (uint8_t)(scale >> 8);
+        uint8_t codes[Q8_0_BLOCK];
+        for (int j = 0; j < Q8_0_BLOCK; j++) {
+            const float x = as_float(load_bits(src, bf16, start + j)) * inverse + 8.5f;
+            const int32_t code = x >= 0.0f && x < 16.0f ? (int32_t)x : 15; /* non-finite blocks are redone */
+            codes[j] = (uint8_t)code;
+        }
+        for (int j = 0; j < Q8_0_BLOCK / 2; j++)
+            block[2 + j] = (uint8_t)(codes[j] | (codes[j + Q8_0_BLOCK / 2] << 4));
+    }
+    if (bad)
+        atomic_fetch_add_explicit(q->bad, bad, memory_order_relaxed);
+}
+
+PART(q4_0, legacy_t)
+
+PyObject *py_q4_0(PyObject *self, PyObject *args) { return legacy_blocks(args, q4_0_part, 2 + Q8_0_BLOCK / 2); }
 
 /* ------------------------------------------------------------------------------------------------
    Q4_0 / Q8_0 <-> signed integers and float16 factors (legacy.blocks_of / integers_of, api.IntegerBlocks):

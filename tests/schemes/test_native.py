@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as Q
 from quantkit import dtypes
 from quantkit.errors import QuantkitError
 from quantkit.methods.bnb import int8, native, nf4
+from quantkit.methods.gguf import native as gguf_native
 from quantkit.methods.gguf import types as ggml
 
 DTYPES = ("BF16", "F16", "F32")
@@ -150,6 +151,26 @@ def test_q8_0_equals_gguf_py(dtype, seed):
     assert same(ggml.quantize_stored(raw, dtype, Q.Q8_0), expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(3))
+def test_q4_0_equals_the_reference_and_gguf_py(dtype, seed):
+    """The same rows (a NaN / infinity block goes to the reference), plus blocks of signed zeros and of
+    maxima tied in magnitude with opposite signs (the first one wins)."""
+    rows = q8_0_rows(seed)
+    rows[11, :32] = -0.0
+    rows[11, 32:64] = np.where(np.arange(32) % 2, 0.0, -0.0)
+    rows[12, :32] = np.where(np.arange(32) == 5, -2.0, np.where(np.arange(32) == 9, 2.0, 0.5))
+    raw = stored(rows, dtype)
+    widened = dtypes.to_float32(raw, dtype)
+    fast = ggml.quantize_stored(raw, dtype, Q.Q4_0)
+    assert same(fast, ggml.quantize_reference(widened, Q.Q4_0))
+    finite = np.isfinite(widened).all(axis=1)
+    with np.errstate(all="ignore"):
+        assert same(fast[finite], gguf.quants.quantize(widened[finite], Q.Q4_0))
+    assert native.AVAILABLE and gguf_native.quantize_q4_0(raw[finite], dtype) is not None
+    assert gguf_native.quantize_q4_0(raw[~finite], dtype) is None
+
+
 def big(n: int = 3 << 20) -> np.ndarray:
     """Enough elements (3M, odd) that the kernels split the work over threads."""
     return stored(values(n - 1, 7, scale=1.0), "BF16")
@@ -166,7 +187,7 @@ def by_threads():
         for threads in (1, 2, 3):
             patch.setenv("QUANTKIT_THREADS", str(threads))
             outputs[threads] = [*native.quantize_4bit(raw, "BF16", 64, "fp4"), *native.quantize_4bit(raw, "BF16", 100, "nf4"),
-                                *native.quantize_int8(rows, "BF16"), ggml.quantize_stored(rows, "BF16", Q.Q8_0),
+                                *native.quantize_int8(rows, "BF16"), ggml.quantize_stored(rows, "BF16", Q.Q8_0), ggml.quantize_stored(rows, "BF16", Q.Q4_0),
                                 native.dequantize_4bit(packed, absmax, nf4.NF4_CODE, 64, 1, raw.size - 2, "BF16")]
     return raw, rows, packed, absmax, outputs
 
@@ -182,6 +203,7 @@ def test_threaded_output_equals_reference(by_threads):
     widened = dtypes.to_float32(raw, "BF16")
     expected = [*nf4.quantize_4bit(widened, 64, "fp4"), *nf4.quantize_4bit(widened, 100, "nf4"),
                 *int8.quantize_int8(dtypes.to_float32(rows, "BF16")), ggml.quantize_reference(dtypes.to_float32(rows, "BF16"), Q.Q8_0),
+                ggml.quantize_reference(dtypes.to_float32(rows, "BF16"), Q.Q4_0),
                 dtypes.bf16_bits(nf4.dequantize_range(packed, absmax, nf4.NF4_CODE, 64, 1, raw.size - 2))]
     assert all(same(a, b) for a, b in zip(outputs[2], expected, strict=True))
 
@@ -201,6 +223,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from quantkit.methods.bnb import quantizer as bnb
 from quantkit.methods.bnb.quantizer import BnbOptions as QuantOptions
+from quantkit.methods.gguf import native as gguf_native
 from quantkit.methods.gguf import types as ggml
 x = np.ones((4, 64), np.float32)
 bnb.nf4_kernel(QuantOptions(method="nf4"))(x, "F32", 64, "nf4")
@@ -221,6 +244,7 @@ from gguf import GGMLQuantizationType as Q
 from quantkit.methods.bnb import quantizer as bnb
 from quantkit.methods.bnb.quantizer import BnbOptions as QuantOptions
 from quantkit.methods.bnb import nf4
+from quantkit.methods.gguf import native as gguf_native
 from quantkit.methods.gguf import types as ggml
 x = np.ones((4, 64), np.float32)
 assert np.array_equal(bnb.nf4_kernel(QuantOptions(method="nf4"))(x, "F32", 64, "nf4")[0], nf4.quantize_4bit(x, 64, "nf4")[0])

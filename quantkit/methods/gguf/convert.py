@@ -50,6 +50,7 @@ from quantkit.numerics import COPY_CHUNK, ErrorSums
 QType = GGMLQuantizationType
 __all__ = ["FILE_TYPES", "parse_file_type"]  # used by tests and the client tests beside this module's own
 CHUNK_BYTES = COPY_CHUNK  # source bytes read and quantized per chunk
+DENSE_KEPT = ("token_embd.weight", "output.weight")  # llama.cpp's embedding and head, in every architecture
 
 
 @dataclass(frozen=True)
@@ -343,9 +344,10 @@ def gguf_source(path: Path, dtype: str | None = None) -> TensorSource:
     st_dtype = BY_NAME[conv.config["dtype"]]
 
     def dense_dtype(t: gf.GGUFTensor) -> str:
-        # Q4_0 / Q8_0 values q * d are float32 values (as a quantized folder's modules are): a target whose
-        # scales take the source's dtype (compressed-tensors) can then hold d exactly
-        return "F32" if t.qtype in legacy.INTEGER_BITS else st_dtype
+        # A layer's Q4_0 / Q8_0 values q * d are float32 values (as a quantized folder's modules are): a target
+        # whose scales take the source's dtype (compressed-tensors) can then hold d exactly. Embedding and
+        # head, which targets keep dense, stay in the model's dtype (float32 would double them).
+        return "F32" if t.qtype in legacy.INTEGER_BITS and t.name not in DENSE_KEPT else st_dtype
 
     tensors = {}
     for name, t in sorted(conv.names.items(), key=lambda item: item[1].offset):

@@ -1,4 +1,4 @@
-"""The compiled paths for GGUF Q8_0 and for Q4_0 / Q8_0 blocks <-> their integers: quantkit.native's kernels,
+"""The compiled paths for GGUF Q8_0, Q4_0 and for Q4_0 / Q8_0 blocks <-> their integers: quantkit.native's kernels,
 the bytes of legacy.py's references."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 
 from quantkit.native import AVAILABLE, kernels, stored, threads
 
-__all__ = ["AVAILABLE", "blocks_of", "integers_of", "quantize_q8_0"]
+__all__ = ["AVAILABLE", "blocks_of", "integers_of", "quantize_q4_0", "quantize_q8_0"]
 
 
 def quantize_q8_0(rows: np.ndarray, dtype: str) -> np.ndarray:
@@ -17,6 +17,14 @@ def quantize_q8_0(rows: np.ndarray, dtype: str) -> np.ndarray:
     blocks = np.empty((raw.size // 32, 34), np.uint8)
     kernels.q8_0(raw, bf16, blocks, threads())
     return blocks
+
+
+def quantize_q4_0(rows: np.ndarray, dtype: str) -> np.ndarray | None:
+    """GGUF Q4_0 of stored rows whose length is a multiple of 32: [blocks, 18] uint8; None when a block holds
+    NaN or infinity (the reference decides those bytes)."""
+    raw, bf16 = stored(rows, dtype)
+    blocks = np.empty((raw.size // 32, 18), np.uint8)
+    return None if kernels.q4_0(raw, bf16, blocks, threads()) else blocks
 
 
 def blocks_of(q: np.ndarray, d: np.ndarray, bits: int) -> np.ndarray:

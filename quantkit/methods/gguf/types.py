@@ -42,6 +42,14 @@ def _q8_0_native(rows: np.ndarray, dtype: str) -> np.ndarray:
     return native.quantize_q8_0(rows, dtype).reshape(rows.shape[0], length)
 
 
+def _q4_0_native(rows: np.ndarray, dtype: str) -> np.ndarray:
+    length = row_bytes(QType.Q4_0, rows.shape[1])
+    blocks = native.quantize_q4_0(rows, dtype)
+    if blocks is None:  # NaN or infinity somewhere: the reference's bytes
+        return quantize_reference(to_float32(rows, dtype) if dtype != "F32" else rows, QType.Q4_0)
+    return blocks.reshape(rows.shape[0], length)
+
+
 def _compiled(qtype: QType) -> Callable[[np.ndarray, str], np.ndarray]:
     def fast(rows: np.ndarray, dtype: str) -> np.ndarray:
         from quantkit.methods.gguf import kernels  # imports numba (~0.4 s): only the types that need it pay
@@ -64,7 +72,7 @@ TYPES: dict[QType, GGUFType] = {t.qtype: t for t in (
     # bfloat16 rounded to nearest even, NaN kept quiet, as ggml
     GGUFType(QType.BF16, F.MOSTLY_BF16, lambda rows: bf16_bits(rows).view(np.uint8), None, None, 8e-3),
     GGUFType(QType.Q8_0, F.MOSTLY_Q8_0, _legacy(QType.Q8_0), _q8_0_native if native.AVAILABLE else None, None, 0.03),
-    GGUFType(QType.Q4_0, F.MOSTLY_Q4_0, _legacy(QType.Q4_0), None, None, 0.25,
+    GGUFType(QType.Q4_0, F.MOSTLY_Q4_0, _legacy(QType.Q4_0), _q4_0_native if native.AVAILABLE else None, None, 0.25,
              weighted.quantize_q4_0),
     GGUFType(QType.Q4_1, F.MOSTLY_Q4_1, _legacy(QType.Q4_1), None, None, 0.25),
     GGUFType(QType.Q5_0, F.MOSTLY_Q5_0, _legacy(QType.Q5_0), None, None, 0.12,
