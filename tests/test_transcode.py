@@ -255,6 +255,15 @@ def _lossless(result, source: Path, out: Path, tmp: Path) -> list[str]:
     return names
 
 
+def assert_library_decompresses_to(ct: Path, values: dict[str, np.ndarray]) -> None:
+    """compressed-tensors' own decompression of every module equals `values` bit for bit (but zeros' signs)."""
+    from tests.test_quantize_ct import library_decompress
+
+    for name in projections(values):
+        theirs = library_decompress(ct, name.removesuffix(".weight")).float().numpy()
+        assert same_values(theirs, values[name]), name
+
+
 def test_gptq_v1_v2_and_compressed_tensors_are_the_same_integers(llama, tmp_path):
     """GPTQ v1 -> v2 -> compressed-tensors W4A16 -> GPTQ v1: the integers move, the values stay bit for bit,
     and the last file is the first one byte for byte."""
@@ -269,6 +278,7 @@ def test_gptq_v1_v2_and_compressed_tensors_are_the_same_integers(llama, tmp_path
     assert result.summary["from"] == "gptq-4"
     config = json.loads((ct / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert_library_decompresses_to(ct, dense_of(v2, tmp_path))
     back = tmp_path / "back"
     _lossless(pipeline.quantize(str(ct), back, _options("gptq", bits=4, group_size=32)), ct, back, tmp_path)
     assert (back / "model.safetensors").read_bytes() == (v1 / "model.safetensors").read_bytes()
@@ -283,6 +293,7 @@ def test_gguf_to_compressed_tensors_and_back_is_lossless(llama, tmp_path, method
     pipeline.convert(str(llama), gguf, "gguf", gguf_type=gguf_type)
     ct = tmp_path / "ct"
     _lossless(pipeline.quantize(str(gguf), ct, _options(method, group_size=32)), gguf, ct, tmp_path)
+    assert_library_decompresses_to(ct, dense_of(gguf, tmp_path))
     back = tmp_path / "back.gguf"
     _lossless(pipeline.convert(str(ct), back, "gguf", gguf_type=gguf_type), ct, back, tmp_path)
 
