@@ -325,3 +325,17 @@ def test_compressed_tensors_integers_exact_only_where_the_scale_dtype_holds_the_
     assert ct_integers.to_packed(IntegerBlocks(4, 32, q, fine.astype(np.float16)), 4, 32, True, "BF16") is None
     again = ct_integers.to_packed(IntegerBlocks(4, 32, q, fine.astype(np.float16)), 4, 32, True, "F32")
     assert np.array_equal(again[0], packed) and np.array_equal(again[1], fine)
+
+
+def test_gguf_to_int8_reports_error(llama, tmp_path):
+    """int8 as the target of a quantized source: its read-back (for the error) reads weight_format from memory."""
+    gguf = tmp_path / "m.gguf"
+    pipeline.convert(str(llama), gguf, "gguf", gguf_type="Q4_0")
+    result = pipeline.quantize(str(gguf), tmp_path / "int8", _options("int8"))
+    source, ours = dense_of(gguf, tmp_path), dense_of(tmp_path / "int8", tmp_path)
+    rows = result.summary["requantized"]
+    assert sorted(r["tensor"] for r in rows) == projections(source)
+    for row in rows:
+        name = row["tensor"]
+        diff = np.linalg.norm(source[name] - ours[name]) / np.linalg.norm(source[name])
+        assert row["rel_error"] == pytest.approx(diff, rel=1e-3) and 0 < diff < 0.02, name
