@@ -84,7 +84,9 @@ class TensorSink(Protocol):
 class Quantizer(Protocol):
     """A quantization method: its options, checks, output layout, a module's quantization, its config.
 
-    `presets` are the settings `inspect` sizes a checkpoint for (label -> options)."""
+    `presets` are the settings `inspect` sizes a checkpoint for (label -> options).
+    Optional: `transcode(module, blocks, dtype, options, sink) -> bool` writes IntegerBlocks as they are when
+    the method holds them exactly (source `dtype` as planned), and returns False, writing nothing, otherwise."""
 
     methods: tuple[str, ...]
     options: type[Options]
@@ -441,15 +443,21 @@ def _stream_folder(checkpoint: Checkpoint, entries: list[Entry], quantized: tupl
 
 def _dequantized(checkpoint: Checkpoint, entry: Entry, module: str, shape: tuple[int, ...], quantized: tuple,
                  read: TensorReads) -> SourceTensor:
-    """One module dequantized by its reader into float32 (a module at a time in memory)."""
+    """One module dequantized by its reader into float32 when its rows are first asked for (a module at a time
+    in memory): a module moved as its integers (lossless) is never dequantized."""
     reader, modules, scheme = quantized
-    sink = CollectingSink()
-    reader.dequantize(checkpoint, module, modules[module], read, "F32", sink)
-    values = sink.array(entry.source).reshape(shape)
-    if entry.transposed:
-        values = np.ascontiguousarray(values.T)
+    values: list[np.ndarray] = []
+
+    def rows(count: int) -> Iterator[np.ndarray]:
+        if not values:
+            sink = CollectingSink()
+            reader.dequantize(checkpoint, module, modules[module], read, "F32", sink)
+            whole = sink.array(entry.source).reshape(shape)
+            values.append(np.ascontiguousarray(whole.T) if entry.transposed else whole)
+        return array_rows(values[0])(count)
+
     integers = getattr(reader, "integers", None)
-    return SourceTensor(entry.source, values.shape, "F32", array_rows(values), scheme,
+    return SourceTensor(entry.source, shape[::-1] if entry.transposed else shape, "F32", rows, scheme,
                         (lambda: integers(checkpoint, module, modules[module], read)) if integers else (lambda: None))
 
 

@@ -145,7 +145,7 @@ def transcoded(quantizer: api.Quantizer, module: str, tensor: api.SourceTensor, 
     if transcode is None:
         return False
     blocks = tensor.integers()
-    return blocks is not None and transcode(module, blocks, options, writer)
+    return blocks is not None and transcode(module, blocks, tensor.dtype, options, writer)
 
 
 def requantization_error(entry: Entry, tensor: api.SourceTensor, capture: api.CollectingSink, plan: Plan,

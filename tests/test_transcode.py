@@ -13,7 +13,7 @@ import pytest
 from quantkit import pipeline
 from quantkit.api import IntegerBlocks
 from quantkit.methods.gguf import convert as gc
-from quantkit.methods.gptq.integers import from_integers, to_integers
+from quantkit.methods.gptq.integers import from_integers, from_qweight, to_integers, to_qweight
 from tests.conftest import load_tensors
 from tests.gguf_checkpoints import make_checkpoint
 
@@ -176,3 +176,166 @@ def test_integer_blocks_round_trip_through_gptq_groups():
     assert from_integers(blocks, 2, 32, sym=False) is None  # fewer bits
     wide = IntegerBlocks(4, 128, q, np.abs(d[:, :1]))
     assert same_values(wide.regroup(32).values(), wide.values())
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32), (8, 64), (2, 32), (4, 8)])
+def test_compiled_gptq_integers_equal_the_reference(bits, group):
+    """native.unpack_signed / pack_signed against integers.py's numpy: every zero point mid or mid - 1."""
+    from quantkit.methods.gptq import native
+    from quantkit.methods.gptq.layout import pack_qweight
+
+    if not native.AVAILABLE:
+        pytest.skip("the compiled extension is not built")
+    rng = np.random.default_rng(bits * group)
+    out_features, in_features = 40, 256  # 40 output columns: one tile and a partial one
+    codes = rng.integers(0, 2**bits, (out_features, in_features)).astype(np.uint8)
+    mid = 2 ** (bits - 1)
+    zeros = rng.choice([mid - 1, mid], (out_features, in_features // group)).astype(np.uint8)
+    scales = (rng.random((out_features, in_features // group)) * 0.01 + 1e-3).astype(np.float16)
+    qweight = pack_qweight(codes, bits)
+    reference = to_integers(codes, zeros, scales, bits, group)
+    turned = zeros == mid - 1
+    q = native.unpack_signed(qweight, turned, bits, group)
+    assert np.array_equal(q, reference.q)
+    assert np.array_equal(native.pack_signed(q, turned, bits, group), qweight)
+    found = from_qweight(qweight, zeros, scales, bits, group)
+    assert np.array_equal(found.q, reference.q) and np.array_equal(found.d.view(np.uint16), reference.d.view(np.uint16))
+    packed, back_scales, back_zeros = to_qweight(reference, bits, group, sym=False)
+    assert np.array_equal(packed, qweight) and np.array_equal(back_zeros, zeros) and np.array_equal(back_scales, scales)
+    bad = zeros.copy()
+    bad[3, 0] = mid + 1
+    assert from_qweight(qweight, bad, scales, bits, group) is None
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_compiled_integer_blocks_equal_the_reference(qtype):
+    from quantkit.methods.gguf import legacy, native
+
+    if not native.AVAILABLE:
+        pytest.skip("the compiled extension is not built")
+    qt = legacy.QType[qtype]
+    bits = legacy.INTEGER_BITS[qt]
+    rng = np.random.default_rng(bits)
+    q = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (7, 96)).astype(np.int8)
+    d = (rng.standard_normal((7, 3)) * 0.01).astype(np.float16)
+    raw = legacy.blocks_of(q, d, qt)
+    assert np.array_equal(native.blocks_of(q, d, bits), raw)
+    back_q, back_d = native.integers_of(raw, bits, 96)
+    ref_q, ref_d = legacy.integers_of(raw, qt)
+    assert np.array_equal(back_q, ref_q) and np.array_equal(back_d.view(np.uint16), ref_d.view(np.uint16))
+    assert np.array_equal(back_q, q)
+
+
+def test_lossless_modules_are_never_dequantized(llama, tmp_path, monkeypatch):
+    """A module moved as its integers costs no float32 pass: the reader's dequantize is not called."""
+    from quantkit.methods.gptq import reader
+
+    gptq = tmp_path / "gptq"
+    pipeline.quantize(str(llama), gptq, pipeline.quantizer_for("gptq").options(method="gptq", bits=4, group_size=32))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("dequantized a module that moves losslessly")
+
+    monkeypatch.setattr(reader.GptqReader, "dequantize", refuse)
+    result = pipeline.convert(str(gptq), tmp_path / "m.gguf", "gguf", gguf_type="Q4_0")
+    assert result.summary["lossless"] and result.summary["requantized"] == []
+
+
+def _options(method: str, **fields):
+    return pipeline.quantizer_for(method).options(method=method, **fields)
+
+
+def _lossless(result, source: Path, out: Path, tmp: Path) -> list[str]:
+    """The tensors reported lossless, each checked bit for bit (dequantized source against output)."""
+    a, b = dense_of(source, tmp), dense_of(out, tmp)
+    names = sorted(result.summary["lossless"])
+    assert names == projections(a) and result.summary["requantized"] == []
+    for name in names:
+        assert same_values(a[name], b[name]), name
+    return names
+
+
+def assert_library_decompresses_to(ct: Path, values: dict[str, np.ndarray]) -> None:
+    """compressed-tensors' own decompression of every module equals `values` bit for bit (but zeros' signs)."""
+    from tests.test_quantize_ct import library_decompress
+
+    for name in projections(values):
+        theirs = library_decompress(ct, name.removesuffix(".weight")).float().numpy()
+        assert same_values(theirs, values[name]), name
+
+
+def test_gptq_v1_v2_and_compressed_tensors_are_the_same_integers(llama, tmp_path):
+    """GPTQ v1 -> v2 -> compressed-tensors W4A16 -> GPTQ v1: the integers move, the values stay bit for bit,
+    and the last file is the first one byte for byte."""
+    v1 = tmp_path / "v1"
+    pipeline.quantize(str(llama), v1, _options("gptq", bits=4, group_size=32))
+    assert json.loads((v1 / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq"
+    v2 = tmp_path / "v2"
+    _lossless(pipeline.quantize(str(v1), v2, _options("gptq", bits=4, group_size=32, format="v2")), v1, v2, tmp_path)
+    ct = tmp_path / "ct"
+    result = pipeline.quantize(str(v2), ct, _options("w4a16", group_size=32))
+    _lossless(result, v2, ct, tmp_path)
+    assert result.summary["from"] == "gptq-4"
+    config = json.loads((ct / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert_library_decompresses_to(ct, dense_of(v2, tmp_path))
+    back = tmp_path / "back"
+    _lossless(pipeline.quantize(str(ct), back, _options("gptq", bits=4, group_size=32)), ct, back, tmp_path)
+    assert (back / "model.safetensors").read_bytes() == (v1 / "model.safetensors").read_bytes()
+    gguf = tmp_path / "ct.gguf"
+    _lossless(pipeline.convert(str(ct), gguf, "gguf", gguf_type="Q4_0"), ct, gguf, tmp_path)
+
+
+@pytest.mark.parametrize("method,gguf_type", [("w4a16-asym", "Q4_0"), ("w8a16", "Q8_0")])
+def test_gguf_to_compressed_tensors_and_back_is_lossless(llama, tmp_path, method, gguf_type):
+    """Q4_0's negative scales take the zero point -1 (W4A16_ASYM); Q8_0's scales are never negative."""
+    gguf = tmp_path / "m.gguf"
+    pipeline.convert(str(llama), gguf, "gguf", gguf_type=gguf_type)
+    ct = tmp_path / "ct"
+    _lossless(pipeline.quantize(str(gguf), ct, _options(method, group_size=32)), gguf, ct, tmp_path)
+    assert_library_decompresses_to(ct, dense_of(gguf, tmp_path))
+    back = tmp_path / "back.gguf"
+    _lossless(pipeline.convert(str(ct), back, "gguf", gguf_type=gguf_type), ct, back, tmp_path)
+
+
+def test_compressed_tensors_whose_arithmetic_rounds_is_requantized(llama, tmp_path):
+    """compressed-tensors multiplies in the scale's dtype: W4A16 written from a bf16 model rounds q * scale to
+    bf16, which no Q4_0 block reproduces, so it is re-quantized with its error reported."""
+    ct = tmp_path / "ct"
+    pipeline.quantize(str(llama), ct, _options("w4a16", group_size=32))
+    result = pipeline.convert(str(ct), tmp_path / "m.gguf", "gguf", gguf_type="Q4_0")
+    assert result.summary["lossless"] == [] and len(result.summary["requantized"]) == 14
+    assert all(0 < r["rel_error"] < 0.3 for r in result.summary["requantized"])
+
+
+def test_compressed_tensors_integers_exact_only_where_the_scale_dtype_holds_the_products():
+    from quantkit.dtypes import bf16_bits
+    from quantkit.methods.ct import integers as ct_integers
+    from quantkit.methods.ct.schemes import pack_int32
+
+    rng = np.random.default_rng(1)
+    q = rng.integers(-8, 8, (4, 64)).astype(np.int8)
+    packed = pack_int32(q, 4)
+    coarse = np.full((4, 2), 2.0**-7, np.float32)  # one significant bit: every product is a bf16 value
+    found = ct_integers.from_packed(packed, bf16_bits(coarse), "BF16", None, 4, 32, 64)
+    assert found is not None and np.array_equal(found.q, q)
+    fine = np.full((4, 2), np.float32(1 + 2.0**-7) * np.float32(2.0**-7), np.float32)  # 8 significant bits
+    assert ct_integers.from_packed(packed, bf16_bits(fine), "BF16", None, 4, 32, 64) is None
+    assert ct_integers.from_packed(packed, fine, "F32", None, 4, 32, 64) is not None
+    assert ct_integers.to_packed(IntegerBlocks(4, 32, q, fine.astype(np.float16)), 4, 32, True, "BF16") is None
+    again = ct_integers.to_packed(IntegerBlocks(4, 32, q, fine.astype(np.float16)), 4, 32, True, "F32")
+    assert np.array_equal(again[0], packed) and np.array_equal(again[1], fine)
+
+
+def test_gguf_to_int8_reports_error(llama, tmp_path):
+    """int8 as the target of a quantized source: its read-back (for the error) reads weight_format from memory."""
+    gguf = tmp_path / "m.gguf"
+    pipeline.convert(str(llama), gguf, "gguf", gguf_type="Q4_0")
+    result = pipeline.quantize(str(gguf), tmp_path / "int8", _options("int8"))
+    source, ours = dense_of(gguf, tmp_path), dense_of(tmp_path / "int8", tmp_path)
+    rows = result.summary["requantized"]
+    assert sorted(r["tensor"] for r in rows) == projections(source)
+    for row in rows:
+        name = row["tensor"]
+        diff = np.linalg.norm(source[name] - ours[name]) / np.linalg.norm(source[name])
+        assert row["rel_error"] == pytest.approx(diff, rel=1e-3) and 0 < diff < 0.02, name

@@ -1,4 +1,5 @@
-/* GGUF: Q8_0 blocks, the bytes of quantkit/methods/gguf/legacy.py's reference. */
+/* GGUF: Q8_0, Q4_0, Q5_0 and the K-quants, the bytes of quantkit/methods/gguf/legacy.py's and kquants.py's
+   references, and Q4_0 / Q8_0 codes moved to and from signed integers. */
 #include "common.h"
 
 #define Q8_0_BLOCK 32
@@ -62,6 +63,72 @@ PyObject *py_q8_0(PyObject *self, PyObject *args) {
     release(v, 2);
     Py_RETURN_NONE;
 }
+
+/* ------------------------------------------------------------------------------------------------
+   Q4_0 / Q8_0 <-> signed integers and float16 factors (legacy.blocks_of / integers_of, api.IntegerBlocks):
+   blocks of 32 values q * d, stored as d's float16 bits then the codes: Q8_0 the 32 int8 as they are, Q4_0
+   16 bytes whose low nibbles hold q[0..15] + 8 and high nibbles q[16..31] + 8. Moving codes, no arithmetic. */
+
+typedef struct {
+    int8_t *q;       /* [blocks * 32] */
+    uint16_t *d;     /* [blocks] float16 bits */
+    uint8_t *blocks; /* [blocks, 2 + body] */
+    int bits, bf16;  /* bf16: unused (PART's switch) */
+    int to_blocks;   /* 1: q, d -> blocks; 0: blocks -> q, d */
+} integer_blocks_t;
+
+BODY void integer_blocks_body(const integer_blocks_t *t, Py_ssize_t lo, Py_ssize_t hi, const int unused) {
+    (void)unused;
+    const Py_ssize_t size = t->bits == 4 ? 2 + Q8_0_BLOCK / 2 : 2 + Q8_0_BLOCK;
+    for (Py_ssize_t b = lo; b < hi; b++) {
+        uint8_t *block = t->blocks + b * size;
+        int8_t *q = t->q + b * Q8_0_BLOCK;
+        if (t->to_blocks) {
+            block[0] = (uint8_t)t->d[b];
+            block[1] = (uint8_t)(t->d[b] >> 8);
+            if (t->bits == 4)
+                for (int j = 0; j < Q8_0_BLOCK / 2; j++)
+                    block[2 + j] = (uint8_t)(((q[j] + 8) & 0x0F) | (((q[j + Q8_0_BLOCK / 2] + 8) & 0x0F) << 4));
+            else
+                memcpy(block + 2, q, Q8_0_BLOCK);
+        } else {
+            t->d[b] = (uint16_t)(block[0] | (block[1] << 8));
+            if (t->bits == 4)
+                for (int j = 0; j < Q8_0_BLOCK / 2; j++) {
+                    q[j] = (int8_t)((block[2 + j] & 0x0F) - 8);
+                    q[j + Q8_0_BLOCK / 2] = (int8_t)((block[2 + j] >> 4) - 8);
+                }
+            else
+                memcpy(q, block + 2, Q8_0_BLOCK);
+        }
+    }
+}
+
+PART(integer_blocks, integer_blocks_t)
+
+/* Both directions: q (int8 [blocks * 32]) and d (float16 bits [blocks]) are read for blocks and written from
+   them; the Python wrappers hand the outputs in as new arrays. */
+static PyObject *integer_blocks(Py_buffer *v, integer_blocks_t *t, int threads) {
+    const Py_ssize_t blocks = v[1].len / 2, size = t->bits == 4 ? 2 + Q8_0_BLOCK / 2 : 2 + Q8_0_BLOCK;
+    if (t->bits != 4 && t->bits != 8) {
+        release(v, 3);
+        PyErr_Format(PyExc_ValueError, "bits: %d, expected 4 or 8", t->bits);
+        return NULL;
+    }
+    if (check_length(&v[0], blocks * Q8_0_BLOCK, "q") || check_length(&v[2], blocks * size, "blocks")) {
+        release(v, 3);
+        return NULL;
+    }
+    t->q = v[0].buf;
+    t->d = v[1].buf;
+    t->blocks = v[2].buf;
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(integer_blocks_part, t, blocks, thread_count(threads, blocks * Q8_0_BLOCK));
+    Py_END_ALLOW_THREADS
+    release(v, 3);
+    Py_RETURN_NONE;
+}
+
 
 static inline void put16(uint8_t *p, uint16_t v) {
     p[0] = (uint8_t)v;
@@ -682,4 +749,23 @@ PyObject *py_gguf_blocks(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     release(v, 2);
     Py_RETURN_NONE;
+}
+
+PyObject *py_q_blocks(PyObject *self, PyObject *args) {
+    Py_buffer v[3];
+    integer_blocks_t t = {0};
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*y*iw*i", &v[0], &v[1], &t.bits, &v[2], &threads))
+        return NULL;
+    t.to_blocks = 1;
+    return integer_blocks(v, &t, threads);
+}
+
+PyObject *py_q_integers(PyObject *self, PyObject *args) {
+    Py_buffer v[3];
+    integer_blocks_t t = {0};
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*iw*w*i", &v[2], &t.bits, &v[0], &v[1], &threads))
+        return NULL;
+    return integer_blocks(v, &t, threads);
 }

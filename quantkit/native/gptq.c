@@ -156,3 +156,104 @@ PyObject *py_gptq_rtn(PyObject *self, PyObject *args) {
     release(v, 5);
     Py_RETURN_NONE;
 }
+
+/* ------------------------------------------------------------------------------------------------
+   GPTQ codes <-> signed integers (methods/gptq/integers.py, api.IntegerBlocks), for lossless transcoding:
+   q[o, i] = code - mid where the group's zero point is mid = 2**(bits-1), and mid - 1 - code = ~(code - mid)
+   where it is mid - 1 (`turned`: the factor is then the scale negated). qweight is [in / per_word, out],
+   per_word codes of one column to a word, lowest bits first; q is [out, in]. Work is split by output
+   columns, a tile of them at a time, so that each qweight row is read in runs and q rows written in runs. */
+
+#define SIGNED_TILE 32
+
+typedef struct {
+    uint32_t *qweight;     /* [in / per_word, out] */
+    const uint8_t *turned; /* [out, groups]: 1 where the zero point is mid - 1 */
+    int8_t *q;             /* [out, in] */
+    Py_ssize_t in, out, group;
+    int bits, bf16;        /* bf16: unused (the PART switch) */
+    int pack;              /* 1: q -> qweight; 0: qweight -> q */
+} gptq_signed_t;
+
+BODY void gptq_signed_width(const gptq_signed_t *t, Py_ssize_t lo, Py_ssize_t hi, const int bits) {
+    const int per_word = 32 / bits, mid = 1 << (bits - 1);
+    const uint32_t maxq = (1u << bits) - 1;
+    const Py_ssize_t groups = t->in / t->group, words = t->in / per_word;
+    for (Py_ssize_t o0 = lo; o0 < hi; o0 += SIGNED_TILE) {
+        const Py_ssize_t o1 = min_size(o0 + SIGNED_TILE, hi);
+        for (Py_ssize_t r = 0; r < words; r++) {
+            const Py_ssize_t i0 = r * per_word, g = i0 / t->group;
+            uint32_t *row = t->qweight + r * t->out;
+            for (Py_ssize_t o = o0; o < o1; o++) {
+                const int32_t flip = -(int32_t)t->turned[o * groups + g];
+                int8_t *q = t->q + o * t->in + i0;
+                if (t->pack) {
+                    uint32_t word = 0;
+                    for (int k = 0; k < per_word; k++)
+                        word |= ((uint32_t)(((int32_t)q[k] ^ flip) + mid) & maxq) << (bits * k);
+                    row[o] = word;
+                } else {
+                    const uint32_t word = row[o];
+                    for (int k = 0; k < per_word; k++)
+                        q[k] = (int8_t)(((int32_t)((word >> (bits * k)) & maxq) - mid) ^ flip);
+                }
+            }
+        }
+    }
+}
+
+BODY void gptq_signed_body(const gptq_signed_t *t, Py_ssize_t lo, Py_ssize_t hi, const int unused) {
+    (void)unused;
+    if (t->bits == 4)
+        gptq_signed_width(t, lo, hi, 4);
+    else if (t->bits == 8)
+        gptq_signed_width(t, lo, hi, 8);
+    else
+        gptq_signed_width(t, lo, hi, 2);
+}
+
+PART(gptq_signed, gptq_signed_t)
+
+/* Both directions: v[0] qweight ([in / per_word, out] uint32), v[1] turned, v[2] q ([out, in] int8); the one
+   written (q when unpacking, qweight when packing) is a new array from the Python wrapper. */
+static PyObject *gptq_signed(Py_buffer *v, gptq_signed_t *t, int threads) {
+    const int per_word = t->bits > 0 ? 32 / t->bits : 1;
+    if ((t->bits != 2 && t->bits != 4 && t->bits != 8) || t->group <= 0 || t->group % per_word || t->in % t->group ||
+        t->out < 0) {
+        release(v, 3);
+        PyErr_SetString(PyExc_ValueError, "bits must be 2, 4 or 8, the group a multiple of 32 / bits dividing the inputs");
+        return NULL;
+    }
+    if (check_length(&v[0], t->in / per_word * t->out * 4, "qweight") ||
+        check_length(&v[1], t->out * (t->in / t->group), "turned") || check_length(&v[2], t->out * t->in, "q")) {
+        release(v, 3);
+        return NULL;
+    }
+    t->qweight = v[0].buf;
+    t->turned = v[1].buf;
+    t->q = v[2].buf;
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(gptq_signed_part, t, t->out, thread_count(threads, t->out * t->in));
+    Py_END_ALLOW_THREADS
+    release(v, 3);
+    Py_RETURN_NONE;
+}
+
+PyObject *py_gptq_unpack_signed(PyObject *self, PyObject *args) {
+    Py_buffer v[3];
+    gptq_signed_t t = {0};
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*y*innnw*i", &v[0], &v[1], &t.bits, &t.group, &t.in, &t.out, &v[2], &threads))
+        return NULL;
+    return gptq_signed(v, &t, threads);
+}
+
+PyObject *py_gptq_pack_signed(PyObject *self, PyObject *args) {
+    Py_buffer v[3];
+    gptq_signed_t t = {0};
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*y*innnw*i", &v[2], &v[1], &t.bits, &t.group, &t.in, &t.out, &v[0], &threads))
+        return NULL;
+    t.pack = 1;
+    return gptq_signed(v, &t, threads);
+}

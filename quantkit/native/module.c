@@ -27,6 +27,13 @@ static PyMethodDef methods[] = {
     {"q8_0", py_q8_0, METH_VARARGS, "q8_0(src, bf16, blocks, threads): GGUF Q8_0 blocks of 34 bytes"},
     {"gguf_blocks", py_gguf_blocks, METH_VARARGS,
      "gguf_blocks(src, bf16, ggml_type, blocks, threads): GGUF Q4_0 / Q5_0 blocks, Q2_K / Q3_K / Q4_K / Q5_K / Q6_K super-blocks"},
+    {"q_blocks", py_q_blocks, METH_VARARGS,
+     "q_blocks(q, d, bits, blocks, threads): GGUF Q4_0 (bits 4) / Q8_0 (bits 8) blocks of int8 codes and float16 factors"},
+    {"q_integers", py_q_integers, METH_VARARGS, "q_integers(blocks, bits, q, d, threads): the inverse of q_blocks"},
+    {"gptq_unpack_signed", py_gptq_unpack_signed, METH_VARARGS,
+     "gptq_unpack_signed(qweight, turned, bits, group, in, out, q, threads): GPTQ codes as signed integers [out, in]"},
+    {"gptq_pack_signed", py_gptq_pack_signed, METH_VARARGS,
+     "gptq_pack_signed(q, turned, bits, group, in, out, qweight, threads): the inverse of gptq_unpack_signed"},
     {"gptq_rtn", py_gptq_rtn, METH_VARARGS,
      "gptq_rtn(src, bf16, rows, cols, group_size, bits, sym, min_zero, out_features, col0, qweight, scales, zeros, "
      "problems, threads): round-to-nearest codes packed into qweight columns col0.., scales and zero points"},

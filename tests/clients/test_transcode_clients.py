@@ -4,6 +4,9 @@ GGUF Q8_0 whose logits in llama.cpp stay close to the NF4 model's own. Run with 
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -12,10 +15,19 @@ from quantkit.methods.gguf import convert as gc
 from tests.clients.test_gptqmodel import GPTQ_PYTHON, clients_root, dense, dense_weights, gptqmodel_view, worker  # noqa: F401
 from tests.clients.test_llamacpp import _llama_cpp_logits as llama_cpp_logits
 from tests.conftest import reference_bnb
-from tests.gguf_checkpoints import TEXT, make_checkpoint
+from tests.gguf_checkpoints import TEXT, make_checkpoint, train_tokenizer
 from tests.test_transcode import same_values
 
 pytestmark = pytest.mark.clients
+
+
+def with_bpe_tokenizer(folder: Path, out: Path) -> Path:
+    """A copy of a GPTQModel worker's folder with a byte-level BPE tokenizer of the same 320 tokens in place
+    of its WordLevel one (a test stand-in, which GGUF vocabularies do not cover; real Llamas ship BPE)."""
+    if not out.exists():
+        shutil.copytree(folder, out)
+        train_tokenizer(out, 320)
+    return out
 
 
 def test_gptqmodel_checkpoint_to_q4_0_runs_in_llama_cpp(dense, clients_root):  # noqa: F811
@@ -23,7 +35,7 @@ def test_gptqmodel_checkpoint_to_q4_0_runs_in_llama_cpp(dense, clients_root):  #
     theirs = clients_root / "theirs-gptq-4bit-sym-noact"
     worker("produce", theirs, "gptq", "4", "32", "sym", "noact", "gptq")
     out = clients_root / "theirs-q4_0.gguf"
-    result = pipeline.convert(str(theirs), out, "gguf", gguf_type="Q4_0")
+    result = pipeline.convert(str(with_bpe_tokenizer(theirs, clients_root / "theirs-bpe")), out, "gguf", gguf_type="Q4_0")
     assert result.summary["requantized"] == [] and len(result.summary["lossless"]) == 7
     pipeline.dequantize(str(theirs), clients_root / "theirs-noact-dense", dtype="float32")
     source = dense_weights(clients_root / "theirs-noact-dense")
@@ -39,7 +51,7 @@ def test_gptqmodel_checkpoint_to_q4_0_runs_in_llama_cpp(dense, clients_root):  #
 
 def test_gguf_q4_0_to_gptq_loads_in_gptqmodel(dense, clients_root):  # noqa: F811
     q4 = clients_root / "dense-q4_0.gguf"
-    pipeline.convert(str(dense), q4, "gguf", gguf_type="Q4_0")
+    pipeline.convert(str(with_bpe_tokenizer(dense, clients_root / "dense-bpe")), q4, "gguf", gguf_type="Q4_0")
     out = clients_root / "from-q4_0-gptq"
     options = pipeline.quantizer_for("gptq").options(method="gptq", bits=4, group_size=32, sym=False)
     result = pipeline.quantize(str(q4), out, options)

@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as Q
 from quantkit import dtypes
 from quantkit.errors import QuantkitError
 from quantkit.methods.bnb import int8, native, nf4
+from quantkit.methods.gguf import native as gguf_native
 from quantkit.methods.gguf import types as ggml
 
 DTYPES = ("BF16", "F16", "F32")
@@ -151,6 +152,25 @@ def test_q8_0_equals_gguf_py(dtype, seed):
     assert same(ggml.quantize_stored(raw, dtype, Q.Q8_0), expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(3))
+def test_q4_0_equals_the_reference_and_gguf_py(dtype, seed):
+    """The same rows (a NaN / infinity block goes to the reference), plus blocks of signed zeros and of
+    maxima tied in magnitude with opposite signs (the first one wins)."""
+    rows = q8_0_rows(seed)
+    rows[11, :32] = -0.0
+    rows[11, 32:64] = np.where(np.arange(32) % 2, 0.0, -0.0)
+    rows[12, :32] = np.where(np.arange(32) == 5, -2.0, np.where(np.arange(32) == 9, 2.0, 0.5))
+    raw = stored(rows, dtype)
+    widened = dtypes.to_float32(raw, dtype)
+    fast = ggml.quantize_stored(raw, dtype, Q.Q4_0)
+    assert same(fast, ggml.quantize_reference(widened, Q.Q4_0))
+    finite = np.isfinite(widened).all(axis=1)
+    with np.errstate(all="ignore"):
+        assert same(fast[finite], gguf.quants.quantize(widened[finite], Q.Q4_0))
+    assert native.AVAILABLE and same(gguf_native.quantize(raw, dtype, Q.Q4_0), fast)  # the C kernel, NaN rows too
+
+
 def big(n: int = 3 << 20) -> np.ndarray:
     """Enough elements (3M, odd) that the kernels split the work over threads."""
     return stored(values(n - 1, 7, scale=1.0), "BF16")
@@ -207,6 +227,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from quantkit.methods.bnb import quantizer as bnb
 from quantkit.methods.bnb.quantizer import BnbOptions as QuantOptions
+from quantkit.methods.gguf import native as gguf_native
 from quantkit.methods.gguf import types as ggml
 x = np.ones((4, 256), np.float32)
 bnb.nf4_kernel(QuantOptions(method="nf4"))(x, "F32", 64, "nf4")
@@ -227,6 +248,7 @@ from gguf import GGMLQuantizationType as Q
 from quantkit.methods.bnb import quantizer as bnb
 from quantkit.methods.bnb.quantizer import BnbOptions as QuantOptions
 from quantkit.methods.bnb import nf4
+from quantkit.methods.gguf import native as gguf_native
 from quantkit.methods.gguf import types as ggml
 x = np.ones((4, 64), np.float32)
 assert np.array_equal(bnb.nf4_kernel(QuantOptions(method="nf4"))(x, "F32", 64, "nf4")[0], nf4.quantize_4bit(x, 64, "nf4")[0])

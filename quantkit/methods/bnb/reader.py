@@ -59,13 +59,17 @@ def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def weight_format_problem(checkpoint: Checkpoint, module: str) -> str | None:
-    """An int8 module's `weight_format` must be the U8 scalar 0 (row-major), all bitsandbytes writes or reads."""
+def weight_format_problem(checkpoint: Checkpoint, module: str, read: Callable[[str], np.ndarray] | None = None) -> str | None:
+    """An int8 module's `weight_format` must be the U8 scalar 0 (row-major), all bitsandbytes writes or reads.
+    `read` reads it where given (a module just written, read back from memory)."""
     info = checkpoint.tensors[f"{module}.weight_format"]
     if info.dtype != "U8" or info.numel != 1:
         return f"'{info.name}': {info.dtype}{list(info.shape)}, expected a U8 scalar"
-    with ShardReader(info.file) as reader:
-        value = int(reader.read(info).reshape(-1)[0])
+    if read is None:
+        with ShardReader(info.file) as reader:
+            value = int(reader.read(info).reshape(-1)[0])
+    else:
+        value = int(read(info.name).reshape(-1)[0])
     return None if value == 0 else f"'{info.name}' is {value}; only 0 (row-major) is a bitsandbytes weight format"
 
 
@@ -146,7 +150,7 @@ class BitsAndBytesReader:
             for chunk in self._chunks_4bit(checkpoint, names, read, dtype):
                 sink.write(weight, chunk)
         else:
-            problem = weight_format_problem(checkpoint, module) if f"{module}.weight_format" in names else None
+            problem = weight_format_problem(checkpoint, module, read) if f"{module}.weight_format" in names else None
             if problem:
                 raise QuantkitError(f"{checkpoint.tensors[weight].file}: {problem}")
             codes, scb = read(weight), read_floats(checkpoint, read, f"{module}.SCB")

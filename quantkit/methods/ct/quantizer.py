@@ -17,6 +17,7 @@ from quantkit.api import TensorSink, WeightSource
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor
 from quantkit.methods.ct import native, schemes
+from quantkit.methods.ct.integers import to_packed
 from quantkit.modules import matches
 from quantkit.numerics import CHUNK_ELEMENTS
 
@@ -110,6 +111,24 @@ class CompressedTensors:
         for suffix, _, _ in schemes.layout(scheme, weight.shape, dtype, group_size)[1:]:
             sink.write(f"{module}.{suffix}", tensors[suffix])
             sink.done(f"{module}.{suffix}")
+
+    def transcode(self, module: str, blocks: api.IntegerBlocks, dtype: str, options: CtOptions, sink: TensorSink) -> bool:
+        """Write IntegerBlocks as they are (W4A16 / W8A16 / W4A16_ASYM) when the scheme holds them exactly with
+        scales of `dtype` (the source's, as planned); False (nothing written) when it cannot."""
+        scheme = schemes.SCHEMES[options.method]
+        if scheme.method not in schemes.INT_METHODS:
+            return False
+        found = to_packed(blocks, scheme.bits, group_size_of(options), scheme.symmetric, dtype)
+        if found is None:
+            return False
+        packed, scale, zero = found
+        tensors = {"weight_packed": packed, "weight_scale": scale, "weight_shape": np.array(blocks.q.shape, np.int64)}
+        if zero is not None:
+            tensors["weight_zero_point"] = schemes.pack_zero_points(zero, scheme.bits)
+        for suffix, _, _ in schemes.layout(scheme, blocks.q.shape, dtype, group_size_of(options)):
+            sink.write(f"{module}.{suffix}", tensors[suffix])
+            sink.done(f"{module}.{suffix}")
+        return True
 
     def _chunk(self, scheme: schemes.Scheme, chunk: np.ndarray, dtype: str, group_size: int,
                global_scale: np.float32 | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -11,11 +11,12 @@ from collections.abc import Callable
 import numpy as np
 
 from quantkit import dtypes, native
-from quantkit.api import TensorSink
+from quantkit.api import IntegerBlocks, TensorSink
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor, ShardReader
 from quantkit.io.source import Checkpoint
 from quantkit.methods.ct import formats, schemes
+from quantkit.methods.ct.integers import from_packed
 from quantkit.methods.ct.quantizer import CtOptions
 from quantkit.modules import head_modules, is_linear_weight, module_of
 from quantkit.numerics import CHUNK_ELEMENTS
@@ -126,12 +127,14 @@ class CompressedTensorsReader:
                 return dtypes.NAME_OF[scale]
         return None
 
-    def _shape(self, checkpoint: Checkpoint, module: str, names: list[str]) -> tuple[int, int]:
+    def _shape(self, checkpoint: Checkpoint, module: str, names: list[str],
+               read: Callable[[str], np.ndarray] | None = None) -> tuple[int, int]:
+        """The dense [out, in]; `read` reads weight_shape where given (a written module read back from memory)."""
         main = checkpoint.tensors[names[0]]
         if names[0].endswith(".weight"):
             return main.shape
         if f"{module}.weight_shape" in checkpoint.tensors:
-            shape = read_tensor(checkpoint, f"{module}.weight_shape").reshape(-1)
+            shape = (read or (lambda name: read_tensor(checkpoint, name)))(f"{module}.weight_shape").reshape(-1)
             if shape.size != 2 or (shape <= 0).any():
                 raise QuantkitError(f"{main.file}: '{module}.weight_shape' does not hold a 2-D shape")
             return int(shape[0]), int(shape[1])
@@ -146,7 +149,7 @@ class CompressedTensorsReader:
                    dtype: str, sink: TensorSink) -> None:
         fmt, group = self._group(checkpoint, module)
         args = group["weights"]
-        rows, cols = self._shape(checkpoint, module, names)
+        rows, cols = self._shape(checkpoint, module, names, read)
         stored = {name.rpartition(".")[2]: read(name) for name in names}
         kinds = {name.rpartition(".")[2]: checkpoint.tensors[name].dtype for name in names}
         stored.pop("weight_shape", None)
@@ -174,6 +177,27 @@ class CompressedTensorsReader:
             values = formats.decode(fmt, parts, kinds, args, cols, start)
             sink.write(f"{module}.weight", dtypes.from_float32(values, dtype))
         sink.done(f"{module}.weight")
+
+    def integers(self, checkpoint: Checkpoint, module: str, names: list[str],
+                 read: Callable[[str], np.ndarray]) -> IntegerBlocks | None:
+        """A pack-quantized integer module by groups or channels (no act-order g_idx) as IntegerBlocks, when
+        its values are exactly q * d with a float16 d (ct/integers.py), else None."""
+        fmt, group = self._group(checkpoint, module)
+        args = group["weights"]
+        if fmt != "pack-quantized" or args.get("type") != "int" or args.get("strategy") not in ("group", "channel") \
+                or f"{module}.weight_g_idx" in checkpoint.tensors:  # fmt: skip
+            return None
+        rows, cols = self._shape(checkpoint, module, names, read)
+        size = args.get("group_size") if args.get("strategy") == "group" else cols
+        bits = args["num_bits"]
+        if not isinstance(size, int) or size <= 0 or cols % size or bits not in (4, 8):
+            return None
+        zero = None
+        if not args.get("symmetric", True):
+            zero = formats.unpack_zero_points(read(f"{module}.weight_zero_point"), bits, rows)
+        scale = checkpoint.tensors[f"{module}.weight_scale"]
+        return from_packed(read(f"{module}.weight_packed"), read(scale.name).reshape(rows, -1), scale.dtype, zero,
+                           bits, size, cols)
 
     def check(self, checkpoint: Checkpoint, modules: dict[str, list[str]]) -> list[str]:
         qc = checkpoint.quantization_config or {}

@@ -50,6 +50,7 @@ from quantkit.numerics import COPY_CHUNK, ErrorSums
 QType = GGMLQuantizationType
 __all__ = ["FILE_TYPES", "parse_file_type"]  # used by tests and the client tests beside this module's own
 CHUNK_BYTES = COPY_CHUNK  # source bytes read and quantized per chunk
+DENSE_KEPT = ("token_embd.weight", "output.weight")  # llama.cpp's embedding and head, in every architecture
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def _tensor_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport, imatrix
         if e.permute_heads:
             q, d = gf.permute_qk(q, e.permute_heads), gf.permute_qk(d, e.permute_heads)
         report.lossless.append(tensor.name)
-        return iter([legacy.blocks_of(q, d, e.out.qtype)])
+        return iter([gguf_types.integer_blocks(q, d, e.out.qtype)])
     error = report.requantized.setdefault(tensor.name, ErrorSums()) if tensor.scheme else None
     importance = imatrix_weights(imatrix, e.out.name, e.out.shape[-1], len(e.sources))[expert] if e.importance else None
     return _quantized(_source_rows(tensor, e.permute_heads), tensor.dtype, e.out.qtype, importance, error)
@@ -311,7 +312,7 @@ class FromGGUF:
         t = self.names[hf_name]
         if t.qtype not in legacy.INTEGER_BITS or len(t.shape) != 2:
             return None
-        q, d = legacy.integers_of(self.file.rows(t), t.qtype)
+        q, d = gguf_types.block_integers(self.file.rows(t), t.qtype, t.shape[-1])
         heads = self.permuted(hf_name)
         if heads:
             q, d = gf.unpermute_qk(q, heads), gf.unpermute_qk(d, heads)
@@ -379,16 +380,25 @@ def gguf_source(path: Path, dtype: str | None = None) -> TensorSource:
     it is read, Q4_0 / Q8_0 also as their integers; the tokenizer comes back as HF files."""
     conv = from_gguf(Path(path), dtype)
     st_dtype = BY_NAME[conv.config["dtype"]]
+
+    def dense_dtype(t: gf.GGUFTensor) -> str:
+        # A layer's Q4_0 / Q8_0 values q * d are float32 values (as a quantized folder's modules are): a target
+        # whose scales take the source's dtype (compressed-tensors) can then hold d exactly. Embedding and
+        # head, which targets keep dense, stay in the model's dtype (float32 would double them).
+        return "F32" if t.qtype in legacy.INTEGER_BITS and t.name not in DENSE_KEPT else st_dtype
+
     tensors = {}
     for name, t in sorted(conv.names.items(), key=lambda item: item[1].offset):
-        tensors[name] = TensorInfo(name, st_dtype, t.shape, conv.file.path, t.offset, t.offset + math.prod(t.shape) * itemsize(st_dtype))
+        kind = dense_dtype(t)
+        tensors[name] = TensorInfo(name, kind, t.shape, conv.file.path, t.offset, t.offset + math.prod(t.shape) * itemsize(kind))
     view = Checkpoint(Path(path), conv.config, [conv.file.path], tensors)
 
     def stream(entries: list[Entry]) -> Iterator[tuple[Entry, SourceTensor]]:
         for entry in entries:
             t = conv.names[entry.source]
+            kind = dense_dtype(t)
             scheme = "" if t.qtype in (QType.F32, QType.F16, QType.BF16) else t.qtype.name
-            yield entry, SourceTensor(entry.source, t.shape, st_dtype, lambda rows, name=entry.source: conv.rows(name, rows, st_dtype),
+            yield entry, SourceTensor(entry.source, t.shape, kind, lambda rows, name=entry.source, kind=kind: conv.rows(name, rows, kind),
                                       scheme, lambda name=entry.source: conv.integers(name))
 
     return TensorSource(view, "gguf", stream, lambda folder: write_tokenizer_files(conv, folder))

@@ -16,7 +16,7 @@ from quantkit.dtypes import bf16_bits, to_float32
 from quantkit.methods.gguf import iquants, kquants, legacy, native, weighted
 from quantkit.methods.gguf.blocks import fits, layout, row_bytes
 
-__all__ = ["GGUF_TYPES", "IGNORES_IMPORTANCE", "LEGACY_TYPES", "TYPES", "GGUFType", "fits", "layout", "quantize",
+__all__ = ["GGUF_TYPES", "IGNORES_IMPORTANCE", "LEGACY_TYPES", "TYPES", "GGUFType", "block_integers", "fits", "integer_blocks", "layout", "quantize",
            "quantize_reference", "quantize_stored", "quantize_weighted", "row_bytes"]
 
 QType = GGMLQuantizationType
@@ -112,6 +112,20 @@ def quantize_stored(rows: np.ndarray, dtype: str, qtype: QType) -> np.ndarray:
     if fast is not None:
         return fast(rows, dtype)
     return quantize_reference(to_float32(rows, dtype) if dtype != "F32" else rows, qtype)
+
+
+def integer_blocks(q: np.ndarray, d: np.ndarray, qtype: QType) -> np.ndarray:
+    """Q4_0 / Q8_0 rows from their int8 codes [n, k] and float16 factors [n, k / 32] (legacy.blocks_of)."""
+    if native.AVAILABLE:
+        return native.blocks_of(q, d, legacy.INTEGER_BITS[qtype])
+    return legacy.blocks_of(q, d, qtype)
+
+
+def block_integers(raw: np.ndarray, qtype: QType, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of `integer_blocks` for stored rows [n, row bytes] of length k (legacy.integers_of)."""
+    if native.AVAILABLE:
+        return native.integers_of(raw, legacy.INTEGER_BITS[qtype], k)
+    return legacy.integers_of(raw, qtype)
 
 
 def quantize_weighted(rows: np.ndarray, dtype: str, qtype: QType, importance: np.ndarray) -> np.ndarray:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from quantkit.api import IntegerBlocks
+from quantkit.methods.gptq import native
+from quantkit.methods.gptq.layout import pack_qweight, unpack_rows
 
 
 def to_integers(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray, bits: int, group: int) -> IntegerBlocks | None:
@@ -27,6 +29,37 @@ def to_integers(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray, bits: 
     q = np.where(wide, (mid - 1) - signed, signed - mid).astype(np.int8)
     d = np.where(turned, -scales, scales).astype(np.float16)
     return IntegerBlocks(bits, group, q, d)
+
+
+def from_qweight(qweight: np.ndarray, zeros: np.ndarray, scales: np.ndarray, bits: int, group: int) -> IntegerBlocks | None:
+    """GPTQ `qweight` [in / f, out], zero points [out, groups], float16 scales [out, groups] -> IntegerBlocks
+    (None as `to_integers`), unpacked and turned in one pass of the compiled kernel where there is one."""
+    per_word = 32 // bits
+    if not native.AVAILABLE or group % per_word:
+        return to_integers(np.ascontiguousarray(unpack_rows(qweight, bits).T), zeros, scales, bits, group)
+    mid = 2 ** (bits - 1)
+    turned = zeros == mid - 1
+    if not np.all(turned | (zeros == mid)):
+        return None
+    d = np.where(turned, -scales, scales).astype(np.float16)
+    return IntegerBlocks(bits, group, native.unpack_signed(qweight, turned, bits, group), d)
+
+
+def to_qweight(blocks: IntegerBlocks, bits: int, group_size: int,
+               sym: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """As `from_integers`, with the codes packed: (`qweight` int32 [in / f, out], float16 scales [out, groups],
+    zero points uint8 [out, groups]), in one pass of the compiled kernel where there is one."""
+    group = blocks.q.shape[1] if group_size == -1 else group_size
+    if not native.AVAILABLE or group % (32 // bits) or blocks.bits > bits:
+        found = from_integers(blocks, bits, group_size, sym)
+        return None if found is None else (pack_qweight(found[0], bits), found[1], found[2])
+    regrouped = blocks.regroup(group)
+    if regrouped is None or (sym and np.any(regrouped.d < 0)):
+        return None
+    turned = regrouped.d < 0
+    mid = 2 ** (bits - 1)
+    zeros = np.where(turned, mid - 1, mid).astype(np.uint8)
+    return native.pack_signed(regrouped.q, turned, bits, group), np.abs(regrouped.d), zeros
 
 
 def from_integers(blocks: IntegerBlocks, bits: int, group_size: int,

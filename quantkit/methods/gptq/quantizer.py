@@ -11,7 +11,7 @@ from quantkit.api import IntegerBlocks, TensorSink, WeightSource
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor
 from quantkit.methods.gptq import groupwise
-from quantkit.methods.gptq.integers import from_integers
+from quantkit.methods.gptq.integers import to_qweight
 from quantkit.methods.gptq.layout import (
     _V1_OFFSET,
     CHECKPOINT_FORMATS,
@@ -94,14 +94,14 @@ class Gptq:
             start = stop
         _write(module, qweight, zeros, scales, options, sink)
 
-    def transcode(self, module: str, blocks: IntegerBlocks, options: GptqOptions, sink: TensorSink) -> bool:
+    def transcode(self, module: str, blocks: IntegerBlocks, dtype: str, options: GptqOptions, sink: TensorSink) -> bool:
         """Write IntegerBlocks as they are (no rounding) when these options' groups can hold them; False
-        (nothing written) when they cannot."""
-        found = from_integers(blocks, options.bits, options.group_size, options.sym)
+        (nothing written) when they cannot. GPTQ scales are float16 whatever the source `dtype`."""
+        found = to_qweight(blocks, options.bits, options.group_size, options.sym)
         if found is None:
             return False
-        codes, scales, zeros = found
-        _write(module, pack_qweight(codes, options.bits), zeros, scales, options, sink)
+        qweight, scales, zeros = found
+        _write(module, qweight, zeros, scales, options, sink)
         return True
 
 

@@ -13,7 +13,7 @@ from quantkit.io.safetensors import OutputTensor, ShardReader
 from quantkit.io.source import Checkpoint
 from quantkit.io.staged import replace_json
 from quantkit.methods.gptq import groupwise
-from quantkit.methods.gptq.integers import to_integers
+from quantkit.methods.gptq.integers import from_qweight, to_integers
 from quantkit.methods.gptq.layout import (
     AWQ_COMPANIONS,
     CHECKPOINT_FORMATS,
@@ -29,7 +29,6 @@ from quantkit.methods.gptq.layout import (
     read_config,
     rewrite_quantize_config,
     unpack_awq,
-    unpack_rows,
     with_version,
     zero_points,
 )
@@ -137,13 +136,15 @@ class GptqReader:
             return None
         if config.method == "awq":
             codes, zeros = unpack_awq(read(f"{module}.qweight")), unpack_awq(read(f"{module}.qzeros"))
-        else:
-            codes = unpack_rows(read(f"{module}.qweight"), config.bits)
-            zeros = zero_points(read(f"{module}.qzeros"), config.bits, config.version)
-            if not np.array_equal(read(f"{module}.g_idx"), group_index(codes.shape[0], config.group_size)):
-                return None  # act-order: the groups are not runs of inputs
-        group = codes.shape[0] if config.group_size == -1 else config.group_size
-        return to_integers(np.ascontiguousarray(codes.T), zeros.T, scales.T.astype(np.float16), config.bits, group)
+            group = codes.shape[0] if config.group_size == -1 else config.group_size
+            return to_integers(np.ascontiguousarray(codes.T), zeros.T, scales.T.astype(np.float16), config.bits, group)
+        qweight = read(f"{module}.qweight")
+        in_features = qweight.shape[0] * (groupwise.PACK_BITS // config.bits)
+        if not np.array_equal(read(f"{module}.g_idx"), group_index(in_features, config.group_size)):
+            return None  # act-order: the groups are not runs of inputs
+        zeros = zero_points(read(f"{module}.qzeros"), config.bits, config.version)
+        group = in_features if config.group_size == -1 else config.group_size
+        return from_qweight(qweight, zeros.T, scales.T.astype(np.float16), config.bits, group)
 
     def check(self, checkpoint: Checkpoint, modules: dict[str, list[str]]) -> list[str]:
         try:
