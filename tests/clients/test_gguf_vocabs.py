@@ -159,3 +159,21 @@ def test_llama_cpp_tokenizes_the_round_trip_as_the_original(round_trips, name):
     original, _, back = round_trips(name)
     cases = [text for text, _ in texts(name)]
     assert _llama_cpp_tokens(back, cases) == _llama_cpp_tokens(vocab_file(name), cases) == _llama_cpp_tokens(original, cases)
+
+
+# The name llama.cpp's table gives each rebuilt tokenizer.json by its hash alone. Where it differs from the file's
+# own: mpt / olmo share their splitting rules; qwen35 splits as qwen2 except around combining marks, which the
+# check text lacks (so quantkit keeps the recorded name); llama-bpe's vocabulary file does not ask for BOS,
+# which Llama 3's own tokenizer.json adds: the hash without BOS is Smaug's, whose rules are Llama 3's.
+BY_HASH = {"qwen35": "qwen2", "mpt": "olmo", "llama-bpe": "smaug-bpe"}
+
+
+@pytest.mark.parametrize("name", BPE)
+def test_rebuilt_tokenizer_is_named_by_its_hash(round_trips, name):
+    from quantkit.methods.gguf.pretokenizers import HASHES, SPLITS
+    from quantkit.methods.gguf.vocab import check_hash
+
+    _, hf, _ = round_trips(name)
+    [by_hash] = HASHES[check_hash(hf / "tokenizer.json")][:1]
+    assert by_hash == BY_HASH.get(name, name)
+    assert (SPLITS[by_hash] == SPLITS[name]) is (name != "qwen35")
