@@ -342,7 +342,8 @@ def from_gguf(path: Path, dtype: str | None = None) -> FromGGUF:
 
 def gguf_source(path: Path, dtype: str | None = None) -> TensorSource:
     """A GGUF file as dense tensors with HF names (api.TensorSource): each tensor dequantized by gguf-py when
-    it is read, Q4_0 / Q8_0 also as their integers; the tokenizer comes back as HF files."""
+    it is read, Q4_0 / Q8_0 also as their integers; the tokenizer comes back as HF files, general.* as card
+    metadata."""
     conv = from_gguf(Path(path), dtype)
     st_dtype = BY_NAME[conv.config["dtype"]]
     tensors = {}
@@ -357,7 +358,8 @@ def gguf_source(path: Path, dtype: str | None = None) -> TensorSource:
             yield entry, SourceTensor(entry.source, t.shape, st_dtype, lambda rows, name=entry.source: conv.rows(name, rows, st_dtype),
                                       scheme, lambda name=entry.source: conv.integers(name))
 
-    return TensorSource(view, "gguf", stream, lambda folder: write_tokenizer_files(conv, folder))
+    return TensorSource(view, "gguf", stream, lambda folder: write_tokenizer_files(conv, folder),
+                        card_from_general(conv.file.metadata))
 
 
 def write_tokenizer_files(conv: FromGGUF, out: Path) -> list[str]:
