@@ -386,12 +386,14 @@ class TensorSource:
     as it will come out (dequantized weights as F32 in their logical shape). `stream(entries)` yields each
     entry's tensor one at a time in the order given (Conv1D weights turned to [out, in] where the entry
     says `transposed`); `side_files(folder)` writes tokenizer and side files as for a dense source;
-    `scheme` is the source's quantization ("" for a dense source)."""
+    `scheme` is the source's quantization ("" for a dense source); `card`: model card metadata of a source
+    that has no README.md (a GGUF's general.* keys), carried into the output's card."""
 
     checkpoint: Checkpoint
     scheme: str
     stream: Callable[[list[Entry]], Iterator[tuple[Entry, SourceTensor]]]
     side_files: Callable[[Path], list[str]]
+    card: dict = field(default_factory=dict)
 
 
 def folder_source(checkpoint: Checkpoint) -> TensorSource:

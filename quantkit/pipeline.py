@@ -115,7 +115,8 @@ def quantize(src: str, out: Path, options: api.Options, force: bool = False, rev
         settings = {"method": options.method, **{k: v for k, v in asdict(options).items()
                                                  if k not in ("method", "max_shard_size", "backend", "device")}}
         card = write_card(folder, src, checkpoint.root, f"quantized to {options.method}",
-                          [options.method, "quantized", *quantization_tags(plan.quantization_config)], settings)
+                          [options.method, "quantized", *quantization_tags(plan.quantization_config)], settings,
+                          carried=source.card)
         return [*(f for f in side if f != card), card]
 
     files, side = write_staged(out, plan.outputs, options.max_shard_size, fill, finish,

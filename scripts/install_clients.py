@@ -3,7 +3,8 @@
 - llama-cpp-python into .venv (builds llama.cpp from source: a few minutes on 2 cores);
 - llama.cpp's tools (llama-quantize, llama-imatrix, llama-perplexity) built with CMake from the llama.cpp
   sources the llama-cpp-python 0.3.36 sdist vendors, into .clients/llama.cpp-build (the sources stay in
-  .clients/, with convert_hf_to_gguf.py, which the bench runs);
+  .clients/, with convert_hf_to_gguf.py, which the bench runs, and models/ggml-vocab-*.gguf, the real
+  vocabularies tests/clients/test_gguf_vocabs.py converts);
 - GPTQModel 7.7.0 in a venv of its own, .venv-gptq (its requirements ask for a newer torch, which would
   pull CUDA wheels, so torch 2.13.0 goes in first and gptqmodel itself without dependencies).
 - llm-compressor 0.14.0.1 (with compressed-tensors 0.19.0) in a venv of its own, .venv-llmc (torch 2.13.0

@@ -13,6 +13,7 @@ import pytest
 from quantkit import pipeline
 from quantkit.api import IntegerBlocks
 from quantkit.methods.gguf import convert as gc
+from quantkit.methods.gguf import file as gf
 from quantkit.methods.gptq.integers import from_integers, from_qweight, to_integers, to_qweight
 from tests.conftest import load_tensors
 from tests.gguf_checkpoints import make_checkpoint
@@ -86,6 +87,10 @@ def test_gguf_q4_0_to_gptq_and_back_is_lossless(llama, tmp_path):
     assert config["quantization_config"]["quant_method"] == "gptq" and (gptq / "tokenizer.json").is_file()
     back = tmp_path / "back.gguf"
     pipeline.convert(str(gptq), back, "gguf", gguf_type="Q4_0")
+    # general.* carried in gptq's model card; its tags gain the method's, as llama.cpp's converter would read them
+    general = [{k: v for k, v in gf.read_gguf(f).metadata.items() if k.startswith("general.")} for f in (q4, back)]
+    assert general[1].pop("general.tags") == ["gptq", "quantized", "gptq", "4-bit"]
+    assert general[0] == general[1] and general[0]["general.name"] == llama.name
     assert (q4.read_bytes() == back.read_bytes()) or all(
         same_values(source[n], v) for n, v in dense_of(back, tmp_path).items() if n in names)
 

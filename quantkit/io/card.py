@@ -20,6 +20,11 @@ _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.S)
 INHERITED = ("license", "license_name", "license_link", "language", "datasets", "pipeline_tag")  # carried over
 
 
+def card_metadata(root: Path | None) -> dict:
+    """A folder's card metadata ({} when it has no README.md with valid front matter)."""
+    return _source_card(root)[0]
+
+
 def _source_card(root: Path | None) -> tuple[dict, str]:
     """The source's card metadata and body ({} and "" when it has none or it does not parse)."""
     path = root / CARD if root is not None and root.is_dir() else None
@@ -45,18 +50,21 @@ def base_model_of(src: str, source_meta: dict) -> str | None:
 
 
 def write_card(folder: Path, src: str, source_root: Path | None, what: str, tags: list[str], settings: dict,
-               verify: dict | None = None, library_name: str = "transformers") -> str:
+               verify: dict | None = None, library_name: str = "transformers", carried: dict | None = None) -> str:
     """Write `folder`/README.md: our metadata and a short description of `what` was done (e.g. "quantized
-    to nf4"), then the source card's text. Returns the file name. Nothing in it depends on OUT's name, so
-    two runs with the same settings write the same card."""
+    to nf4"), then the source card's text. `carried`: the source's own metadata where it has no card (a
+    GGUF's general.* keys); its tags follow ours. Returns the file name. Nothing in it depends on OUT's
+    name, so two runs with the same settings write the same card."""
     source_meta, source_body = _source_card(source_root)
     base = base_model_of(src, source_meta)
-    extra = {k: source_meta[k] for k in INHERITED if k in source_meta}
+    extra = {k: source_meta[k] for k in INHERITED if k in source_meta} | dict(carried or {})
+    carried_tags = extra.pop("tags", [])
     quantization = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()
                     if v not in (None, ()) and not isinstance(v, dict)}
     if verify:
         quantization["verify"] = verify
-    data = {"base_model": base, "library_name": library_name, "tags": ["quantkit", *tags], "quantized_by": "quantkit",
+    tags = ["quantkit", *tags, *(t for t in carried_tags if t not in tags and t != "quantkit")]
+    data = {"base_model": base, "library_name": library_name, "tags": tags, "quantized_by": "quantkit",
             "quantization": quantization, **extra}
     front = yaml.safe_dump({k: v for k, v in data.items() if v is not None}, sort_keys=False, allow_unicode=True)
     title = f"{Path(src.rstrip('/')).name} ({what.split(' with ')[0]})"  # the same card whatever OUT is called

@@ -31,7 +31,7 @@ from quantkit.api import (
 )
 from quantkit.dtypes import BY_NAME, from_float32, itemsize, to_float32
 from quantkit.errors import QuantkitError
-from quantkit.io.card import write_card
+from quantkit.io.card import card_metadata, write_card
 from quantkit.io.safetensors import OutputTensor, TensorInfo
 from quantkit.io.source import Checkpoint, open_checkpoint, resolve
 from quantkit.io.staged import bytes_on_disk, check_free_space, check_output, write_config, write_staged
@@ -41,6 +41,7 @@ from quantkit.methods.gguf import file as gf
 from quantkit.methods.gguf import types as gguf_types
 from quantkit.methods.gguf.imatrix import Imatrix, read_imatrix
 from quantkit.methods.gguf.imatrix import weights_for as imatrix_weights
+from quantkit.methods.gguf.metadata import card_from_general, general_from_card, write_general
 from quantkit.methods.gguf.mixes import FILE_TYPES, Fallback, FileType, parse_file_type
 from quantkit.methods.gguf.types import IGNORES_IMPORTANCE, TYPES
 from quantkit.methods.gguf.vocab import read_vocab, write_hf_tokenizer
@@ -154,8 +155,11 @@ class GGUFReport:
 
 
 def _metadata(checkpoint: Checkpoint, plan: GGUFPlan, vocab) -> Callable:
+    general = general_from_card(card_metadata(checkpoint.root))  # as llama.cpp's converter fills general.*
+
     def add_metadata(writer) -> None:
-        writer.add_name(checkpoint.name)
+        writer.add_name(str(general.get("general.name", checkpoint.name)))
+        write_general(writer, {k: v for k, v in general.items() if k != "general.name"})
         gf.write_hyper(writer, plan.hyper)
         if plan.moe:
             plan.moe.write(writer)
@@ -377,7 +381,8 @@ def from_gguf(path: Path, dtype: str | None = None) -> FromGGUF:
 
 def gguf_source(path: Path, dtype: str | None = None) -> TensorSource:
     """A GGUF file as dense tensors with HF names (api.TensorSource): each tensor dequantized by gguf-py when
-    it is read, Q4_0 / Q8_0 also as their integers; the tokenizer comes back as HF files."""
+    it is read, Q4_0 / Q8_0 also as their integers; the tokenizer comes back as HF files, general.* as card
+    metadata."""
     conv = from_gguf(Path(path), dtype)
     st_dtype = BY_NAME[conv.config["dtype"]]
 
@@ -401,7 +406,8 @@ def gguf_source(path: Path, dtype: str | None = None) -> TensorSource:
             yield entry, SourceTensor(entry.source, t.shape, kind, lambda rows, name=entry.source, kind=kind: conv.rows(name, rows, kind),
                                       scheme, lambda name=entry.source: conv.integers(name))
 
-    return TensorSource(view, "gguf", stream, lambda folder: write_tokenizer_files(conv, folder))
+    return TensorSource(view, "gguf", stream, lambda folder: write_tokenizer_files(conv, folder),
+                        card_from_general(conv.file.metadata))
 
 
 def write_tokenizer_files(conv: FromGGUF, out: Path) -> list[str]:
@@ -502,7 +508,7 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
         write_config(folder, conv.config)
         card = write_card(folder, str(src), None, f"converted from GGUF ({Path(src).name}) to {dtype}",
                           ["gguf", "dequantized"], {"from": "gguf", "file_type": conv.file.metadata.get("general.file_type"),
-                                                    "dtype": dtype})
+                                                    "dtype": dtype}, carried=card_from_general(conv.file.metadata))
         return ["config.json", *write_tokenizer_files(conv, folder), card]
 
     files, extra = write_staged(out, outputs, max_shard_size, fill, finish, force=force)
