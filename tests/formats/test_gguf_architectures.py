@@ -222,3 +222,19 @@ def test_gguf_of_an_unknown_architecture_is_one_error_naming_it(models, tmp_path
     assert "GGUF architecture 'falcon' is not supported yet" in str(e.value)
     assert all(name in str(e.value) for name in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"))
     assert not (tmp_path / "out").exists()
+
+
+def test_gemma2_lm_head_beside_tied_embeddings_is_left_out_as_llama_cpp_does(models, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = shutil.copytree(models["gemma2"][0], tmp_path / "src")
+    tensors = _tensors(src)
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, src / "model.safetensors",
+              metadata={"format": "pt"})
+    report = gc.to_gguf(open_checkpoint(src), tmp_path / "m.gguf", "F32")
+    assert report.tensors == len(tensors)
+    assert "output.weight" not in {t.name for t in gf.read_gguf(tmp_path / "m.gguf").tensors}
+    assert "tie_word_embeddings is false, but llama.cpp's gemma2 reads the embeddings as the output head" in \
+        _refused(src, tmp_path / "untied", tie_word_embeddings=False)

@@ -108,6 +108,7 @@ def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], file_type: FileT
     if not isinstance(file_type, FileType):
         file_type = parse_file_type(file_type if isinstance(file_type, str) else file_type.name)
     arch = gf.architecture_of(config)
+    shapes = gf.kept_tensors(arch, config, shapes)
     hyper = gf.Hyper.from_config(config, len(shapes), arch)
     table = gf.name_table(arch, hyper.n_layers)
     missing, wrong = gf.shape_problems(arch, hyper.sizes(), shapes)

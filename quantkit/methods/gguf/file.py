@@ -153,6 +153,18 @@ def gguf_architecture(meta: dict[str, Any]) -> Architecture:
     return BY_GGUF_ARCH[name]
 
 
+def kept_tensors(arch: Architecture, config: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The source tensors a GGUF of `arch` holds: where llama.cpp reads the embeddings as the output head
+    (gemma2), an lm_head saved beside tied embeddings is a copy, left out as llama.cpp's converter does; an
+    untied one cannot be written."""
+    if arch.output or "lm_head.weight" not in shapes:
+        return shapes
+    if config.get("tie_word_embeddings", True) is False:
+        raise QuantkitError(f"config.json: tie_word_embeddings is false, but llama.cpp's {arch.gguf_arch} reads the "
+                            "embeddings as the output head", "such a model has no GGUF form")
+    return {name: shape for name, shape in shapes.items() if name != "lm_head.weight"}
+
+
 # ----------------------------------------------------------------------------------------------- names
 
 
