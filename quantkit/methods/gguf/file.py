@@ -101,8 +101,6 @@ class Architecture:
 
 
 _LLAMA = {**_NORMS, **_ATTENTION, **_MLP}
-_GEMMA_SETTINGS = (Setting("sliding_window", "attention.sliding_window", int),
-                   Setting("final_logit_softcapping", "final_logit_softcapping", float))
 ARCHITECTURES = {
     "LlamaForCausalLM": Architecture("llama", MODEL_ARCH.LLAMA, "LlamaForCausalLM", "llama", _LLAMA,
                                      permute_qk=True, biases=True),
@@ -120,7 +118,9 @@ ARCHITECTURES = {
         "gemma3", MODEL_ARCH.GEMMA3, "Gemma3ForCausalLM", "gemma3_text", {**_LLAMA, **_FFN_NORMS, **_QK_NORMS},
         norm_shift=1.0, activation=("hidden_activation", "gelu_pytorch_tanh"), swa_period=6, big_query_layers=62,
         rope_per_layer_type=True, rope_types=("default", "linear"),
-        settings=(*_GEMMA_SETTINGS, Setting("attn_logit_softcapping", None, float))),
+        settings=(Setting("sliding_window", "attention.sliding_window", int),
+                  Setting("final_logit_softcapping", "final_logit_softcapping", float),
+                  Setting("attn_logit_softcapping", None, float))),
     "Phi3ForCausalLM": Architecture(
         "phi3", MODEL_ARCH.PHI3, "Phi3ForCausalLM", "phi3", {**_NORMS, **_FUSED}, partial_rope=True,
         settings=(Setting("sliding_window", "attention.sliding_window", int),
@@ -130,10 +130,6 @@ BY_GGUF_ARCH = {a.gguf_arch: a for a in ARCHITECTURES.values() if a.hf_class in 
                 ARCHITECTURES[a.hf_class] is a}
 
 
-def supported() -> str:
-    return f"supported: {', '.join(ARCHITECTURES)}"
-
-
 def architecture_of(config: dict, where: str = "config.json") -> Architecture:
     names = architectures(config)
     for name in names:
@@ -141,7 +137,7 @@ def architecture_of(config: dict, where: str = "config.json") -> Architecture:
             return ARCHITECTURES[name]
     raise QuantkitError(
         f"{where}: GGUF output for architecture {', '.join(names) or config.get('model_type', '?')} "
-        "is not supported yet", supported())
+        "is not supported yet", f"supported: {', '.join(ARCHITECTURES)}")
 
 
 def gguf_architecture(meta: dict[str, Any]) -> Architecture:
