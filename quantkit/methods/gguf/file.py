@@ -144,7 +144,7 @@ def gguf_architecture(meta: dict[str, Any]) -> Architecture:
     """The architecture a GGUF file names in general.architecture (one clear error when unknown)."""
     name = meta.get("general.architecture")
     if not isinstance(name, str) or name not in BY_GGUF_ARCH:
-        raise QuantkitError(f"GGUF architecture {str(name)[:40]!r} is not supported yet",
+        raise QuantkitError(f"GGUF architecture {repr(name)[:40]} is not supported yet",
                             f"supported: {', '.join(BY_GGUF_ARCH)}")
     return BY_GGUF_ARCH[name]
 
