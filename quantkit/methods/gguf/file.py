@@ -161,6 +161,7 @@ ARCHITECTURES = {
 BY_GGUF_ARCH = {name: next(a for a in ARCHITECTURES.values() if a.gguf_arch == name)
                 for name in dict.fromkeys(a.gguf_arch for a in ARCHITECTURES.values())}
 
+
 def architecture_of(config: dict, where: str = "config.json") -> Architecture:
     names = architectures(config)
     for name in names:
