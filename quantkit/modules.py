@@ -76,14 +76,16 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 def shape_problems(config: dict, shapes: dict[str, tuple[int, ...]],
                    expected: dict[str, tuple[int, ...]] | None = None) -> tuple[list[str], list[str]]:
     """(tensors missing, tensors whose shape contradicts the sizes in the config), for the llama family
-    (llama, mistral, qwen2; `expected` for others): llama.cpp and transformers refuse both."""
+    (llama, mistral, qwen2; `expected` for others: HF name -> shape): llama.cpp and transformers refuse both.
+    A bias takes its weight's rows; the output head, the embeddings' shape."""
     expected = expected_shapes(config) if expected is None else expected
     missing = [f"{name} is missing" for name in expected if name not in shapes]
     wrong = []
     for name, shape in shapes.items():
         want = expected.get(name)
         if want is None and name.endswith(".bias"):
-            want = (expected[name.replace(".bias", ".weight")][0],)
+            weight = expected.get(name.removesuffix(".bias") + ".weight")
+            want = weight[:1] if weight else None
         if name == "lm_head.weight":
             want = expected.get("model.embed_tokens.weight")
         if want is not None and tuple(shape) != want:

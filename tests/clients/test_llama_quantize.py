@@ -124,6 +124,16 @@ def llama_quantize(f32: Path, out: Path, file_type: str, *extra: str) -> str:
     return run.stdout + run.stderr
 
 
+def assert_like_llama_quantize(src: Path, f32: Path, folder: Path, file_type: str) -> tuple[dict[str, Q], int]:
+    """Our `file_type` GGUF of a checkpoint against llama-quantize's of our F32 GGUF of it: the same tensors,
+    types and bytes, and as many fallbacks. Returns each tensor's type and the fallback count."""
+    log = llama_quantize(f32, folder / "theirs.gguf", file_type)
+    report = gc.to_gguf(open_checkpoint(src), folder / "ours.gguf", file_type)
+    types = assert_same_file(folder / "ours.gguf", folder / "theirs.gguf")
+    assert len(report.fallbacks) == log.count("falling back to")
+    return types, len(report.fallbacks)
+
+
 def assert_same_file(ours: Path, theirs: Path) -> dict[str, Q]:
     a, b = gf.read_gguf(ours), gf.read_gguf(theirs)
     ours_by_name, theirs_by_name = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
@@ -140,13 +150,9 @@ def assert_same_file(ours: Path, theirs: Path) -> dict[str, Q]:
 @pytest.mark.parametrize("file_type", FILE_TYPES)
 @pytest.mark.parametrize("model", ["w256", "w576"])
 def test_file_types_equal_llama_quantize(models, tmp_path, model, file_type):
-    src, f32 = models[model]
-    log = llama_quantize(f32, tmp_path / "theirs.gguf", file_type)
-    report = gc.to_gguf(open_checkpoint(src), tmp_path / "ours.gguf", file_type)
-    types = assert_same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
-    assert len(report.fallbacks) == log.count("falling back to")
+    types, fallbacks = assert_like_llama_quantize(*models[model], tmp_path, file_type)
     print(f"{model} {file_type}: {len(types)} tensors equal ({', '.join(sorted({q.name for q in types.values()}))}), "
-          f"{len(report.fallbacks)} fallbacks")
+          f"{fallbacks} fallbacks")
 
 
 @pytest.fixture(scope="module")

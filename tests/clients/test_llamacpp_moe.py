@@ -20,7 +20,7 @@ from quantkit.io.source import open_checkpoint
 from quantkit.methods.gguf import convert as gc
 from quantkit.methods.gguf import file as gf
 from quantkit.methods.gguf.imatrix import read_imatrix
-from tests.clients.test_llama_quantize import FILE_TYPES, assert_same_file, llama_quantize, tool
+from tests.clients.test_llama_quantize import FILE_TYPES, assert_like_llama_quantize, assert_same_file, llama_quantize, tool
 from tests.gguf_checkpoints import TEXT
 from tests.moe_checkpoints import FAMILIES, make_moe_checkpoint
 
@@ -75,13 +75,9 @@ def test_llama_cpp_converter_writes_the_same_tensors_and_expert_metadata(models,
 @pytest.mark.parametrize("file_type", FILE_TYPES)
 @pytest.mark.parametrize("model", MODELS)
 def test_moe_file_types_equal_llama_quantize(models, tmp_path, model, file_type):
-    src, f32 = models[model]
-    log = llama_quantize(f32, tmp_path / "theirs.gguf", file_type)
-    report = gc.to_gguf(open_checkpoint(src), tmp_path / "ours.gguf", file_type)
-    types = assert_same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
-    assert len(report.fallbacks) == log.count("falling back to")
+    types, fallbacks = assert_like_llama_quantize(*models[model], tmp_path, file_type)
     exps = sorted({q.name for n, q in types.items() if "_exps" in n})
-    print(f"{model} {file_type}: {len(types)} tensors equal, experts as {', '.join(exps)}, {len(report.fallbacks)} fallbacks")
+    print(f"{model} {file_type}: {len(types)} tensors equal, experts as {', '.join(exps)}, {fallbacks} fallbacks")
 
 
 @pytest.mark.parametrize("model", ["qwen3_moe", "mixtral", "qwen2_moe"])  # mixtral8: Q5_K, not yet weighted

@@ -137,6 +137,23 @@ def test_missing_expert_is_refused_by_name(checkpoints, tmp_path):
     assert not (tmp_path / "model.gguf").exists()
 
 
+def test_expert_width_against_the_config_is_one_shape_check_both_ways(checkpoints, tmp_path, monkeypatch):
+    """Experts are checked merged, as the GGUF stores them: refused on the way in, a verify finding on the way back."""
+    ck = open_checkpoint(checkpoints["qwen3_moe"])
+    width = ck.config["moe_intermediate_size"]
+    ck.config = {**ck.config, "moe_intermediate_size": width * 2}
+    with pytest.raises(QuantkitError, match=rf"mlp\.experts\.\w+_proj\.weight has shape \(4, [^)]*\b{width}\b[^)]*\), "
+                                            rf"the config implies \(4, [^)]*\b{width * 2}\b"):
+        gc.to_gguf(ck, tmp_path / "refused.gguf", "F32")
+    out = tmp_path / "m.gguf"
+    with monkeypatch.context() as m:
+        m.setattr(gf, "shape_problems", lambda *args: ([], []))
+        gc.to_gguf(ck, out, "F32")
+    checks = {c.name: c for c in gv.verify_gguf(out).checks}
+    assert not checks["metadata"].ok and "experts" in checks["metadata"].detail and str(width * 2) in checks["metadata"].detail
+    assert checks["structure"].ok
+
+
 def test_layers_without_experts_are_refused(tmp_path):
     src = make_moe_checkpoint(tmp_path / "src", "qwen2_moe", mlp_only_layers=[1])
     with pytest.raises(QuantkitError, match="mlp_only_layers"):

@@ -45,7 +45,6 @@ from quantkit.methods.gguf.metadata import card_from_general, general_from_card,
 from quantkit.methods.gguf.mixes import FILE_TYPES, Fallback, FileType, parse_file_type
 from quantkit.methods.gguf.types import IGNORES_IMPORTANCE, TYPES
 from quantkit.methods.gguf.vocab import read_vocab, write_hf_tokenizer
-from quantkit.modules import shape_problems
 from quantkit.numerics import COPY_CHUNK, ErrorSums
 
 QType = GGMLQuantizationType
@@ -61,6 +60,7 @@ class GGUFEntry:
     permute_heads: int  # 0: no Q/K permutation, else the head count to permute with
     importance: bool = False  # quantized with the importance matrix's weights for this tensor
     experts: tuple[str, ...] = ()  # a merged expert tensor (hf_name its merged name): its experts' HF names
+    shift: float = 0.0  # added to the values on the way to GGUF (gemma's norms), subtracted on the way back
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -117,14 +117,15 @@ def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], file_type: FileT
     if not isinstance(file_type, FileType):
         file_type = parse_file_type(file_type if isinstance(file_type, str) else file_type.name)
     arch = gf.architecture_of(config)
-    hyper = gf.Hyper.from_config(config, len(shapes))
+    shapes = gf.kept_tensors(arch, config, shapes)
+    hyper = gf.Hyper.from_config(config, len(shapes), arch)
     moe = experts.MoE.from_config(config, arch.experts) if arch.experts else None
-    table = experts.full_name_table(arch, hyper.n_layers)
-    missing, wrong = shape_problems(hyper.sizes(), shapes, experts.expected_shapes(hyper.sizes(), moe))
+    shapes, members = experts.merge_shapes(shapes, moe.n_expert) if moe else (shapes, {})
+    table = gf.name_table(arch, hyper.n_layers)
+    missing, wrong = gf.shape_problems(arch, hyper.sizes(), shapes, moe)
     if wrong:
         raise QuantkitError(f"config.json and the weights disagree: {first_of(wrong)}",
                             "llama.cpp would refuse such a GGUF")
-    shapes, members = experts.merge_shapes(shapes, moe.n_expert) if moe else (shapes, {})
     unnamed = [name for name in shapes if name not in table]
     if unnamed:
         raise QuantkitError(f"tensor {unnamed[0]} has no GGUF name for {arch.gguf_arch}",
@@ -139,7 +140,7 @@ def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], file_type: FileT
         heads = gf.permuted_heads(arch, hf_name, hyper.n_head, hyper.n_kv_head)
         weighted = imatrix is not None and _check_importance(imatrix, gguf_name, t_type, tuple(shape))
         entries.append(GGUFEntry(hf_name, gf.GGUFOutput(gguf_name, tuple(shape), t_type), heads, weighted,
-                                 tuple(members.get(hf_name, ()))))
+                                 tuple(members.get(hf_name, ())), arch.shift(hf_name)))
     return GGUFPlan(arch, hyper, file_type, entries, mix.fallbacks, missing, moe)
 
 
@@ -171,8 +172,12 @@ def _metadata(checkpoint: Checkpoint, plan: GGUFPlan, vocab) -> Callable:
     return add_metadata
 
 
-def _source_rows(tensor: SourceTensor, permute_heads: int) -> Iterator[np.ndarray]:
-    """Row chunks of a source tensor; Q/K with a head permutation come whole (rows move)."""
+def _source_rows(tensor: SourceTensor, permute_heads: int, shift: float = 0.0) -> Iterator[np.ndarray]:
+    """Row chunks of a source tensor; Q/K with a head permutation come whole (rows move); with a shift
+    (gemma's norms), as float32 values plus the shift."""
+    if shift:
+        yield to_float32(next(tensor.chunks(tensor.shape[0])), tensor.dtype) + np.float32(shift)
+        return
     if permute_heads:
         yield gf.permute_qk(next(tensor.chunks(tensor.shape[0])), permute_heads)
         return
@@ -211,7 +216,7 @@ def _tensor_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport, imatrix
     where the type holds them (Q4_0, Q8_0), else quantized from its values (the error measured when those
     were themselves dequantized)."""
     bits = legacy.INTEGER_BITS.get(e.out.qtype)
-    blocks = tensor.integers() if tensor.scheme and bits else None
+    blocks = tensor.integers() if tensor.scheme and bits and not e.shift else None
     blocks = blocks.regroup(legacy.INTEGER_BLOCK) if blocks is not None and blocks.bits <= bits else None
     if blocks is not None:
         q, d = blocks.q, blocks.d
@@ -221,7 +226,8 @@ def _tensor_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport, imatrix
         return iter([gguf_types.integer_blocks(q, d, e.out.qtype)])
     error = report.requantized.setdefault(tensor.name, ErrorSums()) if tensor.scheme else None
     importance = imatrix_weights(imatrix, e.out.name, e.out.shape[-1], len(e.sources))[expert] if e.importance else None
-    return _quantized(_source_rows(tensor, e.permute_heads), tensor.dtype, e.out.qtype, importance, error)
+    rows = _source_rows(tensor, e.permute_heads, e.shift)
+    return _quantized(rows, "F32" if e.shift else tensor.dtype, e.out.qtype, importance, error)
 
 
 def to_gguf(checkpoint: Checkpoint, out: Path, file_type: FileType | str | QType,
@@ -261,7 +267,8 @@ def to_gguf(checkpoint: Checkpoint, out: Path, file_type: FileType | str | QType
 @dataclass
 class FromGGUF:
     config: dict
-    names: dict[str, gf.GGUFTensor]  # HF name -> stored tensor
+    names: dict[str, gf.GGUFTensor]  # HF name -> stored tensor (one expert's rows: a view of its layer's)
+    stored_shapes: dict[str, tuple[int, ...]]  # HF names as the file stores them (a layer's experts merged)
     file: gf.GGUFFile
     warnings: list[str]
 
@@ -270,24 +277,32 @@ class FromGGUF:
         t = self.names[hf_name]
         heads = self.permuted(hf_name)
         if heads:
-            yield gf.unpermute_qk(dequantize_rows(self.file, t).reshape(t.shape), heads)
+            yield gf.unpermute_qk(self.values(hf_name).reshape(t.shape), heads)
             return
         n_rows = math.prod(t.shape[:-1])
         step = max(1, max_bytes // (4 * t.shape[-1]))
         for start in range(0, n_rows, step):
-            yield dequantize_rows(self.file, t, start, start + step)
+            yield self.values(hf_name, start, start + step)
+
+    @property
+    def arch(self) -> gf.Architecture:
+        return gf.gguf_architecture(self.file.metadata)
+
+    def values(self, hf_name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Stored rows [start, stop) as float32 in HF's terms (gemma's norms: the converter's +1 taken off)."""
+        values = dequantize_rows(self.file, self.names[hf_name], start, stop)
+        shift = self.arch.shift(hf_name)
+        return values - np.float32(shift) if shift else values
 
     def permuted(self, hf_name: str) -> int:
         """The head count Q/K rows are permuted with between HF and GGUF order (0: not permuted)."""
-        arch = gf.gguf_architecture(self.file.metadata)
-        return gf.permuted_heads(arch, hf_name, self.config["num_attention_heads"], self.config["num_key_value_heads"])
+        return gf.permuted_heads(self.arch, hf_name, self.config["num_attention_heads"], self.config["num_key_value_heads"])
 
     def shape_problems(self) -> tuple[list[str], list[str]]:
-        """(tensors missing, tensors of the wrong shape) against the rebuilt config.json."""
-        arch = gf.gguf_architecture(self.file.metadata)
-        moe = experts.MoE.from_config(self.config, arch.experts) if arch.experts else None
-        return shape_problems(self.config, {n: t.shape for n, t in self.names.items()},
-                              experts.expected_shapes(self.config, moe))
+        """(missing, wrong) tensors against the sizes in the metadata, as gf.shape_problems (each layer's
+        experts as the file stores them: one tensor per role)."""
+        moe = experts.MoE.from_config(self.config, self.arch.experts) if self.arch.experts else None
+        return gf.shape_problems(self.arch, self.config, self.stored_shapes, moe)
 
     def to_stored_order(self, hf_name: str, values: np.ndarray) -> np.ndarray:
         """A tensor in HF order (any dtype) rearranged to the GGUF's row order."""
@@ -302,14 +317,14 @@ class FromGGUF:
         """Chunks of exactly `rows` rows (a 1-D tensor: whole), as stored bits of `dtype`."""
         t = self.names[hf_name]
         if len(t.shape) == 1:
-            yield from_float32(dequantize_rows(self.file, t).reshape(t.shape), dtype)
+            yield from_float32(self.values(hf_name).reshape(t.shape), dtype)
             return
         if self.permuted(hf_name):
             whole = from_float32(next(self.chunks(hf_name)), dtype)
             yield from (whole[start : start + rows] for start in range(0, whole.shape[0], rows))
             return
         for start in range(0, t.shape[0], rows):
-            yield from_float32(dequantize_rows(self.file, t, start, start + rows), dtype).reshape(-1, *t.shape[1:])
+            yield from_float32(self.values(hf_name, start, start + rows), dtype).reshape(-1, *t.shape[1:])
 
     def integers(self, hf_name: str) -> IntegerBlocks | None:
         """A Q4_0 / Q8_0 matrix as IntegerBlocks in HF row order; None for other types."""
@@ -332,8 +347,7 @@ class FromGGUF:
         by_rows = frozenset(n for n, t in self.names.items() if len(t.shape) == 2 and not self.permuted(n))
 
         def read_rows(hf_name: str, start: int, stop: int) -> np.ndarray:
-            t = self.names[hf_name]
-            return dequantize_rows(self.file, t, start, stop).reshape(stop - start, t.shape[-1])
+            return self.values(hf_name, start, stop).reshape(stop - start, self.names[hf_name].shape[-1])
 
         def tokenizer(scratch: Path) -> Path:
             write_hf_tokenizer(self.file.metadata, scratch, self.warnings)
@@ -365,7 +379,7 @@ def from_gguf(path: Path, dtype: str | None = None) -> FromGGUF:
     arch = gf.gguf_architecture(meta)
     if arch.experts:
         config |= experts.hf_config(meta, arch.gguf_arch, arch.experts)
-    reverse = {g: hf for hf, g in experts.full_name_table(arch, config["num_hidden_layers"]).items()}
+    reverse = {g: hf for hf, g in gf.name_table(arch, config["num_hidden_layers"]).items()}
     names = {}
     for t in file.tensors:
         if t.name not in reverse:
@@ -376,7 +390,7 @@ def from_gguf(path: Path, dtype: str | None = None) -> FromGGUF:
             raise QuantkitError(f"{path}: tensor {t.name} has shape {list(t.shape)}, not (experts, rows, columns)")
         else:
             names |= experts.split(t, reverse[t.name])
-    return FromGGUF(config, names, file, [])
+    return FromGGUF(config, names, {reverse[t.name]: t.shape for t in file.tensors}, file, [])
 
 
 def gguf_source(path: Path, dtype: str | None = None) -> TensorSource:

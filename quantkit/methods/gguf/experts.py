@@ -16,9 +16,8 @@ from typing import Any
 
 from gguf import GGUFWriter
 
-from quantkit.errors import InternalError, QuantkitError
-from quantkit.methods.gguf.file import Architecture, GGUFTensor, config_int, get_tensor_name_map, name_table
-from quantkit.modules import expected_shapes as dense_shapes
+from quantkit.errors import QuantkitError
+from quantkit.methods.gguf.file import GGUFTensor, config_int
 
 # model.layers.3.mlp.experts.7.gate_proj.weight -> (model.layers.3.mlp.experts, 7, gate_proj.weight)
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.(?:block_sparse_moe|mlp)\.experts)\.(\d+)\.([A-Za-z0-9_]+\.weight)$")
@@ -26,23 +25,19 @@ _EXPERT = re.compile(r"^(model\.layers\.\d+\.(?:block_sparse_moe|mlp)\.experts)\
 
 @dataclass(frozen=True)
 class Layout:
-    """How one family names and sizes its experts in config.json and in its tensors."""
+    """How one family sizes its experts in config.json (their tensors and shapes: its entry in
+    file.ARCHITECTURES)."""
 
     count_keys: tuple[str, ...]  # config.json keys for the expert count, the first present wins
-    module: str  # model.layers.N.<module>.experts.E.<role>.weight
-    roles: tuple[str, str, str]  # gate, up, down projections' leaf names
     ffn_key: str  # config.json key of one expert's width
     shared: bool = False  # qwen2_moe: a shared expert beside the routed ones, and its sigmoid gate
     norm_topk_prob: bool = True  # whether llama.cpp renormalizes the chosen experts' weights
-    extra: tuple[str, ...] = ()  # other per-layer tensors of the family (qwen3's Q/K norms)
 
 
 LAYOUTS = {
-    "mixtral": Layout(("num_local_experts",), "block_sparse_moe", ("w1", "w3", "w2"), "intermediate_size"),
-    "qwen2_moe": Layout(("num_experts", "num_local_experts"), "mlp", ("gate_proj", "up_proj", "down_proj"),
-                        "moe_intermediate_size", shared=True, norm_topk_prob=False),
-    "qwen3_moe": Layout(("num_experts", "num_local_experts"), "mlp", ("gate_proj", "up_proj", "down_proj"),
-                        "moe_intermediate_size", extra=("self_attn.q_norm.weight", "self_attn.k_norm.weight")),
+    "mixtral": Layout(("num_local_experts",), "intermediate_size"),
+    "qwen2_moe": Layout(("num_experts", "num_local_experts"), "moe_intermediate_size", shared=True, norm_topk_prob=False),
+    "qwen3_moe": Layout(("num_experts", "num_local_experts"), "moe_intermediate_size"),
 }
 
 
@@ -87,63 +82,6 @@ class MoE:
             writer.add_expert_feed_forward_length(self.expert_ffn)
         if self.shared_ffn:
             writer.add_expert_shared_feed_forward_length(self.shared_ffn)
-
-    def expected_shapes(self, hidden: int, n_layers: int) -> dict[str, tuple[int, ...]]:
-        """Every expert, router and shared-expert tensor the config implies (HF names, on-disk layout)."""
-        lay = LAYOUTS[self.layout]
-        gate, up, down = lay.roles
-        shapes: dict[str, tuple[int, ...]] = {}
-        for i in range(n_layers):
-            p = f"model.layers.{i}.{lay.module}."
-            shapes[p + "gate.weight"] = (self.n_expert, hidden)
-            for e in range(self.n_expert):
-                shapes |= {f"{p}experts.{e}.{gate}.weight": (self.expert_ffn, hidden),
-                           f"{p}experts.{e}.{up}.weight": (self.expert_ffn, hidden),
-                           f"{p}experts.{e}.{down}.weight": (hidden, self.expert_ffn)}
-            if lay.shared:
-                shapes |= {p + "shared_expert.gate_proj.weight": (self.shared_ffn, hidden),
-                           p + "shared_expert.up_proj.weight": (self.shared_ffn, hidden),
-                           p + "shared_expert.down_proj.weight": (hidden, self.shared_ffn),
-                           p + "shared_expert_gate.weight": (1, hidden)}
-        return shapes
-
-
-def expected_shapes(sizes: dict, moe: MoE | None) -> dict[str, tuple[int, ...]] | None:
-    """Every tensor a mixture-of-experts model must have and its shape (None for a dense model: the llama
-    family's own table applies). `sizes`: config.json's sizes."""
-    if moe is None:
-        return None
-    dense = {name: shape for name, shape in dense_shapes(sizes).items() if ".mlp." not in name}
-    if moe.layout == "qwen2_moe" and "model.embed_tokens.weight" in dense:  # llama.cpp's qwen2moe needs output.weight
-        dense["lm_head.weight"] = dense["model.embed_tokens.weight"]
-    return dense | moe.expected_shapes(sizes["hidden_size"], sizes["num_hidden_layers"])
-
-
-def layer_names(layout: str, i: int) -> list[str]:
-    """HF names of layer i's MoE tensors with experts merged (as gguf's TensorNameMap knows them)."""
-    lay = LAYOUTS[layout]
-    p = f"model.layers.{i}.{lay.module}."
-    names = [p + "gate.weight", *(f"{p}experts.{role}.weight" for role in lay.roles)]
-    if lay.shared:
-        names += [p + f"shared_expert.{m}_proj.weight" for m in ("gate", "up", "down")]
-        names.append(p + "shared_expert_gate.weight")
-    return names + [f"model.layers.{i}.{leaf}" for leaf in lay.extra]
-
-
-def full_name_table(arch: Architecture, n_layers: int) -> dict[str, str]:
-    """HF name -> GGUF name for every tensor the architecture can have, experts under their merged HF
-    name (model.layers.0.mlp.experts.gate_proj.weight -> blk.0.ffn_gate_exps.weight)."""
-    table = name_table(arch, n_layers)
-    if not arch.experts:
-        return table
-    tmap = get_tensor_name_map(arch.model_arch, n_layers)
-    for i in range(n_layers):
-        for hf in layer_names(arch.experts, i):
-            gguf_name = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise InternalError(f"{hf} has no GGUF name: our own list of names is wrong")
-            table[hf] = gguf_name
-    return table
 
 
 def expert_of(hf_name: str) -> tuple[str, int] | None:

@@ -28,9 +28,11 @@ from gguf import (
     GGUFValueType,
     GGUFWriter,
     LlamaFileType,
+    RopeScalingType,
     get_tensor_name_map,
 )
 
+from quantkit import modules
 from quantkit.errors import InternalError, QuantkitError
 from quantkit.io.outfile import OutputFile
 from quantkit.io.source import architectures
@@ -40,38 +42,124 @@ QType = GGMLQuantizationType
 
 # --------------------------------------------------------------------------------------- architectures
 
+# Shapes are written in the terms of `Sizes` (numpy order, rows first).
+_NORMS = {"input_layernorm.weight": ("hidden",), "post_attention_layernorm.weight": ("hidden",)}
+_ATTENTION = {"self_attn.q_proj.weight": ("q_rows", "hidden"), "self_attn.k_proj.weight": ("kv_rows", "hidden"),
+              "self_attn.v_proj.weight": ("kv_rows", "hidden"), "self_attn.o_proj.weight": ("hidden", "q_rows")}
+_MLP = {"mlp.gate_proj.weight": ("ffn", "hidden"), "mlp.up_proj.weight": ("ffn", "hidden"),
+        "mlp.down_proj.weight": ("hidden", "ffn")}
+_QK_NORMS = {"self_attn.q_norm.weight": ("head_dim",), "self_attn.k_norm.weight": ("head_dim",)}
+_FFN_NORMS = {"pre_feedforward_layernorm.weight": ("hidden",), "post_feedforward_layernorm.weight": ("hidden",)}
+# Phi-3 stores Q, K, V in one matrix and gate, up in another, which is how llama.cpp's phi3 reads them
+_FUSED = {"self_attn.qkv_proj.weight": ("qkv_rows", "hidden"), "self_attn.o_proj.weight": ("hidden", "q_rows"),
+          "mlp.gate_up_proj.weight": ("gate_up_rows", "hidden"), "mlp.down_proj.weight": ("hidden", "ffn")}
+
+
+def _experts(module: str, gate: str, up: str, down: str) -> dict[str, tuple[str, ...]]:
+    """A mixture-of-experts layer's router and experts, each role under its merged name (all experts as one
+    tensor, as llama.cpp's ffn_*_exps: experts.merge_shapes gives a checkpoint's per-expert tensors so)."""
+    return {f"{module}.gate.weight": ("n_expert", "hidden"),
+            f"{module}.experts.{gate}.weight": ("n_expert", "expert_ffn", "hidden"),
+            f"{module}.experts.{up}.weight": ("n_expert", "expert_ffn", "hidden"),
+            f"{module}.experts.{down}.weight": ("n_expert", "hidden", "expert_ffn")}
+
+
+_SHARED_EXPERT = {"mlp.shared_expert.gate_proj.weight": ("shared_ffn", "hidden"),
+                  "mlp.shared_expert.up_proj.weight": ("shared_ffn", "hidden"),
+                  "mlp.shared_expert.down_proj.weight": ("hidden", "shared_ffn"),
+                  "mlp.shared_expert_gate.weight": ("one", "hidden")}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A config.json value that llama.cpp reads from the metadata key `{arch}.{gguf_key}`; carried both ways.
+    `required`: llama.cpp assumes a value of its own when the key is absent, so a config without one is
+    refused. `gguf_key` None: llama.cpp has no such setting, so a config that sets it is refused."""
+
+    config_key: str
+    gguf_key: str | None
+    kind: type  # int or float
+    required: bool = False
+
 
 @dataclass(frozen=True)
 class Architecture:
+    """One model family as llama.cpp's converter writes it: names, shapes, metadata, tensor transforms."""
+
     gguf_arch: str  # general.architecture
     model_arch: MODEL_ARCH
     hf_class: str  # what GGUF -> HF writes back
     model_type: str
-    permute_qk: bool  # llama.cpp's converter permutes Q/K heads for llama-family rope only
+    layer: dict[str, tuple[str, ...]]  # HF tensor names inside model.layers.N -> shape in Sizes' terms
+    permute_qk: bool = False  # llama.cpp's converter permutes Q/K heads for llama-family rope only
+    biases: bool = False  # q/k/v/o_proj may carry biases (qwen2 always, llama with attention_bias)
+    output: bool = True  # lm_head is stored (gemma2: llama.cpp always reads the embeddings as output)
+    norm_shift: float = 0.0  # gemma: transformers' RMSNorm scales by 1 + w, llama.cpp's by w (stored w + 1)
+    activation: tuple[str, str] = ("hidden_act", "silu")  # the config key and the one value llama.cpp computes
+    settings: tuple[Setting, ...] = ()
+    swa_period: int = 0  # sliding-window layers: llama.cpp's default period (one full layer every N)
+    rope_per_layer_type: bool = False  # rope_parameters split into full_attention / sliding_attention
+    rope_types: tuple[str, ...] = ("default",)  # rope types llama.cpp computes as transformers does
+    partial_rope: bool = False  # partial_rotary_factor (rope on the first part of each head)
+    big_query_layers: int = 0  # gemma 27B: at this layer count llama.cpp scales queries by n_embd / n_head
     experts: str = ""  # mixture of experts: its layout in experts.LAYOUTS ("" for a dense model)
+    needs_output: bool = False  # llama.cpp's graph reads output.weight, never the embeddings (qwen2moe)
+
+    def tensor_names(self, n_layers: int) -> list[str]:
+        names = ["model.embed_tokens.weight", "model.norm.weight"] + (["lm_head.weight"] if self.output else [])
+        for i in range(n_layers):
+            names += [f"model.layers.{i}.{name}" for name in self.layer]
+            if self.biases:
+                names += [f"model.layers.{i}.self_attn.{m}_proj.bias" for m in "qkvo"]
+        return names
+
+    def shift(self, hf_name: str) -> float:
+        """What llama.cpp's converter adds to this tensor (gemma's RMSNorm weights: 1)."""
+        return self.norm_shift if hf_name.endswith("norm.weight") else 0.0
 
 
+_LLAMA = {**_NORMS, **_ATTENTION, **_MLP}
 ARCHITECTURES = {
-    "LlamaForCausalLM": Architecture("llama", MODEL_ARCH.LLAMA, "LlamaForCausalLM", "llama", True),
-    "MistralForCausalLM": Architecture("llama", MODEL_ARCH.LLAMA, "LlamaForCausalLM", "llama", True),
-    "Qwen2ForCausalLM": Architecture("qwen2", MODEL_ARCH.QWEN2, "Qwen2ForCausalLM", "qwen2", False),
-    "MixtralForCausalLM": Architecture("llama", MODEL_ARCH.LLAMA, "MixtralForCausalLM", "mixtral", True, "mixtral"),
-    "Qwen2MoeForCausalLM": Architecture("qwen2moe", MODEL_ARCH.QWEN2MOE, "Qwen2MoeForCausalLM", "qwen2_moe", False, "qwen2_moe"),
-    "Qwen3MoeForCausalLM": Architecture("qwen3moe", MODEL_ARCH.QWEN3MOE, "Qwen3MoeForCausalLM", "qwen3_moe", False, "qwen3_moe"),
+    "LlamaForCausalLM": Architecture("llama", MODEL_ARCH.LLAMA, "LlamaForCausalLM", "llama", _LLAMA,
+                                     permute_qk=True, biases=True),
+    "MistralForCausalLM": Architecture("llama", MODEL_ARCH.LLAMA, "LlamaForCausalLM", "llama", _LLAMA,
+                                       permute_qk=True, biases=True),
+    "Qwen2ForCausalLM": Architecture("qwen2", MODEL_ARCH.QWEN2, "Qwen2ForCausalLM", "qwen2", _LLAMA, biases=True),
+    "Qwen3ForCausalLM": Architecture("qwen3", MODEL_ARCH.QWEN3, "Qwen3ForCausalLM", "qwen3", {**_LLAMA, **_QK_NORMS}),
+    "Gemma2ForCausalLM": Architecture(
+        "gemma2", MODEL_ARCH.GEMMA2, "Gemma2ForCausalLM", "gemma2", {**_LLAMA, **_FFN_NORMS}, output=False,
+        norm_shift=1.0, activation=("hidden_activation", "gelu_pytorch_tanh"), swa_period=2, big_query_layers=46,
+        settings=(Setting("sliding_window", "attention.sliding_window", int, required=True),
+                  Setting("attn_logit_softcapping", "attn_logit_softcapping", float, required=True),
+                  Setting("final_logit_softcapping", "final_logit_softcapping", float, required=True))),
+    "Gemma3ForCausalLM": Architecture(
+        "gemma3", MODEL_ARCH.GEMMA3, "Gemma3ForCausalLM", "gemma3_text", {**_LLAMA, **_FFN_NORMS, **_QK_NORMS},
+        norm_shift=1.0, activation=("hidden_activation", "gelu_pytorch_tanh"), swa_period=6, big_query_layers=62,
+        rope_per_layer_type=True, rope_types=("default", "linear"),
+        settings=(Setting("sliding_window", "attention.sliding_window", int),
+                  Setting("final_logit_softcapping", "final_logit_softcapping", float),
+                  Setting("attn_logit_softcapping", None, float))),
+    "Phi3ForCausalLM": Architecture(
+        "phi3", MODEL_ARCH.PHI3, "Phi3ForCausalLM", "phi3", {**_NORMS, **_FUSED}, partial_rope=True,
+        settings=(Setting("sliding_window", "attention.sliding_window", int),
+                  Setting("original_max_position_embeddings", "rope.scaling.original_context_length", int))),
+    "MixtralForCausalLM": Architecture(
+        "llama", MODEL_ARCH.LLAMA, "MixtralForCausalLM", "mixtral",
+        {**_NORMS, **_ATTENTION, **_experts("block_sparse_moe", "w1", "w3", "w2")}, permute_qk=True, biases=True,
+        experts="mixtral"),
+    "Qwen2MoeForCausalLM": Architecture(
+        "qwen2moe", MODEL_ARCH.QWEN2MOE, "Qwen2MoeForCausalLM", "qwen2_moe",
+        {**_NORMS, **_ATTENTION, **_experts("mlp", "gate_proj", "up_proj", "down_proj"), **_SHARED_EXPERT},
+        biases=True, experts="qwen2_moe", needs_output=True),
+    "Qwen3MoeForCausalLM": Architecture(
+        "qwen3moe", MODEL_ARCH.QWEN3MOE, "Qwen3MoeForCausalLM", "qwen3_moe",
+        {**_NORMS, **_ATTENTION, **_QK_NORMS, **_experts("mlp", "gate_proj", "up_proj", "down_proj")},
+        experts="qwen3_moe"),
 }
-BY_GGUF_ARCH = {"llama": ARCHITECTURES["LlamaForCausalLM"], "qwen2": ARCHITECTURES["Qwen2ForCausalLM"],
-                "qwen2moe": ARCHITECTURES["Qwen2MoeForCausalLM"], "qwen3moe": ARCHITECTURES["Qwen3MoeForCausalLM"]}
-
-
-def gguf_architecture(meta: dict[str, Any]) -> Architecture:
-    """The architecture a GGUF's metadata names (llama with experts: Mixtral, as llama.cpp reads it)."""
-    arch_name = meta.get("general.architecture")
-    if not isinstance(arch_name, str) or arch_name not in BY_GGUF_ARCH:
-        raise QuantkitError(f"GGUF architecture {arch_name!r} is not supported yet",
-                            f"supported: {', '.join(BY_GGUF_ARCH)}")
-    if arch_name == "llama" and meta.get("llama.expert_count"):
-        return ARCHITECTURES["MixtralForCausalLM"]
-    return BY_GGUF_ARCH[arch_name]
+# general.architecture -> the first entry writing it (llama: LlamaForCausalLM; gguf_architecture reads a llama
+# with experts as Mixtral, as llama.cpp does)
+BY_GGUF_ARCH = {name: next(a for a in ARCHITECTURES.values() if a.gguf_arch == name)
+                for name in dict.fromkeys(a.gguf_arch for a in ARCHITECTURES.values())}
 
 
 def architecture_of(config: dict, where: str = "config.json") -> Architecture:
@@ -84,31 +172,98 @@ def architecture_of(config: dict, where: str = "config.json") -> Architecture:
         "is not supported yet", f"supported: {', '.join(ARCHITECTURES)}")
 
 
+def gguf_architecture(meta: dict[str, Any]) -> Architecture:
+    """The architecture a GGUF file names in general.architecture (one clear error when unknown); llama with
+    experts is Mixtral, as llama.cpp reads it."""
+    name = meta.get("general.architecture")
+    if not isinstance(name, str) or name not in BY_GGUF_ARCH:
+        raise QuantkitError(f"GGUF architecture {repr(name)[:40]} is not supported yet",
+                            f"supported: {', '.join(BY_GGUF_ARCH)}")
+    if name == "llama" and meta.get("llama.expert_count"):
+        return ARCHITECTURES["MixtralForCausalLM"]
+    return BY_GGUF_ARCH[name]
+
+
+def kept_tensors(arch: Architecture, config: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The source tensors a GGUF of `arch` holds: where llama.cpp reads the embeddings as the output head
+    (gemma2), an lm_head saved beside tied embeddings is a copy, left out as llama.cpp's converter does; an
+    untied one cannot be written."""
+    if arch.output or "lm_head.weight" not in shapes:
+        return shapes
+    if config.get("tie_word_embeddings", True) is False:
+        raise QuantkitError(f"config.json: tie_word_embeddings is false, but llama.cpp's {arch.gguf_arch} reads the "
+                            "embeddings as the output head", "such a model has no GGUF form")
+    return {name: shape for name, shape in shapes.items() if name != "lm_head.weight"}
+
+
 # ----------------------------------------------------------------------------------------------- names
-
-
-def _hf_names(n_layers: int, experts: bool = False) -> list[str]:
-    """Every tensor name these architectures can have (biases: qwen2, and llama with attention_bias); a
-    mixture of experts has no dense MLP (experts.name_table adds its own)."""
-    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        names += [f"{p}self_attn.{m}_proj.{kind}" for m in "qkvo" for kind in ("weight", "bias")]
-        names += [] if experts else [f"{p}mlp.{m}_proj.weight" for m in ("gate", "up", "down")]
-    return names
 
 
 def name_table(arch: Architecture, n_layers: int) -> dict[str, str]:
     """HF tensor name -> GGUF tensor name for every tensor the architecture can have."""
     tmap = get_tensor_name_map(arch.model_arch, n_layers)
     table = {}
-    for hf in _hf_names(n_layers, bool(arch.experts)):
+    for hf in arch.tensor_names(n_layers):
         gguf_name = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise InternalError(f"{hf} has no GGUF name: our own list of names is wrong")
         table[hf] = gguf_name
     return table
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The sizes tensor shapes are written in (from config.json's names; the experts' from experts.MoE)."""
+
+    hidden: int
+    ffn: int
+    head_dim: int
+    q_rows: int
+    kv_rows: int
+    vocab: int | None
+    n_expert: int = 0  # mixture of experts: experts per layer, one expert's width, the shared expert's
+    expert_ffn: int = 0
+    shared_ffn: int = 0
+    one: int = 1  # a single row (qwen2_moe's shared-expert gate)
+
+    @property
+    def qkv_rows(self) -> int:
+        return self.q_rows + 2 * self.kv_rows
+
+    @property
+    def gate_up_rows(self) -> int:
+        return 2 * self.ffn
+
+    @classmethod
+    def of(cls, config: dict, moe: Any = None) -> Sizes:
+        """`moe`: an experts.MoE for a mixture of experts, else None."""
+        h, n_head = config["hidden_size"], config["num_attention_heads"]
+        head_dim = config.get("head_dim") or h // n_head
+        experts = (moe.n_expert, moe.expert_ffn, moe.shared_ffn) if moe is not None else (0, 0, 0)
+        return cls(h, config["intermediate_size"], head_dim, n_head * head_dim,
+                   config.get("num_key_value_heads", n_head) * head_dim, config.get("vocab_size"), *experts)
+
+
+def expected_shapes(arch: Architecture, config: dict, moe: Any = None) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape the config implies, for every tensor a model must have (optional ones:
+    the output head where llama.cpp falls back to the embeddings, biases); experts under their merged names."""
+    sizes = Sizes.of(config, moe)
+    shapes = {"model.norm.weight": (sizes.hidden,)}
+    if sizes.vocab:
+        shapes["model.embed_tokens.weight"] = (sizes.vocab, sizes.hidden)
+        if arch.needs_output:
+            shapes["lm_head.weight"] = (sizes.vocab, sizes.hidden)
+    for i in range(config["num_hidden_layers"]):
+        shapes |= {f"model.layers.{i}.{name}": tuple(getattr(sizes, d) for d in dims) for name, dims in arch.layer.items()}
+    return shapes
+
+
+def shape_problems(arch: Architecture, config: dict, shapes: dict[str, tuple[int, ...]],
+                   moe: Any = None) -> tuple[list[str], list[str]]:
+    """(tensors missing, tensors whose shape contradicts the sizes in the config): llama.cpp and
+    transformers refuse both. A mixture of experts' `shapes` hold each layer's experts merged
+    (experts.merge_shapes); `moe` is its experts.MoE."""
+    return modules.shape_problems(config, shapes, expected_shapes(arch, config, moe))
 
 
 # ----------------------------------------------------------------------------------------- permutation
@@ -171,14 +326,89 @@ def _table(config: dict, key: str) -> dict:
     return value or {}
 
 
-def _rope_theta(config: dict) -> float:
-    rope = _table(config, "rope_parameters")
-    kind = rope.get("rope_type", "default") if rope else _table(config, "rope_scaling").get("type", "default")
-    if kind not in ("default", None):
-        raise QuantkitError(f"config.json: rope scaling {str(kind)[:40]!r} is not supported yet for GGUF output")
-    if "rope_theta" in config:
-        return config_float(config, "rope_theta", 10000.0)
-    return config_float(config, "rope_theta", 10000.0, where=rope)
+@dataclass(frozen=True)
+class Rope:
+    theta: float
+    dims: int  # rotated dimensions of each head
+    linear: float | None = None  # linear scaling factor (positions divided by it)
+    theta_swa: float | None = None  # sliding-window layers' own base (gemma3)
+
+
+def _rope(config: dict, arch: Architecture, head_dim: int) -> Rope:
+    """Rope settings from rope_parameters (transformers 5) or rope_theta / rope_scaling (older configs);
+    refuses a rope that llama.cpp would compute otherwise for this architecture."""
+    params = _table(config, "rope_parameters") or _table(config, "rope_scaling")
+    full = _table(params, "full_attention") if arch.rope_per_layer_type and "full_attention" in params else params
+    kind = full.get("rope_type", full.get("type")) or "default"
+    if kind not in arch.rope_types:
+        raise QuantkitError(f"config.json: rope scaling {str(kind)[:40]!r} is not supported yet for GGUF output "
+                            f"of {arch.gguf_arch}", f"supported there: {', '.join(arch.rope_types)}")
+    theta = config_float(config, "rope_theta", 10000.0) if "rope_theta" in config else config_float(config, "rope_theta", 10000.0, where=full)
+    linear = config_float(config, "factor", 1.0, where=full) if kind == "linear" else None
+    theta_swa = None
+    if arch.rope_per_layer_type:
+        sliding = _table(params, "sliding_attention")
+        if (sliding.get("rope_type") or "default") != "default":
+            raise QuantkitError(f"config.json: rope scaling {str(sliding['rope_type'])[:40]!r} on sliding-window layers "
+                                "is not supported for GGUF output")
+        theta_swa = config_float(config, "rope_theta", 10000.0, where=sliding) if sliding else config_float(config, "rope_local_base_freq", 10000.0)
+    partial = config_float(config, "partial_rotary_factor", 1.0, where=full if "partial_rotary_factor" in full else config)
+    if partial > 1 or (partial != 1 and not arch.partial_rope):
+        raise QuantkitError(f"config.json: partial_rotary_factor = {partial} is not supported for GGUF output of {arch.gguf_arch}")
+    return Rope(theta, int(head_dim * partial), linear, theta_swa)
+
+
+def _swa_period(config: dict, arch: Architecture) -> int:
+    """The sliding-window period of layer_types (one full-attention layer every N, the last of each N),
+    the only layout llama.cpp's int pattern describes; refuses any other."""
+    types = config.get("layer_types")
+    if types is None:
+        return config_int(config, "sliding_window_pattern", config_int(config, "_sliding_window_pattern", arch.swa_period))
+    if not isinstance(types, list) or not all(t in ("sliding_attention", "full_attention") for t in types):
+        raise QuantkitError(f"config.json: layer_types = {str(types)[:60]} is not a list of sliding_attention / full_attention")
+    period = types.index("full_attention") + 1 if "full_attention" in types else 0
+    if types != _layer_types(period, len(types)):
+        raise QuantkitError(f"config.json: layer_types {str(types)[:60]} has no fixed sliding-window period",
+                            "llama.cpp describes the layers by one period")
+    return period
+
+
+def _layer_types(period: int, n_layers: int) -> list[str]:
+    """llama.cpp's set_swa_pattern: the last layer of every `period` has full attention (0: none does)."""
+    return ["sliding_attention" if period == 0 or i % period < period - 1 else "full_attention" for i in range(n_layers)]
+
+
+def _query_scalar(arch: Architecture, n_layers: int, hidden: int, n_head: int, head_dim: int) -> int:
+    """What llama.cpp scales gemma's queries by (1/sqrt of it): head_dim, or n_embd / n_head for 27B."""
+    return hidden // n_head if n_layers == arch.big_query_layers else head_dim
+
+
+def _settings(config: dict, arch: Architecture) -> tuple[tuple[Setting, Any], ...]:
+    values = []
+    for s in arch.settings:
+        if config.get(s.config_key) is None:
+            if s.required:
+                raise QuantkitError(f"config.json: {s.config_key} is missing", f"llama.cpp's {arch.gguf_arch} needs it")
+            continue
+        if s.gguf_key is None:
+            raise QuantkitError(f"config.json: {s.config_key} = {str(config[s.config_key])[:40]} is not supported "
+                                f"for GGUF output of {arch.gguf_arch}", "llama.cpp has no such setting there")
+        values.append((s, config_int(config, s.config_key) if s.kind is int else config_float(config, s.config_key, 0.0)))
+    return tuple(values)
+
+
+def _check_family(config: dict, arch: Architecture, h: Hyper) -> None:
+    """What llama.cpp's graph for this architecture fixes, checked against the config."""
+    key, value = arch.activation
+    if config.get(key, value) != value:
+        raise QuantkitError(f"config.json: {key} = {str(config[key])[:40]} is not supported for GGUF output of "
+                            f"{arch.gguf_arch}", f"llama.cpp computes {value} there")
+    if arch.big_query_layers:
+        want = _query_scalar(arch, h.n_layers, h.hidden, h.n_head, h.head_dim)
+        if config.get("query_pre_attn_scalar", want) != want:
+            raise QuantkitError(f"config.json: query_pre_attn_scalar = {str(config['query_pre_attn_scalar'])[:40]}, "
+                                f"but llama.cpp's {arch.gguf_arch} scales queries by 1/sqrt({want}) for this model",
+                                "llama.cpp would compute another model")
 
 
 @dataclass(frozen=True)
@@ -195,22 +425,31 @@ class Hyper:
     rms_eps: float
     vocab: int
     head_dim: int
+    arch: Architecture | None = None
+    rope: Rope | None = None
+    settings: tuple[tuple[Setting, Any], ...] = ()
+    swa_period: int = 0
 
     @classmethod
-    def from_config(cls, config: dict, n_tensors: int) -> Hyper:
+    def from_config(cls, config: dict, n_tensors: int, arch: Architecture | None = None) -> Hyper:
         """Every number GGUF output takes from config.json, checked: whole sizes within uint32, finite
         positive constants, tables where tables belong, and no more layers than the checkpoint has
         tensors (name tables and shape checks are built per layer). Each refusal names the key."""
+        arch = arch or architecture_of(config)
         n_layers = config_int(config, "num_hidden_layers")
         if n_layers > n_tensors:
             raise QuantkitError(f"config.json: num_hidden_layers = {n_layers}, but the checkpoint holds {n_tensors} tensors",
                                 "is the checkpoint what its config.json says?")
         n_head, hidden = config_int(config, "num_attention_heads"), config_int(config, "hidden_size")
         n_kv_head = config_int(config, "num_key_value_heads", n_head, high=n_head)
-        return cls(n_layers, hidden, config_int(config, "intermediate_size"), n_head, n_kv_head,
-                   config_int(config, "max_position_embeddings", 2048), _rope_theta(config),
-                   config_float(config, "rms_norm_eps", 1e-6), config_int(config, "vocab_size"),
-                   config_int(config, "head_dim", max(1, hidden // n_head)))
+        head_dim = config_int(config, "head_dim", max(1, hidden // n_head))
+        rope = _rope(config, arch, head_dim)
+        h = cls(n_layers, hidden, config_int(config, "intermediate_size"), n_head, n_kv_head,
+                config_int(config, "max_position_embeddings", 2048), rope.theta,
+                config_float(config, "rms_norm_eps", 1e-6), config_int(config, "vocab_size"), head_dim,
+                arch, rope, _settings(config, arch), _swa_period(config, arch) if arch.swa_period else 0)
+        _check_family(config, arch, h)
+        return h
 
     def sizes(self) -> dict[str, int]:
         """The checked sizes under config.json's names, for expected_shapes."""
@@ -229,10 +468,25 @@ def write_hyper(writer: GGUFWriter, h: Hyper) -> None:
     writer.add_rope_freq_base(h.rope_theta)
     writer.add_layer_norm_rms_eps(h.rms_eps)
     writer.add_vocab_size(h.vocab)
-    writer.add_rope_dimension_count(h.head_dim)
-    if h.head_dim != h.hidden // h.n_head:
-        writer.add_key_length(h.head_dim)
+    writer.add_rope_dimension_count(h.rope.dims if h.rope else h.head_dim)
+    if h.head_dim != h.hidden // h.n_head or h.arch is not None and h.arch.big_query_layers:
+        writer.add_key_length(h.head_dim)  # as llama.cpp's converter writes for gemma, always
         writer.add_value_length(h.head_dim)
+    if h.rope is not None and h.rope.linear is not None:
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(h.rope.linear)
+    if h.rope is not None and h.rope.theta_swa is not None:
+        writer.add_rope_freq_base_swa(h.rope.theta_swa)
+    for setting, value in h.settings:
+        key = f"{writer.arch}.{setting.gguf_key}"
+        writer.add_uint32(key, value) if setting.kind is int else writer.add_float32(key, value)
+    if h.arch is not None and h.arch.swa_period and h.swa_period != h.arch.swa_period:
+        writer.add_sliding_window_pattern(h.swa_period)
+
+
+def _float32(value: float) -> float:
+    """A float32 from the metadata as the decimal it was written from: 1e-05, not 9.99e-06."""
+    return float(str(np.float32(value)))
 
 
 def hf_config(meta: dict[str, Any], tensor_names: set[str], dtype: str) -> dict:
@@ -252,36 +506,82 @@ def hf_config(meta: dict[str, Any], tensor_names: set[str], dtype: str) -> dict:
 
     n_head = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
-    if get("block_count") > len(tensor_names):  # name tables are built per block
-        raise QuantkitError(f"GGUF metadata {arch_name}.block_count = {get('block_count')} exceeds the tensor count")
+    n_layers = int(get("block_count"))
+    if n_layers > len(tensor_names):  # name tables are built per block
+        raise QuantkitError(f"GGUF metadata {arch_name}.block_count = {n_layers} exceeds the tensor count")
     tokens = meta.get("tokenizer.ggml.tokens")
     has_vocab = f"{arch_name}.vocab_size" in meta or (isinstance(tokens, list) and tokens)
     vocab = get("vocab_size", len(tokens) if isinstance(tokens, list) else None) if has_vocab else None
+    head_dim = int(get("attention.key_length", hidden // n_head))
     config = {
         "architectures": [arch.hf_class], "model_type": arch.model_type,
         "hidden_size": hidden, "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")), "num_attention_heads": n_head,
+        "num_hidden_layers": n_layers, "num_attention_heads": n_head,
         "num_key_value_heads": int(get("attention.head_count_kv", n_head)),
         "max_position_embeddings": int(get("context_length")),
-        "rms_norm_eps": float(str(np.float32(get("attention.layer_norm_rms_epsilon", kind=(int, float))))),  # 1e-05, not 9.99e-06
-        "rope_theta": float(get("rope.freq_base", 10000.0, kind=(int, float))),
-        "head_dim": int(get("attention.key_length", hidden // n_head)),
+        "rms_norm_eps": _float32(get("attention.layer_norm_rms_epsilon", kind=(int, float))),
+        "head_dim": head_dim,
         "tie_word_embeddings": "output.weight" not in tensor_names,
-        "hidden_act": "silu", "dtype": dtype,
+        arch.activation[0]: arch.activation[1], "dtype": dtype,
     }
+    config |= _rope_config(arch, get, head_dim, meta.get(f"{arch_name}.rope.scaling.type"))
     if vocab is not None:
         config["vocab_size"] = int(vocab)
-    for key, field_name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
+    config["pad_token_id"] = None  # unless the file names one: Phi3Config's default (32000) may lie past the vocabulary
+    for key, field_name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                            ("padding_token_id", "pad_token_id")):
         if f"tokenizer.ggml.{key}" in meta:
             token_id = meta[f"tokenizer.ggml.{key}"]
             if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
                 raise QuantkitError(f"GGUF metadata tokenizer.ggml.{key} = {str(token_id)[:40]} is not a token id")
             config[field_name] = token_id
-    if arch.model_type.startswith("qwen2"):
+    if arch.model_type.startswith(("qwen2", "qwen3")):
         config["use_sliding_window"] = False
-    else:
+    if not arch.model_type.startswith("qwen2"):
         config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+    for s in arch.settings:
+        if s.gguf_key is not None and meta.get(f"{arch_name}.{s.gguf_key}"):  # phi3 writes sliding_window 0 for none
+            value = get(s.gguf_key, kind=s.kind if s.kind is int else (int, float))
+            config[s.config_key] = int(value) if s.kind is int else _float32(value)
+        elif not s.required:
+            config[s.config_key] = None
+    if arch.swa_period:
+        pattern = meta.get(f"{arch_name}.attention.sliding_window_pattern", arch.swa_period)
+        if config.get("sliding_window") is None:
+            config["layer_types"] = ["full_attention"] * n_layers
+        elif isinstance(pattern, list) and len(pattern) == n_layers:
+            config["layer_types"] = ["sliding_attention" if swa else "full_attention" for swa in pattern]
+        elif isinstance(pattern, int) and not isinstance(pattern, bool) and 0 <= pattern <= n_layers:
+            config["layer_types"] = _layer_types(pattern, n_layers)
+        else:
+            raise QuantkitError(f"GGUF metadata {arch_name}.attention.sliding_window_pattern = {str(pattern)[:40]} "
+                                "describes no layers", "the file is damaged")
+    if arch.big_query_layers:
+        config["query_pre_attn_scalar"] = _query_scalar(arch, n_layers, hidden, n_head, head_dim)
     return config
+
+
+def _rope_config(arch: Architecture, get: Callable, head_dim: int, scaling: Any) -> dict:
+    """config.json's rope keys from the metadata (llama, mistral, qwen2: rope_theta as before)."""
+    theta = float(get("rope.freq_base", 10000.0, kind=(int, float)))
+    if scaling not in (None, "none", *arch.rope_types):
+        raise QuantkitError(f"GGUF rope scaling {str(scaling)[:40]!r} is not supported yet for {arch.gguf_arch}",
+                            f"supported there: {', '.join(arch.rope_types)}")
+    if arch.gguf_arch in ("llama", "qwen2", "qwen2moe", "qwen3moe"):
+        return {"rope_theta": theta}
+    full: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+    if scaling == "linear":
+        full |= {"rope_type": "linear", "factor": _float32(get("rope.scaling.factor", kind=(int, float)))}
+    dims = int(get("rope.dimension_count", head_dim))
+    if dims != head_dim:
+        if not arch.partial_rope or dims > head_dim:
+            raise QuantkitError(f"GGUF metadata {arch.gguf_arch}.rope.dimension_count = {dims} is not supported "
+                                f"(heads of {head_dim})")
+        full["partial_rotary_factor"] = dims / head_dim
+    if not arch.rope_per_layer_type:
+        return {"rope_parameters": full}
+    sliding = {"rope_type": "default", "rope_theta": float(get("rope.freq_base_swa", 10000.0, kind=(int, float)))}
+    return {"rope_parameters": {"full_attention": full, "sliding_attention": sliding}}
 
 
 # --------------------------------------------------------------------------------------------- reader

@@ -15,7 +15,7 @@ from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import ShardReader, TensorInfo
 from quantkit.io.source import open_checkpoint, resolve
 from quantkit.io.stream import Progress, no_progress
-from quantkit.methods.gguf.convert import CHUNK_BYTES, FromGGUF, dequantize_rows, from_gguf
+from quantkit.methods.gguf.convert import CHUNK_BYTES, FromGGUF, from_gguf
 from quantkit.methods.gguf.types import TYPES
 from quantkit.numerics import error_figures
 
@@ -84,7 +84,7 @@ def _scan(conv: FromGGUF, name: str, info: TensorInfo | None, bound: float) -> L
             expected_all = conv.to_stored_order(name, reader.read(info)).reshape(n_rows, t.shape[-1])
         for start in range(0, n_rows, step):
             stop = min(start + step, n_rows)
-            values = dequantize_rows(conv.file, t, start, stop).reshape(stop - start, t.shape[-1])
+            values = conv.values(name, start, stop).reshape(stop - start, t.shape[-1])
             if not np.isfinite(values).all():
                 return None
             if reader is None:
