@@ -297,7 +297,12 @@ def main() -> None:
             if not LLMC_PY.exists():
                 raise SystemExit(f"{LLMC_PY} is missing: make test-clients installs llm-compressor there (or use --only quantkit)")
             jobs.append(("llm-compressor FP8_DYNAMIC", [str(LLMC_PY), "-c", ANCHOR_FP8, str(src), str(work / "llmc-fp8")], work / "llmc-fp8", size))
-        results = {label: timed(label, argv, output, nbytes, args.repeat) for label, argv, output, nbytes in jobs}
+        results = {}
+        for i, (label, argv, output, nbytes) in enumerate(jobs):
+            results[label] = timed(label, argv, output, nbytes, args.repeat)
+            if args.only in ("quantkit", "fp8") and not any(str(output) in arg for later in jobs[i + 1:] for arg in later[1]):
+                shutil.rmtree(output, ignore_errors=True) if output.is_dir() else output.unlink(missing_ok=True)  # no anchor compares it:
+                # at --size 10 every output kept would need ~75 GB
         anchors = {"quantkit nf4": "transformers+bnb nf4", "quantkit int8": "transformers+bnb int8",
                    "quantkit gptq 4-bit": "transformers+bnb nf4",
                    "quantkit dequantize nf4": "bitsandbytes dequantize nf4", "quantkit gguf Q8_0": "gguf-py Q8_0",
