@@ -167,7 +167,7 @@ def imatrices(models, tmp_path_factory):
     return found
 
 
-IMATRIX_FILE_TYPES = ["Q4_K_M", "Q5_K_M", "Q5_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_1", "Q5_1"]
+IMATRIX_FILE_TYPES = ["Q4_K_M", "Q5_K_M", "Q5_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_1", "Q5_1", "IQ4_XS", "IQ4_NL"]
 
 
 @pytest.mark.parametrize("model, fmt, file_type", [("w256", "dat", "Q4_K_M")] + [
@@ -196,6 +196,6 @@ def test_imatrix_cli_refuses_a_type_without_a_weighted_path(models, imatrices, t
 
     src = models["w256"][0]
     result = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "m.gguf"), "--to", "gguf", "--gguf-type",
-                                      "IQ4_XS", "--imatrix", str(imatrices["w256", "gguf"])])
+                                      "Q2_K", "--imatrix", str(imatrices["w256", "gguf"])])
     assert result.exit_code == 2 and "importance weights" in result.output
     assert not (tmp_path / "m.gguf").exists()

@@ -90,9 +90,10 @@ TYPES: dict[QType, GGUFType] = {t.qtype: t for t in (
              weighted.quantize_q5_k),
     GGUFType(QType.Q6_K, F.MOSTLY_Q6_K, kquants.quantize_q6_k_reference, _compiled(QType.Q6_K), QType.Q8_0, 0.06,
              weighted.quantize_q6_k),
-    GGUFType(QType.IQ4_NL, F.MOSTLY_IQ4_NL, iquants.quantize_iq4_nl_reference, _compiled(QType.IQ4_NL), None, 0.25),
+    GGUFType(QType.IQ4_NL, F.MOSTLY_IQ4_NL, iquants.quantize_iq4_nl_reference, _compiled(QType.IQ4_NL), None, 0.25,
+             iquants.quantize_iq4_nl_reference),
     GGUFType(QType.IQ4_XS, F.MOSTLY_IQ4_XS, iquants.quantize_iq4_xs_reference, _compiled(QType.IQ4_XS), QType.IQ4_NL,
-             0.25),
+             0.25, iquants.quantize_iq4_xs_reference),
 )}  # fmt: skip
 
 GGUF_TYPES = tuple(q.name for q in TYPES)

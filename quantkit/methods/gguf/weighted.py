@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from quantkit.methods.gguf import kquants
+from quantkit.methods.gguf import iquants, kquants
 from quantkit.methods.gguf.blocks import row_bytes
 from quantkit.methods.gguf.kquants import GROUP_MAX_EPS, make_qkx2_quants, make_qx_quants, nearest_int, running_sum, to_f16
 
@@ -212,4 +212,5 @@ def quantize_q5_1(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
     return out.reshape(rows.shape[0], row_bytes(QType.Q5_1, rows.shape[1]))
 
 QUANTIZERS = {QType.Q3_K: quantize_q3_k, QType.Q4_K: quantize_q4_k, QType.Q5_K: quantize_q5_k, QType.Q6_K: quantize_q6_k, QType.Q4_0: quantize_q4_0, QType.Q5_0: quantize_q5_0,
-              QType.Q4_1: quantize_q4_1, QType.Q5_1: quantize_q5_1}
+              QType.Q4_1: quantize_q4_1, QType.Q5_1: quantize_q5_1,
+              QType.IQ4_NL: iquants.quantize_iq4_nl_reference, QType.IQ4_XS: iquants.quantize_iq4_xs_reference}
