@@ -71,7 +71,7 @@ def _f(ints: np.ndarray) -> np.ndarray:
     return np.asarray(ints).astype(np.float32)
 
 
-def _pack_2bit(codes: np.ndarray) -> np.ndarray:
+def pack_2bit(codes: np.ndarray) -> np.ndarray:
     """[nb, 256] codes 0..3 -> [nb, 64]: each 128 values are four runs of 32 sharing a byte."""
     c = codes.astype(np.uint8).reshape(-1, 2, 4, 32)
     return (c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)).reshape(-1, 64)
@@ -155,7 +155,7 @@ def quantize_q2_k_reference(rows: np.ndarray) -> np.ndarray:
         dm = (m16.astype(np.float32)[:, None] * _f(sc >> 4)).reshape(-1, 1)
         requant = np.clip(nearest_int((x + dm) / d), 0, 3)
     codes = np.where(d != 0, requant, codes).reshape(nb, 256)
-    out = np.concatenate([sc, _pack_2bit(codes), d16.view(np.uint8).reshape(nb, 2), m16.view(np.uint8).reshape(nb, 2)],
+    out = np.concatenate([sc, pack_2bit(codes), d16.view(np.uint8).reshape(nb, 2), m16.view(np.uint8).reshape(nb, 2)],
                          axis=1)
     return out.reshape(n, row_bytes(QType.Q2_K, k))
 
@@ -226,7 +226,7 @@ def pack_q3_k(codes: np.ndarray, l6: np.ndarray, d16: np.ndarray) -> np.ndarray:
     for bit, run in enumerate(high.astype(np.uint8).reshape(nb, 8, 32).transpose(1, 0, 2)):
         hmask |= run << bit
     codes = np.where(high, codes - 4, codes)
-    return np.concatenate([hmask, _pack_2bit(codes), packed_scales, d16.view(np.uint8).reshape(nb, 2)], axis=1)
+    return np.concatenate([hmask, pack_2bit(codes), packed_scales, d16.view(np.uint8).reshape(nb, 2)], axis=1)
 
 
 # ------------------------------------------------------------------------------------------ Q4_K, Q5_K

@@ -117,6 +117,33 @@ def quantize_q5_k(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
     return out.reshape(rows.shape[0], row_bytes(QType.Q5_K, rows.shape[1]))
 
 
+def quantize_q2_k(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    """float32 rows [n, k], k a multiple of 256, importance [k] -> Q2_K bytes [n, k / 256 * 84]
+    (quantize_row_q2_K_impl: make_qkx3_quants on sub-blocks of 16 with weights qw sqrt(sigma2 + x^2), sigma2
+    the mean square of the 256, then make_qp_quants with 15 levels for the 4-bit scales and mins)."""
+    n, k = rows.shape
+    x = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, 256)
+    nb = x.shape[0]
+    with np.errstate(all="ignore"):
+        sigma2 = running_sum(x * x) / f32(256)
+        weights = (_tiled(importance, n, k, 256) * np.sqrt(sigma2[:, None] + x * x)).reshape(-1, 16)
+    xs = x.reshape(-1, 16)
+    codes, scales, mins = make_qkx2_quants(xs, weights, 3, -0.9, 0.05, 36)
+    sum_w = running_sum(weights).reshape(nb, 16)
+    ls, d_block = _make_qp_quants(scales.reshape(nb, 16), sum_w, 15)
+    lm, m_block = _make_qp_quants(mins.reshape(nb, 16), sum_w, 15)
+    sc = ls | (lm << 4)  # uint8 arithmetic, as the C's
+    d16, m16 = to_f16(d_block), to_f16(m_block)
+    with np.errstate(all="ignore"):
+        d = (d16.astype(np.float32)[:, None] * (sc & 0xF).astype(np.float32)).reshape(-1, 1)
+        dm = (m16.astype(np.float32)[:, None] * (sc >> 4).astype(np.float32)).reshape(-1, 1)
+        requant = np.clip(nearest_int((xs + dm) / d), 0, 3)
+    codes = np.where(d != 0, requant, codes).reshape(nb, 256)
+    out = np.concatenate([sc, kquants.pack_2bit(codes), d16.view(np.uint8).reshape(nb, 2), m16.view(np.uint8).reshape(nb, 2)],
+                         axis=1)
+    return out.reshape(n, row_bytes(QType.Q2_K, k))
+
+
 def quantize_q3_k(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
     """float32 rows [n, k], k a multiple of 256, importance [k] -> Q3_K bytes [n, k / 256 * 110]
     (quantize_row_q3_K_impl: make_qx_quants with weights on sub-blocks of 16, then on the 16 scales with
@@ -211,6 +238,6 @@ def quantize_q5_1(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
     out = np.concatenate([head, _fifth_bits(codes), (codes[:, :16] & 0xF) | ((codes[:, 16:] & 0xF) << 4)], axis=1)
     return out.reshape(rows.shape[0], row_bytes(QType.Q5_1, rows.shape[1]))
 
-QUANTIZERS = {QType.Q3_K: quantize_q3_k, QType.Q4_K: quantize_q4_k, QType.Q5_K: quantize_q5_k, QType.Q6_K: quantize_q6_k, QType.Q4_0: quantize_q4_0, QType.Q5_0: quantize_q5_0,
+QUANTIZERS = {QType.Q2_K: quantize_q2_k, QType.Q3_K: quantize_q3_k, QType.Q4_K: quantize_q4_k, QType.Q5_K: quantize_q5_k, QType.Q6_K: quantize_q6_k, QType.Q4_0: quantize_q4_0, QType.Q5_0: quantize_q5_0,
               QType.Q4_1: quantize_q4_1, QType.Q5_1: quantize_q5_1,
               QType.IQ4_NL: iquants.quantize_iq4_nl_reference, QType.IQ4_XS: iquants.quantize_iq4_xs_reference}
