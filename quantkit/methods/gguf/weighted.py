@@ -1,7 +1,11 @@
-"""Quantizers with an importance matrix, byte for byte as `llama-quantize --imatrix`: Q4_K
-(quantize_row_q4_K_impl: make_qkx3_quants, then make_qp_quants for the 6-bit scales and mins), Q6_K
-(quantize_row_q6_K_impl), Q4_0 and Q5_0 (quantize_row_q{4,5}_0_impl: make_qx_quants with weights
-qw * sqrt(sigma2 + x^2)). Arithmetic as in kquants.py.
+"""Quantizers with an importance matrix, byte for byte as `llama-quantize --imatrix` (llama.cpp's
+quantize_* with quant_weights run the `_impl` functions, not the `_ref` ones): Q4_K and Q5_K
+(quantize_row_q{4,5}_K_impl: make_qkx3_quants, then make_qp_quants for the 6-bit scales and mins), Q2_K
+(quantize_row_q2_K_impl: the same on sub-blocks of 16 with 4-bit scales and mins), Q3_K
+(quantize_row_q3_K_impl: make_qx_quants with weights, twice), Q6_K (kquants.quantize_q6_k), Q4_0 and Q5_0
+(make_qx_quants), Q4_1 and Q5_1 (make_qkx3_quants, no requantization), IQ4_NL and IQ4_XS
+(iquants.py's references with weights). The weights are qw * sqrt(sigma2 + x^2), sigma2 a mean square of
+the row (legacy types) or twice / once (Q2_K) that of the super-block. Arithmetic as in kquants.py.
 
 `importance` is one expert's per-column vector (length k), as llama-quantize hands it to every row.
 """
