@@ -7,7 +7,8 @@ built from the llama-cpp-python sdist by `scripts/install_clients.py` (build_lla
 - for every file type: `quantkit convert --gguf-type T` writes the tensor types, tensor bytes and
   general.file_type that `llama-quantize` writes from our F32 GGUF of the same model, on a model whose
   width is a multiple of 256 and one whose width (576) is not;
-- with `--imatrix` from a file `llama-imatrix` wrote (GGUF and legacy .dat): Q4_K_M as llama-quantize.
+- with `--imatrix` from a file `llama-imatrix` wrote (GGUF and legacy .dat): every file type whose quant
+  types have a weighted path (weighted.py) as llama-quantize.
 """
 
 import ctypes
@@ -172,29 +173,27 @@ def imatrices(models, tmp_path_factory):
     return found
 
 
-@pytest.mark.parametrize("model, fmt", [("w256", "gguf"), ("w256", "dat"), ("w576", "gguf")])
-def test_imatrix_q4_k_m_equals_llama_quantize(models, imatrices, tmp_path, model, fmt):
+# every file type whose quant types take importance weights (Q2_K_S: llama-quantize wants an imatrix for it)
+IMATRIX_FILE_TYPES = ["Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
+                      "IQ4_NL", "IQ4_XS", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+
+
+@pytest.mark.parametrize("model, fmt, file_type", [("w256", "dat", "Q4_K_M")] + [
+    (model, "gguf", file_type) for model in ("w256", "w576") for file_type in IMATRIX_FILE_TYPES])
+def test_imatrix_file_types_equal_llama_quantize(models, imatrices, tmp_path, model, fmt, file_type):
     src, f32 = models[model]
     imatrix = imatrices[model, fmt]
     assert len(read_imatrix(imatrix).weights) >= 4 * 7  # every linear weight of the 4 layers
-    llama_quantize(f32, tmp_path / "theirs.gguf", "Q4_K_M", "--imatrix", str(imatrix))
-    gc.to_gguf(open_checkpoint(src), tmp_path / "ours.gguf", "Q4_K_M", imatrix=read_imatrix(imatrix))
-    assert_same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
-    # and the weights made a difference: without them the bytes differ
-    gc.to_gguf(open_checkpoint(src), tmp_path / "plain.gguf", "Q4_K_M")
+    llama_quantize(f32, tmp_path / "theirs.gguf", file_type, "--imatrix", str(imatrix))
+    gc.to_gguf(open_checkpoint(src), tmp_path / "ours.gguf", file_type, imatrix=read_imatrix(imatrix))
+    types = assert_same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
+    print(f"{model} {file_type} --imatrix: {len(types)} tensors equal "
+          f"({', '.join(sorted({q.name for q in types.values()}))})")
+    # and the weights made a difference: without them the layers' weighted tensors' bytes differ
+    gc.to_gguf(open_checkpoint(src), tmp_path / "plain.gguf", file_type)
     plain, ours = gf.read_gguf(tmp_path / "plain.gguf"), gf.read_gguf(tmp_path / "ours.gguf")
-    name = "blk.0.attn_q.weight"
-    t_plain, t_ours = (next(t for t in f.tensors if t.name == name) for f in (plain, ours))
-    assert plain.rows(t_plain).tobytes() != ours.rows(t_ours).tobytes()
-
-
-def test_imatrix_cli_refuses_a_type_without_a_weighted_path(models, imatrices, tmp_path):
-    from typer.testing import CliRunner
-
-    from quantkit.cli import app
-
-    src = models["w256"][0]
-    result = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "m.gguf"), "--to", "gguf", "--gguf-type",
-                                      "Q5_K_M", "--imatrix", str(imatrices["w256", "gguf"])])
-    assert result.exit_code == 2 and "importance weights" in result.output
-    assert not (tmp_path / "m.gguf").exists()
+    plain_by_name = {t.name: t for t in plain.tensors}
+    weighted_tensors = [t for t in ours.tensors if t.name.startswith("blk.") and ggml.TYPES[t.qtype].weighted is not None]
+    assert weighted_tensors
+    for t in weighted_tensors:
+        assert plain.rows(plain_by_name[t.name]).tobytes() != ours.rows(t).tobytes(), t.name

@@ -106,8 +106,9 @@ def _check_importance(imatrix: Imatrix, name: str, qtype: QType, shape: tuple[in
         return False
     if TYPES[qtype].weighted is None:
         raise QuantkitError(f"--imatrix: tensor {name} would be {qtype.name}, which quantkit cannot yet quantize "
-                            "with importance weights", "quantize with importance weights to Q4_K_M, Q4_K_S, Q6_K, "
-                            "Q4_0 or Q5_0 (their types), or leave out --imatrix")
+                            "with importance weights", "choose a file type made of "
+                            + ", ".join(q.name for q, t in TYPES.items() if t.weighted is not None)
+                            + ", or leave out --imatrix")
     return True
 
 

@@ -2,7 +2,8 @@
 byte for byte as llama-quantize writes them without an importance matrix.
 
 llama-quantize runs `quantize_iq4_nl` / `quantize_iq4_xs`, that is `quantize_row_iq4_nl_impl` with
-ntry = 7 and weights x^2 (not the `_ref` functions, which search no scales). Arithmetic as in kquants.py.
+ntry = 7 and weights x^2 (not the `_ref` functions, which search no scales), or with an importance matrix
+qw sqrt(sigma2 + x^2). Arithmetic as in kquants.py.
 Sub-blocks are held position-major, x [32, S], so each step of C's loop over a block's positions is one
 vector operation over all blocks. The numba kernels (kernels.py) compute the same bytes.
 """
@@ -32,9 +33,9 @@ def best_index(x: np.ndarray) -> np.ndarray:
     return np.where(x >= _VALUES[15], 15, index).astype(np.uint8)
 
 
-def _block_scales(x: np.ndarray) -> np.ndarray:
-    """x [32, S] -> each block's scale d [S] by quantize_row_iq4_nl_impl's search (0 for an empty block)."""
-    w = x * x
+def _block_scales(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x [32, S], weights w [32, S] -> each block's scale d [S] by quantize_row_iq4_nl_impl's search (0 for an
+    empty block)."""
     amax, top = signed_max(x, axis=0)
     with np.errstate(all="ignore"):
 
@@ -66,28 +67,41 @@ def _pack_nibbles(index: np.ndarray, nbytes: int) -> np.ndarray:
     return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(index.shape[0], nbytes)
 
 
-def _position_major(rows: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(rows, dtype=np.float32).reshape(-1, 32).T)
-
-
-def quantize_iq4_nl_reference(rows: np.ndarray) -> np.ndarray:
-    """float32 rows [n, k], k a multiple of 32 -> IQ4_NL bytes [n, k / 32 * 18]."""
+def _position_major(rows: np.ndarray, importance: np.ndarray | None, super_block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [n, k] -> (x [32, S], weights [32, S]): x^2, or with an importance matrix's per-column weights
+    qw sqrt(sigma2 + x^2), sigma2 twice the mean square of the `super_block` values."""
     n, k = rows.shape
-    x = _position_major(rows)
-    d = _block_scales(x)
+    x = np.asarray(rows, dtype=np.float32).reshape(-1, super_block)
+    if importance is None:
+        w = x * x
+    else:
+        qw = np.broadcast_to(np.asarray(importance, dtype=np.float32).reshape(1, k), (n, k)).reshape(-1, super_block)
+        with np.errstate(all="ignore"):
+            sigma2 = running_sum(x * x) * (f32(2) / f32(super_block))
+            w = qw * np.sqrt(sigma2[:, None] + x * x)
+    return (np.ascontiguousarray(x.reshape(-1, 32).T), np.ascontiguousarray(w.reshape(-1, 32).T))
+
+
+def quantize_iq4_nl_reference(rows: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """float32 rows [n, k], k a multiple of 32 -> IQ4_NL bytes [n, k / 32 * 18]; `importance` [k]: an
+    importance matrix's weights (quantize_iq4_nl with quant_weights)."""
+    n, k = rows.shape
+    x, w = _position_major(rows, importance, 32)
+    d = _block_scales(x, w)
     with np.errstate(all="ignore"):
         index = best_index(_inverse(d) * x)
     out = np.concatenate([to_f16(d).view(np.uint8).reshape(-1, 2), _pack_nibbles(index.T, 16)], axis=1)
     return out.reshape(n, row_bytes(QType.IQ4_NL, k))
 
 
-def quantize_iq4_xs_reference(rows: np.ndarray) -> np.ndarray:
+def quantize_iq4_xs_reference(rows: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
     """float32 rows [n, k], k a multiple of 256 -> IQ4_XS bytes [n, k / 256 * 136]: one float16 scale per
-    256, eight 6-bit block scales (low nibbles in scales_l, high two bits in scales_h)."""
+    256, eight 6-bit block scales (low nibbles in scales_l, high two bits in scales_h); `importance` as for
+    IQ4_NL."""
     n, k = rows.shape
-    x = _position_major(rows)
+    x, w = _position_major(rows, importance, 256)
     nb = x.shape[1] // 8
-    scales = _block_scales(x).reshape(nb, 8)
+    scales = _block_scales(x, w).reshape(nb, 8)
     _, max_scale = signed_max(scales)
     with np.errstate(all="ignore"):
         d = -max_scale / f32(32)

@@ -71,7 +71,7 @@ def _f(ints: np.ndarray) -> np.ndarray:
     return np.asarray(ints).astype(np.float32)
 
 
-def _pack_2bit(codes: np.ndarray) -> np.ndarray:
+def pack_2bit(codes: np.ndarray) -> np.ndarray:
     """[nb, 256] codes 0..3 -> [nb, 64]: each 128 values are four runs of 32 sharing a byte."""
     c = codes.astype(np.uint8).reshape(-1, 2, 4, 32)
     return (c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)).reshape(-1, 64)
@@ -155,7 +155,7 @@ def quantize_q2_k_reference(rows: np.ndarray) -> np.ndarray:
         dm = (m16.astype(np.float32)[:, None] * _f(sc >> 4)).reshape(-1, 1)
         requant = np.clip(nearest_int((x + dm) / d), 0, 3)
     codes = np.where(d != 0, requant, codes).reshape(nb, 256)
-    out = np.concatenate([sc, _pack_2bit(codes), d16.view(np.uint8).reshape(nb, 2), m16.view(np.uint8).reshape(nb, 2)],
+    out = np.concatenate([sc, pack_2bit(codes), d16.view(np.uint8).reshape(nb, 2), m16.view(np.uint8).reshape(nb, 2)],
                          axis=1)
     return out.reshape(n, row_bytes(QType.Q2_K, k))
 
@@ -211,6 +211,12 @@ def quantize_q3_k_reference(rows: np.ndarray) -> np.ndarray:
         d = (d16.astype(np.float32)[:, None] * _f(l6.astype(np.int32) - 32)).reshape(1, -1)
         requant = np.clip(nearest_int(x / d), -4, 3) + 4
     codes = np.where(d != 0, requant, codes).T.reshape(nb, 256)
+    return pack_q3_k(codes, l6, d16).reshape(n, row_bytes(QType.Q3_K, k))
+
+
+def pack_q3_k(codes: np.ndarray, l6: np.ndarray, d16: np.ndarray) -> np.ndarray:
+    """codes [nb, 256] in 0..7, 6-bit scales + 32 [nb, 16], float16 d [nb] -> block_q3_K bytes [nb, 110]."""
+    nb = codes.shape[0]
     packed_scales = np.zeros((nb, 12), dtype=np.uint8)
     packed_scales[:, 0:8] = (l6[:, 0:8] & 0xF) | ((l6[:, 8:16] & 0xF) << 4)
     for j in range(16):
@@ -220,8 +226,7 @@ def quantize_q3_k_reference(rows: np.ndarray) -> np.ndarray:
     for bit, run in enumerate(high.astype(np.uint8).reshape(nb, 8, 32).transpose(1, 0, 2)):
         hmask |= run << bit
     codes = np.where(high, codes - 4, codes)
-    out = np.concatenate([hmask, _pack_2bit(codes), packed_scales, d16.view(np.uint8).reshape(nb, 2)], axis=1)
-    return out.reshape(n, row_bytes(QType.Q3_K, k))
+    return np.concatenate([hmask, pack_2bit(codes), packed_scales, d16.view(np.uint8).reshape(nb, 2)], axis=1)
 
 
 # ------------------------------------------------------------------------------------------ Q4_K, Q5_K
@@ -277,11 +282,16 @@ def quantize_q5_k_reference(rows: np.ndarray) -> np.ndarray:
     64 values go to bit 2g (first 32) and 2g + 1 (last 32) of qh."""
     n, k = rows.shape
     head, codes = _scale_min_blocks(rows, 31, -0.5, 15)
+    return np.concatenate([head, pack_q5_k_codes(codes)], axis=1).reshape(n, row_bytes(QType.Q5_K, k))
+
+
+def pack_q5_k_codes(codes: np.ndarray) -> np.ndarray:
+    """[nb, 256] codes 0..31 -> qh [nb, 32] then qs [nb, 128]."""
     fifth = (codes.astype(np.uint8) >> 4).reshape(-1, 4, 2, 32)
     qh = np.zeros((codes.shape[0], 32), dtype=np.uint8)
     for g in range(4):
         qh |= (fifth[:, g, 0] << (2 * g)) | (fifth[:, g, 1] << (2 * g + 1))
-    return np.concatenate([head, qh, pack_low_high(codes)], axis=1).reshape(n, row_bytes(QType.Q5_K, k))
+    return np.concatenate([qh, pack_low_high(codes)], axis=1)
 
 
 # ----------------------------------------------------------------------------------------------- Q6_K
