@@ -319,6 +319,15 @@ def test_cli_refuses_existing_output_and_bad_type(checkpoints, tmp_path):
     assert out.read_bytes() == b"keep me" and not (tmp_path / "n.gguf").exists()
 
 
+
+def test_q2_k_s_without_an_importance_matrix_is_refused_as_llama_quantize_does(checkpoints, tmp_path):
+    result = _cli("convert", checkpoints["llama"], tmp_path / "n.gguf", "--to", "gguf", "--gguf-type", "Q2_K_S")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) <= 2, result.output
+    assert "token_embd.weight would be Q2_K in a Q2_K_S file" in result.output and "--imatrix" in result.output
+    assert not (tmp_path / "n.gguf").exists()
+    result = _cli("convert", checkpoints["llama"], tmp_path / "q2.gguf", "--to", "gguf", "--gguf-type", "Q2_K")
+    assert result.exit_code == 0 and (tmp_path / "q2.gguf").stat().st_size > 0
+
 # --------------------------------------------------------------------------------------------- verify
 
 
@@ -328,7 +337,7 @@ def test_verify_with_reference_reports_per_tensor_error(checkpoints, llama_q8):
     assert len(report.layers) == 21 and all(x.rel_error < 0.01 for x in report.layers)
 
 
-@pytest.mark.parametrize("type_name", [t for t in gc.FILE_TYPES if t not in ("F32", "Q8_0")])
+@pytest.mark.parametrize("type_name", [t for t in gc.FILE_TYPES if t not in ("F32", "Q8_0", "Q2_K_S")])  # Q2_K_S: --imatrix
 def test_verify_bounds_pass_every_type(checkpoints, tmp_path, type_name):
     out = tmp_path / "m.gguf"
     gc.to_gguf(open_checkpoint(checkpoints["llama"]), out, type_name)

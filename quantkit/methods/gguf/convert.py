@@ -139,6 +139,9 @@ def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], file_type: FileT
     for hf_name, shape in shapes.items():
         gguf_name, t_type = table[hf_name], mix.types[table[hf_name]]
         heads = gf.permuted_heads(arch, hf_name, hyper.n_head, hyper.n_kv_head)
+        if imatrix is None and file_type.name == "Q2_K_S" and t_type == QType.Q2_K:  # as llama-quantize
+            raise QuantkitError(f"{gguf_name} would be Q2_K in a Q2_K_S file, which llama-quantize makes only with an "
+                                "importance matrix", "pass --imatrix FILE (llama-imatrix writes one), or choose Q2_K")
         weighted = imatrix is not None and _check_importance(imatrix, gguf_name, t_type, tuple(shape))
         entries.append(GGUFEntry(hf_name, gf.GGUFOutput(gguf_name, tuple(shape), t_type), heads, weighted,
                                  tuple(members.get(hf_name, ())), arch.shift(hf_name)))
