@@ -200,7 +200,7 @@ def _quantized(rows: Iterator[np.ndarray], dtype: str, qtype: QType, importance:
         else:
             data = gguf_types.quantize_weighted(chunk, dtype, qtype, importance)
         if error is not None:
-            values = legacy.values_of(data, qtype) if qtype in legacy.INTEGER_BITS else dequantize(data, qtype)
+            values = gguf_types.block_values(data, qtype, chunk.shape[-1]) if qtype in legacy.INTEGER_BITS else dequantize(data, qtype)
             error.add(to_float32(chunk, dtype), values)
         yield data
 

@@ -120,10 +120,3 @@ def blocks_of(q: np.ndarray, d: np.ndarray, qtype: QType) -> np.ndarray:
     codes = q.reshape(-1, INTEGER_BLOCK)
     body = codes.view(np.uint8) if qtype == QType.Q8_0 else _nibbles((codes + 8).astype(np.uint8))
     return np.concatenate([scale, body], axis=1).reshape(n, row_bytes(qtype, k))
-
-
-def values_of(raw: np.ndarray, qtype: QType) -> np.ndarray:
-    """float32 values [n, k] of Q4_0 / Q8_0 rows: q * d, as gguf-py's and llama.cpp's dequantization."""
-    q, d = integers_of(raw, qtype)
-    n = q.shape[0]
-    return (q.reshape(n, -1, INTEGER_BLOCK).astype(np.float32) * d.astype(np.float32)[..., None]).reshape(n, -1)

@@ -16,7 +16,7 @@ from quantkit.dtypes import bf16_bits, to_float32
 from quantkit.methods.gguf import iquants, kquants, legacy, native, weighted
 from quantkit.methods.gguf.blocks import fits, layout, row_bytes
 
-__all__ = ["GGUF_TYPES", "IGNORES_IMPORTANCE", "LEGACY_TYPES", "TYPES", "GGUFType", "block_integers", "fits", "integer_blocks", "layout", "quantize",
+__all__ = ["GGUF_TYPES", "IGNORES_IMPORTANCE", "LEGACY_TYPES", "TYPES", "GGUFType", "block_integers", "block_values", "fits", "integer_blocks", "layout", "quantize",
            "quantize_reference", "quantize_stored", "quantize_weighted", "row_bytes"]
 
 QType = GGMLQuantizationType
@@ -132,6 +132,13 @@ def block_integers(raw: np.ndarray, qtype: QType, k: int) -> tuple[np.ndarray, n
     if native.AVAILABLE:
         return native.integers_of(raw, legacy.INTEGER_BITS[qtype], k)
     return legacy.integers_of(raw, qtype)
+
+
+def block_values(raw: np.ndarray, qtype: QType, k: int) -> np.ndarray:
+    """float32 values [n, k] of Q4_0 / Q8_0 rows: q * d, as gguf-py's and llama.cpp's dequantization."""
+    q, d = block_integers(raw, qtype, k)
+    n = q.shape[0]
+    return (q.reshape(n, -1, legacy.INTEGER_BLOCK) * d.astype(np.float32)[..., None]).reshape(n, -1)
 
 
 def quantize_weighted(rows: np.ndarray, dtype: str, qtype: QType, importance: np.ndarray) -> np.ndarray:
