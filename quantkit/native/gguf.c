@@ -314,11 +314,10 @@ VALWAYS void qkx2_lanes(const int n, const int G, const vf *x, const vf *w, cons
         }
 }
 
-/* make_qx_quants(n, nmax, x, L, 1, NULL) (weights x^2) for G * 8 sub-blocks, laid out as in qkx2_lanes;
-   codes are + nmax. Its trials depend on none before them but for which one wins. */
-VALWAYS void qx_lanes(const int n, const int G, const vf *x, const int nmax, vf *scale_out, vi *codes) {
-    vf amax[MAXG], top[MAXG], w[16 * MAXG], wx[16 * MAXG], scale[MAXG], best[MAXG], best_iscale[MAXG];
-    EACH(g) amax[g] = top[g] = scale[g] = best[g] = best_iscale[g] = vf_set(0.0f);
+/* The prelude make_qx_quants and make_q3_quants share, for G * 8 sub-blocks: per sub-block the largest |x|
+   (amax) and the value holding it (top, the first on ties), and the weights x^2 and x^3. */
+VALWAYS void peak_and_weights(const int n, const int G, const vf *x, vf *amax, vf *top, vf *w, vf *wx) {
+    EACH(g) amax[g] = top[g] = vf_set(0.0f);
     for (int i = 0; i < n; i++)
         EACH(g) {
             const vf xi = x[i * G + g], ax = vabs(xi);
@@ -328,6 +327,14 @@ VALWAYS void qx_lanes(const int n, const int G, const vf *x, const int nmax, vf 
             w[i * G + g] = xi * xi;
             wx[i * G + g] = w[i * G + g] * xi;
         }
+}
+
+/* make_qx_quants(n, nmax, x, L, 1, NULL) (weights x^2) for G * 8 sub-blocks, laid out as in qkx2_lanes;
+   codes are + nmax. Its trials depend on none before them but for which one wins. */
+VALWAYS void qx_lanes(const int n, const int G, const vf *x, const int nmax, vf *scale_out, vi *codes) {
+    vf amax[MAXG], top[MAXG], w[16 * MAXG], wx[16 * MAXG], scale[MAXG], best[MAXG], best_iscale[MAXG];
+    EACH(g) scale[g] = best[g] = best_iscale[g] = vf_set(0.0f);
+    peak_and_weights(n, G, x, amax, top, w, wx);
     for (int k = 0; k < 19; k++) {
         /* the first fit at -nmax / max, then the trials is = -9 .. -1, 1 .. 9 */
         const int is = k == 0 ? 0 : k <= 9 ? k - 10 : k - 9;
@@ -375,16 +382,8 @@ VALWAYS void qx_lanes(const int n, const int G, const vf *x, const int nmax, vf 
    Codes + nmax; an empty sub-block's are 0. */
 VALWAYS void q3_lanes(const int n, const int G, const vf *x, const int nmax, vf *scale_out, vi *codes) {
     vf amax[MAXG], top[MAXG], w[16 * MAXG], wx[16 * MAXG], sumlx[MAXG], suml2[MAXG], iscale[MAXG], L[16 * MAXG];
-    EACH(g) amax[g] = top[g] = sumlx[g] = suml2[g] = vf_set(0.0f);
-    for (int i = 0; i < n; i++)
-        EACH(g) {
-            const vf xi = x[i * G + g], ax = vabs(xi);
-            const vi more = ax > amax[g];
-            amax[g] = vsel(more, ax, amax[g]);
-            top[g] = vsel(more, xi, top[g]);
-            w[i * G + g] = xi * xi;
-            wx[i * G + g] = w[i * G + g] * xi;
-        }
+    EACH(g) sumlx[g] = suml2[g] = vf_set(0.0f);
+    peak_and_weights(n, G, x, amax, top, w, wx);
     EACH(g) iscale[g] = vf_set((float)-nmax) / top[g];
     for (int i = 0; i < n; i++)
         EACH(g) {
