@@ -33,11 +33,12 @@ BODY int gptq_group(const gptq_t *q, Py_ssize_t row, Py_ssize_t group, const int
     const Py_ssize_t start = row * q->cols + group * q->size, size = q->size;
     const int per_word = 32 / bits, maxq = (1 << bits) - 1;
     const float maxq_f = (float)maxq;
-    if (peak_bits(src, bf16, start, size) >= EXPONENT)
+    const uint32_t peak = peak_bits(src, bf16, start, size);
+    if (peak >= EXPONENT)
         return GPTQ_BAD_VALUES;
     float lo = 0.0f, hi = 0.0f;
     if (q->sym) {
-        hi = as_float(peak_bits(src, bf16, start, size));
+        hi = as_float(peak);
         lo = -hi;
     } else {
         int32_t low = 0, high = 0; /* the keys of 0.0: the range always spans 0 */
@@ -78,11 +79,18 @@ BODY int gptq_group(const gptq_t *q, Py_ssize_t row, Py_ssize_t group, const int
             codes[i] = (uint8_t)(code > maxq ? maxq : code);
         }
         uint32_t *column = q->qweight + (group * size + t0) / per_word * q->out_features + q->col0 + row;
+        /* a word's codes, lowest bits first, are its little-endian bytes: pack into bytes, then move words */
+        uint8_t packed[TILE];
+        const int per_byte = 8 / bits;
+        for (Py_ssize_t k = 0; k < n / per_byte; k++) {
+            uint8_t byte = 0;
+            for (int j = 0; j < per_byte; j++)
+                byte |= (uint8_t)(codes[k * per_byte + j] << (bits * j));
+            packed[k] = byte;
+        }
         for (Py_ssize_t w = 0; w < n / per_word; w++) {
-            uint32_t word = 0;
-            for (int j = 0; j < per_word; j++)
-                word |= (uint32_t)codes[w * per_word + j] << (bits * j);
-            column[w * q->out_features] = word;
+            const uint8_t *b = packed + w * 4;
+            column[w * q->out_features] = b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
         }
     }
     return 0;
