@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import _thread
 import json
+import os
 import signal
 import sys
 import threading
@@ -101,6 +102,7 @@ ShardSize = Annotated[str, typer.Option("--max-shard-size", help="Largest output
 QuantizeShardSize = Annotated[Optional[str], typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, 2GiB (over a recipe's max_shard_size). \\[default: 5GB]")]
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit) for a hub SRC.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Reuse the finished shards of an interrupted run (checked by their sha256 digests).")]
+NoSync = Annotated[bool, typer.Option("--no-sync", help="End once the output is in the page cache, without waiting for the disk (no fsync), as most tools do; a power cut in the next ~30 s may cost the output.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Write nothing: show every tensor's fate and why, output bytes, memory and free disk.")]
 
 # The method settings quantize and inspect share. None means "not given": the recipe's value, else the
@@ -283,13 +285,15 @@ def quantize(
     dry_run: DryRun = False,
     force: ForceFlag = False,
     resume: Resume = False,
+    no_sync: NoSync = False,
     json_out: JsonFlag = False,
     revision: Revision = None,
 ) -> None:
     """Quantize a checkpoint (bitsandbytes NF4/FP4/int8, or group-wise GPTQ); --dry-run shows the plan; a quantized source is transcoded."""
     import quantkit.commands as qk
+    from quantkit.io.outfile import durability
 
-    with user_errors():
+    with user_errors(), durability(not no_sync):
         settings = method_settings(double_quant, blocksize, compute_dtype, quant_storage, skip, backend, device, bits,
                                    group_size, sym, format, optimize)
         if dry_run:
@@ -313,13 +317,15 @@ def dequantize(
     max_shard_size: ShardSize = "5GB",
     force: ForceFlag = False,
     resume: Resume = False,
+    no_sync: NoSync = False,
     json_out: JsonFlag = False,
     revision: Revision = None,
 ) -> None:
     """Turn a quantized checkpoint back into dense safetensors (e.g. to fine-tune it)."""
     import quantkit.commands as qk
+    from quantkit.io.outfile import durability
 
-    with user_errors():
+    with user_errors(), durability(not no_sync):
         with progress_bar(not json_out, "dequantize") as progress:
             result = qk.dequantize(src, out, dtype, max_shard_size=max_shard_size, force=force, revision=revision,
                                    progress=progress, resume=resume)
@@ -339,13 +345,15 @@ def convert(
     max_shard_size: ShardSize = "5GB",
     dry_run: DryRun = False,
     force: ForceFlag = False,
+    no_sync: NoSync = False,
     json_out: JsonFlag = False,
     revision: Revision = None,
 ) -> None:
     """Convert between formats: safetensors -> GGUF, GGUF or PyTorch .bin -> safetensors, GPTQ v1 <-> v2 zero points."""
     import quantkit.commands as qk
+    from quantkit.io.outfile import durability
 
-    with user_errors():
+    with user_errors(), durability(not no_sync):
         if dry_run:
             print_plan(qk.convert(src, out, to, gguf_type=gguf_type, dtype=dtype, dry_run=True, force=force,
                                   revision=revision, max_shard_size=max_shard_size), json_out)
@@ -446,6 +454,9 @@ def _unraisable(hook):
 
 
 def main() -> None:
+    # numpy's BLAS would start a thread per core that spins between calls; quantkit's kernels run their own
+    # threads and ask BLAS for nothing heavier than a vector's dot product
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     for signum in SIGNAL_NAMES:
         signal.signal(signum, _on_signal)
     sys.unraisablehook = _unraisable(sys.unraisablehook)

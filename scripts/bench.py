@@ -16,7 +16,8 @@ Dequantize jobs also give output MB/s (dense bytes written per second), beside t
 in the same run with dd (1 GB written with O_DIRECT and fsync, read back with O_DIRECT: no page cache).
 quantkit's bytecode is compiled before anything is timed, as pip does at install (a run with
 PYTHONDONTWRITEBYTECODE and no __pycache__ otherwise compiles every module it imports, each time).
---only fp8: the FP8 jobs alone (quantize fp8 in both layouts, dequantize both), e.g. at --size 10.
+--only fp8: the FP8 jobs alone (quantize fp8 in both layouts and with --no-sync, dequantize both; at --size 1 with
+model_free_ptq beside them), e.g. at --size 10.
 
     python scripts/bench.py [--size GB] [--only quantkit|gguf|fp8] [--json]
 """
@@ -251,6 +252,9 @@ def main() -> None:
             ("quantkit int8", [*qk, "quantize", str(src), str(work / "qk-int8"), "--method", "int8"], work / "qk-int8", size),
             ("quantkit gptq 4-bit", [*qk, "quantize", str(src), str(work / "qk-gptq"), "--method", "gptq", "--bits", "4"], work / "qk-gptq", size),
             ("quantkit fp8", [*qk, "quantize", str(src), str(work / "qk-fp8"), "--method", "fp8"], work / "qk-fp8", size),
+            # as model_free_ptq writes: done once the bytes are in the page cache (no fsync)
+            ("quantkit fp8 --no-sync", [*qk, "quantize", str(src), str(work / "qk-fp8-nosync"), "--method", "fp8", "--no-sync"],
+             work / "qk-fp8-nosync", size),
             ("quantkit dequantize nf4", [*qk, "dequantize", str(work / "qk-nf4"), str(work / "qk-dense")], work / "qk-dense", size),
             ("quantkit fp8 (fp8 layout)", [*qk, "quantize", str(src), str(work / "qk-fp8-fine"), "--method", "fp8-block", "--layout", "fp8"], work / "qk-fp8-fine", size),
             ("quantkit dequantize fp8", [*qk, "dequantize", str(work / "qk-fp8-fine"), str(work / "qk-fp8-dense")], work / "qk-fp8-dense", size),
@@ -294,6 +298,7 @@ def main() -> None:
                 ("bitsandbytes dequantize nf4", [PY, "-c", ANCHOR_DEQUANTIZE, str(work / "qk-nf4"), str(work / "bnb-dense")], work / "bnb-dense", size),
                 ("gguf-py Q8_0", [PY, "-c", ANCHOR_GGUF_Q8, str(src), str(work / "gguf-py.gguf")], work / "gguf-py.gguf", size),
             ]
+        if args.only == "all" or (args.only == "fp8" and args.size <= 1):  # model_free_ptq takes minutes at 10 GB
             if not LLMC_PY.exists():
                 raise SystemExit(f"{LLMC_PY} is missing: make test-clients installs llm-compressor there (or use --only quantkit)")
             jobs.append(("llm-compressor FP8_DYNAMIC", [str(LLMC_PY), "-c", ANCHOR_FP8, str(src), str(work / "llmc-fp8")], work / "llmc-fp8", size))
@@ -301,14 +306,15 @@ def main() -> None:
         for i, (label, argv, output, nbytes) in enumerate(jobs):
             results[label] = timed(label, argv, output, nbytes, args.repeat)
             # no anchor compares quantkit's outputs here: one no later job reads goes (at --size 10 all would need ~75 GB)
-            if args.only in ("quantkit", "fp8") and not any(str(output) in arg for later in jobs[i + 1:] for arg in later[1]):
+            compared = output.name in ("qk-fp8", "qk-fp8-nosync") and "llm-compressor FP8_DYNAMIC" in [j[0] for j in jobs]
+            if args.only in ("quantkit", "fp8") and not compared and not any(str(output) in arg for later in jobs[i + 1:] for arg in later[1]):
                 if output.is_dir():
                     shutil.rmtree(output)
                 output.unlink(missing_ok=True)
         anchors = {"quantkit nf4": "transformers+bnb nf4", "quantkit int8": "transformers+bnb int8",
                    "quantkit gptq 4-bit": "transformers+bnb nf4",
                    "quantkit dequantize nf4": "bitsandbytes dequantize nf4", "quantkit gguf Q8_0": "gguf-py Q8_0",
-                   "quantkit fp8": "llm-compressor FP8_DYNAMIC",
+                   "quantkit fp8": "llm-compressor FP8_DYNAMIC", "quantkit fp8 --no-sync": "llm-compressor FP8_DYNAMIC",
                    "quantkit gguf Q4_K_M": "convert_hf_to_gguf+llama-quantize"}  # fmt: skip
         slower_of = {"quantkit nf4 -> Q8_0": ("quantkit dequantize nf4", "quantkit gguf Q8_0"),
                      "quantkit gptq -> Q4_0 (lossless)": ("quantkit dequantize gptq", "quantkit gguf Q4_0")}
@@ -328,7 +334,9 @@ def main() -> None:
         if args.only == "all":
             identical = {m: same_tensors(work / f"qk-{m}", work / f"tf-{m}") for m in ("nf4", "int8")}
             identical["dequantize nf4"] = same_tensors(work / "qk-dense", work / "bnb-dense", common_only=True)
+        if "llm-compressor FP8_DYNAMIC" in results:
             identical["fp8"] = same_tensors(work / "qk-fp8", work / "llmc-fp8")
+            identical["fp8 --no-sync"] = same_tensors(work / "qk-fp8-nosync", work / "llmc-fp8")
         if args.only in ("all", "gguf"):
             identical["gguf Q4_K_M"] = same_gguf_tensors(work / "qk-q4km.gguf", work / "lq-q4km.gguf")
         report = {"checkpoint": str(src), "input_mb": round(size / 1e6), "results": list(results.values()), "identical_to_transformers": identical}

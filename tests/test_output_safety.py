@@ -35,6 +35,38 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob(".*quantkit-*"))
 
 
+# ---------------------------------------------------------------- --no-sync
+
+
+@pytest.mark.parametrize("command", [("quantize", "--method", "fp8"), ("dequantize",), ("convert", "--to", "gguf")],
+                         ids=["quantize", "dequantize", "convert"])
+def test_no_sync_writes_the_same_bytes_without_fsync(ckpt, tmp_path, cli, monkeypatch, command):
+    """--no-sync: the same output, written without one fsync (durable runs fsync every file and folder)."""
+    verb, *flags = command
+    source = ckpt
+    if verb == "dequantize":
+        source = tmp_path / "nf4"
+        assert cli("quantize", ckpt, source, "--method", "nf4")[0] == 0
+    suffix = ".gguf" if verb == "convert" else ""
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    code, _, err = cli(verb, source, tmp_path / f"durable{suffix}", *flags)
+    assert code == 0, err
+    assert synced
+    synced.clear()
+    code, _, err = cli(verb, source, tmp_path / f"fast{suffix}", *flags, "--no-sync")
+    assert code == 0, err
+    assert synced == []
+    if suffix:
+        assert (tmp_path / "fast.gguf").read_bytes() == (tmp_path / "durable.gguf").read_bytes()
+    else:
+        weights = sorted(p.name for p in (tmp_path / "durable").glob("*.safetensors"))
+        assert weights and weights == sorted(p.name for p in (tmp_path / "fast").glob("*.safetensors"))
+        for name in [*weights, "config.json"]:
+            assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "durable" / name).read_bytes(), name
+
+
 # ---------------------------------------------------------------- clobbering
 
 

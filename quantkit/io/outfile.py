@@ -4,6 +4,9 @@ Where the filesystem allows it the file is opened with O_DIRECT: the disk reads 
 the bytes are not copied into the page cache (on a 2-core machine that copy costs as much CPU as
 quantizing) and the closing fsync finds nothing left to write. Elsewhere (tmpfs, macOS) the same
 buffers go through ordinary writes, with writeback started as they go.
+
+`durability(False)` (the CLI's --no-sync) makes a run end once its bytes are in the page cache, as
+safetensors, llama-quantize and llm-compressor do: ordinary writes, no writeback started, no fsync.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import hashlib
 import mmap
 import os
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,6 +46,26 @@ def _start_writeback():
 
 _writeback = _start_writeback()
 _DIRECT = getattr(os, "O_DIRECT", 0)
+_durable = True
+
+
+@contextlib.contextmanager
+def durability(durable: bool) -> Iterator[None]:
+    """Within it, durable=True (the default everywhere else): every file and folder is on disk (fsync) before
+    the output is renamed into place, so a power cut right after a run leaves the finished output or none.
+    False: a run ends once its bytes are in the page cache, which the kernel writes back within ~30 s."""
+    global _durable
+    before, _durable = _durable, durable
+    try:
+        yield
+    finally:
+        _durable = before
+
+
+def sync(fd: int) -> None:
+    """fsync, unless within durability(False)."""
+    if _durable:
+        os.fsync(fd)
 
 
 def _combine(pieces: list[bytes]) -> str:
@@ -65,6 +89,8 @@ class OutputFile:
     `write` copies the data into a staging buffer and returns; full buffers are written by threads
     (pwrite at their own offsets, so in any order). Their errors surface at a later `write` or at `close`.
     With `digest`, the threads also hash what they write, and close() sets `self.digest` (file_digest's).
+    Within durability(False) `write` hands the caller's bytes to the page cache itself (`through`): the
+    kernel copies them at once, so no staging copy and no threads.
     """
 
     def __init__(self, path: Path, keep: int = 0, digest: bool = False):
@@ -74,20 +100,22 @@ class OutputFile:
         self.digest = ""
         self._pieces: dict[int, bytes] | None = {} if digest else None
         flags = os.O_WRONLY | os.O_CREAT | (0 if keep else os.O_TRUNC)
-        self.direct = bool(_DIRECT)
+        self.direct = bool(_DIRECT) and _durable
         try:
-            self._fd = os.open(path, flags | _DIRECT, 0o666)  # 0644 under the usual umask, like open()
+            self._fd = os.open(path, flags | (_DIRECT if self.direct else 0), 0o666)  # 0644 under the usual umask, like open()
         except OSError as e:
             if e.errno != errno.EINVAL or not self.direct:
                 raise
             self.direct = False
             self._fd = os.open(path, flags, 0o666)
-        self._buffers = [mmap.mmap(-1, BUFFER) for _ in range(DEPTH)]  # anonymous maps are page aligned
+        self.through = not _durable
+        self._piece = hashlib.sha256()  # through: the digest's current piece, hashed in file order
+        self._buffers = [mmap.mmap(-1, BUFFER) for _ in range(0 if self.through else DEPTH)]  # anonymous maps are page aligned
         self._views = [np.frombuffer(b, np.uint8) for b in self._buffers]
         self._current = 0
         self._fill = 0
-        self._offset = keep - keep % ALIGN  # file offset of the current buffer's first byte
-        if keep % ALIGN:  # start the first buffer with the partial block already on disk
+        self._offset = keep if self.through else keep - keep % ALIGN  # file offset of the current buffer's first byte
+        if keep % ALIGN and not self.through:  # start the first buffer with the partial block already on disk
             with open(path, "rb") as f:
                 f.seek(self._offset)
                 head = f.read(keep % ALIGN)
@@ -101,6 +129,9 @@ class OutputFile:
 
     def write(self, data) -> None:
         source = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+        if self.through:
+            self._write_through(source)
+            return
         done = 0
         while done < source.size:
             take = min(source.size - done, BUFFER - self._fill)
@@ -109,6 +140,32 @@ class OutputFile:
             done += take
             if self._fill == BUFFER:
                 self._submit()
+
+    def _write_through(self, data: np.ndarray) -> None:
+        view = memoryview(data)
+        if self._pieces is not None:
+            self._hash_in_order(view)
+        done = 0
+        while done < len(view):
+            written = os.pwrite(self._fd, view[done:], self._offset + done)
+            if written == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done += written
+        self._offset += len(view)
+
+    def _hash_in_order(self, view: memoryview, final: bool = False) -> None:
+        """The digest's BUFFER-sized pieces from bytes that arrive in file order (`final`: the last, short one)."""
+        offset = self._offset
+        while len(view):
+            take = min(len(view), BUFFER - offset % BUFFER)
+            self._piece.update(view[:take])
+            offset += take
+            view = view[take:]
+            if offset % BUFFER == 0:
+                self._pieces[offset // BUFFER - 1] = self._piece.digest()
+                self._piece = hashlib.sha256()
+        if final and self._offset % BUFFER:
+            self._pieces[self._offset // BUFFER] = self._piece.digest()
 
     def _submit(self) -> None:
         """Hand the current buffer to the writer threads and move on to a free one."""
@@ -140,7 +197,7 @@ class OutputFile:
             if written == 0:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             done += written
-        if not self.direct:
+        if not self.direct and _durable:
             _writeback(self._fd, offset, length)
 
     def _buffered(self) -> None:
@@ -159,6 +216,8 @@ class OutputFile:
         try:
             if self._fill:
                 self._submit()
+            if self.through and self._pieces is not None:
+                self._hash_in_order(memoryview(b""), final=True)
             self._drain()
             os.ftruncate(self._fd, size)
             if head:
@@ -170,7 +229,7 @@ class OutputFile:
                     with open(self.path, "rb") as f:
                         self._pieces[0] = hashlib.sha256(f.read(BUFFER)).digest()
                 self.digest = _combine([self._pieces[i] for i in range(len(self._pieces))])
-            os.fsync(self._fd)
+            sync(self._fd)
         finally:
             self.abort()
         return size

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from quantkit.errors import QuantkitError, raise_if_interrupted
-from quantkit.io.outfile import file_digest
+from quantkit.io.outfile import file_digest, sync
 from quantkit.io.safetensors import CheckpointWriter, OutputTensor
 from quantkit.io.source import Checkpoint
 
@@ -247,7 +247,7 @@ class StagedOutput:
         with open(staging, "w", encoding="utf-8") as f:
             json.dump({"fingerprint": self.fingerprint, "shards": self.finished}, f)
             f.flush()
-            os.fsync(f.fileno())
+            sync(f.fileno())
         os.replace(staging, self.tmp / MANIFEST)
 
     def shard_done(self, name: str, digest: str) -> None:
@@ -279,7 +279,7 @@ class StagedOutput:
         (self.tmp / MANIFEST).unlink(missing_ok=True)
         fd = os.open(self.tmp, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            sync(fd)
         finally:
             os.close(fd)
         old = None
@@ -368,7 +368,7 @@ def replace_json(path: Path, data: dict) -> None:
         with open(temp, "w", encoding="utf-8") as f:
             f.write(json.dumps(data, indent=2) + "\n")
             f.flush()
-            os.fsync(f.fileno())
+            sync(f.fileno())
         os.replace(temp, path)
     except OSError as e:
         temp.unlink(missing_ok=True)
