@@ -19,7 +19,7 @@ PYTHONDONTWRITEBYTECODE and no __pycache__ otherwise compiles every module it im
 --only fp8: the FP8 jobs alone (quantize fp8 in both layouts and with --no-sync, dequantize both; at --size 1 with
 model_free_ptq beside them), e.g. at --size 10.
 
-    python scripts/bench.py [--size GB] [--only quantkit|gguf|fp8] [--json]
+    python scripts/bench.py [--size GB] [--only quantkit|gguf|fp8] [--job TEXT ...] [--json]
 """
 
 from __future__ import annotations
@@ -236,6 +236,8 @@ def main() -> None:
                         help="quantkit: skip the anchors (they take minutes); gguf: only Q4_K_M and its anchors; fp8: the FP8 jobs")
     parser.add_argument("--repeat", type=int, default=3, help="runs per job; the median is reported")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--job", action="append", help="only the jobs whose name holds this text (repeatable; a job an output "
+                                                         "needs must be named too), e.g. --job 'gptq 4-bit' --job w4a16")
     args = parser.parse_args()
 
     src = make_checkpoint(args.size)
@@ -251,6 +253,7 @@ def main() -> None:
             ("quantkit nf4", [*qk, "quantize", str(src), str(work / "qk-nf4"), "--method", "nf4"], work / "qk-nf4", size),
             ("quantkit int8", [*qk, "quantize", str(src), str(work / "qk-int8"), "--method", "int8"], work / "qk-int8", size),
             ("quantkit gptq 4-bit", [*qk, "quantize", str(src), str(work / "qk-gptq"), "--method", "gptq", "--bits", "4"], work / "qk-gptq", size),
+            ("quantkit w4a16", [*qk, "quantize", str(src), str(work / "qk-w4a16"), "--method", "w4a16"], work / "qk-w4a16", size),
             ("quantkit fp8", [*qk, "quantize", str(src), str(work / "qk-fp8"), "--method", "fp8"], work / "qk-fp8", size),
             # as model_free_ptq writes: done once the bytes are in the page cache (no fsync)
             ("quantkit fp8 --no-sync", [*qk, "quantize", str(src), str(work / "qk-fp8-nosync"), "--method", "fp8", "--no-sync"],
@@ -302,11 +305,13 @@ def main() -> None:
             if not LLMC_PY.exists():
                 raise SystemExit(f"{LLMC_PY} is missing: make test-clients installs llm-compressor there (or use --only quantkit)")
             jobs.append(("llm-compressor FP8_DYNAMIC", [str(LLMC_PY), "-c", ANCHOR_FP8, str(src), str(work / "llmc-fp8")], work / "llmc-fp8", size))
+        if args.job:
+            jobs = [j for j in jobs if any(part in j[0] for part in args.job)]
         results = {}
         for i, (label, argv, output, nbytes) in enumerate(jobs):
             results[label] = timed(label, argv, output, nbytes, args.repeat)
             # no anchor compares quantkit's outputs here: one no later job reads goes (at --size 10 all would need ~75 GB)
-            compared = output.name in ("qk-fp8", "qk-fp8-nosync") and "llm-compressor FP8_DYNAMIC" in [j[0] for j in jobs]
+            compared = output.name in ("qk-fp8", "qk-fp8-nosync", "llmc-fp8") and "llm-compressor FP8_DYNAMIC" in [j[0] for j in jobs]
             if args.only in ("quantkit", "fp8") and not compared and not any(str(output) in arg for later in jobs[i + 1:] for arg in later[1]):
                 if output.is_dir():
                     shutil.rmtree(output)
@@ -331,14 +336,18 @@ def main() -> None:
             results["quantkit gguf Q4_K_M"]["cpu_vs_llama_quantize"] = round(
                 results["quantkit gguf Q4_K_M"]["cpu_seconds"] / results["llama-quantize Q4_K_M"]["cpu_seconds"], 3)
         identical = {}
-        if args.only == "all":
-            identical = {m: same_tensors(work / f"qk-{m}", work / f"tf-{m}") for m in ("nf4", "int8")}
-            identical["dequantize nf4"] = same_tensors(work / "qk-dense", work / "bnb-dense", common_only=True)
-        if "llm-compressor FP8_DYNAMIC" in results:
-            identical["fp8"] = same_tensors(work / "qk-fp8", work / "llmc-fp8")
-            identical["fp8 --no-sync"] = same_tensors(work / "qk-fp8-nosync", work / "llmc-fp8")
-        if args.only in ("all", "gguf"):
-            identical["gguf Q4_K_M"] = same_gguf_tensors(work / "qk-q4km.gguf", work / "lq-q4km.gguf")
+        compare = [("nf4", "quantkit nf4", "transformers+bnb nf4", lambda: same_tensors(work / "qk-nf4", work / "tf-nf4")),
+                   ("int8", "quantkit int8", "transformers+bnb int8", lambda: same_tensors(work / "qk-int8", work / "tf-int8")),
+                   ("dequantize nf4", "quantkit dequantize nf4", "bitsandbytes dequantize nf4",
+                    lambda: same_tensors(work / "qk-dense", work / "bnb-dense", common_only=True)),
+                   ("fp8", "quantkit fp8", "llm-compressor FP8_DYNAMIC", lambda: same_tensors(work / "qk-fp8", work / "llmc-fp8")),
+                   ("fp8 --no-sync", "quantkit fp8 --no-sync", "llm-compressor FP8_DYNAMIC",
+                    lambda: same_tensors(work / "qk-fp8-nosync", work / "llmc-fp8")),
+                   ("gguf Q4_K_M", "quantkit gguf Q4_K_M", "llama-quantize Q4_K_M",
+                    lambda: same_gguf_tensors(work / "qk-q4km.gguf", work / "lq-q4km.gguf"))]
+        for name, ours, theirs, same in compare:
+            if ours in results and theirs in results:
+                identical[name] = same()
         report = {"checkpoint": str(src), "input_mb": round(size / 1e6), "results": list(results.values()), "identical_to_transformers": identical}
     finally:
         shutil.rmtree(work, ignore_errors=True)
