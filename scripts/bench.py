@@ -324,8 +324,8 @@ def main() -> None:
         slower_of = {"quantkit nf4 -> Q8_0": ("quantkit dequantize nf4", "quantkit gguf Q8_0"),
                      "quantkit gptq -> Q4_0 (lossless)": ("quantkit dequantize gptq", "quantkit gguf Q4_0")}
         for label, parts in slower_of.items():
-            if label in results:
-                    results[label]["vs_slower_part"] = round(results[label]["seconds"] / max(results[p]["seconds"] for p in parts), 2)
+            if label in results and all(p in results for p in parts):
+                results[label]["vs_slower_part"] = round(results[label]["seconds"] / max(results[p]["seconds"] for p in parts), 2)
         for label, anchor in anchors.items():
             if label in results and anchor in results:
                 results[label]["vs_anchor"] = round(results[label]["seconds"] / results[anchor]["seconds"], 3)

@@ -26,12 +26,13 @@ static inline float gptq_scale(float span, float maxq) {
    maximum are integer reductions, which vectorize; the map is its own inverse. */
 static inline int32_t order_key(uint32_t bits) { return (int32_t)(bits ^ ((uint32_t)((int32_t)bits >> 31) >> 1)); }
 
-/* One group: scale and zero point from its range as groupwise._range takes it, then codes packed
-   per_word to a word into the row's qweight column. Returns a problem code or 0. */
-BODY int gptq_group(const gptq_t *q, Py_ssize_t row, Py_ssize_t group, const int bf16, const int bits) {
+/* A group's scale and zero point from its range as groupwise._range takes it, stored in the outputs and
+   returned through *scale_out / *zero_out. Returns a problem code or 0. */
+BODY int gptq_params(const gptq_t *q, Py_ssize_t row, Py_ssize_t group, const int bf16, const int bits, float *scale_out,
+                     int32_t *zero_out) {
     const void *src = q->src;
     const Py_ssize_t start = row * q->cols + group * q->size, size = q->size;
-    const int per_word = 32 / bits, maxq = (1 << bits) - 1;
+    const int maxq = (1 << bits) - 1;
     const float maxq_f = (float)maxq;
     const uint32_t peak = peak_bits(src, bf16, start, size);
     if (peak >= EXPONENT)
@@ -70,40 +71,69 @@ BODY int gptq_group(const gptq_t *q, Py_ssize_t row, Py_ssize_t group, const int
     const Py_ssize_t slot = (q->col0 + row) * (q->cols / size) + group;
     q->scales[slot] = scale;
     q->zeros[slot] = (uint8_t)zero;
-    uint8_t codes[TILE];
-    for (Py_ssize_t t0 = 0; t0 < size; t0 += TILE) {
-        const Py_ssize_t n = min_size(TILE, size - t0);
-        for (Py_ssize_t i = 0; i < n; i++) {
-            int32_t code = rint_int(as_float(load_bits(src, bf16, start + t0 + i)) / scale) + zero;
-            code = code < 0 ? 0 : code;
-            codes[i] = (uint8_t)(code > maxq ? maxq : code);
-        }
-        uint32_t *column = q->qweight + (group * size + t0) / per_word * q->out_features + q->col0 + row;
-        /* a word's codes, lowest bits first, are its little-endian bytes: pack into bytes, then move words */
-        uint8_t packed[TILE];
-        const int per_byte = 8 / bits;
-        for (Py_ssize_t k = 0; k < n / per_byte; k++) {
-            uint8_t byte = 0;
-            for (int j = 0; j < per_byte; j++)
-                byte |= (uint8_t)(codes[k * per_byte + j] << (bits * j));
-            packed[k] = byte;
-        }
-        for (Py_ssize_t w = 0; w < n / per_word; w++) {
-            const uint8_t *b = packed + w * 4;
-            column[w * q->out_features] = b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
-        }
-    }
+    *scale_out = scale;
+    *zero_out = zero;
     return 0;
 }
 
-/* Rows [lo, hi). */
+/* The codes of src[start, start + n), packed per_word to a word, lowest bits first, into words[0, n / per_word). */
+BODY void gptq_words(const void *src, Py_ssize_t start, Py_ssize_t n, float scale, int32_t zero, const int bf16,
+                     const int bits, uint32_t *words) {
+    const int maxq = (1 << bits) - 1, per_byte = 8 / bits;
+    uint8_t codes[TILE], packed[TILE];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int32_t code = rint_int(as_float(load_bits(src, bf16, start + i)) / scale) + zero;
+        code = code < 0 ? 0 : code;
+        codes[i] = (uint8_t)(code > maxq ? maxq : code);
+    }
+    /* a word's codes are its little-endian bytes: pack into bytes, then assemble the words */
+    for (Py_ssize_t k = 0; k < n / per_byte; k++) {
+        uint8_t byte = 0;
+        for (int j = 0; j < per_byte; j++)
+            byte |= (uint8_t)(codes[k * per_byte + j] << (bits * j));
+        packed[k] = byte;
+    }
+    for (Py_ssize_t w = 0; w < n / (4 * per_byte); w++) {
+        const uint8_t *b = packed + w * 4;
+        words[w] = b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+    }
+}
+
+/* Rows [lo, hi), GPTQ_ROWS at a time: qweight is [in / per_word, out], so the words of consecutive rows
+   are neighbours, and writing a tile's words row of qweight by row of qweight fills whole cache lines.
+   One row at a time stored each word out_features * 4 bytes after the last, a stride that maps every
+   store of a row to the same few cache sets. A row's first problem stops its remaining groups. */
+#define GPTQ_ROWS 16
+
 BODY void gptq_body(const gptq_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16, const int bits) {
-    const Py_ssize_t groups = q->cols / q->size;
-    for (Py_ssize_t r = lo; r < hi; r++) {
-        int problem = 0;
-        for (Py_ssize_t g = 0; g < groups && !problem; g++)
-            problem = gptq_group(q, r, g, bf16, bits);
-        q->problems[r] = (uint8_t)problem;
+    const Py_ssize_t groups = q->cols / q->size, size = q->size;
+    const int per_word = 32 / bits;
+    uint32_t words[GPTQ_ROWS][TILE / 4];
+    for (Py_ssize_t r0 = lo; r0 < hi; r0 += GPTQ_ROWS) {
+        const Py_ssize_t rows = min_size(GPTQ_ROWS, hi - r0);
+        uint8_t problem[GPTQ_ROWS] = {0};
+        for (Py_ssize_t g = 0; g < groups; g++) {
+            float scale[GPTQ_ROWS];
+            int32_t zero[GPTQ_ROWS];
+            for (Py_ssize_t r = 0; r < rows; r++)
+                if (!problem[r])
+                    problem[r] = (uint8_t)gptq_params(q, r0 + r, g, bf16, bits, &scale[r], &zero[r]);
+            for (Py_ssize_t t0 = 0; t0 < size; t0 += TILE) {
+                const Py_ssize_t n = min_size(TILE, size - t0);
+                for (Py_ssize_t r = 0; r < rows; r++) {
+                    if (problem[r])
+                        memset(words[r], 0, sizeof words[r]);
+                    else
+                        gptq_words(q->src, (r0 + r) * q->cols + g * size + t0, n, scale[r], zero[r], bf16, bits, words[r]);
+                }
+                uint32_t *dst = q->qweight + (g * size + t0) / per_word * q->out_features + q->col0 + r0;
+                for (Py_ssize_t w = 0; w < n / per_word; w++, dst += q->out_features)
+                    for (Py_ssize_t r = 0; r < rows; r++)
+                        dst[r] = words[r][w];
+            }
+        }
+        for (Py_ssize_t r = 0; r < rows; r++)
+            q->problems[r0 + r] = problem[r];
     }
 }
 

@@ -157,6 +157,27 @@ def test_quantize_into_packs_the_reference_bytes(monkeypatch, bits, sym, min_zer
     assert np.array_equal(scales[16:80], ref.scales) and np.array_equal(zeros[16:80], ref.zeros)
 
 
+@pytest.mark.parametrize("bits", gw.SUPPORTED_BITS)
+@pytest.mark.parametrize("group_size", [128, -1])
+def test_c_kernel_row_tiles_and_long_groups(bits, group_size):
+    """The C kernel works 16 rows at a time and a group in tiles of 4096 values: 37 rows (a short last
+    tile) of 4352 values (one group of -1 spans two tiles) still give the reference's bytes."""
+    from quantkit.methods.gptq import layout, native
+
+    if not native.AVAILABLE:
+        pytest.fail("the C extension is not built")
+    w = np.random.default_rng(bits).normal(0, 0.02, (37, 4352)).astype(np.float32)
+    w[5, 100] = 0.9  # one outlier row
+    ref = gw.quantize_reference(w, bits, group_size, True, 0, False)
+    qweight = np.full((4352 * bits // 32, 40), -1, np.int32)
+    scales = np.zeros((40, gw.n_groups(4352, group_size)), np.float32)
+    zeros = np.zeros(scales.shape, np.uint8)
+    gw.quantize_into(w, "F32", bits, group_size, True, 0, False, qweight, 3, scales, zeros)
+    assert np.array_equal(qweight[:, 3:40], layout.pack_qweight(ref.codes, bits))
+    assert (qweight[:, :3] == -1).all()
+    assert np.array_equal(scales[3:40], ref.scales) and np.array_equal(zeros[3:40], ref.zeros)
+
+
 @pytest.mark.parametrize("compiled", ["c", "numba"])
 def test_quantize_into_refuses_what_the_reference_refuses(monkeypatch, compiled):
     from quantkit.methods.gptq import native
