@@ -117,7 +117,8 @@ class Dequantizer(Protocol):
     in place what `check` finds that metadata alone can repair, and returns what it changed.
 
     Optional: `integers(checkpoint, module, names, read) -> IntegerBlocks | None`, the module's values as
-    signed integers times per-block float16 factors when they are exactly that (lossless transcoding).
+    signed integers times per-block float16 factors when they are exactly that (lossless transcoding);
+    `mxfp4(checkpoint, module, names, read) -> Mxfp4Blocks | None`, the module's MXFP4 blocks as stored.
     """
 
     quant_method: str
@@ -320,6 +321,16 @@ ConvertPreview = Callable[[ConvertRequest], Preview]
 
 
 @dataclass(frozen=True)
+class Mxfp4Blocks:
+    """A weight as OCP MXFP4, as gpt-oss stores its experts: `blocks` uint8 [..., out, in / 32, 16], two e2m1
+    codes a byte (input 2k in the low nibble, 2k + 1 in the high one), `scales` uint8 [..., out, in / 32],
+    the e8m0 exponent of each run of 32 inputs: value = e2m1(code) * 2**(scale - 127)."""
+
+    blocks: np.ndarray
+    scales: np.ndarray
+
+
+@dataclass(frozen=True)
 class IntegerBlocks:
     """A weight `[out, in]` as signed integers times one float16 factor per `block` consecutive inputs:
     value = float32(q) * float32(d). GPTQ / AWQ groups whose zero point is the middle of the range (or one
@@ -363,6 +374,7 @@ class SourceTensor:
     rows: Callable[[int], Iterator[np.ndarray]]
     scheme: str = ""
     integers: Callable[[], IntegerBlocks | None] = lambda: None
+    mxfp4: Callable[[], Mxfp4Blocks | None] = lambda: None
     partners: Callable[[str], WeightSource | None] = lambda module: None
 
     def chunks(self, rows: int) -> Iterator[np.ndarray]:
@@ -458,9 +470,12 @@ def _dequantized(checkpoint: Checkpoint, entry: Entry, module: str, shape: tuple
             values.append(np.ascontiguousarray(whole.T) if entry.transposed else whole)
         return array_rows(values[0])(count)
 
-    integers = getattr(reader, "integers", None)
+    def packed(kind: str) -> Callable:
+        method = getattr(reader, kind, None)
+        return (lambda: method(checkpoint, module, modules[module], read)) if method else (lambda: None)
+
     return SourceTensor(entry.source, shape[::-1] if entry.transposed else shape, "F32", rows, scheme,
-                        (lambda: integers(checkpoint, module, modules[module], read)) if integers else (lambda: None))
+                        packed("integers"), packed("mxfp4"))
 
 
 class CollectingSink:

@@ -140,27 +140,36 @@ def test_fp8_writer_loads_in_transformers_and_runs(tmp_path, cli):
     assert code == 0, out
 
 
-def gpt_oss_mxfp4(folder):
-    """A tiny gpt-oss release: expert weights as random MXFP4 blocks, every e8m0 code among the scales whose
-    values stay finite in float32 (from 253 on, 6 * 2**(code - 127) overflows: such a release is damaged, and
-    dequantize refuses it, naming the tensor)."""
+def gpt_oss_mxfp4(folder, codes: tuple[int, int] = (112, 132), every_code: bool = True):
+    """A tiny gpt-oss release: expert weights as random MXFP4 blocks with e8m0 codes drawn from `codes`, and
+    (`every_code`) every code among the scales whose values stay finite in float32 (from 253 on,
+    6 * 2**(code - 127) overflows: such a release is damaged, and dequantize refuses it, naming the tensor);
+    a trained byte-level BPE tokenizer beside it, as releases have (llama.cpp's converter needs one)."""
     import torch
     import transformers as tf
     from safetensors.torch import save_file
+
+    from tests.gguf_checkpoints import train_tokenizer
 
     config = tf.GptOssConfig(hidden_size=256, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=64, vocab_size=300, num_local_experts=4, num_experts_per_tok=2,
                              max_position_embeddings=128, layer_types=["sliding_attention", "full_attention"])  # fmt: skip
     torch.manual_seed(0)
-    model = tf.GptOssForCausalLM(config).to(torch.bfloat16)
+    model = tf.GptOssForCausalLM(config)
+    with torch.no_grad():  # transformers starts biases and sinks at zero, which would hide a misplaced one
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "sinks")):
+                p.normal_(0, 0.5 if name.endswith("sinks") else 0.05)
+    model = model.to(torch.bfloat16)
     generator = torch.Generator().manual_seed(2)
     tensors = {}
     for name, value in model.state_dict().items():
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             experts, inputs, outputs = value.shape
             tensors[name + "_blocks"] = torch.randint(0, 256, (experts, outputs, inputs // 32, 16), generator=generator, dtype=torch.uint8)
-            scales = torch.randint(112, 132, (experts, outputs, inputs // 32), generator=generator, dtype=torch.uint8)
-            scales.view(-1)[:253] = torch.arange(253, dtype=torch.uint8)
+            scales = torch.randint(*codes, (experts, outputs, inputs // 32), generator=generator, dtype=torch.uint8)
+            if every_code:
+                scales.view(-1)[:253] = torch.arange(253, dtype=torch.uint8)
             tensors[name + "_scales"] = scales
         else:
             tensors[name] = value.contiguous()
@@ -171,6 +180,7 @@ def gpt_oss_mxfp4(folder):
         "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
                                                             "model.embed_tokens", "lm_head"]})  # fmt: skip
     (folder / "config.json").write_text(json.dumps(saved))
+    train_tokenizer(folder, config.vocab_size)
     return folder
 
 

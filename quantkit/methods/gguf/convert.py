@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGMLQuantizationType, LlamaFileType
 from gguf.quants import dequantize
 
 from quantkit.api import (
     ConvertRequest,
     DenseWeights,
     IntegerBlocks,
+    Mxfp4Blocks,
     PlannedTensor,
     Preview,
     Result,
@@ -61,11 +62,12 @@ class GGUFEntry:
     importance: bool = False  # quantized with the importance matrix's weights for this tensor
     experts: tuple[str, ...] = ()  # a merged expert tensor (hf_name its merged name): its experts' HF names
     shift: float = 0.0  # added to the values on the way to GGUF (gemma's norms), subtracted on the way back
+    part: tuple[str, gf.Part] | None = None  # made from another source tensor (gpt-oss): its name, and how
 
     @property
     def sources(self) -> tuple[str, ...]:
         """The source tensors written one after the other into this GGUF tensor."""
-        return self.experts or (self.hf_name,)
+        return self.experts or ((self.part[0],) if self.part else (self.hf_name,))
 
 
 @dataclass
@@ -86,6 +88,14 @@ class GGUFPlan:
     @property
     def nbytes(self) -> int:
         return sum(e.out.nbytes for e in self.entries)
+
+    @property
+    def file_type_value(self) -> int:
+        """general.file_type: a float file with MXFP4 experts is MOSTLY_MXFP4_MOE, as llama.cpp's converter says."""
+        mxfp4 = any(e.out.qtype == QType.MXFP4 for e in self.entries)
+        if mxfp4 and self.qtype in (QType.F32, QType.F16, QType.BF16):
+            return int(LlamaFileType.MOSTLY_MXFP4_MOE)
+        return int(self.file_type.value)
 
 
 def grouped_fallbacks(fallbacks: list[Fallback]) -> list[str]:
@@ -113,8 +123,9 @@ def _check_importance(imatrix: Imatrix, name: str, qtype: QType, shape: tuple[in
 
 
 def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], file_type: FileType | str | QType,
-              imatrix: Imatrix | None = None) -> GGUFPlan:
-    """Every source tensor's GGUF name, type (llama-quantize's mix for `file_type`) and shape; no data read."""
+              imatrix: Imatrix | None = None, scheme: str = "") -> GGUFPlan:
+    """Every source tensor's GGUF name, type (llama-quantize's mix for `file_type`) and shape; no data read.
+    `scheme`: the source's quantization (an MXFP4 source's experts stay MXFP4, as llama.cpp's converter keeps them)."""
     if not isinstance(file_type, FileType):
         file_type = parse_file_type(file_type if isinstance(file_type, str) else file_type.name)
     arch = gf.architecture_of(config)
@@ -122,6 +133,11 @@ def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], file_type: FileT
     hyper = gf.Hyper.from_config(config, len(shapes), arch)
     moe = experts.MoE.from_config(config, arch.experts) if arch.experts else None
     shapes, members = experts.merge_shapes(shapes, moe.n_expert) if moe else (shapes, {})
+    shapes, made = experts.split_parts(shapes, arch.parts)
+    kept = {name for name, (_, part) in made.items() if part.transposed}  # expert weights, kept as MXFP4 blocks
+    if kept and scheme != "mxfp4":
+        raise QuantkitError(f"tensor {made[min(kept)][0]}: {arch.gguf_arch} experts that are not MXFP4 blocks cannot go "
+                            "to GGUF yet", "convert the release as published (quant_method mxfp4)")
     table = gf.name_table(arch, hyper.n_layers)
     missing, wrong = gf.shape_problems(arch, hyper.sizes(), shapes, moe)
     if wrong:
@@ -136,15 +152,16 @@ def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], file_type: FileT
                              n_head=hyper.n_head, n_head_kv=hyper.n_kv_head, n_expert=moe.n_expert if moe else 0,
                              has_imatrix=imatrix is not None)
     entries = []
+    mix.fallbacks = [f for f in mix.fallbacks if f.name not in {table[name] for name in kept}]
     for hf_name, shape in shapes.items():
-        gguf_name, t_type = table[hf_name], mix.types[table[hf_name]]
+        gguf_name, t_type = table[hf_name], QType.MXFP4 if hf_name in kept else mix.types[table[hf_name]]
         heads = gf.permuted_heads(arch, hf_name, hyper.n_head, hyper.n_kv_head)
         if imatrix is None and file_type.name == "Q2_K_S" and t_type == QType.Q2_K:  # as llama-quantize
             raise QuantkitError(f"{gguf_name} would be Q2_K in a Q2_K_S file, which llama-quantize makes only with an "
                                 "importance matrix", "pass --imatrix FILE (llama-imatrix writes one), or choose Q2_K")
-        weighted = imatrix is not None and _check_importance(imatrix, gguf_name, t_type, tuple(shape))
+        weighted = imatrix is not None and hf_name not in kept and _check_importance(imatrix, gguf_name, t_type, tuple(shape))
         entries.append(GGUFEntry(hf_name, gf.GGUFOutput(gguf_name, tuple(shape), t_type), heads, weighted,
-                                 tuple(members.get(hf_name, ())), arch.shift(hf_name)))
+                                 tuple(members.get(hf_name, ())), arch.shift(hf_name), made.get(hf_name)))
     return GGUFPlan(arch, hyper, file_type, entries, mix.fallbacks, missing, moe)
 
 
@@ -168,7 +185,7 @@ def _metadata(checkpoint: Checkpoint, plan: GGUFPlan, vocab) -> Callable:
         gf.write_hyper(writer, plan.hyper)
         if plan.moe:
             plan.moe.write(writer)
-        writer.add_file_type(int(plan.file_type.value))
+        writer.add_file_type(plan.file_type_value)
         writer.add_quantization_version(2)
         if vocab is not None:
             vocab.write(writer)
@@ -209,9 +226,32 @@ def _entry_data(e: GGUFEntry, tensors: Iterator[tuple[Entry, SourceTensor]], rep
                 imatrix: Imatrix | None) -> Iterator[np.ndarray]:
     """A GGUF tensor's data from its source tensors, taken from the stream one at a time as they are
     written: a merged expert tensor is its experts' blocks one after the other."""
+    if e.part is not None:
+        _, tensor = next(tensors)
+        yield from _part_data(tensor, e, report)
+        return
     for expert in range(len(e.sources)):
         _, tensor = next(tensors)
         yield from _tensor_data(tensor, e, report, imatrix, expert)
+
+
+def _part_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport) -> Iterator[np.ndarray]:
+    """A tensor made from part of a source tensor (gpt-oss): MXFP4 experts as ggml's blocks of the source's
+    own codes and scales, one expert at a time; small dense ones (biases, sinks) sliced whole."""
+    part = e.part[1]
+    if e.out.qtype == QType.MXFP4:
+        stored = tensor.mxfp4()
+        if stored is None:
+            raise QuantkitError(f"tensor {tensor.name}: no MXFP4 blocks to keep", "convert the release as published")
+        if tensor.name not in report.lossless:
+            report.lossless.append(tensor.name)
+        picked = slice(part.index, None, part.parts)  # the source's blocks are [expert, out, in / 32, 16]
+        for expert in range(stored.blocks.shape[0]):
+            yield experts.ggml_mxfp4(Mxfp4Blocks(stored.blocks[expert, picked], stored.scales[expert, picked]))
+        return
+    values = next(tensor.chunks(tensor.shape[0]))
+    taken = np.take(values, np.arange(part.index, values.shape[part.axis], part.parts), axis=part.axis)
+    yield from _quantized(iter([taken]), tensor.dtype, e.out.qtype)
 
 
 def _tensor_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport, imatrix: Imatrix | None,
@@ -244,7 +284,7 @@ def to_gguf(checkpoint: Checkpoint, out: Path, file_type: FileType | str | QType
     source = source or folder_source(checkpoint)
     checkpoint = source.checkpoint
     shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
-    plan = plan_gguf(checkpoint.config, shapes, file_type, imatrix)
+    plan = plan_gguf(checkpoint.config, shapes, file_type, imatrix, source.scheme)
     warnings: list[str] = list(plan.moe.warnings) if plan.moe else []
     if plan.missing:
         warnings.append(f"llama.cpp will not load this GGUF: {first_of(plan.missing)}")
@@ -379,6 +419,9 @@ def default_dtype(file: gf.GGUFFile) -> str:
 def from_gguf(path: Path, dtype: str | None = None) -> FromGGUF:
     file = gf.read_gguf(path)
     meta = file.metadata
+    if not gf.gguf_architecture(meta).to_hf:
+        raise QuantkitError(f"{path}: GGUF of {meta['general.architecture']} cannot go back to safetensors yet",
+                            "convert the source checkpoint instead")
     config = gf.hf_config(meta, {t.name for t in file.tensors}, dtype or default_dtype(file))
     arch = gf.gguf_architecture(meta)
     if arch.experts:
@@ -445,7 +488,7 @@ def convert_to_gguf(request: ConvertRequest, progress: Progress) -> Result:
     checkpoint = source.checkpoint
     out = Path(request.out)
     check_output(checkpoint.root, out, request.force, single_file=True)
-    plan = plan_gguf(checkpoint.config, {n: i.shape for n, i in checkpoint.tensors.items()}, file_type, imatrix)
+    plan = plan_gguf(checkpoint.config, {n: i.shape for n, i in checkpoint.tensors.items()}, file_type, imatrix, source.scheme)
     check_free_space(out, plan.nbytes)
     r = to_gguf(checkpoint, out, file_type, progress, force=request.force, source=source, imatrix=imatrix)
     fallbacks = [{"tensor": f.name, "row_length": f.row_length, "wanted": f.wanted.name, "stored": f.stored.name}
@@ -463,8 +506,9 @@ def preview_gguf(request: ConvertRequest) -> Preview:
     Reads no weight data."""
     file_type = parse_file_type(request.gguf_type)
     imatrix = read_imatrix(request.imatrix) if request.imatrix else None
-    checkpoint = (request.source or folder_source(open_checkpoint(resolve(request.src, request.revision)))).checkpoint
-    plan = plan_gguf(checkpoint.config, {n: i.shape for n, i in checkpoint.tensors.items()}, file_type, imatrix)
+    source = request.source or folder_source(open_checkpoint(resolve(request.src, request.revision)))
+    checkpoint = source.checkpoint
+    plan = plan_gguf(checkpoint.config, {n: i.shape for n, i in checkpoint.tensors.items()}, file_type, imatrix, source.scheme)
     qtype = plan.qtype
     warnings: list[str] = list(plan.moe.warnings) if plan.moe else []
     warnings += [f"llama.cpp will not load this GGUF: {first_of(plan.missing)}"] if plan.missing else []
@@ -473,10 +517,12 @@ def preview_gguf(request: ConvertRequest) -> Preview:
     tensors = []
     for e in plan.entries:
         reason = e.out.qtype.name + (" (1-D or norm: F32, as llama.cpp keeps them)" if e.out.qtype == QType.F32 and qtype != QType.F32 else "")
-        reason += f" ({file_type.name} gives it more bits than {qtype.name}, or a fallback)" if e.out.qtype not in (qtype, QType.F32) else ""
+        reason += f" ({file_type.name} gives it more bits than {qtype.name}, or a fallback)" if e.out.qtype not in (qtype, QType.F32, QType.MXFP4) else ""
         reason += ", with importance weights" if e.importance else ""
         reason += f", Q/K rows permuted for {e.permute_heads} heads" if e.permute_heads else ""
         reason += f", merged from {len(e.experts)} experts ({e.experts[0]}, ...)" if e.experts else ""
+        reason += f", part {e.part[1].index + 1} of {e.part[1].parts} of {e.part[0]}" if e.part and e.part[1].parts > 1 else ""
+        reason += ", its MXFP4 blocks kept as they are" if e.out.qtype == QType.MXFP4 else ""
         tensors.append(PlannedTensor(e.hf_name, "convert", reason, [{"name": e.out.name, "dtype": e.out.qtype.name,
                                                                    "shape": list(e.out.shape), "nbytes": e.out.nbytes}]))
     whole = max((4 * math.prod(checkpoint.tensors[e.hf_name].shape) for e in plan.entries if e.permute_heads), default=0)

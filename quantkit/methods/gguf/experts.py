@@ -1,7 +1,7 @@
-"""Mixture-of-experts layers in GGUF (mixtral, qwen2_moe, qwen3_moe): the per-expert tensors a Hugging
-Face checkpoint stores (`block_sparse_moe.experts.N.w1`, `mlp.experts.N.gate_proj`, ...) that llama.cpp
-keeps as one 3-D tensor per layer and role (ffn_gate_exps / ffn_up_exps / ffn_down_exps), and the
-metadata that goes with them.
+"""Mixture-of-experts layers in GGUF (mixtral, qwen2_moe, qwen3_moe, gpt-oss): the per-expert tensors a
+Hugging Face checkpoint stores (`block_sparse_moe.experts.N.w1`, `mlp.experts.N.gate_proj`, ...) that
+llama.cpp keeps as one 3-D tensor per layer and role (ffn_gate_exps / ffn_up_exps / ffn_down_exps), gpt-oss's
+fused ones it splits (file.Part) and its MXFP4 blocks it keeps, and the metadata that goes with them.
 
 A 3-D GGUF tensor is its experts' matrices one after the other (expert-major), and rows quantize
 independently, so merging is writing each expert's rows in turn and splitting is a view of one expert's
@@ -14,10 +14,12 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 from gguf import GGUFWriter
 
+from quantkit.api import Mxfp4Blocks
 from quantkit.errors import QuantkitError
-from quantkit.methods.gguf.file import GGUFTensor, config_int
+from quantkit.methods.gguf.file import GGUFTensor, Part, config_int
 
 # model.layers.3.mlp.experts.7.gate_proj.weight -> (model.layers.3.mlp.experts, 7, gate_proj.weight)
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.(?:block_sparse_moe|mlp)\.experts)\.(\d+)\.([A-Za-z0-9_]+\.weight)$")
@@ -38,6 +40,7 @@ LAYOUTS = {
     "mixtral": Layout(("num_local_experts",), "intermediate_size"),
     "qwen2_moe": Layout(("num_experts", "num_local_experts"), "moe_intermediate_size", shared=True, norm_topk_prob=False),
     "qwen3_moe": Layout(("num_experts", "num_local_experts"), "moe_intermediate_size"),
+    "gpt_oss": Layout(("num_local_experts",), "intermediate_size"),
 }
 
 
@@ -152,3 +155,38 @@ def hf_config(meta: dict[str, Any], arch_name: str, layout: str) -> dict[str, An
     if lay.shared:
         config["shared_expert_intermediate_size"] = get("expert_shared_feed_forward_length")
     return config
+
+
+def split_parts(shapes: dict[str, tuple[int, ...]], parts: dict[str, tuple[Part, ...]]
+                ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[str, Part]]]:
+    """(shapes with each layer tensor that `parts` names replaced by the tensors the converter makes of it,
+    in its place; made name -> (source name, its Part)). Refuses a source whose fused axis does not split."""
+    out: dict[str, tuple[int, ...]] = {}
+    made: dict[str, tuple[str, Part]] = {}
+    for name, shape in shapes.items():
+        m = _LAYER.match(name)
+        if m is None or m.group(2) not in parts:
+            out[name] = shape
+            continue
+        for part in parts[m.group(2)]:
+            whole = part.shape(shape, split=False) if len(shape) >= (2 if part.transposed else 1) else None
+            if whole is None or whole[part.axis] % part.parts:
+                raise QuantkitError(f"tensor {name} has shape {list(shape)}, which llama.cpp's converter cannot split "
+                                    f"into {part.parts} parts", "is the checkpoint what its config.json says?")
+            out[f"{m.group(1)}.{part.leaf}"] = part.shape(shape)
+            made[f"{m.group(1)}.{part.leaf}"] = (name, part)
+    return out, made
+
+
+_LAYER = re.compile(r"^(model\.layers\.\d+)\.(.+)$")
+
+
+def ggml_mxfp4(stored: Mxfp4Blocks) -> np.ndarray:
+    """ggml's MXFP4 rows from OCP MXFP4 (gpt-oss's blocks): per block of 32, the e8m0 scale byte, then 16 bytes
+    whose low nibbles hold values 0..15 and high nibbles 16..31 (ggml's Q4_0 order; the source pairs values
+    2k, 2k + 1 in a byte). uint8 [..., out, in / 32 * 17]; the codes and scales move unchanged."""
+    blocks, scales = np.asarray(stored.blocks), np.asarray(stored.scales)
+    codes = np.stack((blocks & 0x0F, blocks >> 4), axis=-1).reshape(*blocks.shape[:-1], 32)
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    rows = np.concatenate((scales[..., None], qs), axis=-1)
+    return rows.reshape(*rows.shape[:-2], -1)

@@ -71,6 +71,24 @@ _SHARED_EXPERT = {"mlp.shared_expert.gate_proj.weight": ("shared_ffn", "hidden")
 
 
 @dataclass(frozen=True)
+class Part:
+    """A tensor llama.cpp's converter makes from one source tensor that is stored otherwise: gpt-oss's experts
+    fused (gate and up interleaved), named without .weight (sinks), dense experts transposed ([in, out])."""
+
+    leaf: str  # its name inside model.layers.N, as the converter names it before mapping it to GGUF
+    index: int = 0  # which of `parts` interleaved slices along `axis` it takes
+    parts: int = 1
+    axis: int = -1  # the output-feature axis, in the output's own order
+    transposed: bool = False  # the source holds each expert [in, out] (the output's last two axes swapped)
+
+    def shape(self, source: tuple[int, ...], split: bool = True) -> tuple[int, ...]:
+        """Its shape from the source's (`split` False: before taking its slice)."""
+        shape = [*source[:-2], source[-1], source[-2]] if self.transposed else list(source)
+        shape[self.axis] //= self.parts if split else 1
+        return tuple(shape)
+
+
+@dataclass(frozen=True)
 class Setting:
     """A config.json value that llama.cpp reads from the metadata key `{arch}.{gguf_key}`; carried both ways.
     `required`: llama.cpp assumes a value of its own when the key is absent, so a config without one is
@@ -104,6 +122,10 @@ class Architecture:
     big_query_layers: int = 0  # gemma 27B: at this layer count llama.cpp scales queries by n_embd / n_head
     experts: str = ""  # mixture of experts: its layout in experts.LAYOUTS ("" for a dense model)
     needs_output: bool = False  # llama.cpp's graph reads output.weight, never the embeddings (qwen2moe)
+    parts: dict[str, tuple[Part, ...]] = field(default_factory=dict)  # source leaf -> what the converter makes of it
+    fixed: tuple[tuple[str, Any], ...] = ()  # config.json values llama.cpp's graph fixes (gpt-oss's swiglu)
+    head_dim_keys: bool = False  # the converter writes key_length / value_length whatever head_dim is
+    to_hf: bool = True  # whether GGUF -> safetensors maps this architecture's tensors back
 
     def tensor_names(self, n_layers: int) -> list[str]:
         names = ["model.embed_tokens.weight", "model.norm.weight"] + (["lm_head.weight"] if self.output else [])
@@ -117,6 +139,26 @@ class Architecture:
         """What llama.cpp's converter adds to this tensor (gemma's RMSNorm weights: 1)."""
         return self.norm_shift if hf_name.endswith("norm.weight") else 0.0
 
+
+def _gpt_oss_experts() -> dict[str, tuple[str, ...]]:
+    """gpt-oss's router and experts, each with a bias, as llama.cpp's converter names them (after `parts`)."""
+    roles = {"gate_proj": ("expert_ffn", "hidden"), "up_proj": ("expert_ffn", "hidden"), "down_proj": ("hidden", "expert_ffn")}
+    layer = {"mlp.router.weight": ("n_expert", "hidden"), "mlp.router.bias": ("n_expert",)}
+    for role, (rows, cols) in roles.items():
+        layer |= {f"mlp.experts.{role}.weight": ("n_expert", rows, cols), f"mlp.experts.{role}.bias": ("n_expert", rows)}
+    return layer
+
+
+# gpt-oss keeps gate and up fused, interleaved on the output axis (gate even, up odd), experts dense as
+# [in, out] or MXFP4 blocks as [out, in / 32]; llama.cpp's converter splits and names them so
+_GPT_OSS_PARTS = {
+    "self_attn.sinks": (Part("self_attn.sinks.weight"),),
+    "mlp.experts.gate_up_proj": (Part("mlp.experts.gate_proj.weight", 0, 2, -2, True),
+                                 Part("mlp.experts.up_proj.weight", 1, 2, -2, True)),
+    "mlp.experts.gate_up_proj_bias": (Part("mlp.experts.gate_proj.bias", 0, 2), Part("mlp.experts.up_proj.bias", 1, 2)),
+    "mlp.experts.down_proj": (Part("mlp.experts.down_proj.weight", transposed=True),),
+    "mlp.experts.down_proj_bias": (Part("mlp.experts.down_proj.bias"),),
+}
 
 _LLAMA = {**_NORMS, **_ATTENTION, **_MLP}
 ARCHITECTURES = {
@@ -155,6 +197,12 @@ ARCHITECTURES = {
         "qwen3moe", MODEL_ARCH.QWEN3MOE, "Qwen3MoeForCausalLM", "qwen3_moe",
         {**_NORMS, **_ATTENTION, **_QK_NORMS, **_experts("mlp", "gate_proj", "up_proj", "down_proj")},
         experts="qwen3_moe"),
+    "GptOssForCausalLM": Architecture(
+        "gpt-oss", MODEL_ARCH.GPT_OSS, "GptOssForCausalLM", "gpt_oss",
+        {**_NORMS, **_ATTENTION, "self_attn.sinks.weight": ("n_head",), **_gpt_oss_experts()}, biases=True,
+        experts="gpt_oss", swa_period=2, rope_types=("default", "yarn"), parts=_GPT_OSS_PARTS,
+        settings=(Setting("sliding_window", "attention.sliding_window", int, required=True),),
+        fixed=(("swiglu_alpha", 1.702), ("swiglu_limit", 7.0)), head_dim_keys=True, to_hf=False),
 }
 # general.architecture -> the first entry writing it (llama: LlamaForCausalLM; gguf_architecture reads a llama
 # with experts as Mixtral, as llama.cpp does)
@@ -225,6 +273,7 @@ class Sizes:
     expert_ffn: int = 0
     shared_ffn: int = 0
     one: int = 1  # a single row (qwen2_moe's shared-expert gate)
+    n_head: int = 0  # attention heads (gpt-oss's sinks: one per head)
 
     @property
     def qkv_rows(self) -> int:
@@ -241,7 +290,7 @@ class Sizes:
         head_dim = config.get("head_dim") or h // n_head
         experts = (moe.n_expert, moe.expert_ffn, moe.shared_ffn) if moe is not None else (0, 0, 0)
         return cls(h, config["intermediate_size"], head_dim, n_head * head_dim,
-                   config.get("num_key_value_heads", n_head) * head_dim, config.get("vocab_size"), *experts)
+                   config.get("num_key_value_heads", n_head) * head_dim, config.get("vocab_size"), *experts, n_head=n_head)
 
 
 def expected_shapes(arch: Architecture, config: dict, moe: Any = None) -> dict[str, tuple[int, ...]]:
@@ -332,6 +381,12 @@ class Rope:
     dims: int  # rotated dimensions of each head
     linear: float | None = None  # linear scaling factor (positions divided by it)
     theta_swa: float | None = None  # sliding-window layers' own base (gemma3)
+    yarn: tuple[tuple[str, float], ...] = ()  # YaRN: (metadata key under rope.scaling., value), as the converter writes
+
+# YaRN settings in rope_parameters -> llama.cpp's metadata key under rope.scaling. (the converter's choice)
+_YARN = (("factor", "factor"), ("original_max_position_embeddings", "original_context_length"),
+         ("extrapolation_factor", "yarn_ext_factor"), ("attention_factor", "yarn_attn_factor"),
+         ("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"))
 
 
 def _rope(config: dict, arch: Architecture, head_dim: int) -> Rope:
@@ -345,6 +400,12 @@ def _rope(config: dict, arch: Architecture, head_dim: int) -> Rope:
                             f"of {arch.gguf_arch}", f"supported there: {', '.join(arch.rope_types)}")
     theta = config_float(config, "rope_theta", 10000.0) if "rope_theta" in config else config_float(config, "rope_theta", 10000.0, where=full)
     linear = config_float(config, "factor", 1.0, where=full) if kind == "linear" else None
+    yarn = ()
+    if kind == "yarn":
+        config_float(config, "factor", 0.0, where=full)  # checked: what llama.cpp needs is there and a number
+        config_int(full, "original_max_position_embeddings")
+        yarn = tuple((key, full[name] if key == "original_context_length" else config_float(config, name, 0.0, where=full))
+                     for name, key in _YARN if full.get(name) is not None)
     theta_swa = None
     if arch.rope_per_layer_type:
         sliding = _table(params, "sliding_attention")
@@ -355,7 +416,7 @@ def _rope(config: dict, arch: Architecture, head_dim: int) -> Rope:
     partial = config_float(config, "partial_rotary_factor", 1.0, where=full if "partial_rotary_factor" in full else config)
     if partial > 1 or (partial != 1 and not arch.partial_rope):
         raise QuantkitError(f"config.json: partial_rotary_factor = {partial} is not supported for GGUF output of {arch.gguf_arch}")
-    return Rope(theta, int(head_dim * partial), linear, theta_swa)
+    return Rope(theta, int(head_dim * partial), linear, theta_swa, yarn)
 
 
 def _swa_period(config: dict, arch: Architecture) -> int:
@@ -399,10 +460,10 @@ def _settings(config: dict, arch: Architecture) -> tuple[tuple[Setting, Any], ..
 
 def _check_family(config: dict, arch: Architecture, h: Hyper) -> None:
     """What llama.cpp's graph for this architecture fixes, checked against the config."""
-    key, value = arch.activation
-    if config.get(key, value) != value:
-        raise QuantkitError(f"config.json: {key} = {str(config[key])[:40]} is not supported for GGUF output of "
-                            f"{arch.gguf_arch}", f"llama.cpp computes {value} there")
+    for key, value in (arch.activation, *arch.fixed):
+        if config.get(key, value) != value:
+            raise QuantkitError(f"config.json: {key} = {str(config[key])[:40]} is not supported for GGUF output of "
+                                f"{arch.gguf_arch}", f"llama.cpp computes {value} there")
     if arch.big_query_layers:
         want = _query_scalar(arch, h.n_layers, h.hidden, h.n_head, h.head_dim)
         if config.get("query_pre_attn_scalar", want) != want:
@@ -469,12 +530,17 @@ def write_hyper(writer: GGUFWriter, h: Hyper) -> None:
     writer.add_layer_norm_rms_eps(h.rms_eps)
     writer.add_vocab_size(h.vocab)
     writer.add_rope_dimension_count(h.rope.dims if h.rope else h.head_dim)
-    if h.head_dim != h.hidden // h.n_head or h.arch is not None and h.arch.big_query_layers:
+    if h.head_dim != h.hidden // h.n_head or h.arch is not None and (h.arch.big_query_layers or h.arch.head_dim_keys):
         writer.add_key_length(h.head_dim)  # as llama.cpp's converter writes for gemma, always
         writer.add_value_length(h.head_dim)
     if h.rope is not None and h.rope.linear is not None:
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(h.rope.linear)
+    if h.rope is not None and h.rope.yarn:
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        for key, value in h.rope.yarn:
+            name = f"{writer.arch}.rope.scaling.{key}"
+            writer.add_uint32(name, value) if key == "original_context_length" else writer.add_float32(name, value)
     if h.rope is not None and h.rope.theta_swa is not None:
         writer.add_rope_freq_base_swa(h.rope.theta_swa)
     for setting, value in h.settings:

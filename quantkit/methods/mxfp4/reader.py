@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from quantkit import dtypes
-from quantkit.api import TensorSink
+from quantkit.api import Mxfp4Blocks, TensorSink
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor
 from quantkit.io.source import Checkpoint
@@ -52,11 +52,8 @@ class Mxfp4Reader:
 
     def dequantize(self, checkpoint: Checkpoint, module: str, names: list[str], read: Callable[[str], np.ndarray],
                    dtype: str, sink: TensorSink) -> None:  # fmt: skip
-        problem = self._problem(checkpoint, module)
-        if problem:
-            raise QuantkitError(problem)
-        packed = read(f"{module}_blocks")
-        scales = read(f"{module}_scales")
+        stored = self.mxfp4(checkpoint, module, names, read)
+        packed, scales = stored.blocks, stored.scales
         *lead, rows, groups, _ = packed.shape
         packed = packed.reshape(-1, rows, groups, blocks.BYTES)
         scales = scales.reshape(-1, rows, groups)
@@ -70,6 +67,13 @@ class Mxfp4Reader:
                 values = blocks.dequantize_groups(packed[expert, :, g : g + step], scales[expert, :, g : g + step])
                 sink.write(module, dtypes.from_float32(np.ascontiguousarray(values.T), dtype))
         sink.done(module)
+
+    def mxfp4(self, checkpoint: Checkpoint, module: str, names: list[str], read: Callable[[str], np.ndarray]) -> Mxfp4Blocks:
+        """The module's blocks and scales as stored (GGUF keeps them as they are)."""
+        problem = self._problem(checkpoint, module)
+        if problem:
+            raise QuantkitError(problem)
+        return Mxfp4Blocks(read(f"{module}_blocks"), read(f"{module}_scales"))
 
     def _problem(self, checkpoint: Checkpoint, module: str) -> str | None:
         packed = checkpoint.tensors[f"{module}_blocks"]
