@@ -86,9 +86,13 @@ def test_dense_gpt_oss_is_one_line_refusal(dense, cli, tmp_path):
     assert not (tmp_path / "model.gguf").exists()
 
 
-def test_gpt_oss_gguf_back_to_safetensors_is_one_line_refusal(release, cli, tmp_path):
-    code, _, err = cli("convert", release, tmp_path / "model.gguf", "--to", "gguf", "--gguf-type", "F16")
+def test_gpt_oss_gguf_verifies_and_back_to_safetensors_is_one_line_refusal(release, cli, tmp_path):
+    code, _, err = cli("convert", release, tmp_path / "model.gguf", "--to", "gguf", "--gguf-type", "Q4_K_M")
     assert code == 0, err
+    code, out, err = cli("verify", tmp_path / "model.gguf", "--json")
+    assert code == 0, out + err
+    checks = {c["name"]: c["ok"] for c in json.loads(out)["checks"]}
+    assert checks == {"leftovers": True, "structure": True, "metadata": True, "values": True}
     code, _, err = cli("convert", tmp_path / "model.gguf", tmp_path / "back", "--to", "safetensors")
     assert code == 2 and "gpt-oss cannot go back to safetensors yet" in err and "Traceback" not in err
 

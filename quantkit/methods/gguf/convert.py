@@ -332,6 +332,13 @@ class FromGGUF:
     def arch(self) -> gf.Architecture:
         return gf.gguf_architecture(self.file.metadata)
 
+    def hf_model(self) -> FromGGUF:
+        """Itself, where its tensors map back to a Hugging Face model (every architecture but gpt-oss)."""
+        if not self.arch.to_hf:
+            raise QuantkitError(f"{self.file.path}: GGUF of {self.arch.gguf_arch} cannot go back to safetensors yet",
+                                "convert the source checkpoint instead")
+        return self
+
     def values(self, hf_name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Stored rows [start, stop) as float32 in HF's terms (gemma's norms: the converter's +1 taken off)."""
         values = dequantize_rows(self.file, self.names[hf_name], start, stop)
@@ -388,6 +395,7 @@ class FromGGUF:
 
     def weights(self) -> DenseWeights:
         """The tensors as verify --logits reads them; rows of any matrix whose rows stay in place."""
+        self.hf_model()
         by_rows = frozenset(n for n, t in self.names.items() if len(t.shape) == 2 and not self.permuted(n))
 
         def read_rows(hf_name: str, start: int, stop: int) -> np.ndarray:
@@ -419,9 +427,6 @@ def default_dtype(file: gf.GGUFFile) -> str:
 def from_gguf(path: Path, dtype: str | None = None) -> FromGGUF:
     file = gf.read_gguf(path)
     meta = file.metadata
-    if not gf.gguf_architecture(meta).to_hf:
-        raise QuantkitError(f"{path}: GGUF of {meta['general.architecture']} cannot go back to safetensors yet",
-                            "convert the source checkpoint instead")
     config = gf.hf_config(meta, {t.name for t in file.tensors}, dtype or default_dtype(file))
     arch = gf.gguf_architecture(meta)
     if arch.experts:
@@ -431,7 +436,7 @@ def from_gguf(path: Path, dtype: str | None = None) -> FromGGUF:
     for t in file.tensors:
         if t.name not in reverse:
             raise QuantkitError(f"{path}: tensor {t.name} has no HF name for {arch.gguf_arch}")
-        if ".experts." not in reverse[t.name]:
+        if ".experts." not in reverse[t.name] or not arch.to_hf:  # gpt-oss: kept as stored, under the converter's names
             names[reverse[t.name]] = t
         elif len(t.shape) != 3:
             raise QuantkitError(f"{path}: tensor {t.name} has shape {list(t.shape)}, not (experts, rows, columns)")
@@ -444,7 +449,7 @@ def gguf_source(path: Path, dtype: str | None = None) -> TensorSource:
     """A GGUF file as dense tensors with HF names (api.TensorSource): each tensor dequantized by gguf-py when
     it is read, Q4_0 / Q8_0 also as their integers; the tokenizer comes back as HF files, general.* as card
     metadata."""
-    conv = from_gguf(Path(path), dtype)
+    conv = from_gguf(Path(path), dtype).hf_model()
     st_dtype = BY_NAME[conv.config["dtype"]]
 
     def dense_dtype(t: gf.GGUFTensor) -> str:
@@ -542,7 +547,7 @@ def gguf_to_safetensors(src: Path, out: Path, dtype: str | None = None, force: b
                         max_shard_size: int = 5 * 10**9, progress: Progress | None = None) -> Result:
     """`convert MODEL.gguf OUT --to safetensors` / `dequantize MODEL.gguf OUT`: HF names, config.json,
     tokenizer files; every tensor dequantized by gguf-py, one at a time."""
-    conv = from_gguf(Path(src), dtype)
+    conv = from_gguf(Path(src), dtype).hf_model()
     dtype = conv.config["dtype"]
     if dtype not in BY_NAME:
         raise QuantkitError(f"--dtype {dtype}: not a float dtype", f"choose one of {', '.join(BY_NAME)}")

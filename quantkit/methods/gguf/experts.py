@@ -150,7 +150,7 @@ def hf_config(meta: dict[str, Any], arch_name: str, layout: str) -> dict[str, An
     config: dict[str, Any] = {lay.count_keys[0]: get("expert_count"), "num_experts_per_tok": get("expert_used_count")}
     if layout == "mixtral":
         return config
-    config |= {"moe_intermediate_size": get("expert_feed_forward_length"), "norm_topk_prob": lay.norm_topk_prob,
+    config |= {lay.ffn_key: get("expert_feed_forward_length"), "norm_topk_prob": lay.norm_topk_prob,
                "decoder_sparse_step": 1, "mlp_only_layers": []}
     if lay.shared:
         config["shared_expert_intermediate_size"] = get("expert_shared_feed_forward_length")
