@@ -118,7 +118,8 @@ class Dequantizer(Protocol):
 
     Optional: `integers(checkpoint, module, names, read) -> IntegerBlocks | None`, the module's values as
     signed integers times per-block float16 factors when they are exactly that (lossless transcoding);
-    `mxfp4(checkpoint, module, names, read) -> Mxfp4Blocks | None`, the module's MXFP4 blocks as stored.
+    `mxfp4(checkpoint, module, names, read) -> Mxfp4Blocks | None`, the module's MXFP4 blocks as stored
+    (`read` a TensorReads: they are read by expert).
     """
 
     quant_method: str
@@ -322,12 +323,13 @@ ConvertPreview = Callable[[ConvertRequest], Preview]
 
 @dataclass(frozen=True)
 class Mxfp4Blocks:
-    """A weight as OCP MXFP4, as gpt-oss stores its experts: `blocks` uint8 [..., out, in / 32, 16], two e2m1
-    codes a byte (input 2k in the low nibble, 2k + 1 in the high one), `scales` uint8 [..., out, in / 32],
-    the e8m0 exponent of each run of 32 inputs: value = e2m1(code) * 2**(scale - 127)."""
+    """A weight as OCP MXFP4, as gpt-oss stores its experts: blocks uint8 [..., out, in / 32, 16], two e2m1
+    codes a byte (input 2k in the low nibble, 2k + 1 in the high one), scales uint8 [..., out, in / 32], the
+    e8m0 exponent of each run of 32 inputs: value = e2m1(code) * 2**(scale - 127). `read(start, stop)` gives
+    (blocks, scales) of [start, stop) along the first axis (experts), mapped when asked: memory follows them."""
 
-    blocks: np.ndarray
-    scales: np.ndarray
+    shape: tuple[int, ...]  # the blocks'
+    read: Callable[[int, int], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)

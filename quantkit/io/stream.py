@@ -122,6 +122,14 @@ class TensorReads:
         with ShardReader(info.file) as other:
             return other.read(info)
 
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of one tensor (along its first axis)."""
+        info = self.checkpoint.tensors[name]
+        if info.file == self.current.path:
+            return self.current.read_rows(info, start, stop)
+        with ShardReader(info.file) as other:
+            return other.read_rows(info, start, stop)
+
 
 class FiniteSink:
     """Passes dequantized chunks on to the writer, refusing NaN or infinity: from quantized data they only

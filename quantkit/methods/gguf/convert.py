@@ -20,7 +20,6 @@ from quantkit.api import (
     ConvertRequest,
     DenseWeights,
     IntegerBlocks,
-    Mxfp4Blocks,
     PlannedTensor,
     Preview,
     Result,
@@ -246,8 +245,9 @@ def _part_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport) -> Iterat
         if tensor.name not in report.lossless:
             report.lossless.append(tensor.name)
         picked = slice(part.index, None, part.parts)  # the source's blocks are [expert, out, in / 32, 16]
-        for expert in range(stored.blocks.shape[0]):
-            yield experts.ggml_mxfp4(Mxfp4Blocks(stored.blocks[expert, picked], stored.scales[expert, picked]))
+        for expert in range(stored.shape[0]):
+            blocks, scales = stored.read(expert, expert + 1)
+            yield experts.ggml_mxfp4(blocks[0, picked], scales[0, picked])
         return
     values = next(tensor.chunks(tensor.shape[0]))
     taken = np.take(values, np.arange(part.index, values.shape[part.axis], part.parts), axis=part.axis)

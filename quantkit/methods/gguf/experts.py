@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 from gguf import GGUFWriter
 
-from quantkit.api import Mxfp4Blocks
 from quantkit.errors import QuantkitError
 from quantkit.methods.gguf.file import GGUFTensor, Part, config_int
 
@@ -181,11 +180,11 @@ def split_parts(shapes: dict[str, tuple[int, ...]], parts: dict[str, tuple[Part,
 _LAYER = re.compile(r"^(model\.layers\.\d+)\.(.+)$")
 
 
-def ggml_mxfp4(stored: Mxfp4Blocks) -> np.ndarray:
+def ggml_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """ggml's MXFP4 rows from OCP MXFP4 (gpt-oss's blocks): per block of 32, the e8m0 scale byte, then 16 bytes
     whose low nibbles hold values 0..15 and high nibbles 16..31 (ggml's Q4_0 order; the source pairs values
-    2k, 2k + 1 in a byte). uint8 [..., out, in / 32 * 17]; the codes and scales move unchanged."""
-    blocks, scales = np.asarray(stored.blocks), np.asarray(stored.scales)
+    2k, 2k + 1 in a byte): blocks uint8 [..., out, in / 32, 16] and scales [..., out, in / 32] (api.Mxfp4Blocks)
+    -> uint8 [..., out, in / 32 * 17]; the codes and scales move unchanged."""
     codes = np.stack((blocks & 0x0F, blocks >> 4), axis=-1).reshape(*blocks.shape[:-1], 32)
     qs = codes[..., :16] | (codes[..., 16:] << 4)
     rows = np.concatenate((scales[..., None], qs), axis=-1)

@@ -12,6 +12,7 @@ from quantkit.api import Mxfp4Blocks, TensorSink
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor
 from quantkit.io.source import Checkpoint
+from quantkit.io.stream import TensorReads
 from quantkit.methods.mxfp4 import blocks, native
 from quantkit.native import DENSE
 from quantkit.numerics import CHUNK_ELEMENTS
@@ -52,8 +53,11 @@ class Mxfp4Reader:
 
     def dequantize(self, checkpoint: Checkpoint, module: str, names: list[str], read: Callable[[str], np.ndarray],
                    dtype: str, sink: TensorSink) -> None:  # fmt: skip
-        stored = self.mxfp4(checkpoint, module, names, read)
-        packed, scales = stored.blocks, stored.scales
+        problem = self._problem(checkpoint, module)
+        if problem:
+            raise QuantkitError(problem)
+        packed = read(f"{module}_blocks")
+        scales = read(f"{module}_scales")
         *lead, rows, groups, _ = packed.shape
         packed = packed.reshape(-1, rows, groups, blocks.BYTES)
         scales = scales.reshape(-1, rows, groups)
@@ -68,12 +72,14 @@ class Mxfp4Reader:
                 sink.write(module, dtypes.from_float32(np.ascontiguousarray(values.T), dtype))
         sink.done(module)
 
-    def mxfp4(self, checkpoint: Checkpoint, module: str, names: list[str], read: Callable[[str], np.ndarray]) -> Mxfp4Blocks:
-        """The module's blocks and scales as stored (GGUF keeps them as they are)."""
+    def mxfp4(self, checkpoint: Checkpoint, module: str, names: list[str], read: TensorReads) -> Mxfp4Blocks:
+        """The module's blocks and scales as stored, read by expert (GGUF keeps them as they are)."""
         problem = self._problem(checkpoint, module)
         if problem:
             raise QuantkitError(problem)
-        return Mxfp4Blocks(read(f"{module}_blocks"), read(f"{module}_scales"))
+        stored, scales = f"{module}_blocks", f"{module}_scales"
+        return Mxfp4Blocks(tuple(checkpoint.tensors[stored].shape),
+                           lambda start, stop: (read.rows(stored, start, stop), read.rows(scales, start, stop)))
 
     def _problem(self, checkpoint: Checkpoint, module: str) -> str | None:
         packed = checkpoint.tensors[f"{module}_blocks"]
