@@ -3,7 +3,7 @@
 
 - llama.cpp's own converter (convert_hf_to_gguf.py, vendored by the llama-cpp-python sdist) writes, at each
   of its float and Q8_0 outtypes, the tensors (names, types, shapes, bytes: the experts' MXFP4 blocks too)
-  and the gpt-oss metadata we write;
+  and the gpt-oss metadata we write, from config.json as transformers 5 saves it and as the Hub has it;
 - llama.cpp (llama-cpp-python) loads our GGUF and its logits match transformers' GptOssForCausalLM on the
   release dequantized (quantkit's dequantization equals transformers' own, tests/test_fp8_mxfp4.py).
 """
@@ -28,9 +28,27 @@ def release(tmp_path_factory):
     return gpt_oss_mxfp4(tmp_path_factory.mktemp("gpt_oss") / "release")
 
 
-@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
-def test_llama_cpp_converter_writes_what_we_write(release, cli, tmp_path, outtype):
+def hub_style(release, out):
+    """The release with config.json as openai's releases on the Hub spell it: rope_scaling and a top-level
+    rope_theta (not transformers 5's rope_parameters), their extra keys, swiglu_alpha left to its default."""
+    import json
+    import shutil
+
+    shutil.copytree(release, out)
+    config = json.loads((out / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config |= {"rope_theta": rope.pop("rope_theta"), "rope_scaling": rope, "experts_per_token": config["num_experts_per_tok"],
+               "initial_context_length": 4096, "max_position_embeddings": 131072}
+    del config["swiglu_alpha"]
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("outtype, style", [("f32", "saved"), ("f16", "saved"), ("bf16", "saved"), ("q8_0", "saved"),
+                                            ("q8_0", "hub")])
+def test_llama_cpp_converter_writes_what_we_write(release, cli, tmp_path, outtype, style):
     assert (LLAMA_CPP / "convert_hf_to_gguf.py").exists(), f"{LLAMA_CPP} is missing: run scripts/install_clients.py"
+    release = hub_style(release, tmp_path / "hub") if style == "hub" else release
     theirs, ours = tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
     run = subprocess.run([sys.executable, "-c", CONVERTER.format(root=str(LLAMA_CPP)), str(release), "--outtype", outtype,
                           "--outfile", str(theirs)], capture_output=True, text=True)
@@ -44,7 +62,7 @@ def test_llama_cpp_converter_writes_what_we_write(release, cli, tmp_path, outtyp
     their_meta = {k: v for k, v in b.items() if k.startswith("gpt-oss.")}
     assert set(mine) - set(their_meta) == OURS_ONLY and set(their_meta) <= set(mine)
     assert {k: mine[k] for k in their_meta} == their_meta
-    print(f"gpt-oss {outtype}: {len(types)} tensors byte-identical to llama.cpp's converter, {len(their_meta)} metadata keys equal")
+    print(f"gpt-oss {outtype} ({style} config): {len(types)} tensors byte-identical to llama.cpp's converter, {len(their_meta)} metadata keys equal")
 
 
 # Relative logit error (Frobenius norm) of llama.cpp on our GGUF against transformers on the dequantized
