@@ -105,7 +105,9 @@ def describe_gguf() -> dict:
 
     return {"reads": "safetensors folder (dense or quantized)", "writes": ".gguf file", "gguf_types": list(mixes.FILE_TYPES),
             "aliases": list(mixes.ALIASES), "tensor_types": list(types.GGUF_TYPES),
-            "architectures": sorted(file.ARCHITECTURES), "back": "dequantize / convert --to safetensors (bfloat16 by default)"}
+            "architectures": sorted(file.ARCHITECTURES),
+            "back": "dequantize / convert --to safetensors (bfloat16 by default; every architecture but "
+                    + ", ".join(sorted({a.gguf_arch for a in file.ARCHITECTURES.values() if not a.to_hf})) + ")"}
 
 
 api.register_converter("gguf", convert_to_gguf, preview_gguf, gguf_presets, describe_gguf)
