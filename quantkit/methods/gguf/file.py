@@ -73,7 +73,8 @@ _SHARED_EXPERT = {"mlp.shared_expert.gate_proj.weight": ("shared_ffn", "hidden")
 @dataclass(frozen=True)
 class Part:
     """A tensor llama.cpp's converter makes from one source tensor that is stored otherwise: gpt-oss's experts
-    fused (gate and up interleaved), named without .weight (sinks), dense experts transposed ([in, out])."""
+    fused (gate and up interleaved), named without .weight (sinks), each expert [in, out] in the source's dense
+    shape (transformers' layout; its MXFP4 blocks are [out, in / 32])."""
 
     leaf: str  # its name inside model.layers.N, as the converter names it before mapping it to GGUF
     index: int = 0  # which of `parts` interleaved slices along `axis` it takes
@@ -383,6 +384,7 @@ class Rope:
     theta_swa: float | None = None  # sliding-window layers' own base (gemma3)
     yarn: tuple[tuple[str, float], ...] = ()  # YaRN: (metadata key under rope.scaling., value), as the converter writes
 
+
 # YaRN settings in rope_parameters -> llama.cpp's metadata key under rope.scaling. (the converter's choice)
 _YARN = (("factor", "factor"), ("original_max_position_embeddings", "original_context_length"),
          ("extrapolation_factor", "yarn_ext_factor"), ("attention_factor", "yarn_attn_factor"),
@@ -402,7 +404,8 @@ def _rope(config: dict, arch: Architecture, head_dim: int) -> Rope:
     linear = config_float(config, "factor", 1.0, where=full) if kind == "linear" else None
     yarn = ()
     if kind == "yarn":
-        config_float(config, "factor", 0.0, where=full)  # checked: what llama.cpp needs is there and a number
+        if full.get("factor") is None:  # llama.cpp's converter would write no scaling at all
+            raise QuantkitError("config.json: yarn rope scaling without a factor", "llama.cpp needs one")
         config_int(full, "original_max_position_embeddings")
         yarn = tuple((key, full[name] if key == "original_context_length" else config_float(config, name, 0.0, where=full))
                      for name, key in _YARN if full.get(name) is not None)
