@@ -107,15 +107,20 @@ def zero_points(qzeros: np.ndarray, bits: int, version: str | None) -> np.ndarra
 
 def dequantize_gptq(tensors: dict[str, np.ndarray], bits: int, version: str, module: str) -> np.ndarray:
     """float32 `[out, in]` weight from GPTQ companions (either version, act-order `g_idx` included)."""
-    problem = companion_problem({part: (dtypes.NAME_OF_ARRAY.get(t.dtype, str(t.dtype)), t.shape) for part, t in tensors.items()}, bits)
-    problem = problem or g_idx_problem(tensors["g_idx"], tensors["scales"].shape[0])
-    if problem:
-        raise QuantkitError(f"{module}: {problem}")
+    check_gptq(tensors, bits, module)
     g_idx = tensors["g_idx"].astype(np.int64)
     codes = unpack_rows(tensors["qweight"], bits).astype(np.float32)  # [in, out]
     zeros = zero_points(tensors["qzeros"], bits, version).astype(np.float32)
     scales = tensors["scales"].astype(np.float32)
     return np.ascontiguousarray(((codes - zeros[g_idx]) * scales[g_idx]).T)
+
+
+def check_gptq(tensors: dict[str, np.ndarray], bits: int, module: str) -> None:
+    """Raise naming the module unless its read companions fit together (dtypes, shapes, g_idx in range)."""
+    problem = companion_problem({part: (dtypes.NAME_OF_ARRAY.get(t.dtype, str(t.dtype)), t.shape) for part, t in tensors.items()}, bits)
+    problem = problem or g_idx_problem(tensors["g_idx"], tensors["scales"].shape[0])
+    if problem:
+        raise QuantkitError(f"{module}: {problem}")
 
 
 def g_idx_problem(g_idx: np.ndarray, groups: int) -> str | None:

@@ -12,7 +12,7 @@ from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor, ShardReader
 from quantkit.io.source import Checkpoint
 from quantkit.io.staged import replace_json
-from quantkit.methods.gptq import groupwise
+from quantkit.methods.gptq import groupwise, native
 from quantkit.methods.gptq.integers import from_qweight, to_integers
 from quantkit.methods.gptq.layout import (
     AWQ_COMPANIONS,
@@ -20,6 +20,7 @@ from quantkit.methods.gptq.layout import (
     COMPANIONS,
     SCALE_DTYPES,
     GptqConfig,
+    check_gptq,
     companion_problem,
     dequantize_awq,
     dequantize_gptq,
@@ -34,6 +35,7 @@ from quantkit.methods.gptq.layout import (
 )
 from quantkit.methods.gptq.quantizer import GptqOptions
 from quantkit.modules import is_conv1d
+from quantkit.native import DENSE
 from quantkit.numerics import CHUNK_ELEMENTS
 
 # Relative weight error (||W - W'|| / ||W||) above which a layer fails, per scheme.
@@ -113,17 +115,34 @@ class GptqReader:
         if scales.dtype not in SCALE_DTYPES:
             raise QuantkitError(f"{scales.file}: tensor '{scales.name}' is {scales.dtype}, expected {' or '.join(SCALE_DTYPES)}")
         tensors["scales"] = read_floats(checkpoint, read, scales.name)
+        name = f"{module}.weight"
+        conv1d = is_conv1d(checkpoint.config, module)  # GPT-2's Conv1D stores [in, out]
+        if config.method == "gptq" and not conv1d and self._kernel_fits(tensors, config.bits, dtype):
+            check_gptq(tensors, config.bits, module)
+            out_features, in_features = tensors["qweight"].shape[1], tensors["g_idx"].shape[0]
+            rows = max(1, CHUNK_ELEMENTS // in_features)
+            for start in range(0, out_features, rows):
+                count = min(rows, out_features - start)
+                sink.write(name, native.dense_rows(tensors, config.bits, config.version, start, count, dtype))
+            sink.done(name)
+            return
         if config.method == "awq":
             values = dequantize_awq(tensors, config.group_size, module)
         else:
             values = dequantize_gptq(tensors, config.bits, config.version, module)
-        if is_conv1d(checkpoint.config, module):  # GPT-2's Conv1D stores [in, out]
+        if conv1d:
             values = np.ascontiguousarray(values.T)
-        name = f"{module}.weight"
         rows = max(1, CHUNK_ELEMENTS // values.shape[1])
         for start in range(0, values.shape[0], rows):
             sink.write(name, dtypes.from_float32(values[start : start + rows], dtype))
         sink.done(name)
+
+    @staticmethod
+    def _kernel_fits(tensors: dict[str, np.ndarray], bits: int, dtype: str) -> bool:
+        """Whether native.dense_rows takes this module (else layout.dequantize_gptq, the reference, does)."""
+        out_features = tensors["qweight"].shape[1] if tensors["qweight"].ndim == 2 else 0
+        per_word = groupwise.PACK_BITS // bits
+        return native.DENSE_AVAILABLE and dtype in DENSE and out_features > 0 and out_features % per_word == 0
 
     def integers(self, checkpoint: Checkpoint, module: str, names: list[str],
                  read: Callable[[str], np.ndarray]) -> IntegerBlocks | None:
