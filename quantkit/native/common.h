@@ -151,13 +151,17 @@ static inline uint16_t float16_bits(float v) {
     const uint32_t bits = as_bits(v), sign = (bits >> 16) & 0x8000u;
     const float rounded = fabsf(float16_round(bits));
     const uint32_t magnitude = as_bits(rounded);
-    if (magnitude > EXPONENT)
-        return (uint16_t)(sign | 0x7C00u | ((bits & 0x7FFFFFu) >> 13) | ((bits & 0x7FE000u) == 0));
-    if (magnitude == EXPONENT)
-        return (uint16_t)(sign | 0x7C00u);
-    if (magnitude < 0x38800000u) /* float16 subnormal or zero: a whole number of 2**-24 */
-        return (uint16_t)(sign | (uint32_t)(rounded * 16777216.0f));
-    return (uint16_t)(sign | (((magnitude >> 23) - 112) << 10) | ((magnitude >> 13) & 0x3FFu));
+    const uint32_t nan = 0x7C00u | ((bits & 0x7FFFFFu) >> 13) | (uint32_t)((bits & 0x7FE000u) == 0);
+    /* float16 subnormal or zero: a whole number of 2**-24, read off the low bits of a sum with 2**23 */
+    const uint32_t subnormal = as_bits(rounded * 16777216.0f + 8388608.0f) - 0x4B000000u;
+    const uint32_t normal = (((magnitude >> 23) - 112) << 10) | ((magnitude >> 13) & 0x3FFu);
+    /* blended through masks, not branches, so that loops calling it vectorize */
+    const uint32_t is_nan = -(uint32_t)(magnitude > EXPONENT), is_inf = -(uint32_t)(magnitude == EXPONENT);
+    const uint32_t is_small = -(uint32_t)(magnitude < 0x38800000u);
+    uint32_t out = (subnormal & is_small) | (normal & ~is_small);
+    out = (0x7C00u & is_inf) | (out & ~is_inf);
+    out = (nan & is_nan) | (out & ~is_nan);
+    return (uint16_t)(sign | out);
 }
 
 /* bfloat16 bits of v, rounded to nearest even; a NaN stays a quiet NaN (as dtypes.bf16_bits). Blended

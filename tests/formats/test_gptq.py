@@ -257,3 +257,33 @@ def test_dense_kernel_refuses_what_does_not_fit():
         native.dense_rows(tensors, 4, "v2", 75, 8, "BF16")
     with pytest.raises(ValueError, match="qzeros"):
         native.dense_rows({**tensors, "qzeros": tensors["qzeros"][:2]}, 4, "v2", 0, 8, "BF16")
+
+
+@pytest.mark.parametrize("group_size,in_features", [(32, 320), (64, 320), (-1, 320), (128, 4352)])
+def test_dense_kernel_gives_the_awq_reference_bytes(group_size, in_features):
+    """AWQ GEMM through the same kernel (its own packing: along outputs, interleaved) ==
+    dtypes.from_float32(layout.dequantize_awq(...)) bit for bit, scales float16 and bfloat16 with an infinity
+    and a NaN among them, every output dtype, rows 5 at a time from row 2 on."""
+    from quantkit import dtypes
+    from quantkit.methods.gptq import native
+
+    if not native.DENSE_AVAILABLE:
+        pytest.fail("the C extension is not built")
+    rng = np.random.default_rng(in_features + group_size)
+    out_features = 56
+    groups = 1 if group_size == -1 else in_features // group_size
+    for scale_dtype in ("F16", "BF16"):
+        scales = rng.normal(0, 0.01, (groups, out_features)).astype(np.float32)
+        scales.flat[:3] = [-3e-7, np.inf, np.nan]
+        tensors = {"qweight": gptq.pack_awq(rng.integers(0, 16, (in_features, out_features)).astype(np.uint8)),
+                   "qzeros": gptq.pack_awq(rng.integers(0, 16, (groups, out_features)).astype(np.uint8)),
+                   "scales": dtypes.to_float32(dtypes.from_float32(scales, scale_dtype), scale_dtype)}  # fmt: skip
+        with np.errstate(invalid="ignore"):
+            reference = gptq.dequantize_awq(tensors, group_size, "m")
+        with_groups = {**tensors, "g_idx": gptq.group_index(in_features, group_size)}
+        for dtype in ("F32", "BF16", "F16"):
+            with np.errstate(over="ignore"):
+                want = dtypes.from_float32(reference, dtype)
+            got = np.concatenate([native.dense_rows(with_groups, 4, None, start, min(5, out_features - start), dtype, awq=True)
+                                  for start in range(2, out_features, 5)])  # fmt: skip
+            assert got.tobytes() == want[2:].tobytes(), (scale_dtype, dtype)

@@ -44,15 +44,17 @@ def pack_signed(q: np.ndarray, turned: np.ndarray, bits: int, group: int) -> np.
     return qweight
 
 
-def dense_rows(tensors: dict[str, np.ndarray], bits: int, version: str, first: int, rows: int, dtype: str) -> np.ndarray:
+def dense_rows(tensors: dict[str, np.ndarray], bits: int, version: str | None, first: int, rows: int, dtype: str,
+               awq: bool = False) -> np.ndarray:  # fmt: skip
     """Stored `dtype` bits (a key of quantkit.native.DENSE) of output rows `first ... first + rows` of a GPTQ
     weight `[out, in]`: qweight, qzeros, g_idx int32 and scales float32 as layout.dequantize_gptq takes them,
-    checked by layout.check_gptq; out a multiple of 32 / bits."""
+    checked by layout.check_gptq; out a multiple of 32 / bits. `awq`: AWQ GEMM companions as
+    layout.dequantize_awq takes them (checked by layout.check_awq), with `g_idx` i // group_size added."""
     qweight, scales = tensors["qweight"], tensors["scales"]
-    in_features = tensors["g_idx"].shape[0]
+    in_features, out_features = tensors["g_idx"].shape[0], scales.shape[1]
     dense = np.empty((rows, in_features), DENSE_STORAGE[dtype])
     kernels.gptq_dense(np.ascontiguousarray(qweight, np.int32), np.ascontiguousarray(tensors["qzeros"], np.int32),
-                       np.ascontiguousarray(scales, np.float32), np.ascontiguousarray(tensors["g_idx"], np.int32), bits,
-                       1 if version == "v1" else 0, in_features, qweight.shape[1], scales.shape[0], first, DENSE[dtype], dense,
+                       np.ascontiguousarray(scales, np.float32), np.ascontiguousarray(tensors["g_idx"], np.int32), bits, awq,
+                       1 if version == "v1" else 0, in_features, out_features, scales.shape[0], first, DENSE[dtype], dense,
                        threads())  # fmt: skip
     return dense

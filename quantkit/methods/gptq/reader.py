@@ -20,6 +20,7 @@ from quantkit.methods.gptq.layout import (
     COMPANIONS,
     SCALE_DTYPES,
     GptqConfig,
+    check_awq,
     check_gptq,
     companion_problem,
     dequantize_awq,
@@ -117,16 +118,21 @@ class GptqReader:
         tensors["scales"] = read_floats(checkpoint, read, scales.name)
         name = f"{module}.weight"
         conv1d = is_conv1d(checkpoint.config, module)  # GPT-2's Conv1D stores [in, out]
-        if config.method == "gptq" and not conv1d and self._kernel_fits(tensors, config.bits, dtype):
-            check_gptq(tensors, config.bits, module)
-            out_features, in_features = tensors["qweight"].shape[1], tensors["g_idx"].shape[0]
+        awq = config.method == "awq"
+        if not conv1d and self._kernel_fits(tensors, config.bits, awq, dtype):
+            if awq:
+                check_awq(tensors, config.group_size, module)
+                tensors["g_idx"] = group_index(tensors["qweight"].shape[0], config.group_size)
+            else:
+                check_gptq(tensors, config.bits, module)
+            out_features, in_features = tensors["scales"].shape[1], tensors["g_idx"].shape[0]
             rows = max(1, CHUNK_ELEMENTS // in_features)
             for start in range(0, out_features, rows):
                 count = min(rows, out_features - start)
-                sink.write(name, native.dense_rows(tensors, config.bits, config.version, start, count, dtype))
+                sink.write(name, native.dense_rows(tensors, config.bits, config.version, start, count, dtype, awq))
             sink.done(name)
             return
-        if config.method == "awq":
+        if awq:
             values = dequantize_awq(tensors, config.group_size, module)
         else:
             values = dequantize_gptq(tensors, config.bits, config.version, module)
@@ -138,11 +144,13 @@ class GptqReader:
         sink.done(name)
 
     @staticmethod
-    def _kernel_fits(tensors: dict[str, np.ndarray], bits: int, dtype: str) -> bool:
-        """Whether native.dense_rows takes this module (else layout.dequantize_gptq, the reference, does)."""
-        out_features = tensors["qweight"].shape[1] if tensors["qweight"].ndim == 2 else 0
-        per_word = groupwise.PACK_BITS // bits
-        return native.DENSE_AVAILABLE and dtype in DENSE and out_features > 0 and out_features % per_word == 0
+    def _kernel_fits(tensors: dict[str, np.ndarray], bits: int, awq: bool, dtype: str) -> bool:
+        """Whether native.dense_rows takes this module (else layout.dequantize_gptq / dequantize_awq, the
+        references, do): int32 words, and (GPTQ) output features packing whole qzeros words."""
+        qweight, qzeros = tensors["qweight"], tensors["qzeros"]
+        if not native.DENSE_AVAILABLE or dtype not in DENSE or qweight.dtype != np.int32 or qzeros.dtype != np.int32:
+            return False
+        return qweight.ndim == 2 and qweight.shape[1] > 0 and (awq or qweight.shape[1] % (groupwise.PACK_BITS // bits) == 0)
 
     def integers(self, checkpoint: Checkpoint, module: str, names: list[str],
                  read: Callable[[str], np.ndarray]) -> IntegerBlocks | None:
