@@ -112,6 +112,61 @@ def test_dequantize_restores_names_and_shapes(models, tmp_path, cli):
     assert np.abs(back["transformer.h.0.attn.c_attn.weight"] - w).max() < np.abs(w).max() / 100
 
 
+@pytest.mark.parametrize("flags", [["--bits", "4", "--asym"], ["--bits", "2", "--sym", "--format", "v1"], ["--bits", "8", "--group-size", "-1"]])
+def test_dequantize_kernel_writes_the_numpy_bytes(models, tmp_path, cli, monkeypatch, flags):
+    """dequantize streams rows through the C kernel (here 3 rows and a bit a chunk, so chunks end anywhere):
+    every dtype's file is byte for byte the numpy reference's (the path taken without the extension)."""
+    from quantkit.methods.gptq import native, reader
+
+    if not native.DENSE_AVAILABLE:
+        pytest.fail("the C extension is not built")
+    group = [] if "--group-size" in flags else GROUP
+    assert cli("quantize", models["llama"], tmp_path / "q", "--method", "gptq", *flags, *group)[0] == 0
+    for dtype in ("bfloat16", "float32", "float16"):
+        chunks = []
+        monkeypatch.setattr(reader, "CHUNK_ELEMENTS", 3 * 64 + 5)
+        monkeypatch.setattr(native, "dense_rows", lambda *args, seen=chunks, kernel=native.dense_rows: seen.append(args[3:5]) or kernel(*args))
+        code, _, err = cli("dequantize", tmp_path / "q", tmp_path / f"c-{dtype}", "--dtype", dtype)
+        assert code == 0, err
+        assert (0, 3) in chunks and (63, 1) in chunks and (159, 1) in chunks  # the kernel wrote every module, in short chunks
+        monkeypatch.setattr(native, "DENSE_AVAILABLE", False)
+        code, _, err = cli("dequantize", tmp_path / "q", tmp_path / f"numpy-{dtype}", "--dtype", dtype)
+        assert code == 0, err
+        monkeypatch.undo()
+        assert load_tensors(tmp_path / f"c-{dtype}")["model.layers.0.mlp.down_proj.weight"].shape == (64, 160)
+        files = sorted(p.name for p in (tmp_path / f"numpy-{dtype}").glob("*.safetensors"))
+        assert files and files == sorted(p.name for p in (tmp_path / f"c-{dtype}").glob("*.safetensors"))
+        for file in files:
+            assert (tmp_path / f"c-{dtype}" / file).read_bytes() == (tmp_path / f"numpy-{dtype}" / file).read_bytes(), file
+
+
+def test_dequantize_awq_kernel_writes_the_numpy_bytes(models, tmp_path, cli, monkeypatch):
+    """An AWQ GEMM checkpoint (quantkit's GPTQ v2 modules repacked as AWQ) dequantizes through the C kernel,
+    in short chunks, to the numpy reference's files, every dtype."""
+    from safetensors.torch import load_file
+
+    from quantkit.methods.gptq import native, reader
+    from tests.test_hostile_round2 import _as_awq, _rewrite
+
+    if not native.DENSE_AVAILABLE:
+        pytest.fail("the C extension is not built")
+    assert cli("quantize", models["llama"], tmp_path / "q", "--method", "gptq", "--asym", "--format", "v2", *GROUP)[0] == 0
+    tensors, qc = _as_awq(load_file(str(tmp_path / "q" / "model.safetensors")), 32)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    awq = _rewrite(tmp_path / "q", tmp_path / "awq", tensors, {**config, "quantization_config": qc})
+    for dtype in ("bfloat16", "float32", "float16"):
+        chunks = []
+        monkeypatch.setattr(reader, "CHUNK_ELEMENTS", 2 * 64 + 1)
+        monkeypatch.setattr(native, "dense_rows", lambda *args, seen=chunks, kernel=native.dense_rows: seen.append(args[3:5]) or kernel(*args))
+        assert cli("dequantize", awq, tmp_path / f"c-{dtype}", "--dtype", dtype)[0] == 0
+        assert (0, 2) in chunks and (158, 2) in chunks and (63, 1) in chunks  # 2 rows a chunk of 64 inputs, 1 of 160
+        monkeypatch.setattr(native, "DENSE_AVAILABLE", False)
+        assert cli("dequantize", awq, tmp_path / f"numpy-{dtype}", "--dtype", dtype)[0] == 0
+        monkeypatch.undo()
+        data = [(tmp_path / f"{path}-{dtype}" / "model.safetensors").read_bytes() for path in ("c", "numpy")]
+        assert data[0] == data[1], dtype
+
+
 def test_inspect_and_verify(models, tmp_path, cli):
     cli("quantize", models["llama"], tmp_path / "q", "--method", "gptq", "--asym", *GROUP)
     code, out, _ = cli("inspect", tmp_path / "q", "--json")

@@ -151,20 +151,38 @@ static inline uint16_t float16_bits(float v) {
     const uint32_t bits = as_bits(v), sign = (bits >> 16) & 0x8000u;
     const float rounded = fabsf(float16_round(bits));
     const uint32_t magnitude = as_bits(rounded);
-    if (magnitude > EXPONENT)
-        return (uint16_t)(sign | 0x7C00u | ((bits & 0x7FFFFFu) >> 13) | ((bits & 0x7FE000u) == 0));
-    if (magnitude == EXPONENT)
-        return (uint16_t)(sign | 0x7C00u);
-    if (magnitude < 0x38800000u) /* float16 subnormal or zero: a whole number of 2**-24 */
-        return (uint16_t)(sign | (uint32_t)(rounded * 16777216.0f));
-    return (uint16_t)(sign | (((magnitude >> 23) - 112) << 10) | ((magnitude >> 13) & 0x3FFu));
+    const uint32_t nan = 0x7C00u | ((bits & 0x7FFFFFu) >> 13) | (uint32_t)((bits & 0x7FE000u) == 0);
+    /* float16 subnormal or zero: a whole number of 2**-24, read off the low bits of a sum with 2**23 */
+    const uint32_t subnormal = as_bits(rounded * 16777216.0f + 8388608.0f) - 0x4B000000u;
+    const uint32_t normal = (((magnitude >> 23) - 112) << 10) | ((magnitude >> 13) & 0x3FFu);
+    /* blended through masks, not branches, so that loops calling it vectorize */
+    const uint32_t is_nan = -(uint32_t)(magnitude > EXPONENT), is_inf = -(uint32_t)(magnitude == EXPONENT);
+    const uint32_t is_small = -(uint32_t)(magnitude < 0x38800000u);
+    uint32_t out = (subnormal & is_small) | (normal & ~is_small);
+    out = (0x7C00u & is_inf) | (out & ~is_inf);
+    out = (nan & is_nan) | (out & ~is_nan);
+    return (uint16_t)(sign | out);
 }
 
-/* bfloat16 bits of v, rounded to nearest even; a NaN stays a quiet NaN (as dtypes.bf16_bits). */
+/* bfloat16 bits of v, rounded to nearest even; a NaN stays a quiet NaN (as dtypes.bf16_bits). Blended
+   through a mask, not a ?:, so that loops calling it vectorize. */
 static inline uint16_t bf16_bits(float v) {
     const uint32_t bits = as_bits(v);
-    const uint16_t rounded = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-    return (bits & MAGNITUDE) > EXPONENT ? (uint16_t)((bits >> 16) | 0x40u) : rounded;
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const uint32_t nan = -(uint32_t)((bits & MAGNITUDE) > EXPONENT);
+    return (uint16_t)((((bits >> 16) | 0x40u) & nan) | (rounded & ~nan));
+}
+
+/* Dense dtypes as the kernels number them (native.DENSE): a weight's dtype S, or an output's. */
+enum { S_BF16 = 0, S_F16 = 1, S_F32 = 2 };
+
+/* The output dtype's bits of a float32, rounded to nearest even as dtypes.from_float32. */
+static inline uint32_t dense_bits(float v, const int out) {
+    if (out == S_BF16)
+        return bf16_bits(v);
+    if (out == S_F16)
+        return float16_bits(v);
+    return as_bits(v);
 }
 
 static inline void store(void *out, int bf16, Py_ssize_t i, uint32_t value) {
@@ -198,6 +216,7 @@ PyObject *py_gguf_blocks(PyObject *self, PyObject *args);
 PyObject *py_gptq_rtn(PyObject *self, PyObject *args);
 PyObject *py_gptq_unpack_signed(PyObject *self, PyObject *args);
 PyObject *py_gptq_pack_signed(PyObject *self, PyObject *args);
+PyObject *py_gptq_dense(PyObject *self, PyObject *args);
 PyObject *py_q_blocks(PyObject *self, PyObject *args);
 PyObject *py_q_integers(PyObject *self, PyObject *args);
 PyObject *py_ct_fp8_channel(PyObject *self, PyObject *args);

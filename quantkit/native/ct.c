@@ -5,8 +5,6 @@ result to S (bfloat16, float16, or nothing for float32). Further down, each in a
 weights back to dense (both layouts), the fine-grained FP8 writer, W4A16 / W8A16, and gpt-oss MXFP4 back to dense. */
 #include "common.h"
 
-enum { S_BF16 = 0, S_F16 = 1, S_F32 = 2 };
-
 typedef struct {
     const void *src; /* bfloat16 bits, or float32 values (float16 sources widened) */
     int dtype;
@@ -127,15 +125,6 @@ typedef struct {
     int out;   /* the output dtype, the same codes */
     void *dense;
 } fp8_dense_t;
-
-/* The output dtype's bits of a float32 that is already a value of S (or any float32 for S_F32). */
-static inline uint32_t dense_bits(float v, const int out) {
-    if (out == S_BF16)
-        return bf16_bits(v);
-    if (out == S_F16)
-        return float16_bits(v);
-    return as_bits(v);
-}
 
 BODY void fp8_dense_body(const fp8_dense_t *q, Py_ssize_t lo, Py_ssize_t hi, const int round, const int out) {
     const uint8_t *codes = q->codes;

@@ -295,3 +295,172 @@ PyObject *py_gptq_pack_signed(PyObject *self, PyObject *args) {
     t.pack = 1;
     return gptq_signed(v, &t, threads);
 }
+
+/* ------------------------------------------------------------------------------------------------
+   GPTQ back to dense, output rows first_row.. of the [out, in] weight: layout.dequantize_gptq's float32
+   ((float)code - (float)zero) * scale, two roundings, no fused multiply-add, then stored as the output dtype
+   (nearest even, as dtypes.from_float32). zero = the stored qzeros field + offset (1 for v1, as
+   layout.zero_points), group g_idx[i] (act-order included). Each row first gathers its groups' zero points and
+   scales into a table of its own; then GPTQ_DENSE_ROWS rows at a time read GPTQ_DENSE_WORDS rows of qweight
+   (a few KB, held in L1 for the whole tile): a row's codes unpacked into bytes, then its values computed
+   and written in one run, a group's run at a time where g_idx has no act-order (a loop that vectorizes).
+   AWQ GEMM (layout.dequantize_awq) the same way: 4-bit, qweight [in, out / 8] and qzeros packed along
+   output features, column c of a word in nibble AWQ_SLOT[c], zero points as stored, g_idx i / group_size. */
+
+#define GPTQ_DENSE_ROWS 16
+#define GPTQ_DENSE_INPUTS 512 /* a multiple of every per_word */
+
+static const int AWQ_SLOT[8] = {0, 4, 1, 5, 2, 6, 3, 7}; /* the inverse of layout.AWQ_ORDER */
+
+typedef struct {
+    const uint32_t *qweight; /* GPTQ [in / per_word, out], AWQ [in, out / 8] */
+    const uint32_t *qzeros;  /* [groups, out / per_word], columns packed as in qweight */
+    const float *scales;     /* [groups, out] */
+    const int32_t *g_idx;    /* [in], each in [0, groups) */
+    float *table;            /* [rows, groups, 2]: zero point and scale */
+    Py_ssize_t in, out, groups, first_row;
+    int bits, awq, offset, dtype;
+    Py_ssize_t run; /* g_idx[i] = i / run for every i (no act-order), or 0 */
+    void *dense;    /* [rows, in]: bfloat16 / float16 bits or float32 */
+} gptq_dense_t;
+
+BODY void gptq_dense_body(const gptq_dense_t *t, Py_ssize_t lo, Py_ssize_t hi, const int bits, const int awq, const int dtype) {
+    const int per_word = 32 / bits;
+    const uint32_t maxq = (1u << bits) - 1;
+    const Py_ssize_t in = t->in, out = t->out, groups = t->groups, run = t->run;
+    const int32_t *g_idx = t->g_idx;
+    void *dense = t->dense;
+    uint8_t codes[GPTQ_DENSE_INPUTS];
+    for (Py_ssize_t r = lo; r < hi; r++) {
+        const Py_ssize_t o = t->first_row + r;
+        const int shift = awq ? 4 * AWQ_SLOT[o % 8] : bits * (int)(o % per_word);
+        float *table = t->table + r * groups * 2;
+        for (Py_ssize_t g = 0; g < groups; g++) {
+            table[2 * g] = (float)(int32_t)(((t->qzeros[g * (out / per_word) + o / per_word] >> shift) & maxq) + (uint32_t)t->offset);
+            table[2 * g + 1] = t->scales[g * out + o];
+        }
+    }
+    for (Py_ssize_t r0 = lo; r0 < hi; r0 += GPTQ_DENSE_ROWS) {
+        const Py_ssize_t r1 = min_size(r0 + GPTQ_DENSE_ROWS, hi);
+        for (Py_ssize_t i0 = 0; i0 < in; i0 += GPTQ_DENSE_INPUTS) {
+            const Py_ssize_t i1 = min_size(i0 + GPTQ_DENSE_INPUTS, in);
+            for (Py_ssize_t r = r0; r < r1; r++) {
+                const Py_ssize_t o = t->first_row + r, base = r * in;
+                const float *table = t->table + r * groups * 2;
+                if (awq) {
+                    const uint32_t *column = t->qweight + o / 8;
+                    const int shift = 4 * AWQ_SLOT[o % 8];
+                    for (Py_ssize_t i = i0; i < i1; i++)
+                        codes[i - i0] = (uint8_t)((column[i * (out / 8)] >> shift) & 15u);
+                } else {
+                    const uint32_t *column = t->qweight + o;
+                    for (Py_ssize_t w = i0 / per_word; w < i1 / per_word; w++) {
+                        const uint32_t word = column[w * out];
+                        for (int k = 0; k < per_word; k++)
+                            codes[w * per_word + k - i0] = (uint8_t)((word >> (bits * k)) & maxq);
+                    }
+                }
+                if (run) /* runs of inputs in one group: its zero point and scale once a run */
+                    for (Py_ssize_t s = i0, e; s < i1; s = e) {
+                        const Py_ssize_t g = s / run;
+                        e = min_size((g + 1) * run, i1);
+                        const float zero = table[2 * g], scale = table[2 * g + 1];
+                        for (Py_ssize_t i = s; i < e; i++) {
+                            const float centred = (float)codes[i - i0] - zero;
+                            store(dense, dtype != S_F32, base + i, dense_bits(centred * scale, dtype));
+                        }
+                    }
+                else
+                    for (Py_ssize_t i = i0; i < i1; i++) {
+                        const float *zs = table + 2 * (Py_ssize_t)g_idx[i];
+                        const float centred = (float)codes[i - i0] - zs[0];
+                        store(dense, dtype != S_F32, base + i, dense_bits(centred * zs[1], dtype));
+                    }
+            }
+        }
+    }
+}
+
+/* Inlined once per layout, width and output dtype: constant shifts and stores. */
+#define GPTQ_DENSE_WIDTHS(t, lo, hi, dtype)          \
+    do {                                             \
+        if ((t)->awq)                                \
+            gptq_dense_body(t, lo, hi, 4, 1, dtype); \
+        else if ((t)->bits == 4)                     \
+            gptq_dense_body(t, lo, hi, 4, 0, dtype); \
+        else if ((t)->bits == 8)                     \
+            gptq_dense_body(t, lo, hi, 8, 0, dtype); \
+        else                                         \
+            gptq_dense_body(t, lo, hi, 2, 0, dtype); \
+    } while (0)
+
+HOT static void gptq_dense_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
+    const gptq_dense_t *t = ctx;
+    if (t->dtype == S_BF16)
+        GPTQ_DENSE_WIDTHS(t, lo, hi, S_BF16);
+    else if (t->dtype == S_F16)
+        GPTQ_DENSE_WIDTHS(t, lo, hi, S_F16);
+    else
+        GPTQ_DENSE_WIDTHS(t, lo, hi, S_F32);
+}
+
+/* gptq_dense(qweight, qzeros, scales, g_idx, bits, awq, offset, in, out, groups, first_row, dtype, dense, threads):
+   qweight int32 [in / per_word, out] (AWQ, bits 4: [in, out / 8]), qzeros int32 [groups, out / per_word], scales
+   float32 [groups, out], g_idx int32 [in]; offset 1 (GPTQ v1) or 0; dtype 0 bfloat16, 1 float16, 2 float32;
+   dense [rows, in] of it, rows first_row.. of the weight. */
+PyObject *py_gptq_dense(PyObject *self, PyObject *args) {
+    Py_buffer v[5];
+    gptq_dense_t t;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*ipinnnniw*i", &v[0], &v[1], &v[2], &v[3], &t.bits, &t.awq, &t.offset, &t.in, &t.out,
+                          &t.groups, &t.first_row, &t.dtype, &v[4], &threads))
+        return NULL;
+    const int per_word = t.bits > 0 && t.bits <= 32 ? 32 / t.bits : 1;
+    if ((t.bits != 2 && t.bits != 4 && t.bits != 8) || (t.awq && t.bits != 4) || (t.offset != 0 && t.offset != 1) || t.in < 1 ||
+        (!t.awq && t.in % per_word) || t.out < 1 || t.out % per_word || t.groups < 1 || t.first_row < 0 || t.dtype < S_BF16 ||
+        t.dtype > S_F32) {
+        release(v, 5);
+        PyErr_SetString(PyExc_ValueError, "bits must be 2, 4 or 8 (AWQ 4), offset 0 or 1, out (GPTQ: and in) a positive "
+                                          "multiple of 32 / bits, groups positive, first_row not negative, dtype one of 0, 1, 2");
+        return NULL;
+    }
+    const Py_ssize_t item = t.dtype == S_F32 ? 4 : 2, rows = v[4].len / (item * t.in);
+    if (check_length(&v[0], (t.awq ? t.in * (t.out / per_word) : t.in / per_word * t.out) * 4, "qweight") ||
+        check_length(&v[1], t.groups * (t.out / per_word) * 4, "qzeros") || check_length(&v[2], t.groups * t.out * 4, "scales") ||
+        check_length(&v[3], t.in * 4, "g_idx") || check_length(&v[4], rows * t.in * item, "dense")) {
+        release(v, 5);
+        return NULL;
+    }
+    t.qweight = v[0].buf;
+    t.qzeros = v[1].buf;
+    t.scales = v[2].buf;
+    t.g_idx = v[3].buf;
+    t.dense = v[4].buf;
+    t.run = t.in;
+    for (Py_ssize_t i = 0; i < t.in && t.run == t.in; i++)
+        t.run = t.g_idx[i] ? i : t.in; /* where group 0 ends, if it is the first of equal runs */
+    for (Py_ssize_t i = 0; i < t.in; i++) {
+        if (t.g_idx[i] < 0 || t.g_idx[i] >= t.groups) {
+            release(v, 5);
+            PyErr_Format(PyExc_ValueError, "g_idx[%zd] = %d is outside the %zd groups", i, t.g_idx[i], t.groups);
+            return NULL;
+        }
+        t.run = t.run && t.g_idx[i] == i / t.run ? t.run : 0;
+    }
+    if (t.first_row + rows > t.out) {
+        release(v, 5);
+        PyErr_Format(PyExc_ValueError, "rows %zd.. %zd: the weight has %zd", t.first_row, t.first_row + rows, t.out);
+        return NULL;
+    }
+    t.table = PyMem_RawMalloc((size_t)(rows * t.groups * 2) * sizeof(float) + 1);
+    if (!t.table) {
+        release(v, 5);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(gptq_dense_part, &t, rows, thread_count(threads, rows * t.in));
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(t.table);
+    release(v, 5);
+    Py_RETURN_NONE;
+}

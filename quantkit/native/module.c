@@ -34,6 +34,9 @@ static PyMethodDef methods[] = {
      "gptq_unpack_signed(qweight, turned, bits, group, in, out, q, threads): GPTQ codes as signed integers [out, in]"},
     {"gptq_pack_signed", py_gptq_pack_signed, METH_VARARGS,
      "gptq_pack_signed(q, turned, bits, group, in, out, qweight, threads): the inverse of gptq_unpack_signed"},
+    {"gptq_dense", py_gptq_dense, METH_VARARGS,
+     "gptq_dense(qweight, qzeros, scales, g_idx, bits, awq, offset, in, out, groups, first_row, dtype, dense, threads): GPTQ "
+     "(or AWQ GEMM) output rows first_row.. as dense dtype (0 bfloat16, 1 float16, 2 float32) values"},
     {"gptq_rtn", py_gptq_rtn, METH_VARARGS,
      "gptq_rtn(src, bf16, rows, cols, group_size, bits, sym, min_zero, out_features, col0, qweight, scales, zeros, "
      "problems, threads): round-to-nearest codes packed into qweight columns col0.., scales and zero points"},

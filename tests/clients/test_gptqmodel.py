@@ -124,6 +124,31 @@ def test_dequantize_matches_their_modules(theirs, clients_root, cli, name):
 
 
 @pytest.mark.parametrize("name", sorted(THEIRS))
+def test_dequantize_kernel_gives_the_numpy_bytes_on_their_checkpoints(theirs, clients_root, cli, monkeypatch, name):
+    """GPTQModel's own checkpoints (GPTQ with act-order g_idx, v1 and v2; AWQ GEMM; float16 and bf16 scales)
+    through the C kernel give the files the numpy reference writes (the path taken without the extension),
+    bf16 and float32 alike."""
+    from quantkit.methods.gptq import native
+
+    if not native.DENSE_AVAILABLE:
+        pytest.fail("the C extension is not built")
+    for dtype in ("bfloat16", "float32"):
+        kernel, numpy = clients_root / f"{name}-{dtype}-kernel", clients_root / f"{name}-{dtype}-numpy"
+        calls = []
+        with monkeypatch.context() as patch:
+            patch.setattr(native, "dense_rows", lambda *args, seen=calls, run=native.dense_rows: seen.append(args[3]) or run(*args))
+            assert cli("dequantize", theirs[name], kernel, "--dtype", dtype)[0] == 0
+        assert calls.count(0) == len(gptqmodel_view(theirs[name]))  # the kernel took every quantized module
+        with monkeypatch.context() as patch:
+            patch.setattr(native, "DENSE_AVAILABLE", False)
+            assert cli("dequantize", theirs[name], numpy, "--dtype", dtype)[0] == 0
+        files = sorted(p.name for p in numpy.glob("*.safetensors"))
+        assert files and files == sorted(p.name for p in kernel.glob("*.safetensors"))
+        for file in files:
+            assert (kernel / file).read_bytes() == (numpy / file).read_bytes(), (dtype, file)
+
+
+@pytest.mark.parametrize("name", sorted(THEIRS))
 def test_verify_accepts_their_checkpoints(theirs, cli, name):
     reference = Path(f"{theirs[name]}-dense")
     code, out, _ = cli("verify", theirs[name], "--reference", reference, "--json")

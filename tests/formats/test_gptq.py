@@ -175,3 +175,115 @@ def test_config_declares_both_format_keys():
     assert (awq.method, awq.sym, awq.version) == ("awq", False, None)
     with pytest.raises(QuantkitError, match="checkpoint_format"):
         gptq.read_config({**config, "checkpoint_format": "marlin"})
+
+
+# ---- the C kernel that turns GPTQ modules back into dense rows --------------------------------------
+
+
+def random_module(rng, bits: int, sym: bool, version: str, g_idx: str, scale_dtype: str, in_features: int = 320,
+                  out_features: int = 80) -> dict[str, np.ndarray]:  # fmt: skip
+    """GPTQ companions as the reader holds them (scales as float32 values of `scale_dtype`), every stored
+    zero-point field used (v1's top field is a zero point of 2**bits), odd scales: negative, float16
+    subnormal, large, an infinity and a NaN."""
+    from quantkit import dtypes
+
+    maxq = 2**bits - 1
+    codes = rng.integers(0, maxq + 1, (in_features, out_features)).astype(np.uint8)
+    size = {"whole": in_features, "128": 128, "32": 32}.get(g_idx, 32)
+    groups = -(-in_features // size)  # a short last group where size does not divide in_features
+    mid = 2 ** (bits - 1) - (1 if version == "v1" else 0)
+    stored = np.full((groups, out_features), mid) if sym else rng.integers(0, maxq + 1, (groups, out_features))
+    scales = rng.normal(0, 0.01, (groups, out_features)).astype(np.float32)
+    scales.flat[:4] = [-3e-7, 7e3, np.inf, np.nan]
+    group_of = (np.arange(in_features) // size).astype(np.int32)
+    if g_idx == "act-order":
+        group_of = rng.permutation(group_of).astype(np.int32)
+    return {"qweight": gptq.pack_rows(codes, bits), "qzeros": gptq.pack_columns(stored.astype(np.uint8), bits),
+            "scales": dtypes.to_float32(dtypes.from_float32(scales, scale_dtype), scale_dtype), "g_idx": group_of}  # fmt: skip
+
+
+@pytest.mark.parametrize("bits", gw.SUPPORTED_BITS)
+@pytest.mark.parametrize("sym,version", [(True, "v1"), (True, "v2"), (False, "v1"), (False, "v2")])
+@pytest.mark.parametrize("g_idx", ["128", "whole", "act-order"])
+def test_dense_kernel_gives_the_reference_bytes(bits, sym, version, g_idx):
+    """native.dense_rows == dtypes.from_float32(layout.dequantize_gptq(...)) bit for bit: 320 inputs (not a
+    multiple of 128: the last group of 128 is short), 80 outputs, rows taken 7 at a time from row 3 on, scales
+    float16 and bfloat16 values, every output dtype; the NaN and infinity among the scales included."""
+    from quantkit import dtypes
+    from quantkit.methods.gptq import native
+
+    if not native.DENSE_AVAILABLE:
+        pytest.fail("the C extension is not built")
+    rng = np.random.default_rng(bits * 10 + sym)
+    for scale_dtype in ("F16", "BF16"):
+        tensors = random_module(rng, bits, sym, version, g_idx, scale_dtype)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf * 0, and float16 overflow
+            reference = gptq.dequantize_gptq(tensors, bits, version, "m")
+        assert np.isnan(reference).any() and np.isinf(reference).any()
+        for dtype in ("F32", "BF16", "F16"):
+            with np.errstate(over="ignore"):
+                want = dtypes.from_float32(reference, dtype)
+            got = np.concatenate([native.dense_rows(tensors, bits, version, start, min(7, 80 - start), dtype)
+                                  for start in range(3, 80, 7)])  # fmt: skip
+            assert got.dtype == want.dtype and got.tobytes() == want[3:].tobytes(), (scale_dtype, dtype)
+
+
+@pytest.mark.parametrize("bits", gw.SUPPORTED_BITS)
+def test_dense_kernel_row_tiles_and_word_blocks(bits):
+    """The kernel works 16 rows and 64 words of qweight at a time: 37 rows of 4352 inputs (a short row tile, a
+    short word block), and groups of 32 in act-order, give the reference's bytes."""
+    from quantkit import dtypes
+    from quantkit.methods.gptq import native
+
+    if not native.DENSE_AVAILABLE:
+        pytest.fail("the C extension is not built")
+    rng = np.random.default_rng(bits)
+    for g_idx in ("32", "act-order"):
+        tensors = random_module(rng, bits, False, "v2", g_idx, "F16", 4352, 48)
+        with np.errstate(invalid="ignore"):
+            reference = dtypes.from_float32(gptq.dequantize_gptq(tensors, bits, "v2", "m"), "BF16")
+        assert native.dense_rows(tensors, bits, "v2", 11, 37, "BF16").tobytes() == reference[11:].tobytes(), g_idx
+
+
+def test_dense_kernel_refuses_what_does_not_fit():
+    from quantkit.methods.gptq import native
+
+    if not native.DENSE_AVAILABLE:
+        pytest.fail("the C extension is not built")
+    tensors = random_module(np.random.default_rng(0), 4, True, "v2", "128", "F16")
+    with pytest.raises(ValueError, match="outside the 3 groups"):
+        native.dense_rows({**tensors, "g_idx": np.full(320, 3, np.int32)}, 4, "v2", 0, 8, "BF16")
+    with pytest.raises(ValueError, match="the weight has 80"):
+        native.dense_rows(tensors, 4, "v2", 75, 8, "BF16")
+    with pytest.raises(ValueError, match="qzeros"):
+        native.dense_rows({**tensors, "qzeros": tensors["qzeros"][:2]}, 4, "v2", 0, 8, "BF16")
+
+
+@pytest.mark.parametrize("group_size,in_features", [(32, 320), (64, 320), (-1, 320), (128, 4352)])
+def test_dense_kernel_gives_the_awq_reference_bytes(group_size, in_features):
+    """AWQ GEMM through the same kernel (its own packing: along outputs, interleaved) ==
+    dtypes.from_float32(layout.dequantize_awq(...)) bit for bit, scales float16 and bfloat16 with an infinity
+    and a NaN among them, every output dtype, rows 5 at a time from row 2 on."""
+    from quantkit import dtypes
+    from quantkit.methods.gptq import native
+
+    if not native.DENSE_AVAILABLE:
+        pytest.fail("the C extension is not built")
+    rng = np.random.default_rng(in_features + group_size)
+    out_features = 56
+    groups = 1 if group_size == -1 else in_features // group_size
+    for scale_dtype in ("F16", "BF16"):
+        scales = rng.normal(0, 0.01, (groups, out_features)).astype(np.float32)
+        scales.flat[:3] = [-3e-7, np.inf, np.nan]
+        tensors = {"qweight": gptq.pack_awq(rng.integers(0, 16, (in_features, out_features)).astype(np.uint8)),
+                   "qzeros": gptq.pack_awq(rng.integers(0, 16, (groups, out_features)).astype(np.uint8)),
+                   "scales": dtypes.to_float32(dtypes.from_float32(scales, scale_dtype), scale_dtype)}  # fmt: skip
+        with np.errstate(invalid="ignore"):
+            reference = gptq.dequantize_awq(tensors, group_size, "m")
+        with_groups = {**tensors, "g_idx": gptq.group_index(in_features, group_size)}
+        for dtype in ("F32", "BF16", "F16"):
+            with np.errstate(over="ignore"):
+                want = dtypes.from_float32(reference, dtype)
+            got = np.concatenate([native.dense_rows(with_groups, 4, None, start, min(5, out_features - start), dtype, awq=True)
+                                  for start in range(2, out_features, 5)])  # fmt: skip
+            assert got.tobytes() == want[2:].tobytes(), (scale_dtype, dtype)

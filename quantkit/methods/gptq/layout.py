@@ -107,15 +107,20 @@ def zero_points(qzeros: np.ndarray, bits: int, version: str | None) -> np.ndarra
 
 def dequantize_gptq(tensors: dict[str, np.ndarray], bits: int, version: str, module: str) -> np.ndarray:
     """float32 `[out, in]` weight from GPTQ companions (either version, act-order `g_idx` included)."""
-    problem = companion_problem({part: (dtypes.NAME_OF_ARRAY.get(t.dtype, str(t.dtype)), t.shape) for part, t in tensors.items()}, bits)
-    problem = problem or g_idx_problem(tensors["g_idx"], tensors["scales"].shape[0])
-    if problem:
-        raise QuantkitError(f"{module}: {problem}")
+    check_gptq(tensors, bits, module)
     g_idx = tensors["g_idx"].astype(np.int64)
     codes = unpack_rows(tensors["qweight"], bits).astype(np.float32)  # [in, out]
     zeros = zero_points(tensors["qzeros"], bits, version).astype(np.float32)
     scales = tensors["scales"].astype(np.float32)
     return np.ascontiguousarray(((codes - zeros[g_idx]) * scales[g_idx]).T)
+
+
+def check_gptq(tensors: dict[str, np.ndarray], bits: int, module: str) -> None:
+    """Raise naming the module unless its read companions fit together (dtypes, shapes, g_idx in range)."""
+    problem = companion_problem({part: (dtypes.NAME_OF_ARRAY.get(t.dtype, str(t.dtype)), t.shape) for part, t in tensors.items()}, bits)
+    problem = problem or g_idx_problem(tensors["g_idx"], tensors["scales"].shape[0])
+    if problem:
+        raise QuantkitError(f"{module}: {problem}")
 
 
 def g_idx_problem(g_idx: np.ndarray, groups: int) -> str | None:
@@ -202,19 +207,27 @@ def pack_awq(codes: np.ndarray) -> np.ndarray:
     return pack_columns(grouped.reshape(codes.shape[0], -1), 4)
 
 
-def dequantize_awq(tensors: dict[str, np.ndarray], group_size: int, module: str) -> np.ndarray:
-    """float32 `[out, in]` weight from AWQ GEMM companions."""
+def check_awq(tensors: dict[str, np.ndarray], group_size: int, module: str) -> None:
+    """Raise naming the module unless its AWQ companions are there and fit together (shapes, unpacked)."""
     missing = [part for part in AWQ_COMPANIONS if part not in tensors]
     if missing:
         raise QuantkitError(f"{module}: missing {', '.join(missing)}")
+    qweight, qzeros, scales = (tensors[part] for part in AWQ_COMPANIONS)
+    if qweight.ndim != 2 or qzeros.ndim != 2 or scales.ndim != 2:
+        raise QuantkitError(f"{module}: AWQ qweight, qzeros and scales must be 2-D")
+    codes, zeros = (qweight.shape[0], qweight.shape[1] * 8), (qzeros.shape[0], qzeros.shape[1] * 8)
+    size = codes[0] if group_size == -1 else group_size
+    if scales.shape != zeros or scales.shape[0] * size != codes[0] or scales.shape[1] != codes[1]:
+        raise QuantkitError(f"{module}: AWQ scales {list(scales.shape)} do not fit qweight {list(codes)}")
+
+
+def dequantize_awq(tensors: dict[str, np.ndarray], group_size: int, module: str) -> np.ndarray:
+    """float32 `[out, in]` weight from AWQ GEMM companions."""
+    check_awq(tensors, group_size, module)
     codes = unpack_awq(tensors["qweight"]).astype(np.float32)  # [in, out]
     zeros = unpack_awq(tensors["qzeros"]).astype(np.float32)  # [groups, out]
     scales = tensors["scales"].astype(np.float32)
-    in_features = codes.shape[0]
-    size = in_features if group_size == -1 else group_size
-    if scales.shape != zeros.shape or scales.shape[0] * size != in_features or scales.shape[1] != codes.shape[1]:
-        raise QuantkitError(f"{module}: AWQ scales {list(scales.shape)} do not fit qweight {list(codes.shape)}")
-    group = np.arange(in_features) // size
+    group = group_index(codes.shape[0], group_size)
     return np.ascontiguousarray(((codes - zeros[group]) * scales[group]).T)
 
 

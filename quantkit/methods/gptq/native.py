@@ -1,13 +1,17 @@
 """The compiled paths for plain round-to-nearest GPTQ (quantkit.native's kernel, the bytes of groupwise.py's
-reference, packed straight into `qweight` columns) and for GPTQ codes <-> signed integers (integers.py)."""
+reference, packed straight into `qweight` columns), for GPTQ codes <-> signed integers (integers.py), and for
+GPTQ weights back to dense rows (the bytes of layout.dequantize_gptq then dtypes.from_float32).
+`DENSE_AVAILABLE` is False where the extension was not built (or predates that kernel)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from quantkit.native import AVAILABLE, kernels, stored, threads
+from quantkit.native import AVAILABLE, DENSE, DENSE_STORAGE, kernels, stored, threads
 
-__all__ = ["AVAILABLE", "pack_signed", "quantize_rtn_into", "unpack_signed"]
+__all__ = ["AVAILABLE", "DENSE_AVAILABLE", "dense_rows", "pack_signed", "quantize_rtn_into", "unpack_signed"]
+
+DENSE_AVAILABLE = AVAILABLE and hasattr(kernels, "gptq_dense")
 
 
 def quantize_rtn_into(rows: np.ndarray, dtype: str, bits: int, size: int, sym: bool, min_zero: int, qweight: np.ndarray,
@@ -38,3 +42,19 @@ def pack_signed(q: np.ndarray, turned: np.ndarray, bits: int, group: int) -> np.
     kernels.gptq_pack_signed(np.ascontiguousarray(q, np.int8), np.ascontiguousarray(turned, np.uint8), bits, group,
                              in_features, out_features, qweight, threads())
     return qweight
+
+
+def dense_rows(tensors: dict[str, np.ndarray], bits: int, version: str | None, first: int, rows: int, dtype: str,
+               awq: bool = False) -> np.ndarray:  # fmt: skip
+    """Stored `dtype` bits (a key of quantkit.native.DENSE) of output rows `first ... first + rows` of a GPTQ
+    weight `[out, in]`: qweight, qzeros, g_idx int32 and scales float32 as layout.dequantize_gptq takes them,
+    checked by layout.check_gptq; out a multiple of 32 / bits. `awq`: AWQ GEMM companions as
+    layout.dequantize_awq takes them (checked by layout.check_awq), with `g_idx` i // group_size added."""
+    qweight, scales = tensors["qweight"], tensors["scales"]
+    in_features, out_features = tensors["g_idx"].shape[0], scales.shape[1]
+    dense = np.empty((rows, in_features), DENSE_STORAGE[dtype])
+    kernels.gptq_dense(np.ascontiguousarray(qweight, np.int32), np.ascontiguousarray(tensors["qzeros"], np.int32),
+                       np.ascontiguousarray(scales, np.float32), np.ascontiguousarray(tensors["g_idx"], np.int32), bits, awq,
+                       1 if version == "v1" else 0, in_features, out_features, scales.shape[0], first, DENSE[dtype], dense,
+                       threads())  # fmt: skip
+    return dense

@@ -12,7 +12,7 @@ from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor, ShardReader
 from quantkit.io.source import Checkpoint
 from quantkit.io.staged import replace_json
-from quantkit.methods.gptq import groupwise
+from quantkit.methods.gptq import groupwise, native
 from quantkit.methods.gptq.integers import from_qweight, to_integers
 from quantkit.methods.gptq.layout import (
     AWQ_COMPANIONS,
@@ -20,6 +20,8 @@ from quantkit.methods.gptq.layout import (
     COMPANIONS,
     SCALE_DTYPES,
     GptqConfig,
+    check_awq,
+    check_gptq,
     companion_problem,
     dequantize_awq,
     dequantize_gptq,
@@ -34,6 +36,7 @@ from quantkit.methods.gptq.layout import (
 )
 from quantkit.methods.gptq.quantizer import GptqOptions
 from quantkit.modules import is_conv1d
+from quantkit.native import DENSE
 from quantkit.numerics import CHUNK_ELEMENTS
 
 # Relative weight error (||W - W'|| / ||W||) above which a layer fails, per scheme.
@@ -113,17 +116,41 @@ class GptqReader:
         if scales.dtype not in SCALE_DTYPES:
             raise QuantkitError(f"{scales.file}: tensor '{scales.name}' is {scales.dtype}, expected {' or '.join(SCALE_DTYPES)}")
         tensors["scales"] = read_floats(checkpoint, read, scales.name)
-        if config.method == "awq":
+        name = f"{module}.weight"
+        conv1d = is_conv1d(checkpoint.config, module)  # GPT-2's Conv1D stores [in, out]
+        awq = config.method == "awq"
+        if not conv1d and self._kernel_fits(tensors, config.bits, awq, dtype):
+            if awq:
+                check_awq(tensors, config.group_size, module)
+                tensors["g_idx"] = group_index(tensors["qweight"].shape[0], config.group_size)
+            else:
+                check_gptq(tensors, config.bits, module)
+            out_features, in_features = tensors["scales"].shape[1], tensors["g_idx"].shape[0]
+            rows = max(1, CHUNK_ELEMENTS // in_features)
+            for start in range(0, out_features, rows):
+                count = min(rows, out_features - start)
+                sink.write(name, native.dense_rows(tensors, config.bits, config.version, start, count, dtype, awq))
+            sink.done(name)
+            return
+        if awq:
             values = dequantize_awq(tensors, config.group_size, module)
         else:
             values = dequantize_gptq(tensors, config.bits, config.version, module)
-        if is_conv1d(checkpoint.config, module):  # GPT-2's Conv1D stores [in, out]
+        if conv1d:
             values = np.ascontiguousarray(values.T)
-        name = f"{module}.weight"
         rows = max(1, CHUNK_ELEMENTS // values.shape[1])
         for start in range(0, values.shape[0], rows):
             sink.write(name, dtypes.from_float32(values[start : start + rows], dtype))
         sink.done(name)
+
+    @staticmethod
+    def _kernel_fits(tensors: dict[str, np.ndarray], bits: int, awq: bool, dtype: str) -> bool:
+        """Whether native.dense_rows takes this module (else layout.dequantize_gptq / dequantize_awq, the
+        references, do): int32 words, and (GPTQ) output features packing whole qzeros words."""
+        qweight, qzeros = tensors["qweight"], tensors["qzeros"]
+        if not native.DENSE_AVAILABLE or dtype not in DENSE or qweight.dtype != np.int32 or qzeros.dtype != np.int32:
+            return False
+        return qweight.ndim == 2 and qweight.shape[1] > 0 and (awq or qweight.shape[1] % (groupwise.PACK_BITS // bits) == 0)
 
     def integers(self, checkpoint: Checkpoint, module: str, names: list[str],
                  read: Callable[[str], np.ndarray]) -> IntegerBlocks | None:
