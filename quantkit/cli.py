@@ -291,9 +291,8 @@ def quantize(
 ) -> None:
     """Quantize a checkpoint (bitsandbytes NF4/FP4/int8, or group-wise GPTQ); --dry-run shows the plan; a quantized source is transcoded."""
     import quantkit.commands as qk
-    from quantkit.io.outfile import durability
 
-    with user_errors(), durability(not no_sync):
+    with user_errors():
         settings = method_settings(double_quant, blocksize, compute_dtype, quant_storage, skip, backend, device, bits,
                                    group_size, sym, format, optimize)
         if dry_run:
@@ -303,7 +302,7 @@ def quantize(
             raise typer.Exit(2 if data["refused"] else 0)
         with progress_bar(not json_out, "quantize") as progress:
             result = qk.quantize(src, out, method, recipe=recipe, layout=layout, force=force, resume=resume, revision=revision,
-                                 max_shard_size=max_shard_size, progress=progress, **settings)
+                                 max_shard_size=max_shard_size, progress=progress, sync=not no_sync, **settings)
         s = result.summary
         emit_result(result, json_out, f"{s['quantized']} tensors quantized to {s['method']}, {s['kept']} kept, "
                     f"{s['output_bytes'] / 1e6:.1f} MB in {len(result.files)} file(s){transcoded(s)}")
@@ -323,12 +322,11 @@ def dequantize(
 ) -> None:
     """Turn a quantized checkpoint back into dense safetensors (e.g. to fine-tune it)."""
     import quantkit.commands as qk
-    from quantkit.io.outfile import durability
 
-    with user_errors(), durability(not no_sync):
+    with user_errors():
         with progress_bar(not json_out, "dequantize") as progress:
             result = qk.dequantize(src, out, dtype, max_shard_size=max_shard_size, force=force, revision=revision,
-                                   progress=progress, resume=resume)
+                                   progress=progress, resume=resume, sync=not no_sync)
         s = result.summary
         emit_result(result, json_out, f"{s.get('dequantized', s.get('tensors', 0))} tensors dequantized"
                                           f"{' to ' + s['dtype'] if s.get('dtype') else ''}, {s['output_bytes'] / 1e6:.1f} MB")
@@ -351,9 +349,8 @@ def convert(
 ) -> None:
     """Convert between formats: safetensors -> GGUF, GGUF or PyTorch .bin -> safetensors, GPTQ v1 <-> v2 zero points."""
     import quantkit.commands as qk
-    from quantkit.io.outfile import durability
 
-    with user_errors(), durability(not no_sync):
+    with user_errors():
         if dry_run:
             print_plan(qk.convert(src, out, to, gguf_type=gguf_type, dtype=dtype, dry_run=True, force=force,
                                   revision=revision, max_shard_size=max_shard_size), json_out)
@@ -361,7 +358,7 @@ def convert(
         with progress_bar(not json_out, f"convert to {to}") as progress:
             result = qk.convert(src, out, to, gguf_type=gguf_type, dtype=dtype, force=force, revision=revision,
                                 max_shard_size=max_shard_size, progress=progress,
-                                imatrix=str(imatrix) if imatrix else None)
+                                imatrix=str(imatrix) if imatrix else None, sync=not no_sync)
         s = result.summary
         emit_result(result, json_out, f"{s['tensors']} tensors, {s['output_bytes'] / 1e6:.1f} MB{transcoded(s)}")
 

@@ -9,7 +9,8 @@
 `quantize`, `dequantize` and `convert` return an `api.Result` (`.as_dict()` is their --json), or with
 `dry_run=True` the plan as a dict; `verify` returns an `api.Report` (`.ok`, `.as_dict()`); `inspect` and
 `formats` return dicts. Errors in the input raise `QuantkitError` (one line, naming the file or tensor);
-nothing is printed. `progress(done_bytes, total_bytes, tensor)` is called as the run goes.
+nothing is printed. `progress(done_bytes, total_bytes, tensor)` is called as the run goes. `sync=False`
+(the CLI's --no-sync) ends a run once its output is in the page cache, without fsync.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from quantkit import api, methods
 from quantkit.errors import QuantkitError
+from quantkit.io.outfile import durability
 from quantkit.io.stream import Progress, no_progress
 from quantkit.plan import parse_size
 
@@ -47,7 +49,8 @@ def options_for(method: str | None = None, recipe: str | Path | None = None, max
 
 def quantize(src: str | Path, out: str | Path, method: str | None = None, *, recipe: str | Path | None = None,
              layout: str | None = None, dry_run: bool = False, force: bool = False, resume: bool = False, revision: str | None = None,
-             max_shard_size: str | int | None = None, progress: Progress = no_progress, **options) -> api.Result | dict:
+             max_shard_size: str | int | None = None, progress: Progress = no_progress, sync: bool = True,
+             **options) -> api.Result | dict:
     """Quantize a checkpoint folder or hub repo `src` into the folder `out`.
 
     `method`: nf4, fp4, int8, gptq (see `formats()`); `options`: the method's settings by name
@@ -65,23 +68,26 @@ def quantize(src: str | Path, out: str | Path, method: str | None = None, *, rec
     out = _output(out)
     if dry_run:
         return preview.preview_quantize(str(src), opts, out, revision, skip_source, force)
-    return pipeline.quantize(str(src), out, opts, force=force, revision=revision, progress=progress, resume=resume,
-                             skip_source=skip_source)
+    with durability(sync):
+        return pipeline.quantize(str(src), out, opts, force=force, revision=revision, progress=progress, resume=resume,
+                                 skip_source=skip_source)
 
 
 def dequantize(src: str | Path, out: str | Path, dtype: str | None = None, *, force: bool = False, resume: bool = False,
-               revision: str | None = None, max_shard_size: str | int = "5GB", progress: Progress = no_progress) -> api.Result:
+               revision: str | None = None, max_shard_size: str | int = "5GB", progress: Progress = no_progress,
+               sync: bool = True) -> api.Result:
     """A quantized checkpoint (bitsandbytes, GPTQ, AWQ folder, or a .gguf file) back to dense safetensors in
     `out`. `dtype`: bfloat16, float16 or float32 (default: what the checkpoint records; bfloat16 for GGUF)."""
     from quantkit import pipeline
 
-    return pipeline.dequantize(str(src), _output(out), dtype=dtype, max_shard_size=parse_size(max_shard_size),
-                               force=force, revision=revision, progress=progress, resume=resume)
+    with durability(sync):
+        return pipeline.dequantize(str(src), _output(out), dtype=dtype, max_shard_size=parse_size(max_shard_size),
+                                   force=force, revision=revision, progress=progress, resume=resume)
 
 
 def convert(src: str | Path, out: str | Path, to: str, *, gguf_type: str = "F16", dtype: str | None = None,
             dry_run: bool = False, force: bool = False, revision: str | None = None, max_shard_size: str | int = "5GB",
-            imatrix: str | Path | None = None, progress: Progress = no_progress) -> api.Result | dict:
+            imatrix: str | Path | None = None, progress: Progress = no_progress, sync: bool = True) -> api.Result | dict:
     """Convert between formats: `to` gguf (a .gguf file, `gguf_type` llama-quantize's file types F16, Q8_0,
     Q4_K_M, ...; `imatrix` an importance matrix llama-imatrix wrote), safetensors
     (from a .gguf or PyTorch .bin; GGUF's default dtype bfloat16, `dtype="float32"` for the exact values),
@@ -93,9 +99,10 @@ def convert(src: str | Path, out: str | Path, to: str, *, gguf_type: str = "F16"
         request = api.ConvertRequest(str(src), out, gguf_type, dtype, force, revision, parse_size(max_shard_size),
                                      imatrix=str(imatrix) if imatrix else None)
         return preview.preview_convert(to, request)
-    return pipeline.convert(str(src), out, to, gguf_type=gguf_type, dtype=dtype, force=force, revision=revision,
-                            max_shard_size=parse_size(max_shard_size), progress=progress,
-                            imatrix=str(imatrix) if imatrix else None)
+    with durability(sync):
+        return pipeline.convert(str(src), out, to, gguf_type=gguf_type, dtype=dtype, force=force, revision=revision,
+                                max_shard_size=parse_size(max_shard_size), progress=progress,
+                                imatrix=str(imatrix) if imatrix else None)
 
 
 def verify(path: str | Path, reference: str | Path | None = None, max_error: float | None = None,

@@ -67,6 +67,20 @@ def test_no_sync_writes_the_same_bytes_without_fsync(ckpt, tmp_path, cli, monkey
             assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "durable" / name).read_bytes(), name
 
 
+def test_api_sync_false_is_no_sync(ckpt, tmp_path, monkeypatch):
+    """quantkit.quantize(..., sync=False) writes what the default writes, without fsync; the default after it syncs."""
+    import quantkit
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    quantkit.quantize(ckpt, tmp_path / "fast", method="nf4", sync=False)
+    assert synced == []
+    quantkit.quantize(ckpt, tmp_path / "durable", method="nf4")
+    assert synced
+    assert (tmp_path / "fast" / "model.safetensors").read_bytes() == (tmp_path / "durable" / "model.safetensors").read_bytes()
+
+
 # ---------------------------------------------------------------- clobbering
 
 
