@@ -475,3 +475,224 @@ PyObject *py_mxfp4_dense(PyObject *self, PyObject *args) {
     release(v, 3);
     Py_RETURN_NONE;
 }
+
+/* ------------------------------------------------------------------------------------------------
+   Integer compressed-tensors weights back to dense (ct/formats.py affine on pack-quantized or
+   int-quantized codes): value = round_S(round_S(q - round_S(zero)) * scale) in float32, then stored as the
+   output dtype. q is the stored field minus 2**(bits-1) (pack-quantized: fields of 4 or 8 bits, lowest first
+   in int32 words along the row) or an int8 code (int-quantized). Scales and zero points share fp8_dense's
+   grid: the entry of element (r, c) is at [(first_row + r) / block_rows][c / block_cols]. A row is unpacked a
+   tile at a time into floats, then each block's run of it scaled. */
+
+typedef struct {
+    const void *codes; /* uint32 words [rows, words] or int8 [rows, cols] */
+    const float *scales, *zeros; /* zeros NULL: symmetric */
+    Py_ssize_t cols, words, scale_cols, block_rows, block_cols, first_row;
+    int bits; /* 4 or 8: packed; 0: int8 codes */
+    int round, out;
+    void *dense;
+} int_dense_t;
+
+BODY void int_dense_body(const int_dense_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bits, const int round, const int out) {
+    const Py_ssize_t cols = q->cols, width = q->block_cols;
+    void *dense = q->dense;
+    const float offset = bits ? (float)(1 << (bits - 1)) : 0.0f;
+    float values[TILE];
+    for (Py_ssize_t row = lo; row < hi; row++) {
+        const Py_ssize_t grid_row = (q->first_row + row) / q->block_rows * q->scale_cols;
+        const float *scales = q->scales + grid_row, *zeros = q->zeros ? q->zeros + grid_row : NULL;
+        for (Py_ssize_t t0 = 0; t0 < cols; t0 += TILE) {
+            const Py_ssize_t count = min_size(TILE, cols - t0);
+            if (bits == 0) {
+                const int8_t *codes = (const int8_t *)q->codes + row * cols + t0;
+                for (Py_ssize_t i = 0; i < count; i++)
+                    values[i] = (float)codes[i];
+            } else {
+                /* TILE is a multiple of every word's fields, so a tile starts on a word */
+                const int per_word = 32 / bits;
+                const uint32_t mask = (1u << bits) - 1u;
+                const uint32_t *words = (const uint32_t *)q->codes + row * q->words + t0 / per_word;
+                const Py_ssize_t whole = count / per_word;
+                for (Py_ssize_t w = 0; w < whole; w++)
+                    for (int k = 0; k < per_word; k++)
+                        values[w * per_word + k] = (float)(int32_t)((words[w] >> (k * bits)) & mask) - offset;
+                for (Py_ssize_t i = whole * per_word; i < count; i++)
+                    values[i] = (float)(int32_t)((words[i / per_word] >> (i % per_word * bits)) & mask) - offset;
+            }
+            /* each block's run within the tile */
+            for (Py_ssize_t i = 0; i < count;) {
+                const Py_ssize_t c = t0 + i, block = c / width, run = min_size(count - i, (block + 1) * width - c);
+                const float scale = scales[block];
+                const Py_ssize_t base = row * cols + c;
+                if (zeros) {
+                    const float zero = round_to(zeros[block], round);
+                    for (Py_ssize_t k = 0; k < run; k++) {
+                        const float shifted = round_to(round_to(values[i + k], round) - zero, round);
+                        store(dense, out != S_F32, base + k, dense_bits(round_to(shifted * scale, round), out));
+                    }
+                } else
+                    for (Py_ssize_t k = 0; k < run; k++)
+                        store(dense, out != S_F32, base + k, dense_bits(round_to(round_to(values[i + k], round) * scale, round), out));
+                i += run;
+            }
+        }
+    }
+}
+
+HOT static void int_dense_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
+    const int_dense_t *q = ctx;
+    /* the common cases get a loop of their own; the rest share one that tests at run time */
+    if (q->bits == 4 && q->round == S_BF16 && q->out == S_BF16)
+        int_dense_body(q, lo, hi, 4, S_BF16, S_BF16);
+    else if (q->bits == 8 && q->round == S_BF16 && q->out == S_BF16)
+        int_dense_body(q, lo, hi, 8, S_BF16, S_BF16);
+    else if (q->bits == 4)
+        int_dense_body(q, lo, hi, 4, q->round, q->out);
+    else if (q->bits == 8)
+        int_dense_body(q, lo, hi, 8, q->round, q->out);
+    else
+        int_dense_body(q, lo, hi, 0, q->round, q->out);
+}
+
+/* ct_int_dense(codes, bits, cols, scales, zeros, block_rows, block_cols, first_row, round, out, dense, threads):
+   codes int32 words [rows, ceil(cols * bits / 32)] (bits 4 or 8) or int8 [rows, cols] (bits 0); scales float32
+   [*, ceil(cols / block_cols)] covering scale row (first_row + rows - 1) / block_rows; zeros float32 of the
+   scales' shape, or empty (symmetric); round and out 0 bfloat16, 1 float16, 2 float32; dense [rows, cols]. */
+PyObject *py_ct_int_dense(PyObject *self, PyObject *args) {
+    Py_buffer v[4];
+    int_dense_t q;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*iny*y*nnniiw*i", &v[0], &q.bits, &q.cols, &v[1], &v[2], &q.block_rows, &q.block_cols,
+                          &q.first_row, &q.round, &q.out, &v[3], &threads))
+        return NULL;
+    q.codes = v[0].buf;
+    q.scales = v[1].buf;
+    q.zeros = v[2].len ? v[2].buf : NULL;
+    q.dense = v[3].buf;
+    q.words = q.bits ? (q.cols * q.bits + 31) / 32 : q.cols;
+    const Py_ssize_t row_bytes = q.bits ? q.words * 4 : q.cols, item = q.out == S_F32 ? 4 : 2;
+    if (q.cols < 1 || (q.bits != 0 && q.bits != 4 && q.bits != 8) || q.block_rows < 1 || q.block_cols < 1 || q.first_row < 0 ||
+        q.round < S_BF16 || q.round > S_F32 || q.out < S_BF16 || q.out > S_F32 || v[0].len % row_bytes) {
+        PyErr_SetString(PyExc_ValueError, "cols, block_rows, block_cols positive, bits 0, 4 or 8, codes whole rows, "
+                                          "first_row not negative, round and out one of 0, 1, 2");
+        release(v, 4);
+        return NULL;
+    }
+    const Py_ssize_t rows = v[0].len / row_bytes;
+    q.scale_cols = (q.cols + q.block_cols - 1) / q.block_cols;
+    const Py_ssize_t scale_rows = rows ? (q.first_row + rows - 1) / q.block_rows + 1 : 0;
+    if (v[1].len / 4 < scale_rows * q.scale_cols || v[1].len % (4 * q.scale_cols) || (v[2].len && v[2].len != v[1].len))
+        PyErr_Format(PyExc_ValueError, "scales: %zd bytes (zeros %zd), expected rows of %zd float32 covering %zd rows", v[1].len,
+                     v[2].len, q.scale_cols, scale_rows);
+    if (PyErr_Occurred() || check_length(&v[3], rows * q.cols * item, "dense")) {
+        release(v, 4);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(int_dense_part, &q, rows, thread_count(threads, rows * q.cols));
+    Py_END_ALLOW_THREADS
+    release(v, 4);
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------------------------------
+   W4A16_ASYM (schemes.int_asymmetric + pack_int32): per group of a row, low = min(min, 0), high = max(max, 0),
+   scale = round_S(round_S(high - low) / (2**bits - 1)), zero = rint(clamp(round_S(qmin - round_S(low / scale)),
+   qmin, qmax)) (NaN, from an all-zero group's 0 / 0, -> 0), the scale then 0 -> finfo(S).eps, and
+   code = rint(clamp(round_S(round_S(w / scale) + zero), qmin, qmax)), packed as ct_int_symmetric's. A group
+   holding NaN or infinity is reported, and the caller takes the reference for the chunk. */
+
+typedef struct {
+    const void *src;
+    int dtype, bits;
+    Py_ssize_t cols, group;
+    uint32_t *packed;
+    float *scale;
+    int8_t *zero;
+    atomic_int nonfinite;
+} int_asymmetric_t;
+
+static inline float clamp(float v, float low, float high) {
+    return as_float(pick(when(v < low), as_bits(low), pick(when(v > high), as_bits(high), as_bits(v))));
+}
+
+BODY void int_asymmetric_body(int_asymmetric_t *q, Py_ssize_t lo, Py_ssize_t hi, const int dtype, const int bits) {
+    const void *src = q->src;
+    const Py_ssize_t cols = q->cols, group = q->group, groups = cols / group, per_word = 32 / bits;
+    const int bf16 = dtype == S_BF16;
+    const float eps = dtype == S_BF16 ? 0.0078125f : dtype == S_F16 ? 0.0009765625f : 1.1920928955078125e-07f;
+    const float range = bits == 4 ? 15.0f : 255.0f, low_code = -(float)(1 << (bits - 1)), high_code = (float)((1 << (bits - 1)) - 1);
+    const int32_t offset = 1 << (bits - 1);
+    uint8_t stored[4096]; /* one group's codes; group <= 4096 is checked at the entry */
+    for (Py_ssize_t row = lo; row < hi; row++)
+        for (Py_ssize_t g = 0; g < groups; g++) {
+            const Py_ssize_t start = row * cols + g * group;
+            if (peak_bits(src, bf16, start, group) >= EXPONENT)
+                atomic_store_explicit(&q->nonfinite, 1, memory_order_relaxed);
+            float low = 0.0f, high = 0.0f;
+            for (Py_ssize_t i = 0; i < group; i++) {
+                const float v = as_float(load_bits(src, bf16, start + i));
+                low = v < low ? v : low;
+                high = v > high ? v : high;
+            }
+            float scale = round_to(round_to(high - low, dtype) / range, dtype);
+            const float shifted_zero = round_to(low_code - round_to(low / scale, dtype), dtype);
+            const float zero = shifted_zero != shifted_zero ? 0.0f : (float)rint_int(clamp(shifted_zero, low_code, high_code));
+            scale = scale == 0.0f ? eps : scale;
+            q->scale[row * groups + g] = scale;
+            q->zero[row * groups + g] = (int8_t)zero;
+            for (Py_ssize_t i = 0; i < group; i++) {
+                const float v = round_to(round_to(as_float(load_bits(src, bf16, start + i)) / scale, dtype) + zero, dtype);
+                stored[i] = (uint8_t)(rint_int(clamp(v, low_code, high_code)) + offset);
+            }
+            uint32_t *words = q->packed + start / per_word;
+            for (Py_ssize_t w = 0; w < group / per_word; w++) {
+                uint32_t word = 0;
+                for (Py_ssize_t k = 0; k < per_word; k++)
+                    word |= (uint32_t)stored[w * per_word + k] << (k * bits);
+                words[w] = word;
+            }
+        }
+}
+
+HOT static void int_asymmetric_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
+    int_asymmetric_t *q = (int_asymmetric_t *)ctx;
+    if (q->bits == 4)
+        q->dtype == S_BF16 ? int_asymmetric_body(q, lo, hi, S_BF16, 4) : int_asymmetric_body(q, lo, hi, q->dtype, 4);
+    else
+        q->dtype == S_BF16 ? int_asymmetric_body(q, lo, hi, S_BF16, 8) : int_asymmetric_body(q, lo, hi, q->dtype, 8);
+}
+
+/* ct_int_asymmetric(src, dtype, cols, group, bits, packed, scale, zero, threads) -> whether every value was
+   finite: as ct_int_symmetric, and zero int8 [rows, cols / group] (the signed zero points, unpacked). */
+PyObject *py_ct_int_asymmetric(PyObject *self, PyObject *args) {
+    Py_buffer v[4];
+    int_asymmetric_t q;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*inniw*w*w*i", &v[0], &q.dtype, &q.cols, &q.group, &q.bits, &v[1], &v[2], &v[3], &threads))
+        return NULL;
+    atomic_init(&q.nonfinite, 0);
+    const Py_ssize_t item = q.dtype == S_BF16 ? 2 : 4;
+    if (q.dtype < S_BF16 || q.dtype > S_F32 || (q.bits != 4 && q.bits != 8) || q.group < 1 || q.group > 4096 || q.cols < 1 ||
+        q.group % (32 / q.bits) || q.cols % q.group || v[0].len % (q.cols * item)) {
+        PyErr_SetString(PyExc_ValueError, "dtype 0, 1 or 2, bits 4 or 8, a group of whole words dividing cols (at most 4096), "
+                                          "src whole rows");
+        release(v, 4);
+        return NULL;
+    }
+    const Py_ssize_t rows = v[0].len / (q.cols * item), groups = rows * (q.cols / q.group);
+    q.src = v[0].buf;
+    q.packed = v[1].buf;
+    q.scale = v[2].buf;
+    q.zero = v[3].buf;
+    if (check_length(&v[1], rows * q.cols * q.bits / 8, "packed") || check_length(&v[2], groups * 4, "scale") ||
+        check_length(&v[3], groups, "zero")) {
+        release(v, 4);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(int_asymmetric_part, &q, rows, thread_count(threads, rows * q.cols));
+    Py_END_ALLOW_THREADS
+    release(v, 4);
+    return PyBool_FromLong(!atomic_load(&q.nonfinite));
+}

@@ -1,15 +1,18 @@
-"""The compiled path for FP8_DYNAMIC: quantkit.native's `ct_fp8_channel` behind the contract of
-schemes.fp8_channel, on stored bits (BF16 as uint16, F16, F32), giving the same bytes; tests compare them.
-`AVAILABLE` is False where the extension was not built (or predates the kernel)."""
+"""The compiled paths: quantkit.native's `ct_*` kernels behind the contracts of schemes.fp8_channel,
+int_symmetric, int_asymmetric (quantize, on stored bits: BF16 as uint16, F16, F32) and formats.affine on
+integer codes (dequantize), giving the same bytes; tests compare them. Each `*AVAILABLE` is False where the
+extension was not built (or predates the kernel)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from quantkit.native import kernels, stored, threads
+from quantkit.native import DENSE_STORAGE, kernels, stored, threads
 
 AVAILABLE = kernels is not None and hasattr(kernels, "ct_fp8_channel")
 INT_AVAILABLE = kernels is not None and hasattr(kernels, "ct_int_symmetric")
+ASYM_AVAILABLE = kernels is not None and hasattr(kernels, "ct_int_asymmetric")
+DENSE_AVAILABLE = kernels is not None and hasattr(kernels, "ct_int_dense")
 DTYPES = {"BF16": 0, "F16": 1, "F32": 2}
 
 
@@ -32,3 +35,30 @@ def int_symmetric(chunk: np.ndarray, dtype: str, bits: int, group_size: int) -> 
     scale = np.empty((rows, cols // group_size), np.float32)
     finite = kernels.ct_int_symmetric(raw, DTYPES[dtype], cols, group_size, bits, packed, scale, threads())
     return (packed, scale) if finite else None
+
+
+def int_asymmetric(chunk: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(int32 words, scales float32 [rows, groups] holding values of `dtype`, signed zero points int8
+    [rows, groups]): the packed result of schemes.int_asymmetric; None where a value is NaN or infinite."""
+    rows, cols = chunk.shape
+    raw, _ = stored(chunk, dtype)
+    packed = np.empty((rows, cols * bits // 32), np.int32)
+    scale = np.empty((rows, cols // group_size), np.float32)
+    zero = np.empty((rows, cols // group_size), np.int8)
+    finite = kernels.ct_int_asymmetric(raw, DTYPES[dtype], cols, group_size, bits, packed, scale, zero, threads())
+    return (packed, scale, zero) if finite else None
+
+
+def int_dense(codes: np.ndarray, bits: int, cols: int, scales: np.ndarray, zeros: np.ndarray | None, block: tuple[int, int],
+              first_row: int, scale_dtype: str, dtype: str) -> np.ndarray:
+    """Stored `dtype` bits of formats.affine on integer codes: `codes` int32 words [rows, ceil(cols * bits / 32)]
+    (pack-quantized, bits 4 or 8) or int8 [rows, cols] (int-quantized, bits 0), rows first_row.. of the weight;
+    scales (and zero points, None: symmetric) float32 grids as formats.scale_grid gives them."""
+    rows = codes.shape[0]
+    dense = np.empty((rows, cols), DENSE_STORAGE[dtype])
+    if rows:
+        empty = np.empty(0, np.float32)
+        kernels.ct_int_dense(np.ascontiguousarray(codes), bits, cols, np.ascontiguousarray(scales, np.float32),
+                             empty if zeros is None else np.ascontiguousarray(zeros, np.float32), block[0], block[1], first_row,
+                             DTYPES[scale_dtype], DTYPES[dtype], dense, threads())
+    return dense

@@ -136,11 +136,12 @@ class CompressedTensors:
         if scheme.method == "fp8" and native.AVAILABLE and dtype in native.DTYPES:
             codes, scale = native.fp8_channel(chunk, dtype)
             return codes, {"weight_scale": scale}
-        if scheme.method in schemes.INT_METHODS and scheme.symmetric and native.INT_AVAILABLE and dtype in native.DTYPES \
-                and group_size <= 4096:  # fmt: skip
-            packed = native.int_symmetric(chunk, dtype, scheme.bits, group_size)
-            if packed is not None:
-                return packed[0], {"weight_scale": packed[1]}
+        if scheme.method in schemes.INT_METHODS and dtype in native.DTYPES and group_size <= 4096 \
+                and (native.INT_AVAILABLE if scheme.symmetric else native.ASYM_AVAILABLE):  # fmt: skip
+            kernel = native.int_symmetric if scheme.symmetric else native.int_asymmetric
+            found = kernel(chunk, dtype, scheme.bits, group_size)
+            if found is not None:
+                return found[0], dict(zip(("weight_scale", "zero"), found[1:]))
         w = dtypes.to_float32(chunk, dtype)
         if scheme.method == "fp8":
             codes, scale = schemes.fp8_channel(w, dtype)

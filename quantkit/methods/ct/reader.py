@@ -16,6 +16,7 @@ from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor, ShardReader
 from quantkit.io.source import Checkpoint
 from quantkit.methods.ct import formats, schemes
+from quantkit.methods.ct import native as ct_native
 from quantkit.methods.ct.integers import from_packed
 from quantkit.methods.ct.quantizer import CtOptions
 from quantkit.modules import head_modules, is_linear_weight, module_of
@@ -161,13 +162,16 @@ class CompressedTensorsReader:
         unit = args["block_structure"][0] if args.get("strategy") == "block" else 1
         step = max(unit, CHUNK_ELEMENTS // max(cols, 1) // unit * unit)
         scale_dtype = kinds["weight_scale"]
-        if kinds.get("weight") == "F8_E4M3" and "zero" not in stored and native.DENSE_KERNELS and {scale_dtype, dtype} <= set(native.DENSE):
+        main = stored["weight_packed" if "weight_packed" in stored else "weight"]
+        fast = self._native_decoder(fmt, kinds, args, "zero" in stored, main.shape, rows, cols)
+        if fast is not None and {scale_dtype, dtype} <= set(native.DENSE):
             try:
                 grid, block = formats.scale_grid(dtypes.to_float32(stored["weight_scale"], scale_dtype), rows, cols, args)
+                zeros = formats.scale_grid(stored["zero"].astype(np.float32), rows, cols, args)[0] if "zero" in stored else None
             except QuantkitError as e:
                 raise QuantkitError(f"{checkpoint.tensors[names[0]].file}: '{module}': {e.message}") from None
             for start in range(0, rows, step):
-                sink.write(f"{module}.weight", native.fp8_dense(stored["weight"][start : start + step], grid, block, start, scale_dtype, dtype))
+                sink.write(f"{module}.weight", fast(main[start : start + step], cols, grid, zeros, block, start, scale_dtype, dtype))
             sink.done(f"{module}.weight")
             return
         per_row = [k for k, v in stored.items() if v.ndim == 2 and v.shape[0] == rows and args.get("strategy") != "block"]
@@ -177,6 +181,28 @@ class CompressedTensorsReader:
             values = formats.decode(fmt, parts, kinds, args, cols, start)
             sink.write(f"{module}.weight", dtypes.from_float32(values, dtype))
         sink.done(f"{module}.weight")
+
+    @staticmethod
+    def _native_decoder(fmt: str, kinds: dict[str, str], args: dict, asymmetric: bool, shape: tuple[int, ...],
+                        rows: int, cols: int) -> Callable | None:
+        """The C kernel decoding this module's codes (`shape` as stored, [rows, cols] dense) with its scales'
+        grid (native.fp8_dense for FP8 codes, ct.native.int_dense for 4- or 8-bit packed words and int8 codes),
+        or None: the numpy reference (which also meets codes of an unexpected shape)."""
+        if kinds.get("weight") == "F8_E4M3" and not asymmetric and native.DENSE_KERNELS:
+            return lambda codes, cols, grid, zeros, block, start, scale_dtype, dtype: native.fp8_dense(
+                codes, grid, block, start, scale_dtype, dtype)
+        if not ct_native.DENSE_AVAILABLE:
+            return None
+        if fmt == "pack-quantized" and kinds.get("weight_packed") == "I32" and args.get("num_bits") in (4, 8):
+            bits = args["num_bits"]
+        elif fmt in ("int-quantized", "naive-quantized") and kinds.get("weight") == "I8":
+            bits = 0
+        else:
+            return None
+        if tuple(shape) != (rows, -(-cols * bits // 32) if bits else cols):
+            return None
+        return lambda codes, cols, grid, zeros, block, start, scale_dtype, dtype: ct_native.int_dense(
+            codes, bits, cols, grid, zeros, block, start, scale_dtype, dtype)
 
     def integers(self, checkpoint: Checkpoint, module: str, names: list[str],
                  read: Callable[[str], np.ndarray]) -> IntegerBlocks | None:
