@@ -224,3 +224,38 @@ def test_c_int_kernel_gives_the_reference_bytes(dtype, bits, group_size):
     assert np.array_equal(fast_scales.view(np.uint32), scales.view(np.uint32))
     w[7, 9] = np.nan
     assert native.int_symmetric(dtypes.from_float32(w, dtype), dtype, bits, group_size) is None
+
+
+@pytest.mark.skipif(not native.ASYM_AVAILABLE, reason="quantkit's C kernels are not built")
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 64), (4, 8), (8, 32)])
+def test_c_asymmetric_kernel_gives_the_reference_bytes(dtype, bits, group_size):
+    rng = np.random.default_rng(bits * group_size)
+    scale = np.exp(rng.standard_normal((97, 1)) * (2 if dtype == "F16" else 6))
+    cols = 576 if 576 % group_size == 0 else 640
+    w = (rng.standard_normal((97, cols)) * scale).astype(np.float32)
+    w[3] = 0  # all-zero groups: scale eps, zero point 0 (the reference's NaN)
+    w[4] = np.abs(w[4])  # no negative value: low is 0
+    w[6] = -np.abs(w[6])  # no positive value: high is 0
+    w[8, :group_size] = rng.choice([2.0**-24, -(2.0**-24), 0.0], group_size)  # tiny: a float16 scale rounds to 0
+    w[9, :group_size] = np.float32(60000.0 if dtype == "F16" else 1e37) * rng.choice([1, -1], group_size)  # huge
+    w[5, :6] = [1e-30, -1e-30, 0.0, -0.0, 7.5, -8.0]
+    stored = dtypes.from_float32(w, dtype)
+    with np.errstate(over="ignore"):
+        codes, scales, zero = schemes.int_asymmetric(dtypes.to_float32(stored, dtype), dtype, bits, group_size)
+    packed, fast_scales, fast_zero = native.int_asymmetric(stored, dtype, bits, group_size)
+    assert np.array_equal(packed, schemes.pack_int32(codes, bits))
+    assert np.array_equal(fast_scales.view(np.uint32), scales.view(np.uint32))
+    assert fast_zero.dtype == zero.dtype and np.array_equal(fast_zero, zero)
+    for special in (np.nan, np.inf, -np.inf):
+        w[7, 9] = special
+        assert native.int_asymmetric(dtypes.from_float32(w, dtype), dtype, bits, group_size) is None
+
+
+def test_asymmetric_quantize_without_the_kernel_writes_the_same_bytes(llama, quantized, tmp_path, cli, monkeypatch):
+    folder, _ = quantized("w4a16-asym")
+    monkeypatch.setattr(native, "ASYM_AVAILABLE", False)
+    code, _, err = cli("quantize", llama, tmp_path / "numpy", "--method", "w4a16-asym")
+    assert code == 0, err
+    ours, reference = load_tensors(folder), load_tensors(tmp_path / "numpy")
+    assert sorted(ours) == sorted(reference) and all(torch.equal(ours[name], reference[name]) for name in ours)
