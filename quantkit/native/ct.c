@@ -299,6 +299,21 @@ PyObject *py_fp8_blocks(PyObject *self, PyObject *args) {
    2**(bits-1) - 1)), stored + 2**(bits-1) and packed lowest first into int32 words along the row. A group
    holding NaN or infinity is reported, and the caller takes the reference for the chunk. */
 
+/* Stored fields (codes + 2**(bits-1)) of one group packed lowest first into int32 words, as pack_int32. */
+static inline void pack_group(const uint8_t *stored, Py_ssize_t group, const int bits, uint32_t *words) {
+    const Py_ssize_t per_word = 32 / bits;
+    for (Py_ssize_t w = 0; w < group / per_word; w++) {
+        uint32_t word = 0;
+        for (Py_ssize_t k = 0; k < per_word; k++)
+            word |= (uint32_t)stored[w * per_word + k] << (k * bits);
+        words[w] = word;
+    }
+}
+
+static inline float clamp(float v, float low, float high) {
+    return as_float(pick(when(v < low), as_bits(low), pick(when(v > high), as_bits(high), as_bits(v))));
+}
+
 typedef struct {
     const void *src;
     int dtype, bits;
@@ -327,16 +342,9 @@ BODY void int_symmetric_body(int_symmetric_t *q, Py_ssize_t lo, Py_ssize_t hi, c
             q->scale[row * groups + g] = scale;
             for (Py_ssize_t i = 0; i < group; i++) {
                 const float v = round_to(as_float(load_bits(src, bf16, start + i)) / scale, dtype);
-                const float clamped = as_float(pick(when(v < low), as_bits(low), pick(when(v > high), as_bits(high), as_bits(v))));
-                stored[i] = (uint8_t)(rint_int(clamped) + offset);
+                stored[i] = (uint8_t)(rint_int(clamp(v, low, high)) + offset);
             }
-            uint32_t *words = q->packed + start / per_word;
-            for (Py_ssize_t w = 0; w < group / per_word; w++) {
-                uint32_t word = 0;
-                for (Py_ssize_t k = 0; k < per_word; k++)
-                    word |= (uint32_t)stored[w * per_word + k] << (k * bits);
-                words[w] = word;
-            }
+            pack_group(stored, group, bits, q->packed + start / per_word);
         }
 }
 
@@ -346,6 +354,16 @@ HOT static void int_symmetric_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi
         q->dtype == S_BF16 ? int_symmetric_body(q, lo, hi, S_BF16, 4) : int_symmetric_body(q, lo, hi, q->dtype, 4);
     else
         q->dtype == S_BF16 ? int_symmetric_body(q, lo, hi, S_BF16, 8) : int_symmetric_body(q, lo, hi, q->dtype, 8);
+}
+
+/* ValueError (and 1) unless the arguments of ct_int_symmetric / ct_int_asymmetric fit together. */
+static int int_group_invalid(int dtype, int bits, Py_ssize_t group, Py_ssize_t cols, Py_ssize_t item, Py_ssize_t src_len) {
+    if (dtype >= S_BF16 && dtype <= S_F32 && (bits == 4 || bits == 8) && group >= 1 && group <= 4096 && cols >= 1 &&
+        group % (32 / bits) == 0 && cols % group == 0 && src_len % (cols * item) == 0)
+        return 0;
+    PyErr_SetString(PyExc_ValueError, "dtype 0, 1 or 2, bits 4 or 8, a group of whole words dividing cols (at most 4096), "
+                                      "src whole rows");
+    return 1;
 }
 
 /* ct_int_symmetric(src, dtype, cols, group, bits, packed, scale, threads) -> whether every value was finite:
@@ -359,10 +377,7 @@ PyObject *py_ct_int_symmetric(PyObject *self, PyObject *args) {
         return NULL;
     atomic_init(&q.nonfinite, 0);
     const Py_ssize_t item = q.dtype == S_BF16 ? 2 : 4;
-    if (q.dtype < S_BF16 || q.dtype > S_F32 || (q.bits != 4 && q.bits != 8) || q.group < 1 || q.group > 4096 || q.cols < 1 ||
-        q.group % (32 / q.bits) || q.cols % q.group || v[0].len % (q.cols * item)) {
-        PyErr_SetString(PyExc_ValueError, "dtype 0, 1 or 2, bits 4 or 8, a group of whole words dividing cols (at most 4096), "
-                                          "src whole rows");
+    if (int_group_invalid(q.dtype, q.bits, q.group, q.cols, item, v[0].len)) {
         release(v, 3);
         return NULL;
     }
@@ -612,10 +627,6 @@ typedef struct {
     atomic_int nonfinite;
 } int_asymmetric_t;
 
-static inline float clamp(float v, float low, float high) {
-    return as_float(pick(when(v < low), as_bits(low), pick(when(v > high), as_bits(high), as_bits(v))));
-}
-
 BODY void int_asymmetric_body(int_asymmetric_t *q, Py_ssize_t lo, Py_ssize_t hi, const int dtype, const int bits) {
     const void *src = q->src;
     const Py_ssize_t cols = q->cols, group = q->group, groups = cols / group, per_word = 32 / bits;
@@ -645,13 +656,7 @@ BODY void int_asymmetric_body(int_asymmetric_t *q, Py_ssize_t lo, Py_ssize_t hi,
                 const float v = round_to(round_to(as_float(load_bits(src, bf16, start + i)) / scale, dtype) + zero, dtype);
                 stored[i] = (uint8_t)(rint_int(clamp(v, low_code, high_code)) + offset);
             }
-            uint32_t *words = q->packed + start / per_word;
-            for (Py_ssize_t w = 0; w < group / per_word; w++) {
-                uint32_t word = 0;
-                for (Py_ssize_t k = 0; k < per_word; k++)
-                    word |= (uint32_t)stored[w * per_word + k] << (k * bits);
-                words[w] = word;
-            }
+            pack_group(stored, group, bits, q->packed + start / per_word);
         }
 }
 
@@ -673,10 +678,7 @@ PyObject *py_ct_int_asymmetric(PyObject *self, PyObject *args) {
         return NULL;
     atomic_init(&q.nonfinite, 0);
     const Py_ssize_t item = q.dtype == S_BF16 ? 2 : 4;
-    if (q.dtype < S_BF16 || q.dtype > S_F32 || (q.bits != 4 && q.bits != 8) || q.group < 1 || q.group > 4096 || q.cols < 1 ||
-        q.group % (32 / q.bits) || q.cols % q.group || v[0].len % (q.cols * item)) {
-        PyErr_SetString(PyExc_ValueError, "dtype 0, 1 or 2, bits 4 or 8, a group of whole words dividing cols (at most 4096), "
-                                          "src whole rows");
+    if (int_group_invalid(q.dtype, q.bits, q.group, q.cols, item, v[0].len)) {
         release(v, 4);
         return NULL;
     }

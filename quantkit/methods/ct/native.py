@@ -29,21 +29,22 @@ def fp8_channel(chunk: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
 def int_symmetric(chunk: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray] | None:
     """(int32 words [rows, cols * bits / 32], scales float32 [rows, groups] holding values of `dtype`): the
     packed result of schemes.int_symmetric; None where a value is NaN or infinite (the reference decides)."""
-    rows, cols = chunk.shape
-    raw, _ = stored(chunk, dtype)
-    packed = np.empty((rows, cols * bits // 32), np.int32)
-    scale = np.empty((rows, cols // group_size), np.float32)
-    finite = kernels.ct_int_symmetric(raw, DTYPES[dtype], cols, group_size, bits, packed, scale, threads())
-    return (packed, scale) if finite else None
+    return _int_groups(chunk, dtype, bits, group_size, symmetric=True)
 
 
 def int_asymmetric(chunk: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(int32 words, scales float32 [rows, groups] holding values of `dtype`, signed zero points int8
-    [rows, groups]): the packed result of schemes.int_asymmetric; None where a value is NaN or infinite."""
+    """As int_symmetric, for schemes.int_asymmetric: (words, scales, signed zero points int8 [rows, groups])."""
+    return _int_groups(chunk, dtype, bits, group_size, symmetric=False)
+
+
+def _int_groups(chunk: np.ndarray, dtype: str, bits: int, group_size: int, symmetric: bool) -> tuple[np.ndarray, ...] | None:
     rows, cols = chunk.shape
     raw, _ = stored(chunk, dtype)
     packed = np.empty((rows, cols * bits // 32), np.int32)
     scale = np.empty((rows, cols // group_size), np.float32)
+    if symmetric:
+        finite = kernels.ct_int_symmetric(raw, DTYPES[dtype], cols, group_size, bits, packed, scale, threads())
+        return (packed, scale) if finite else None
     zero = np.empty((rows, cols // group_size), np.int8)
     finite = kernels.ct_int_asymmetric(raw, DTYPES[dtype], cols, group_size, bits, packed, scale, zero, threads())
     return (packed, scale, zero) if finite else None
