@@ -182,11 +182,38 @@ def test_int_dense_equals_the_ct_reference(scale_dtype, dtype, bits, strategy, g
 def test_int_dense_refuses_wrong_lengths():
     words, scales = np.zeros((4, 2), np.int32), np.zeros((4, 1), np.float32)
     with pytest.raises(ValueError, match="scales"):
-        native.kernels.ct_int_dense(words, 4, 16, np.zeros(3, np.float32), np.zeros(0, np.float32), 1, 16, 0, 0, 0,
+        native.kernels.ct_int_dense(words, 4, False, 16, np.zeros(3, np.float32), np.zeros(0, np.float32), 1, 16, 0, 0, 0,
                                     np.zeros(64, np.uint16), 1)  # fmt: skip
     with pytest.raises(ValueError, match="zeros"):
-        native.kernels.ct_int_dense(words, 4, 16, scales, np.zeros(3, np.float32), 1, 16, 0, 0, 0, np.zeros(64, np.uint16), 1)
+        native.kernels.ct_int_dense(words, 4, False, 16, scales, np.zeros(3, np.float32), 1, 16, 0, 0, 0, np.zeros(64, np.uint16), 1)
     with pytest.raises(ValueError, match="dense"):
-        native.kernels.ct_int_dense(words, 4, 16, scales, np.zeros(0, np.float32), 1, 16, 0, 0, 0, np.zeros(63, np.uint16), 1)
+        native.kernels.ct_int_dense(words, 4, False, 16, scales, np.zeros(0, np.float32), 1, 16, 0, 0, 0, np.zeros(63, np.uint16), 1)
+    with pytest.raises(ValueError, match="e2m1"):
+        native.kernels.ct_int_dense(words, 8, True, 16, scales, np.zeros(0, np.float32), 1, 16, 0, 0, 0, np.zeros(64, np.uint16), 1)
     with pytest.raises(ValueError, match="bits"):
-        native.kernels.ct_int_dense(words, 2, 16, scales, np.zeros(0, np.float32), 1, 16, 0, 0, 0, np.zeros(64, np.uint16), 1)
+        native.kernels.ct_int_dense(words, 2, False, 16, scales, np.zeros(0, np.float32), 1, 16, 0, 0, 0, np.zeros(64, np.uint16), 1)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+@pytest.mark.parametrize("dtype", DENSE)
+@pytest.mark.parametrize("fmt", ["nvfp4-pack-quantized", "mxfp4-pack-quantized"])
+def test_fp4_dense_equals_the_ct_reference(dtype, fmt):
+    """ct.native.int_dense on fp4 bytes (every nibble, every scale code: NaN e4m3, e8m0 0 and 255) against
+    formats.decode; width 576, chunks from any row."""
+    rng = np.random.default_rng(len(fmt) + len(dtype))
+    rows, cols, group = 300, 576, 16 if fmt.startswith("nv") else 32
+    packed = rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8)
+    packed[0, :256] = np.arange(256)
+    codes = rng.integers(0, 256, (rows, cols // group), dtype=np.uint8)
+    codes[:, 0] = np.arange(rows) % 256
+    parts = {"weight_packed": packed, "weight_scale": codes}
+    kinds = {"weight_packed": "U8", "weight_scale": "F8_E4M3" if fmt.startswith("nv") else "U8", "weight_global_scale": "F32"}
+    if fmt.startswith("nv"):
+        parts["weight_global_scale"] = np.array([np.float32(448 * 6) / np.float32(3.7)], np.float32)
+    args = {"strategy": "tensor_group" if fmt.startswith("nv") else "group", "group_size": group}
+    for start, stop in [(0, rows), (37, 299), (299, 300)]:
+        chunk = {**parts, "weight_packed": packed[start:stop], "weight_scale": codes[start:stop]}
+        reference = dtypes.from_float32(formats.decode(fmt, chunk, kinds, args, cols, start), dtype)
+        scales = formats.scale_values(fmt, codes[start:stop], parts, kinds)
+        ours = ct_native.int_dense(packed[start:stop].view(np.uint32), 4, cols, scales, None, (1, group), 0, "BF16", dtype, e2m1=True)
+        assert np.array_equal(ours.view(np.uint8), reference.view(np.uint8)), (start, stop)

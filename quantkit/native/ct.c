@@ -492,23 +492,32 @@ PyObject *py_mxfp4_dense(PyObject *self, PyObject *args) {
 }
 
 /* ------------------------------------------------------------------------------------------------
-   Integer compressed-tensors weights back to dense (ct/formats.py affine on pack-quantized or
-   int-quantized codes): value = round_S(round_S(q - round_S(zero)) * scale) in float32, then stored as the
-   output dtype. q is the stored field minus 2**(bits-1) (pack-quantized: fields of 4 or 8 bits, lowest first
-   in int32 words along the row) or an int8 code (int-quantized). Scales and zero points share fp8_dense's
+   Integer and fp4 compressed-tensors weights back to dense (ct/formats.py decode on pack-quantized,
+   int-quantized, nvfp4- and mxfp4-pack-quantized codes): value = round_S(round_S(q - round_S(zero)) * scale)
+   in float32, then stored as the output dtype. q is the stored field minus 2**(bits-1) (pack-quantized: fields
+   of 4 or 8 bits, lowest first in int32 words along the row), an int8 code (int-quantized), or the e2m1 value
+   of a nibble (the fp4 formats, whose bytes hold the low nibble first: little-endian words of 4 bits, with
+   S bfloat16, which holds every e2m1 value). Scales and zero points share fp8_dense's
    grid: the entry of element (r, c) is at [(first_row + r) / block_rows][c / block_cols]. A row is unpacked a
    tile at a time into floats, then each block's run of it scaled. */
+
+/* A stored field as a float: its e2m1 value, or the integer less the offset. */
+static inline float field_value(uint32_t field, const int e2m1, const float offset) {
+    return e2m1 ? as_float(e2m1_bits(field)) : (float)(int32_t)field - offset;
+}
 
 typedef struct {
     const void *codes; /* uint32 words [rows, words] or int8 [rows, cols] */
     const float *scales, *zeros; /* zeros NULL: symmetric */
     Py_ssize_t cols, words, scale_cols, block_rows, block_cols, first_row;
     int bits; /* 4 or 8: packed; 0: int8 codes */
+    int e2m1; /* bits 4: the nibbles are e2m1 codes */
     int round, out;
     void *dense;
 } int_dense_t;
 
-BODY void int_dense_body(const int_dense_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bits, const int round, const int out) {
+BODY void int_dense_body(const int_dense_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bits, const int e2m1, const int round,
+                         const int out) {
     const Py_ssize_t cols = q->cols, width = q->block_cols;
     void *dense = q->dense;
     const float offset = bits ? (float)(1 << (bits - 1)) : 0.0f;
@@ -530,9 +539,9 @@ BODY void int_dense_body(const int_dense_t *q, Py_ssize_t lo, Py_ssize_t hi, con
                 const Py_ssize_t whole = count / per_word;
                 for (Py_ssize_t w = 0; w < whole; w++)
                     for (int k = 0; k < per_word; k++)
-                        values[w * per_word + k] = (float)(int32_t)((words[w] >> (k * bits)) & mask) - offset;
+                        values[w * per_word + k] = field_value((words[w] >> (k * bits)) & mask, e2m1, offset);
                 for (Py_ssize_t i = whole * per_word; i < count; i++)
-                    values[i] = (float)(int32_t)((words[i / per_word] >> (i % per_word * bits)) & mask) - offset;
+                    values[i] = field_value((words[i / per_word] >> (i % per_word * bits)) & mask, e2m1, offset);
             }
             /* each block's run within the tile */
             for (Py_ssize_t i = 0; i < count;) {
@@ -557,27 +566,32 @@ BODY void int_dense_body(const int_dense_t *q, Py_ssize_t lo, Py_ssize_t hi, con
 HOT static void int_dense_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
     const int_dense_t *q = ctx;
     /* the common cases get a loop of their own; the rest share one that tests at run time */
-    if (q->bits == 4 && q->round == S_BF16 && q->out == S_BF16)
-        int_dense_body(q, lo, hi, 4, S_BF16, S_BF16);
+    if (q->e2m1 && q->out == S_BF16)
+        int_dense_body(q, lo, hi, 4, 1, S_BF16, S_BF16);
+    else if (q->e2m1)
+        int_dense_body(q, lo, hi, 4, 1, S_BF16, q->out);
+    else if (q->bits == 4 && q->round == S_BF16 && q->out == S_BF16)
+        int_dense_body(q, lo, hi, 4, 0, S_BF16, S_BF16);
     else if (q->bits == 8 && q->round == S_BF16 && q->out == S_BF16)
-        int_dense_body(q, lo, hi, 8, S_BF16, S_BF16);
+        int_dense_body(q, lo, hi, 8, 0, S_BF16, S_BF16);
     else if (q->bits == 4)
-        int_dense_body(q, lo, hi, 4, q->round, q->out);
+        int_dense_body(q, lo, hi, 4, 0, q->round, q->out);
     else if (q->bits == 8)
-        int_dense_body(q, lo, hi, 8, q->round, q->out);
+        int_dense_body(q, lo, hi, 8, 0, q->round, q->out);
     else
-        int_dense_body(q, lo, hi, 0, q->round, q->out);
+        int_dense_body(q, lo, hi, 0, 0, q->round, q->out);
 }
 
-/* ct_int_dense(codes, bits, cols, scales, zeros, block_rows, block_cols, first_row, round, out, dense, threads):
-   codes int32 words [rows, ceil(cols * bits / 32)] (bits 4 or 8) or int8 [rows, cols] (bits 0); scales float32
+/* ct_int_dense(codes, bits, e2m1, cols, scales, zeros, block_rows, block_cols, first_row, round, out, dense, threads):
+   codes int32 words [rows, ceil(cols * bits / 32)] (bits 4 or 8; e2m1: fp4 nibbles, round then bfloat16) or int8
+   [rows, cols] (bits 0); scales float32
    [*, ceil(cols / block_cols)] covering scale row (first_row + rows - 1) / block_rows; zeros float32 of the
    scales' shape, or empty (symmetric); round and out 0 bfloat16, 1 float16, 2 float32; dense [rows, cols]. */
 PyObject *py_ct_int_dense(PyObject *self, PyObject *args) {
     Py_buffer v[4];
     int_dense_t q;
     int threads;
-    if (!PyArg_ParseTuple(args, "y*iny*y*nnniiw*i", &v[0], &q.bits, &q.cols, &v[1], &v[2], &q.block_rows, &q.block_cols,
+    if (!PyArg_ParseTuple(args, "y*ipny*y*nnniiw*i", &v[0], &q.bits, &q.e2m1, &q.cols, &v[1], &v[2], &q.block_rows, &q.block_cols,
                           &q.first_row, &q.round, &q.out, &v[3], &threads))
         return NULL;
     q.codes = v[0].buf;
@@ -586,9 +600,9 @@ PyObject *py_ct_int_dense(PyObject *self, PyObject *args) {
     q.dense = v[3].buf;
     q.words = q.bits ? (q.cols * q.bits + 31) / 32 : q.cols;
     const Py_ssize_t row_bytes = q.bits ? q.words * 4 : q.cols, item = q.out == S_F32 ? 4 : 2;
-    if (q.cols < 1 || (q.bits != 0 && q.bits != 4 && q.bits != 8) || q.block_rows < 1 || q.block_cols < 1 || q.first_row < 0 ||
+    if (q.cols < 1 || (q.bits != 0 && q.bits != 4 && q.bits != 8) || (q.e2m1 && (q.bits != 4 || q.round != S_BF16)) || q.block_rows < 1 || q.block_cols < 1 || q.first_row < 0 ||
         q.round < S_BF16 || q.round > S_F32 || q.out < S_BF16 || q.out > S_F32 || v[0].len % row_bytes) {
-        PyErr_SetString(PyExc_ValueError, "cols, block_rows, block_cols positive, bits 0, 4 or 8, codes whole rows, "
+        PyErr_SetString(PyExc_ValueError, "cols, block_rows, block_cols positive, bits 0, 4 or 8 (e2m1: 4, round 0), codes whole rows, "
                                           "first_row not negative, round and out one of 0, 1, 2");
         release(v, 4);
         return NULL;

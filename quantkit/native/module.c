@@ -42,8 +42,8 @@ static PyMethodDef methods[] = {
     {"unguard_map", py_unguard_map, METH_VARARGS, "unguard_map(slot): the map is gone"},
     {"map_faults", py_map_faults, METH_NOARGS, "map_faults() -> (faults so far, owner of the last one)"},
     {"ct_int_dense", py_ct_int_dense, METH_VARARGS,
-     "ct_int_dense(codes, bits, cols, scales, zeros, block_rows, block_cols, first_row, round, out, dense, threads): "
-     "compressed-tensors pack-quantized (bits 4, 8) or int-quantized (bits 0) codes back to dense"},
+     "ct_int_dense(codes, bits, e2m1, cols, scales, zeros, block_rows, block_cols, first_row, round, out, dense, threads): "
+     "compressed-tensors pack-quantized (bits 4, 8), int-quantized (bits 0) or fp4 (e2m1) codes back to dense"},
     {"ct_int_asymmetric", py_ct_int_asymmetric, METH_VARARGS,
      "ct_int_asymmetric(src, dtype, cols, group, bits, packed, scale, zero, threads) -> all finite: compressed-tensors "
      "W4A16_ASYM codes packed into int32 along rows, the group scales and the signed zero points"},

@@ -51,15 +51,16 @@ def _int_groups(chunk: np.ndarray, dtype: str, bits: int, group_size: int, symme
 
 
 def int_dense(codes: np.ndarray, bits: int, cols: int, scales: np.ndarray, zeros: np.ndarray | None, block: tuple[int, int],
-              first_row: int, scale_dtype: str, dtype: str) -> np.ndarray:
-    """Stored `dtype` bits of formats.affine on integer codes: `codes` int32 words [rows, ceil(cols * bits / 32)]
-    (pack-quantized, bits 4 or 8) or int8 [rows, cols] (int-quantized, bits 0), rows first_row.. of the weight;
-    scales (and zero points, None: symmetric) float32 grids as formats.scale_grid gives them."""
+              first_row: int, scale_dtype: str, dtype: str, e2m1: bool = False) -> np.ndarray:
+    """Stored `dtype` bits of formats.decode on integer or fp4 codes: `codes` int32 words [rows, ceil(cols * bits / 32)]
+    (pack-quantized, bits 4 or 8), int8 [rows, cols] (int-quantized, bits 0) or, with e2m1, fp4 bytes [rows, cols / 2]
+    (cols a multiple of 8, bits 4, scale_dtype BF16), rows first_row.. of the weight; scales (and zero points, None:
+    symmetric) float32 grids as formats.scale_grid gives them."""
     rows = codes.shape[0]
     dense = np.empty((rows, cols), DENSE_STORAGE[dtype])
     if rows:
         empty = np.empty(0, np.float32)
-        kernels.ct_int_dense(np.ascontiguousarray(codes), bits, cols, np.ascontiguousarray(scales, np.float32),
+        kernels.ct_int_dense(np.ascontiguousarray(codes), bits, e2m1, cols, np.ascontiguousarray(scales, np.float32),
                              empty if zeros is None else np.ascontiguousarray(zeros, np.float32), block[0], block[1], first_row,
                              DTYPES[scale_dtype], DTYPES[dtype], dense, threads())
     return dense
