@@ -259,3 +259,22 @@ def test_asymmetric_quantize_without_the_kernel_writes_the_same_bytes(llama, qua
     assert code == 0, err
     ours, reference = load_tensors(folder), load_tensors(tmp_path / "numpy")
     assert sorted(ours) == sorted(reference) and all(torch.equal(ours[name], reference[name]) for name in ours)
+
+
+@pytest.mark.skipif(not native.DENSE_AVAILABLE, reason="quantkit's C kernels are not built")
+@pytest.mark.parametrize("method", ["w4a16", "w4a16-asym", "w8a16", "nvfp4a16", "mxfp4a16"])
+@pytest.mark.parametrize("out", ["bfloat16", "float16"])
+def test_dequantize_through_the_kernel_writes_the_reference_bytes(quantized, tmp_path, cli, monkeypatch, method, out):
+    """The integer and fp4 modules go through ct_int_dense (counted), and give what the numpy reference gives."""
+    folder, _ = quantized(method)
+    calls = []
+    kernel = native.int_dense
+    monkeypatch.setattr(native, "int_dense", lambda *args, **kw: calls.append(1) or kernel(*args, **kw))
+    code, _, err = cli("dequantize", folder, tmp_path / "c", "--dtype", out)
+    assert code == 0, err
+    assert len(calls) == (12 if method in NARROW else 14)
+    monkeypatch.setattr(native, "DENSE_AVAILABLE", False)
+    code, _, err = cli("dequantize", folder, tmp_path / "numpy", "--dtype", out)
+    assert code == 0, err
+    ours, reference = load_tensors(tmp_path / "c"), load_tensors(tmp_path / "numpy")
+    assert sorted(ours) == sorted(reference) and all(torch.equal(ours[name], reference[name]) for name in ours)
