@@ -252,15 +252,6 @@ def test_c_asymmetric_kernel_gives_the_reference_bytes(dtype, bits, group_size):
         assert native.int_asymmetric(dtypes.from_float32(w, dtype), dtype, bits, group_size) is None
 
 
-def test_asymmetric_quantize_without_the_kernel_writes_the_same_bytes(llama, quantized, tmp_path, cli, monkeypatch):
-    folder, _ = quantized("w4a16-asym")
-    monkeypatch.setattr(native, "ASYM_AVAILABLE", False)
-    code, _, err = cli("quantize", llama, tmp_path / "numpy", "--method", "w4a16-asym")
-    assert code == 0, err
-    ours, reference = load_tensors(folder), load_tensors(tmp_path / "numpy")
-    assert sorted(ours) == sorted(reference) and all(torch.equal(ours[name], reference[name]) for name in ours)
-
-
 @pytest.mark.skipif(not native.DENSE_AVAILABLE, reason="quantkit's C kernels are not built")
 @pytest.mark.parametrize("method", ["w4a16", "w4a16-asym", "w8a16", "nvfp4a16", "mxfp4a16"])
 @pytest.mark.parametrize("out", ["bfloat16", "float16"])
@@ -277,4 +268,40 @@ def test_dequantize_through_the_kernel_writes_the_reference_bytes(quantized, tmp
     code, _, err = cli("dequantize", folder, tmp_path / "numpy", "--dtype", out)
     assert code == 0, err
     ours, reference = load_tensors(tmp_path / "c"), load_tensors(tmp_path / "numpy")
+    assert sorted(ours) == sorted(reference) and all(torch.equal(ours[name], reference[name]) for name in ours)
+
+
+@pytest.mark.skipif(not native.FP4_AVAILABLE, reason="quantkit's C kernels are not built")
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("method", ["nvfp4a16", "mxfp4a16"])
+def test_c_fp4_kernel_gives_the_reference_bytes(dtype, method):
+    rng = np.random.default_rng(len(dtype) + len(method))
+    w = (rng.standard_normal((97, 576)) * np.exp(rng.standard_normal((97, 1)) * (2 if dtype == "F16" else 8))).astype(np.float32)
+    w[3] = 0
+    w[5, :10] = [1e-30, -1e-30, 0.0, -0.0, 6.0, -6.0, 0.25, -0.25, 0.75, -5.0]  # e2m1's ties
+    w[6, :32] = 2.0**-24 * rng.choice([1, -1, 0], 32)  # tiny: float16 subnormals, scales that round to 0
+    w[7, :32] = (60000.0 if dtype == "F16" else 3e38) * rng.choice([1, -1], 32)  # huge: scales that overflow
+    w[8, :32], w[9, :32] = 2.0**-130, 2.0**-127 * 1.6  # float32 subnormals
+    stored = dtypes.from_float32(w, dtype)
+    values = dtypes.to_float32(stored, dtype)
+    mx = method == "mxfp4a16"
+    for global_scale in [None] if mx else [schemes.nvfp4_global_scale(schemes.global_absmax(values), dtype), np.float32(7.0),
+                                           schemes.nvfp4_global_scale(1e-3, dtype)]:  # fmt: skip
+        with np.errstate(all="ignore"):
+            codes, scales = schemes.mxfp4(values, dtype) if mx else schemes.nvfp4(values, dtype, global_scale)
+        packed, fast_scales = native.fp4(stored, dtype, mx, global_scale)
+        assert np.array_equal(packed, codes) and np.array_equal(fast_scales, scales), global_scale
+    for special in (np.nan, np.inf):
+        w[7, 9] = special
+        assert native.fp4(dtypes.from_float32(w, dtype), dtype, mx, np.float32(1.0)) is None
+
+
+@pytest.mark.parametrize("method,flag", [("w4a16-asym", "ASYM_AVAILABLE"), ("nvfp4a16", "FP4_AVAILABLE"),
+                                         ("mxfp4a16", "FP4_AVAILABLE")])  # fmt: skip
+def test_quantize_without_the_kernel_writes_the_same_bytes(llama, quantized, tmp_path, cli, monkeypatch, method, flag):
+    folder, _ = quantized(method)
+    monkeypatch.setattr(native, flag, False)
+    code, _, err = cli("quantize", llama, tmp_path / "numpy", "--method", method)
+    assert code == 0, err
+    ours, reference = load_tensors(folder), load_tensors(tmp_path / "numpy")
     assert sorted(ours) == sorted(reference) and all(torch.equal(ours[name], reference[name]) for name in ours)

@@ -314,6 +314,25 @@ static inline float clamp(float v, float low, float high) {
     return as_float(pick(when(v < low), as_bits(low), pick(when(v > high), as_bits(high), as_bits(v))));
 }
 
+/* The peak of a group (peak_bits), flagging NaN or infinity in `nonfinite`. */
+static inline uint32_t checked_peak(const void *src, int bf16, Py_ssize_t start, Py_ssize_t count, atomic_int *nonfinite) {
+    const uint32_t peak = peak_bits(src, bf16, start, count);
+    if (peak >= EXPONENT)
+        atomic_store_explicit(nonfinite, 1, memory_order_relaxed);
+    return peak;
+}
+
+/* The tail of the quantizers' entry points: run over the rows without the GIL, release the buffers, and
+   answer whether every value was finite. */
+static PyObject *run_rows(part_fn fn, const void *q, Py_ssize_t rows, Py_ssize_t cols, int threads, Py_buffer *views, int count,
+                          atomic_int *nonfinite) {
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(fn, q, rows, thread_count(threads, rows * cols));
+    Py_END_ALLOW_THREADS
+    release(views, count);
+    return PyBool_FromLong(!atomic_load(nonfinite));
+}
+
 typedef struct {
     const void *src;
     int dtype, bits;
@@ -334,9 +353,7 @@ BODY void int_symmetric_body(int_symmetric_t *q, Py_ssize_t lo, Py_ssize_t hi, c
     for (Py_ssize_t row = lo; row < hi; row++)
         for (Py_ssize_t g = 0; g < groups; g++) {
             const Py_ssize_t start = row * cols + g * group;
-            const uint32_t peak = peak_bits(src, bf16, start, group);
-            if (peak >= EXPONENT)
-                atomic_store_explicit(&q->nonfinite, 1, memory_order_relaxed);
+            const uint32_t peak = checked_peak(src, bf16, start, group, &q->nonfinite);
             float scale = round_to(as_float(peak) / half_range, dtype);
             scale = scale == 0.0f ? eps : scale;
             q->scale[row * groups + g] = scale;
@@ -389,11 +406,7 @@ PyObject *py_ct_int_symmetric(PyObject *self, PyObject *args) {
         release(v, 3);
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS
-    parallel_for(int_symmetric_part, &q, rows, thread_count(threads, rows * q.cols));
-    Py_END_ALLOW_THREADS
-    release(v, 3);
-    return PyBool_FromLong(!atomic_load(&q.nonfinite));
+    return run_rows(int_symmetric_part, &q, rows, q.cols, threads, v, 3, &q.nonfinite);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -652,8 +665,7 @@ BODY void int_asymmetric_body(int_asymmetric_t *q, Py_ssize_t lo, Py_ssize_t hi,
     for (Py_ssize_t row = lo; row < hi; row++)
         for (Py_ssize_t g = 0; g < groups; g++) {
             const Py_ssize_t start = row * cols + g * group;
-            if (peak_bits(src, bf16, start, group) >= EXPONENT)
-                atomic_store_explicit(&q->nonfinite, 1, memory_order_relaxed);
+            checked_peak(src, bf16, start, group, &q->nonfinite);
             float low = 0.0f, high = 0.0f;
             for (Py_ssize_t i = 0; i < group; i++) {
                 const float v = as_float(load_bits(src, bf16, start + i));
@@ -706,9 +718,119 @@ PyObject *py_ct_int_asymmetric(PyObject *self, PyObject *args) {
         release(v, 4);
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS
-    parallel_for(int_asymmetric_part, &q, rows, thread_count(threads, rows * q.cols));
-    Py_END_ALLOW_THREADS
-    release(v, 4);
-    return PyBool_FromLong(!atomic_load(&q.nonfinite));
+    return run_rows(int_asymmetric_part, &q, rows, q.cols, threads, v, 4, &q.nonfinite);
+}
+
+/* ------------------------------------------------------------------------------------------------
+   NVFP4A16 and MXFP4A16 (schemes.nvfp4 / schemes.mxfp4, then pack_fp4): per group of a row a scale code and
+   e2m1 codes of w over the group's scale, two a byte (the even column in the low nibble). NVFP4 (groups of
+   16, global scale g): code = e4m3(g * round_S(absmax / 6)) (0 -> 0x20: 0.125), values w / (e4m3(code) / g)
+   in float32, not rounded to S. MXFP4 (groups of 32): absmax rounded to a power of two on S's bits (half an fp4
+   mantissa step added, the mantissa dropped), biased = clamp(125 + log2 of it, 0, 255), scale =
+   round_S(2**(biased - 127)) (0 -> 1), values round_S(w / scale), the stored code the scale's own biased
+   exponent (an infinite scale stores 127, as the reference's int32 cast of -inf does). Values are clamped to
+   +-6 and coded nearest even, a negative value that rounds to zero keeping its sign. A group holding NaN or
+   infinity is reported, and the caller takes the reference for the chunk. */
+
+typedef struct {
+    const void *src;
+    int dtype, mx;
+    float global;
+    Py_ssize_t cols;
+    uint8_t *packed, *scale;
+    atomic_int nonfinite;
+} fp4_t;
+
+/* The e2m1 code of v (fp4_e2m1_codes): the count of thresholds below |v| (ties to even), bit 3 v < 0. */
+static inline uint32_t e2m1_code(float v) {
+    const float a = fabsf(clamp(v, -6.0f, 6.0f));
+    const uint32_t index = (uint32_t)(a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.0f);
+    return index | ((uint32_t)(v < 0.0f) << 3);
+}
+
+/* MXFP4's scale of a group from its absmax (bits of a value of S): (scale as a float32 value of S, stored code). */
+static inline float mx_scale(uint32_t peak, const int dtype, uint8_t *code) {
+    uint32_t power; /* round_to_power_2 on S's bits, back as float32 bits: 0, a power of two, or infinity */
+    if (dtype == S_BF16)
+        power = (((peak >> 16) + 0x20u) & ~0x7Fu) << 16;
+    else if (dtype == S_F32)
+        power = (peak + 0x200000u) & ~0x7FFFFFu;
+    else {
+        const uint32_t half = ((uint32_t)float16_bits(as_float(peak)) + 0x100u) & ~0x3FFu;
+        power = half == 0 ? 0 : half >= 0x7C00u ? EXPONENT : (((half >> 10) + 112u) << 23);
+    }
+    const int exponent_field = (int)(power >> 23); /* log2 + 127 of a normal power */
+    const int biased = power == 0 ? 0 : power >= EXPONENT ? 255 : exponent_field > 2 ? exponent_field - 2 : 0;
+    const uint32_t ldexp = biased == 255 ? EXPONENT : biased == 0 ? 0x00400000u : (uint32_t)biased << 23;
+    float scale = round_to(as_float(ldexp), dtype);
+    scale = scale == 0.0f ? 1.0f : scale;
+    const uint32_t bits = as_bits(scale);
+    *code = (uint8_t)(bits >= EXPONENT ? 127u : bits >> 23);
+    return scale;
+}
+
+BODY void fp4_body(fp4_t *q, Py_ssize_t lo, Py_ssize_t hi, const int dtype, const int mx) {
+    const void *src = q->src;
+    const int bf16 = dtype == S_BF16;
+    const Py_ssize_t cols = q->cols, group = mx ? 32 : 16, groups = cols / group;
+    const float global = q->global;
+    for (Py_ssize_t row = lo; row < hi; row++)
+        for (Py_ssize_t g = 0; g < groups; g++) {
+            const Py_ssize_t start = row * cols + g * group;
+            const uint32_t peak = checked_peak(src, bf16, start, group, &q->nonfinite);
+            uint8_t code;
+            float divisor;
+            if (mx)
+                divisor = mx_scale(peak, dtype, &code);
+            else {
+                code = e4m3(global * round_to(as_float(peak) / 6.0f, dtype));
+                code = code == 0 ? 0x20 : code;
+                divisor = e4m3_value(code) / global;
+            }
+            q->scale[row * groups + g] = code;
+            uint8_t *packed = q->packed + start / 2;
+            for (Py_ssize_t i = 0; i < group; i += 2) {
+                float a = as_float(load_bits(src, bf16, start + i)) / divisor, b = as_float(load_bits(src, bf16, start + i + 1)) / divisor;
+                if (mx) {
+                    a = round_to(a, dtype);
+                    b = round_to(b, dtype);
+                }
+                packed[i / 2] = (uint8_t)(e2m1_code(a) | (e2m1_code(b) << 4));
+            }
+        }
+}
+
+HOT static void fp4_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
+    fp4_t *q = (fp4_t *)ctx;
+    if (q->mx)
+        q->dtype == S_BF16 ? fp4_body(q, lo, hi, S_BF16, 1) : fp4_body(q, lo, hi, q->dtype, 1);
+    else
+        q->dtype == S_BF16 ? fp4_body(q, lo, hi, S_BF16, 0) : fp4_body(q, lo, hi, q->dtype, 0);
+}
+
+/* ct_fp4(src, dtype, cols, mx, global_scale, packed, scale, threads) -> whether every value was finite: dtype
+   as ct_fp8_channel's; mx 1 MXFP4 (groups of 32), 0 NVFP4 (groups of 16, global_scale g); cols a multiple of
+   the group; packed uint8 [rows, cols / 2], scale uint8 codes [rows, cols / group]. */
+PyObject *py_ct_fp4(PyObject *self, PyObject *args) {
+    Py_buffer v[3];
+    fp4_t q;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*inpfw*w*i", &v[0], &q.dtype, &q.cols, &q.mx, &q.global, &v[1], &v[2], &threads))
+        return NULL;
+    atomic_init(&q.nonfinite, 0);
+    const Py_ssize_t item = q.dtype == S_BF16 ? 2 : 4, group = q.mx ? 32 : 16;
+    if (q.dtype < S_BF16 || q.dtype > S_F32 || q.cols < 1 || q.cols % group || v[0].len % (q.cols * item)) {
+        PyErr_SetString(PyExc_ValueError, "dtype 0, 1 or 2, cols a positive multiple of the group, src whole rows");
+        release(v, 3);
+        return NULL;
+    }
+    const Py_ssize_t rows = v[0].len / (q.cols * item);
+    q.src = v[0].buf;
+    q.packed = v[1].buf;
+    q.scale = v[2].buf;
+    if (check_length(&v[1], rows * q.cols / 2, "packed") || check_length(&v[2], rows * (q.cols / group), "scale")) {
+        release(v, 3);
+        return NULL;
+    }
+    return run_rows(fp4_part, &q, rows, q.cols, threads, v, 3, &q.nonfinite);
 }

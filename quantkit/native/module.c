@@ -47,6 +47,9 @@ static PyMethodDef methods[] = {
     {"ct_int_asymmetric", py_ct_int_asymmetric, METH_VARARGS,
      "ct_int_asymmetric(src, dtype, cols, group, bits, packed, scale, zero, threads) -> all finite: compressed-tensors "
      "W4A16_ASYM codes packed into int32 along rows, the group scales and the signed zero points"},
+    {"ct_fp4", py_ct_fp4, METH_VARARGS,
+     "ct_fp4(src, dtype, cols, mx, global_scale, packed, scale, threads) -> all finite: compressed-tensors NVFP4A16 (mx 0) "
+     "or MXFP4A16 (mx 1) e2m1 codes two a byte, and the group scale codes"},
     {NULL, NULL, 0, NULL},
 };
 

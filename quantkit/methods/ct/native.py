@@ -13,6 +13,7 @@ AVAILABLE = kernels is not None and hasattr(kernels, "ct_fp8_channel")
 INT_AVAILABLE = kernels is not None and hasattr(kernels, "ct_int_symmetric")
 ASYM_AVAILABLE = kernels is not None and hasattr(kernels, "ct_int_asymmetric")
 DENSE_AVAILABLE = kernels is not None and hasattr(kernels, "ct_int_dense")
+FP4_AVAILABLE = kernels is not None and hasattr(kernels, "ct_fp4")
 DTYPES = {"BF16": 0, "F16": 1, "F32": 2}
 
 
@@ -64,3 +65,14 @@ def int_dense(codes: np.ndarray, bits: int, cols: int, scales: np.ndarray, zeros
                              empty if zeros is None else np.ascontiguousarray(zeros, np.float32), block[0], block[1], first_row,
                              DTYPES[scale_dtype], DTYPES[dtype], dense, threads())
     return dense
+
+
+def fp4(chunk: np.ndarray, dtype: str, mx: bool, global_scale: np.float32 | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(e2m1 codes two a byte uint8 [rows, cols / 2], scale codes uint8 [rows, groups]): schemes.mxfp4 (mx) or
+    schemes.nvfp4 with its global scale, then pack_fp4; None where a value is NaN or infinite."""
+    rows, cols = chunk.shape
+    raw, _ = stored(chunk, dtype)
+    packed = np.empty((rows, cols // 2), np.uint8)
+    scale = np.empty((rows, cols // (32 if mx else 16)), np.uint8)
+    finite = kernels.ct_fp4(raw, DTYPES[dtype], cols, mx, 1.0 if global_scale is None else float(global_scale), packed, scale, threads())
+    return (packed, scale) if finite else None

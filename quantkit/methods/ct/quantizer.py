@@ -142,6 +142,10 @@ class CompressedTensors:
             found = kernel(chunk, dtype, scheme.bits, group_size)
             if found is not None:
                 return found[0], dict(zip(("weight_scale", "zero"), found[1:]))
+        if scheme.method in ("nvfp4a16", "mxfp4a16") and native.FP4_AVAILABLE and dtype in native.DTYPES:
+            found = native.fp4(chunk, dtype, scheme.method == "mxfp4a16", global_scale)
+            if found is not None:
+                return found[0], {"weight_scale": found[1]}
         w = dtypes.to_float32(chunk, dtype)
         if scheme.method == "fp8":
             codes, scale = schemes.fp8_channel(w, dtype)
