@@ -788,15 +788,18 @@ BODY void fp4_body(fp4_t *q, Py_ssize_t lo, Py_ssize_t hi, const int dtype, cons
                 divisor = e4m3_value(code) / global;
             }
             q->scale[row * groups + g] = code;
-            uint8_t *packed = q->packed + start / 2;
-            for (Py_ssize_t i = 0; i < group; i += 2) {
-                float a = as_float(load_bits(src, bf16, start + i)) / divisor, b = as_float(load_bits(src, bf16, start + i + 1)) / divisor;
-                if (mx) {
-                    a = round_to(a, dtype);
-                    b = round_to(b, dtype);
-                }
-                packed[i / 2] = (uint8_t)(e2m1_code(a) | (e2m1_code(b) << 4));
+            /* three passes over the group (scaled, coded, packed), each a loop that vectorizes */
+            float values[32];
+            uint8_t codes[32];
+            for (Py_ssize_t i = 0; i < group; i++) {
+                const float v = as_float(load_bits(src, bf16, start + i)) / divisor;
+                values[i] = mx ? round_to(v, dtype) : v;
             }
+            for (Py_ssize_t i = 0; i < group; i++)
+                codes[i] = (uint8_t)e2m1_code(values[i]);
+            uint8_t *packed = q->packed + start / 2;
+            for (Py_ssize_t i = 0; i < group / 2; i++)
+                packed[i] = (uint8_t)(codes[2 * i] | (codes[2 * i + 1] << 4));
         }
 }
 
