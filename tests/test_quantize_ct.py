@@ -291,9 +291,13 @@ def test_c_fp4_kernel_gives_the_reference_bytes(dtype, method):
             codes, scales = schemes.mxfp4(values, dtype) if mx else schemes.nvfp4(values, dtype, global_scale)
         packed, fast_scales = native.fp4(stored, dtype, mx, global_scale)
         assert np.array_equal(packed, codes) and np.array_equal(fast_scales, scales), global_scale
+    assert native.global_absmax(stored, dtype) == schemes.global_absmax(values)
     for special in (np.nan, np.inf):
         w[7, 9] = special
-        assert native.fp4(dtypes.from_float32(w, dtype), dtype, mx, np.float32(1.0)) is None
+        damaged = dtypes.from_float32(w, dtype)
+        assert native.fp4(damaged, dtype, mx, np.float32(1.0)) is None
+        peak, reference = native.global_absmax(damaged, dtype), schemes.global_absmax(dtypes.to_float32(damaged, dtype))
+        assert np.array_equal(np.float32(peak), np.float32(reference), equal_nan=True), special
 
 
 @pytest.mark.parametrize("method,flag", [("w4a16-asym", "ASYM_AVAILABLE"), ("nvfp4a16", "FP4_AVAILABLE"),
@@ -305,3 +309,13 @@ def test_quantize_without_the_kernel_writes_the_same_bytes(llama, quantized, tmp
     assert code == 0, err
     ours, reference = load_tensors(folder), load_tensors(tmp_path / "numpy")
     assert sorted(ours) == sorted(reference) and all(torch.equal(ours[name], reference[name]) for name in ours)
+
+
+@pytest.mark.skipif(not native.FP4_AVAILABLE, reason="quantkit's C kernels are not built")
+@pytest.mark.parametrize("where", [0, 65535, 65536, 3 * 65536 + 4])
+def test_c_global_absmax_finds_the_peak_in_any_slice(where):
+    values = np.zeros(3 * 65536 + 5, np.float32)
+    values[where] = -3.5
+    assert native.global_absmax(dtypes.from_float32(values, "BF16"), "BF16") == 3.5
+    values[where - 1] = np.nan
+    assert np.isnan(native.global_absmax(values, "F32"))

@@ -209,6 +209,7 @@ PyObject *py_nonfinite(PyObject *self, PyObject *args);
 PyObject *py_ct_int_dense(PyObject *self, PyObject *args);
 PyObject *py_ct_int_asymmetric(PyObject *self, PyObject *args);
 PyObject *py_ct_fp4(PyObject *self, PyObject *args);
+PyObject *py_ct_peak(PyObject *self, PyObject *args);
 /* mapguard.c */
 PyObject *py_guard_map(PyObject *self, PyObject *args);
 PyObject *py_unguard_map(PyObject *self, PyObject *args);

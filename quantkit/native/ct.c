@@ -837,3 +837,57 @@ PyObject *py_ct_fp4(PyObject *self, PyObject *args) {
     }
     return run_rows(fp4_part, &q, rows, q.cols, threads, v, 3, &q.nonfinite);
 }
+
+/* ------------------------------------------------------------------------------------------------
+   NVFP4's global absmax (schemes.global_absmax): the largest magnitude of a chunk, by its bits (peak_bits), so
+   that a NaN anywhere gives a NaN, as numpy's min / max do. Slices of PEAK_SLICE values each keep their own
+   peak; the largest of those is the answer. */
+
+#define PEAK_SLICE 65536
+
+typedef struct {
+    const void *src;
+    int bf16;
+    Py_ssize_t count;
+    uint32_t *peaks;
+} peak_t;
+
+BODY void peak_body(const peak_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) {
+    for (Py_ssize_t unit = lo; unit < hi; unit++) {
+        const Py_ssize_t start = unit * PEAK_SLICE;
+        q->peaks[unit] = peak_bits(q->src, bf16, start, min_size(PEAK_SLICE, q->count - start));
+    }
+}
+
+PART(peak, peak_t)
+
+/* ct_peak(src, bf16, threads) -> max |value| of bfloat16 bits or float32 values, as a float (NaN if any is). */
+PyObject *py_ct_peak(PyObject *self, PyObject *args) {
+    Py_buffer v[1];
+    peak_t q;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*pi", &v[0], &q.bf16, &threads))
+        return NULL;
+    const Py_ssize_t item = q.bf16 ? 2 : 4, units = (v[0].len / item + PEAK_SLICE - 1) / PEAK_SLICE;
+    if (v[0].len % item) {
+        PyErr_SetString(PyExc_ValueError, "src: whole values");
+        release(v, 1);
+        return NULL;
+    }
+    q.src = v[0].buf;
+    q.count = v[0].len / item;
+    q.peaks = PyMem_Calloc(units ? units : 1, sizeof(uint32_t));
+    if (!q.peaks) {
+        release(v, 1);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(peak_part, &q, units, thread_count(threads, q.count));
+    Py_END_ALLOW_THREADS
+    uint32_t peak = 0;
+    for (Py_ssize_t unit = 0; unit < units; unit++)
+        peak = q.peaks[unit] > peak ? q.peaks[unit] : peak;
+    PyMem_Free(q.peaks);
+    release(v, 1);
+    return PyFloat_FromDouble((double)as_float(peak));
+}

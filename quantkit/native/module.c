@@ -50,6 +50,7 @@ static PyMethodDef methods[] = {
     {"ct_fp4", py_ct_fp4, METH_VARARGS,
      "ct_fp4(src, dtype, cols, mx, global_scale, packed, scale, threads) -> all finite: compressed-tensors NVFP4A16 (mx 0) "
      "or MXFP4A16 (mx 1) e2m1 codes two a byte, and the group scale codes"},
+    {"ct_peak", py_ct_peak, METH_VARARGS, "ct_peak(src, bf16, threads) -> max |value| (NaN if any value is NaN)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -13,7 +13,7 @@ AVAILABLE = kernels is not None and hasattr(kernels, "ct_fp8_channel")
 INT_AVAILABLE = kernels is not None and hasattr(kernels, "ct_int_symmetric")
 ASYM_AVAILABLE = kernels is not None and hasattr(kernels, "ct_int_asymmetric")
 DENSE_AVAILABLE = kernels is not None and hasattr(kernels, "ct_int_dense")
-FP4_AVAILABLE = kernels is not None and hasattr(kernels, "ct_fp4")
+FP4_AVAILABLE = kernels is not None and hasattr(kernels, "ct_fp4") and hasattr(kernels, "ct_peak")
 DTYPES = {"BF16": 0, "F16": 1, "F32": 2}
 
 
@@ -76,3 +76,9 @@ def fp4(chunk: np.ndarray, dtype: str, mx: bool, global_scale: np.float32 | None
     scale = np.empty((rows, cols // (32 if mx else 16)), np.uint8)
     finite = kernels.ct_fp4(raw, DTYPES[dtype], cols, mx, 1.0 if global_scale is None else float(global_scale), packed, scale, threads())
     return (packed, scale) if finite else None
+
+
+def global_absmax(chunk: np.ndarray, dtype: str) -> float:
+    """schemes.global_absmax of stored bits (max |w|; NaN where a value is NaN)."""
+    raw, bf16 = stored(chunk, dtype)
+    return kernels.ct_peak(raw, bf16, threads()) if raw.size else 0.0

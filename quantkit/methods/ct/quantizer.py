@@ -172,6 +172,10 @@ class CompressedTensors:
             partner = weight.partner(other)
             if partner is not None and not matches(other, options.skip) and not schemes.unfit(nvfp4, partner.shape, 16):
                 fused.append(partner)
-        absmax = max(schemes.global_absmax(dtypes.to_float32(chunk, member.dtype))
-                     for member in fused for chunk in member.chunks(max(1, CHUNK_ELEMENTS // member.shape[1])))
+        def peak(chunk: np.ndarray, dtype: str) -> float:
+            if native.FP4_AVAILABLE and dtype in native.DTYPES:
+                return native.global_absmax(chunk, dtype)
+            return schemes.global_absmax(dtypes.to_float32(chunk, dtype))
+
+        absmax = max(peak(chunk, member.dtype) for member in fused for chunk in member.chunks(max(1, CHUNK_ELEMENTS // member.shape[1])))
         return schemes.nvfp4_global_scale(absmax, weight.dtype)
