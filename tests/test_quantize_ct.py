@@ -152,8 +152,9 @@ def test_verify_finds_a_missing_scale(quantized, tmp_path, cli):
     assert code == 1 and "weight_shape" in json.dumps(json.loads(out)["checks"])
 
 
-@pytest.mark.parametrize("method", ["fp8", "fp8-block"])
-def test_dequantize_refuses_a_scale_that_does_not_fit(quantized, tmp_path, cli, method):
+@pytest.mark.parametrize("method,suffix", [("fp8", "weight_scale"), ("fp8-block", "weight_scale"), ("w4a16", "weight_scale"),
+                                           ("w4a16-asym", "weight_zero_point"), ("nvfp4a16", "weight_scale")])  # fmt: skip
+def test_dequantize_refuses_a_scale_that_does_not_fit(quantized, tmp_path, cli, method, suffix):
     import shutil
 
     from safetensors.torch import save_file
@@ -162,13 +163,13 @@ def test_dequantize_refuses_a_scale_that_does_not_fit(quantized, tmp_path, cli, 
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
     tensors = load_tensors(broken)
-    name = "model.layers.0.self_attn.q_proj.weight_scale"
+    name = f"model.layers.0.self_attn.q_proj.{suffix}"
     tensors[name] = tensors[name][:-1].contiguous()
     for f in broken.glob("*.safetensors*"):
         f.unlink()
     save_file(tensors, broken / "model.safetensors")
     code, _, err = cli("dequantize", broken, tmp_path / "dense")
-    assert code == 2 and "model.layers.0.self_attn.q_proj" in err and "weight_scale" in err and "Traceback" not in err
+    assert code == 2 and "model.layers.0.self_attn.q_proj" in err and f"{suffix} holds" in err and "Traceback" not in err
     assert not (tmp_path / "dense").exists()
 
 

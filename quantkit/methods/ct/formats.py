@@ -57,7 +57,7 @@ def expand(scale: np.ndarray, rows: int, cols: int, args: dict, row_start: int) 
     return scale.reshape(-1, 1) if scale.size == rows and scale.size > 1 else scale.reshape(1, 1)
 
 
-def scale_grid(scale: np.ndarray, rows: int, cols: int, args: dict) -> tuple[np.ndarray, tuple[int, int]]:
+def scale_grid(scale: np.ndarray, rows: int, cols: int, args: dict, name: str = "weight_scale") -> tuple[np.ndarray, tuple[int, int]]:
     """A whole scale as `expand` reads it, as a 2-D grid and the block each entry covers: the scale of
     element (r, c) is grid[r // block[0], c // block[1]] (for the native kernels, which take any chunk of rows)."""
     strategy = args.get("strategy")
@@ -71,7 +71,7 @@ def scale_grid(scale: np.ndarray, rows: int, cols: int, args: dict) -> tuple[np.
     else:
         grid, block = (1, 1), (max(rows, 1), cols)
     if scale.size != grid[0] * grid[1]:
-        raise QuantkitError(f"weight_scale holds {scale.size} values where a {rows} x {cols} weight of strategy {strategy!r} "
+        raise QuantkitError(f"{name} holds {scale.size} values where a {rows} x {cols} weight of strategy {strategy!r} "
                             f"has {grid[0] * grid[1]}")
     return scale.reshape(grid), block
 

@@ -167,7 +167,7 @@ class CompressedTensorsReader:
         if fast is not None and dtype in native.DENSE and (scale_dtype in native.DENSE or fmt in formats.FP4_FORMATS):
             try:
                 grid, block = formats.scale_grid(stored["weight_scale"], rows, cols, args)
-                zeros = formats.scale_grid(stored["zero"], rows, cols, args)[0] if "zero" in stored else None
+                zeros = formats.scale_grid(stored["zero"], rows, cols, args, "weight_zero_point")[0] if "zero" in stored else None
             except QuantkitError as e:
                 raise QuantkitError(f"{checkpoint.tensors[names[0]].file}: '{module}': {e.message}") from None
             by_row = block[0] == 1  # a scale row per weight row: converted a chunk at a time
