@@ -1,7 +1,7 @@
 """The compiled paths: quantkit.native's `ct_*` kernels behind the contracts of schemes.fp8_channel,
-int_symmetric, int_asymmetric (quantize, on stored bits: BF16 as uint16, F16, F32) and formats.affine on
-integer codes (dequantize), giving the same bytes; tests compare them. Each `*AVAILABLE` is False where the
-extension was not built (or predates the kernel)."""
+int_symmetric, int_asymmetric, nvfp4 / mxfp4 and global_absmax (quantize, on stored bits: BF16 as uint16, F16,
+F32) and formats.decode on integer and fp4 codes (dequantize), giving the same bytes; tests compare them. Each
+`*AVAILABLE` is False where the extension was not built (or predates the kernel)."""
 
 from __future__ import annotations
 
