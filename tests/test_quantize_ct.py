@@ -152,8 +152,9 @@ def test_verify_finds_a_missing_scale(quantized, tmp_path, cli):
     assert code == 1 and "weight_shape" in json.dumps(json.loads(out)["checks"])
 
 
-@pytest.mark.parametrize("method", ["fp8", "fp8-block"])
-def test_dequantize_refuses_a_scale_that_does_not_fit(quantized, tmp_path, cli, method):
+@pytest.mark.parametrize("method,suffix", [("fp8", "weight_scale"), ("fp8-block", "weight_scale"), ("w4a16", "weight_scale"),
+                                           ("w4a16-asym", "weight_zero_point"), ("nvfp4a16", "weight_scale")])  # fmt: skip
+def test_dequantize_refuses_a_scale_that_does_not_fit(quantized, tmp_path, cli, method, suffix):
     import shutil
 
     from safetensors.torch import save_file
@@ -162,13 +163,13 @@ def test_dequantize_refuses_a_scale_that_does_not_fit(quantized, tmp_path, cli, 
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
     tensors = load_tensors(broken)
-    name = "model.layers.0.self_attn.q_proj.weight_scale"
+    name = f"model.layers.0.self_attn.q_proj.{suffix}"
     tensors[name] = tensors[name][:-1].contiguous()
     for f in broken.glob("*.safetensors*"):
         f.unlink()
     save_file(tensors, broken / "model.safetensors")
     code, _, err = cli("dequantize", broken, tmp_path / "dense")
-    assert code == 2 and "model.layers.0.self_attn.q_proj" in err and "weight_scale" in err and "Traceback" not in err
+    assert code == 2 and "model.layers.0.self_attn.q_proj" in err and f"{suffix} holds" in err and "Traceback" not in err
     assert not (tmp_path / "dense").exists()
 
 
@@ -224,3 +225,98 @@ def test_c_int_kernel_gives_the_reference_bytes(dtype, bits, group_size):
     assert np.array_equal(fast_scales.view(np.uint32), scales.view(np.uint32))
     w[7, 9] = np.nan
     assert native.int_symmetric(dtypes.from_float32(w, dtype), dtype, bits, group_size) is None
+
+
+@pytest.mark.skipif(not native.ASYM_AVAILABLE, reason="quantkit's C kernels are not built")
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 64), (4, 8), (8, 32)])
+def test_c_asymmetric_kernel_gives_the_reference_bytes(dtype, bits, group_size):
+    rng = np.random.default_rng(bits * group_size)
+    scale = np.exp(rng.standard_normal((97, 1)) * (2 if dtype == "F16" else 6))
+    cols = 576 if 576 % group_size == 0 else 640
+    w = (rng.standard_normal((97, cols)) * scale).astype(np.float32)
+    w[3] = 0  # all-zero groups: scale eps, zero point 0 (the reference's NaN)
+    w[4] = np.abs(w[4])  # no negative value: low is 0
+    w[6] = -np.abs(w[6])  # no positive value: high is 0
+    w[8, :group_size] = rng.choice([2.0**-24, -(2.0**-24), 0.0], group_size)  # tiny: a float16 scale rounds to 0
+    w[9, :group_size] = np.float32(60000.0 if dtype == "F16" else 1e37) * rng.choice([1, -1], group_size)  # huge
+    w[5, :6] = [1e-30, -1e-30, 0.0, -0.0, 7.5, -8.0]
+    stored = dtypes.from_float32(w, dtype)
+    with np.errstate(over="ignore"):
+        codes, scales, zero = schemes.int_asymmetric(dtypes.to_float32(stored, dtype), dtype, bits, group_size)
+    packed, fast_scales, fast_zero = native.int_asymmetric(stored, dtype, bits, group_size)
+    assert np.array_equal(packed, schemes.pack_int32(codes, bits))
+    assert np.array_equal(fast_scales.view(np.uint32), scales.view(np.uint32))
+    assert fast_zero.dtype == zero.dtype and np.array_equal(fast_zero, zero)
+    for special in (np.nan, np.inf, -np.inf):
+        w[7, 9] = special
+        assert native.int_asymmetric(dtypes.from_float32(w, dtype), dtype, bits, group_size) is None
+
+
+@pytest.mark.skipif(not native.DENSE_AVAILABLE, reason="quantkit's C kernels are not built")
+@pytest.mark.parametrize("method", ["w4a16", "w4a16-asym", "w8a16", "nvfp4a16", "mxfp4a16"])
+@pytest.mark.parametrize("out", ["bfloat16", "float16"])
+def test_dequantize_through_the_kernel_writes_the_reference_bytes(quantized, tmp_path, cli, monkeypatch, method, out):
+    """The integer and fp4 modules go through ct_int_dense (counted), and give what the numpy reference gives."""
+    folder, _ = quantized(method)
+    calls = []
+    kernel = native.int_dense
+    monkeypatch.setattr(native, "int_dense", lambda *args, **kw: calls.append(1) or kernel(*args, **kw))
+    code, _, err = cli("dequantize", folder, tmp_path / "c", "--dtype", out)
+    assert code == 0, err
+    assert len(calls) == (12 if method in NARROW else 14)
+    monkeypatch.setattr(native, "DENSE_AVAILABLE", False)
+    code, _, err = cli("dequantize", folder, tmp_path / "numpy", "--dtype", out)
+    assert code == 0, err
+    ours, reference = load_tensors(tmp_path / "c"), load_tensors(tmp_path / "numpy")
+    assert sorted(ours) == sorted(reference) and all(torch.equal(ours[name], reference[name]) for name in ours)
+
+
+@pytest.mark.skipif(not native.FP4_AVAILABLE, reason="quantkit's C kernels are not built")
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("method", ["nvfp4a16", "mxfp4a16"])
+def test_c_fp4_kernel_gives_the_reference_bytes(dtype, method):
+    rng = np.random.default_rng(len(dtype) + len(method))
+    w = (rng.standard_normal((97, 576)) * np.exp(rng.standard_normal((97, 1)) * (2 if dtype == "F16" else 8))).astype(np.float32)
+    w[3] = 0
+    w[5, :10] = [1e-30, -1e-30, 0.0, -0.0, 6.0, -6.0, 0.25, -0.25, 0.75, -5.0]  # e2m1's ties
+    w[6, :32] = 2.0**-24 * rng.choice([1, -1, 0], 32)  # tiny: float16 subnormals, scales that round to 0
+    w[7, :32] = (60000.0 if dtype == "F16" else 3e38) * rng.choice([1, -1], 32)  # huge: scales that overflow
+    w[8, :32], w[9, :32] = 2.0**-130, 2.0**-127 * 1.6  # float32 subnormals
+    stored = dtypes.from_float32(w, dtype)
+    values = dtypes.to_float32(stored, dtype)
+    mx = method == "mxfp4a16"
+    for global_scale in [None] if mx else [schemes.nvfp4_global_scale(schemes.global_absmax(values), dtype), np.float32(7.0),
+                                           schemes.nvfp4_global_scale(1e-3, dtype)]:  # fmt: skip
+        with np.errstate(all="ignore"):
+            codes, scales = schemes.mxfp4(values, dtype) if mx else schemes.nvfp4(values, dtype, global_scale)
+        packed, fast_scales = native.fp4(stored, dtype, mx, global_scale)
+        assert np.array_equal(packed, codes) and np.array_equal(fast_scales, scales), global_scale
+    assert native.global_absmax(stored, dtype) == schemes.global_absmax(values)
+    for special in (np.nan, np.inf):
+        w[7, 9] = special
+        damaged = dtypes.from_float32(w, dtype)
+        assert native.fp4(damaged, dtype, mx, np.float32(1.0)) is None
+        peak, reference = native.global_absmax(damaged, dtype), schemes.global_absmax(dtypes.to_float32(damaged, dtype))
+        assert np.array_equal(np.float32(peak), np.float32(reference), equal_nan=True), special
+
+
+@pytest.mark.parametrize("method,flag", [("w4a16-asym", "ASYM_AVAILABLE"), ("nvfp4a16", "FP4_AVAILABLE"),
+                                         ("mxfp4a16", "FP4_AVAILABLE")])  # fmt: skip
+def test_quantize_without_the_kernel_writes_the_same_bytes(llama, quantized, tmp_path, cli, monkeypatch, method, flag):
+    folder, _ = quantized(method)
+    monkeypatch.setattr(native, flag, False)
+    code, _, err = cli("quantize", llama, tmp_path / "numpy", "--method", method)
+    assert code == 0, err
+    ours, reference = load_tensors(folder), load_tensors(tmp_path / "numpy")
+    assert sorted(ours) == sorted(reference) and all(torch.equal(ours[name], reference[name]) for name in ours)
+
+
+@pytest.mark.skipif(not native.FP4_AVAILABLE, reason="quantkit's C kernels are not built")
+@pytest.mark.parametrize("where", [0, 65535, 65536, 3 * 65536 + 4])
+def test_c_global_absmax_finds_the_peak_in_any_slice(where):
+    values = np.zeros(3 * 65536 + 5, np.float32)
+    values[where] = -3.5
+    assert native.global_absmax(dtypes.from_float32(values, "BF16"), "BF16") == 3.5
+    values[where - 1] = np.nan
+    assert np.isnan(native.global_absmax(values, "F32"))

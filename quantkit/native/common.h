@@ -225,6 +225,10 @@ PyObject *py_fp8_blocks(PyObject *self, PyObject *args);
 PyObject *py_mxfp4_dense(PyObject *self, PyObject *args);
 PyObject *py_ct_int_symmetric(PyObject *self, PyObject *args);
 PyObject *py_nonfinite(PyObject *self, PyObject *args);
+PyObject *py_ct_int_dense(PyObject *self, PyObject *args);
+PyObject *py_ct_int_asymmetric(PyObject *self, PyObject *args);
+PyObject *py_ct_fp4(PyObject *self, PyObject *args);
+PyObject *py_ct_peak(PyObject *self, PyObject *args);
 /* mapguard.c */
 PyObject *py_guard_map(PyObject *self, PyObject *args);
 PyObject *py_unguard_map(PyObject *self, PyObject *args);

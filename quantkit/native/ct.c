@@ -288,6 +288,40 @@ PyObject *py_fp8_blocks(PyObject *self, PyObject *args) {
    2**(bits-1) - 1)), stored + 2**(bits-1) and packed lowest first into int32 words along the row. A group
    holding NaN or infinity is reported, and the caller takes the reference for the chunk. */
 
+/* Stored fields (codes + 2**(bits-1)) of one group packed lowest first into int32 words, as pack_int32. */
+static inline void pack_group(const uint8_t *stored, Py_ssize_t group, const int bits, uint32_t *words) {
+    const Py_ssize_t per_word = 32 / bits;
+    for (Py_ssize_t w = 0; w < group / per_word; w++) {
+        uint32_t word = 0;
+        for (Py_ssize_t k = 0; k < per_word; k++)
+            word |= (uint32_t)stored[w * per_word + k] << (k * bits);
+        words[w] = word;
+    }
+}
+
+static inline float clamp(float v, float low, float high) {
+    return as_float(pick(when(v < low), as_bits(low), pick(when(v > high), as_bits(high), as_bits(v))));
+}
+
+/* The peak of a group (peak_bits), flagging NaN or infinity in `nonfinite`. */
+static inline uint32_t checked_peak(const void *src, int bf16, Py_ssize_t start, Py_ssize_t count, atomic_int *nonfinite) {
+    const uint32_t peak = peak_bits(src, bf16, start, count);
+    if (peak >= EXPONENT)
+        atomic_store_explicit(nonfinite, 1, memory_order_relaxed);
+    return peak;
+}
+
+/* The tail of the quantizers' entry points: run over the rows without the GIL, release the buffers, and
+   answer whether every value was finite. */
+static PyObject *run_rows(part_fn fn, const void *q, Py_ssize_t rows, Py_ssize_t cols, int threads, Py_buffer *views, int count,
+                          atomic_int *nonfinite) {
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(fn, q, rows, thread_count(threads, rows * cols));
+    Py_END_ALLOW_THREADS
+    release(views, count);
+    return PyBool_FromLong(!atomic_load(nonfinite));
+}
+
 typedef struct {
     const void *src;
     int dtype, bits;
@@ -308,24 +342,15 @@ BODY void int_symmetric_body(int_symmetric_t *q, Py_ssize_t lo, Py_ssize_t hi, c
     for (Py_ssize_t row = lo; row < hi; row++)
         for (Py_ssize_t g = 0; g < groups; g++) {
             const Py_ssize_t start = row * cols + g * group;
-            const uint32_t peak = peak_bits(src, bf16, start, group);
-            if (peak >= EXPONENT)
-                atomic_store_explicit(&q->nonfinite, 1, memory_order_relaxed);
+            const uint32_t peak = checked_peak(src, bf16, start, group, &q->nonfinite);
             float scale = round_to(as_float(peak) / half_range, dtype);
             scale = scale == 0.0f ? eps : scale;
             q->scale[row * groups + g] = scale;
             for (Py_ssize_t i = 0; i < group; i++) {
                 const float v = round_to(as_float(load_bits(src, bf16, start + i)) / scale, dtype);
-                const float clamped = as_float(pick(when(v < low), as_bits(low), pick(when(v > high), as_bits(high), as_bits(v))));
-                stored[i] = (uint8_t)(rint_int(clamped) + offset);
+                stored[i] = (uint8_t)(rint_int(clamp(v, low, high)) + offset);
             }
-            uint32_t *words = q->packed + start / per_word;
-            for (Py_ssize_t w = 0; w < group / per_word; w++) {
-                uint32_t word = 0;
-                for (Py_ssize_t k = 0; k < per_word; k++)
-                    word |= (uint32_t)stored[w * per_word + k] << (k * bits);
-                words[w] = word;
-            }
+            pack_group(stored, group, bits, q->packed + start / per_word);
         }
 }
 
@@ -335,6 +360,16 @@ HOT static void int_symmetric_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi
         q->dtype == S_BF16 ? int_symmetric_body(q, lo, hi, S_BF16, 4) : int_symmetric_body(q, lo, hi, q->dtype, 4);
     else
         q->dtype == S_BF16 ? int_symmetric_body(q, lo, hi, S_BF16, 8) : int_symmetric_body(q, lo, hi, q->dtype, 8);
+}
+
+/* ValueError (and 1) unless the arguments of ct_int_symmetric / ct_int_asymmetric fit together. */
+static int int_group_invalid(int dtype, int bits, Py_ssize_t group, Py_ssize_t cols, Py_ssize_t item, Py_ssize_t src_len) {
+    if (dtype >= S_BF16 && dtype <= S_F32 && (bits == 4 || bits == 8) && group >= 1 && group <= 4096 && cols >= 1 &&
+        group % (32 / bits) == 0 && cols % group == 0 && src_len % (cols * item) == 0)
+        return 0;
+    PyErr_SetString(PyExc_ValueError, "dtype 0, 1 or 2, bits 4 or 8, a group of whole words dividing cols (at most 4096), "
+                                      "src whole rows");
+    return 1;
 }
 
 /* ct_int_symmetric(src, dtype, cols, group, bits, packed, scale, threads) -> whether every value was finite:
@@ -348,10 +383,7 @@ PyObject *py_ct_int_symmetric(PyObject *self, PyObject *args) {
         return NULL;
     atomic_init(&q.nonfinite, 0);
     const Py_ssize_t item = q.dtype == S_BF16 ? 2 : 4;
-    if (q.dtype < S_BF16 || q.dtype > S_F32 || (q.bits != 4 && q.bits != 8) || q.group < 1 || q.group > 4096 || q.cols < 1 ||
-        q.group % (32 / q.bits) || q.cols % q.group || v[0].len % (q.cols * item)) {
-        PyErr_SetString(PyExc_ValueError, "dtype 0, 1 or 2, bits 4 or 8, a group of whole words dividing cols (at most 4096), "
-                                          "src whole rows");
+    if (int_group_invalid(q.dtype, q.bits, q.group, q.cols, item, v[0].len)) {
         release(v, 3);
         return NULL;
     }
@@ -363,11 +395,7 @@ PyObject *py_ct_int_symmetric(PyObject *self, PyObject *args) {
         release(v, 3);
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS
-    parallel_for(int_symmetric_part, &q, rows, thread_count(threads, rows * q.cols));
-    Py_END_ALLOW_THREADS
-    release(v, 3);
-    return PyBool_FromLong(!atomic_load(&q.nonfinite));
+    return run_rows(int_symmetric_part, &q, rows, q.cols, threads, v, 3, &q.nonfinite);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -463,4 +491,392 @@ PyObject *py_mxfp4_dense(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     release(v, 3);
     Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------------------------------
+   Integer and fp4 compressed-tensors weights back to dense (ct/formats.py decode on pack-quantized,
+   int-quantized, nvfp4- and mxfp4-pack-quantized codes): value = round_S(round_S(q - round_S(zero)) * scale)
+   in float32, then stored as the output dtype. q is the stored field minus 2**(bits-1) (pack-quantized: fields
+   of 4 or 8 bits, lowest first in int32 words along the row), an int8 code (int-quantized), or the e2m1 value
+   of a nibble (the fp4 formats, whose bytes hold the low nibble first: little-endian words of 4 bits, with
+   S bfloat16, which holds every e2m1 value). Scales and zero points share fp8_dense's
+   grid: the entry of element (r, c) is at [(first_row + r) / block_rows][c / block_cols]. A row is unpacked a
+   tile at a time into floats, then each block's run of it scaled. */
+
+/* A stored field as a float: its e2m1 value, or the integer less the offset. */
+static inline float field_value(uint32_t field, const int e2m1, const float offset) {
+    return e2m1 ? as_float(e2m1_bits(field)) : (float)(int32_t)field - offset;
+}
+
+typedef struct {
+    const void *codes; /* uint32 words [rows, words] or int8 [rows, cols] */
+    const float *scales, *zeros; /* zeros NULL: symmetric */
+    Py_ssize_t cols, words, scale_cols, block_rows, block_cols, first_row;
+    int bits; /* 4 or 8: packed; 0: int8 codes */
+    int e2m1; /* bits 4: the nibbles are e2m1 codes */
+    int round, out;
+    void *dense;
+} int_dense_t;
+
+BODY void int_dense_body(const int_dense_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bits, const int e2m1, const int round,
+                         const int out) {
+    const Py_ssize_t cols = q->cols, width = q->block_cols;
+    void *dense = q->dense;
+    const float offset = bits ? (float)(1 << (bits - 1)) : 0.0f;
+    float values[TILE];
+    for (Py_ssize_t row = lo; row < hi; row++) {
+        const Py_ssize_t grid_row = (q->first_row + row) / q->block_rows * q->scale_cols;
+        const float *scales = q->scales + grid_row, *zeros = q->zeros ? q->zeros + grid_row : NULL;
+        for (Py_ssize_t t0 = 0; t0 < cols; t0 += TILE) {
+            const Py_ssize_t count = min_size(TILE, cols - t0);
+            if (bits == 0) {
+                const int8_t *codes = (const int8_t *)q->codes + row * cols + t0;
+                for (Py_ssize_t i = 0; i < count; i++)
+                    values[i] = (float)codes[i];
+            } else {
+                /* TILE is a multiple of every word's fields, so a tile starts on a word */
+                const int per_word = 32 / bits;
+                const uint32_t mask = (1u << bits) - 1u;
+                const uint32_t *words = (const uint32_t *)q->codes + row * q->words + t0 / per_word;
+                const Py_ssize_t whole = count / per_word;
+                for (Py_ssize_t w = 0; w < whole; w++)
+                    for (int k = 0; k < per_word; k++)
+                        values[w * per_word + k] = field_value((words[w] >> (k * bits)) & mask, e2m1, offset);
+                for (Py_ssize_t i = whole * per_word; i < count; i++)
+                    values[i] = field_value((words[i / per_word] >> (i % per_word * bits)) & mask, e2m1, offset);
+            }
+            /* each block's run within the tile */
+            for (Py_ssize_t i = 0; i < count;) {
+                const Py_ssize_t c = t0 + i, block = c / width, run = min_size(count - i, (block + 1) * width - c);
+                const float scale = scales[block];
+                const Py_ssize_t base = row * cols + c;
+                if (zeros) {
+                    const float zero = round_to(zeros[block], round);
+                    for (Py_ssize_t k = 0; k < run; k++) {
+                        const float shifted = round_to(round_to(values[i + k], round) - zero, round);
+                        store(dense, out != S_F32, base + k, dense_bits(round_to(shifted * scale, round), out));
+                    }
+                } else
+                    for (Py_ssize_t k = 0; k < run; k++)
+                        store(dense, out != S_F32, base + k, dense_bits(round_to(round_to(values[i + k], round) * scale, round), out));
+                i += run;
+            }
+        }
+    }
+}
+
+HOT static void int_dense_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
+    const int_dense_t *q = ctx;
+    /* the common cases get a loop of their own; the rest share one that tests at run time */
+    if (q->e2m1 && q->out == S_BF16)
+        int_dense_body(q, lo, hi, 4, 1, S_BF16, S_BF16);
+    else if (q->e2m1)
+        int_dense_body(q, lo, hi, 4, 1, S_BF16, q->out);
+    else if (q->bits == 4 && q->round == S_BF16 && q->out == S_BF16)
+        int_dense_body(q, lo, hi, 4, 0, S_BF16, S_BF16);
+    else if (q->bits == 8 && q->round == S_BF16 && q->out == S_BF16)
+        int_dense_body(q, lo, hi, 8, 0, S_BF16, S_BF16);
+    else if (q->bits == 4)
+        int_dense_body(q, lo, hi, 4, 0, q->round, q->out);
+    else if (q->bits == 8)
+        int_dense_body(q, lo, hi, 8, 0, q->round, q->out);
+    else
+        int_dense_body(q, lo, hi, 0, 0, q->round, q->out);
+}
+
+/* ct_int_dense(codes, bits, e2m1, cols, scales, zeros, block_rows, block_cols, first_row, round, out, dense, threads):
+   codes int32 words [rows, ceil(cols * bits / 32)] (bits 4 or 8; e2m1: fp4 nibbles, round then bfloat16) or int8
+   [rows, cols] (bits 0); scales float32
+   [*, ceil(cols / block_cols)] covering scale row (first_row + rows - 1) / block_rows; zeros float32 of the
+   scales' shape, or empty (symmetric); round and out 0 bfloat16, 1 float16, 2 float32; dense [rows, cols]. */
+PyObject *py_ct_int_dense(PyObject *self, PyObject *args) {
+    Py_buffer v[4];
+    int_dense_t q;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*ipny*y*nnniiw*i", &v[0], &q.bits, &q.e2m1, &q.cols, &v[1], &v[2], &q.block_rows, &q.block_cols,
+                          &q.first_row, &q.round, &q.out, &v[3], &threads))
+        return NULL;
+    q.codes = v[0].buf;
+    q.scales = v[1].buf;
+    q.zeros = v[2].len ? v[2].buf : NULL;
+    q.dense = v[3].buf;
+    q.words = q.bits ? (q.cols * q.bits + 31) / 32 : q.cols;
+    const Py_ssize_t row_bytes = q.bits ? q.words * 4 : q.cols, item = q.out == S_F32 ? 4 : 2;
+    if (q.cols < 1 || (q.bits != 0 && q.bits != 4 && q.bits != 8) || (q.e2m1 && (q.bits != 4 || q.round != S_BF16)) || q.block_rows < 1 || q.block_cols < 1 || q.first_row < 0 ||
+        q.round < S_BF16 || q.round > S_F32 || q.out < S_BF16 || q.out > S_F32 || v[0].len % row_bytes) {
+        PyErr_SetString(PyExc_ValueError, "cols, block_rows, block_cols positive, bits 0, 4 or 8 (e2m1: 4, round 0), codes whole rows, "
+                                          "first_row not negative, round and out one of 0, 1, 2");
+        release(v, 4);
+        return NULL;
+    }
+    const Py_ssize_t rows = v[0].len / row_bytes;
+    q.scale_cols = (q.cols + q.block_cols - 1) / q.block_cols;
+    const Py_ssize_t scale_rows = rows ? (q.first_row + rows - 1) / q.block_rows + 1 : 0;
+    if (v[1].len / 4 < scale_rows * q.scale_cols || v[1].len % (4 * q.scale_cols) || (v[2].len && v[2].len != v[1].len))
+        PyErr_Format(PyExc_ValueError, "scales: %zd bytes (zeros %zd), expected rows of %zd float32 covering %zd rows", v[1].len,
+                     v[2].len, q.scale_cols, scale_rows);
+    if (PyErr_Occurred() || check_length(&v[3], rows * q.cols * item, "dense")) {
+        release(v, 4);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(int_dense_part, &q, rows, thread_count(threads, rows * q.cols));
+    Py_END_ALLOW_THREADS
+    release(v, 4);
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------------------------------
+   W4A16_ASYM (schemes.int_asymmetric + pack_int32): per group of a row, low = min(min, 0), high = max(max, 0),
+   scale = round_S(round_S(high - low) / (2**bits - 1)), zero = rint(clamp(round_S(qmin - round_S(low / scale)),
+   qmin, qmax)) (NaN, from an all-zero group's 0 / 0, -> 0), the scale then 0 -> finfo(S).eps, and
+   code = rint(clamp(round_S(round_S(w / scale) + zero), qmin, qmax)), packed as ct_int_symmetric's. A group
+   holding NaN or infinity is reported, and the caller takes the reference for the chunk. */
+
+typedef struct {
+    const void *src;
+    int dtype, bits;
+    Py_ssize_t cols, group;
+    uint32_t *packed;
+    float *scale;
+    int8_t *zero;
+    atomic_int nonfinite;
+} int_asymmetric_t;
+
+BODY void int_asymmetric_body(int_asymmetric_t *q, Py_ssize_t lo, Py_ssize_t hi, const int dtype, const int bits) {
+    const void *src = q->src;
+    const Py_ssize_t cols = q->cols, group = q->group, groups = cols / group, per_word = 32 / bits;
+    const int bf16 = dtype == S_BF16;
+    const float eps = dtype == S_BF16 ? 0.0078125f : dtype == S_F16 ? 0.0009765625f : 1.1920928955078125e-07f;
+    const float range = bits == 4 ? 15.0f : 255.0f, low_code = -(float)(1 << (bits - 1)), high_code = (float)((1 << (bits - 1)) - 1);
+    const int32_t offset = 1 << (bits - 1);
+    uint8_t stored[4096]; /* one group's codes; group <= 4096 is checked at the entry */
+    for (Py_ssize_t row = lo; row < hi; row++)
+        for (Py_ssize_t g = 0; g < groups; g++) {
+            const Py_ssize_t start = row * cols + g * group;
+            checked_peak(src, bf16, start, group, &q->nonfinite);
+            float low = 0.0f, high = 0.0f;
+            for (Py_ssize_t i = 0; i < group; i++) {
+                const float v = as_float(load_bits(src, bf16, start + i));
+                low = v < low ? v : low;
+                high = v > high ? v : high;
+            }
+            float scale = round_to(round_to(high - low, dtype) / range, dtype);
+            const float shifted_zero = round_to(low_code - round_to(low / scale, dtype), dtype);
+            const float zero = shifted_zero != shifted_zero ? 0.0f : (float)rint_int(clamp(shifted_zero, low_code, high_code));
+            scale = scale == 0.0f ? eps : scale;
+            q->scale[row * groups + g] = scale;
+            q->zero[row * groups + g] = (int8_t)zero;
+            for (Py_ssize_t i = 0; i < group; i++) {
+                const float v = round_to(round_to(as_float(load_bits(src, bf16, start + i)) / scale, dtype) + zero, dtype);
+                stored[i] = (uint8_t)(rint_int(clamp(v, low_code, high_code)) + offset);
+            }
+            pack_group(stored, group, bits, q->packed + start / per_word);
+        }
+}
+
+HOT static void int_asymmetric_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
+    int_asymmetric_t *q = (int_asymmetric_t *)ctx;
+    if (q->bits == 4)
+        q->dtype == S_BF16 ? int_asymmetric_body(q, lo, hi, S_BF16, 4) : int_asymmetric_body(q, lo, hi, q->dtype, 4);
+    else
+        q->dtype == S_BF16 ? int_asymmetric_body(q, lo, hi, S_BF16, 8) : int_asymmetric_body(q, lo, hi, q->dtype, 8);
+}
+
+/* ct_int_asymmetric(src, dtype, cols, group, bits, packed, scale, zero, threads) -> whether every value was
+   finite: as ct_int_symmetric, and zero int8 [rows, cols / group] (the signed zero points, unpacked). */
+PyObject *py_ct_int_asymmetric(PyObject *self, PyObject *args) {
+    Py_buffer v[4];
+    int_asymmetric_t q;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*inniw*w*w*i", &v[0], &q.dtype, &q.cols, &q.group, &q.bits, &v[1], &v[2], &v[3], &threads))
+        return NULL;
+    atomic_init(&q.nonfinite, 0);
+    const Py_ssize_t item = q.dtype == S_BF16 ? 2 : 4;
+    if (int_group_invalid(q.dtype, q.bits, q.group, q.cols, item, v[0].len)) {
+        release(v, 4);
+        return NULL;
+    }
+    const Py_ssize_t rows = v[0].len / (q.cols * item), groups = rows * (q.cols / q.group);
+    q.src = v[0].buf;
+    q.packed = v[1].buf;
+    q.scale = v[2].buf;
+    q.zero = v[3].buf;
+    if (check_length(&v[1], rows * q.cols * q.bits / 8, "packed") || check_length(&v[2], groups * 4, "scale") ||
+        check_length(&v[3], groups, "zero")) {
+        release(v, 4);
+        return NULL;
+    }
+    return run_rows(int_asymmetric_part, &q, rows, q.cols, threads, v, 4, &q.nonfinite);
+}
+
+/* ------------------------------------------------------------------------------------------------
+   NVFP4A16 and MXFP4A16 (schemes.nvfp4 / schemes.mxfp4, then pack_fp4): per group of a row a scale code and
+   e2m1 codes of w over the group's scale, two a byte (the even column in the low nibble). NVFP4 (groups of
+   16, global scale g): code = e4m3(g * round_S(absmax / 6)) (0 -> 0x20: 0.125), values w / (e4m3(code) / g)
+   in float32, not rounded to S. MXFP4 (groups of 32): absmax rounded to a power of two on S's bits (half an fp4
+   mantissa step added, the mantissa dropped), biased = clamp(125 + log2 of it, 0, 255), scale =
+   round_S(2**(biased - 127)) (0 -> 1), values round_S(w / scale), the stored code the scale's own biased
+   exponent (an infinite scale stores 127, as the reference's int32 cast of -inf does). Values are clamped to
+   +-6 and coded nearest even, a negative value that rounds to zero keeping its sign. A group holding NaN or
+   infinity is reported, and the caller takes the reference for the chunk. */
+
+typedef struct {
+    const void *src;
+    int dtype, mx;
+    float global;
+    Py_ssize_t cols;
+    uint8_t *packed, *scale;
+    atomic_int nonfinite;
+} fp4_t;
+
+/* The e2m1 code of v (fp4_e2m1_codes): the count of thresholds below |v| (ties to even), bit 3 v < 0. */
+static inline uint32_t e2m1_code(float v) {
+    const float a = fabsf(clamp(v, -6.0f, 6.0f));
+    const uint32_t index = (uint32_t)(a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.0f);
+    return index | ((uint32_t)(v < 0.0f) << 3);
+}
+
+/* MXFP4's scale of a group from its absmax (bits of a value of S): (scale as a float32 value of S, stored code). */
+static inline float mx_scale(uint32_t peak, const int dtype, uint8_t *code) {
+    uint32_t power; /* round_to_power_2 on S's bits, back as float32 bits: 0, a power of two, or infinity */
+    if (dtype == S_BF16)
+        power = (((peak >> 16) + 0x20u) & ~0x7Fu) << 16;
+    else if (dtype == S_F32)
+        power = (peak + 0x200000u) & ~0x7FFFFFu;
+    else {
+        const uint32_t half = ((uint32_t)float16_bits(as_float(peak)) + 0x100u) & ~0x3FFu;
+        power = half == 0 ? 0 : half >= 0x7C00u ? EXPONENT : (((half >> 10) + 112u) << 23);
+    }
+    const int exponent_field = (int)(power >> 23); /* log2 + 127 of a normal power */
+    const int biased = power == 0 ? 0 : power >= EXPONENT ? 255 : exponent_field > 2 ? exponent_field - 2 : 0;
+    const uint32_t ldexp = biased == 255 ? EXPONENT : biased == 0 ? 0x00400000u : (uint32_t)biased << 23;
+    float scale = round_to(as_float(ldexp), dtype);
+    scale = scale == 0.0f ? 1.0f : scale;
+    const uint32_t bits = as_bits(scale);
+    *code = (uint8_t)(bits >= EXPONENT ? 127u : bits >> 23);
+    return scale;
+}
+
+BODY void fp4_body(fp4_t *q, Py_ssize_t lo, Py_ssize_t hi, const int dtype, const int mx) {
+    const void *src = q->src;
+    const int bf16 = dtype == S_BF16;
+    const Py_ssize_t cols = q->cols, group = mx ? 32 : 16, groups = cols / group;
+    const float global = q->global;
+    for (Py_ssize_t row = lo; row < hi; row++)
+        for (Py_ssize_t g = 0; g < groups; g++) {
+            const Py_ssize_t start = row * cols + g * group;
+            const uint32_t peak = checked_peak(src, bf16, start, group, &q->nonfinite);
+            uint8_t code;
+            float divisor;
+            if (mx)
+                divisor = mx_scale(peak, dtype, &code);
+            else {
+                code = e4m3(global * round_to(as_float(peak) / 6.0f, dtype));
+                code = code == 0 ? 0x20 : code;
+                divisor = e4m3_value(code) / global;
+            }
+            q->scale[row * groups + g] = code;
+            /* three passes over the group (scaled, coded, packed), each a loop that vectorizes */
+            float values[32];
+            uint8_t codes[32];
+            for (Py_ssize_t i = 0; i < group; i++) {
+                const float v = as_float(load_bits(src, bf16, start + i)) / divisor;
+                values[i] = mx ? round_to(v, dtype) : v;
+            }
+            for (Py_ssize_t i = 0; i < group; i++)
+                codes[i] = (uint8_t)e2m1_code(values[i]);
+            uint8_t *packed = q->packed + start / 2;
+            for (Py_ssize_t i = 0; i < group / 2; i++)
+                packed[i] = (uint8_t)(codes[2 * i] | (codes[2 * i + 1] << 4));
+        }
+}
+
+HOT static void fp4_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
+    fp4_t *q = (fp4_t *)ctx;
+    if (q->mx)
+        q->dtype == S_BF16 ? fp4_body(q, lo, hi, S_BF16, 1) : fp4_body(q, lo, hi, q->dtype, 1);
+    else
+        q->dtype == S_BF16 ? fp4_body(q, lo, hi, S_BF16, 0) : fp4_body(q, lo, hi, q->dtype, 0);
+}
+
+/* ct_fp4(src, dtype, cols, mx, global_scale, packed, scale, threads) -> whether every value was finite: dtype
+   as ct_fp8_channel's; mx 1 MXFP4 (groups of 32), 0 NVFP4 (groups of 16, global_scale g); cols a multiple of
+   the group; packed uint8 [rows, cols / 2], scale uint8 codes [rows, cols / group]. */
+PyObject *py_ct_fp4(PyObject *self, PyObject *args) {
+    Py_buffer v[3];
+    fp4_t q;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*inpfw*w*i", &v[0], &q.dtype, &q.cols, &q.mx, &q.global, &v[1], &v[2], &threads))
+        return NULL;
+    atomic_init(&q.nonfinite, 0);
+    const Py_ssize_t item = q.dtype == S_BF16 ? 2 : 4, group = q.mx ? 32 : 16;
+    if (q.dtype < S_BF16 || q.dtype > S_F32 || q.cols < 1 || q.cols % group || v[0].len % (q.cols * item)) {
+        PyErr_SetString(PyExc_ValueError, "dtype 0, 1 or 2, cols a positive multiple of the group, src whole rows");
+        release(v, 3);
+        return NULL;
+    }
+    const Py_ssize_t rows = v[0].len / (q.cols * item);
+    q.src = v[0].buf;
+    q.packed = v[1].buf;
+    q.scale = v[2].buf;
+    if (check_length(&v[1], rows * q.cols / 2, "packed") || check_length(&v[2], rows * (q.cols / group), "scale")) {
+        release(v, 3);
+        return NULL;
+    }
+    return run_rows(fp4_part, &q, rows, q.cols, threads, v, 3, &q.nonfinite);
+}
+
+/* ------------------------------------------------------------------------------------------------
+   NVFP4's global absmax (schemes.global_absmax): the largest magnitude of a chunk, by its bits (peak_bits), so
+   that a NaN anywhere gives a NaN, as numpy's min / max do. Slices of PEAK_SLICE values each keep their own
+   peak; the largest of those is the answer. */
+
+#define PEAK_SLICE 65536
+
+typedef struct {
+    const void *src;
+    int bf16;
+    Py_ssize_t count;
+    uint32_t *peaks;
+} peak_t;
+
+BODY void peak_body(const peak_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) {
+    for (Py_ssize_t unit = lo; unit < hi; unit++) {
+        const Py_ssize_t start = unit * PEAK_SLICE;
+        q->peaks[unit] = peak_bits(q->src, bf16, start, min_size(PEAK_SLICE, q->count - start));
+    }
+}
+
+PART(peak, peak_t)
+
+/* ct_peak(src, bf16, threads) -> max |value| of bfloat16 bits or float32 values, as a float (NaN if any is). */
+PyObject *py_ct_peak(PyObject *self, PyObject *args) {
+    Py_buffer v[1];
+    peak_t q;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*pi", &v[0], &q.bf16, &threads))
+        return NULL;
+    const Py_ssize_t item = q.bf16 ? 2 : 4, units = (v[0].len / item + PEAK_SLICE - 1) / PEAK_SLICE;
+    if (v[0].len % item) {
+        PyErr_SetString(PyExc_ValueError, "src: whole values");
+        release(v, 1);
+        return NULL;
+    }
+    q.src = v[0].buf;
+    q.count = v[0].len / item;
+    q.peaks = PyMem_Calloc(units ? units : 1, sizeof(uint32_t));
+    if (!q.peaks) {
+        release(v, 1);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(peak_part, &q, units, thread_count(threads, q.count));
+    Py_END_ALLOW_THREADS
+    uint32_t peak = 0;
+    for (Py_ssize_t unit = 0; unit < units; unit++)
+        peak = q.peaks[unit] > peak ? q.peaks[unit] : peak;
+    PyMem_Free(q.peaks);
+    release(v, 1);
+    return PyFloat_FromDouble((double)as_float(peak));
 }

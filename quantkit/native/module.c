@@ -44,6 +44,16 @@ static PyMethodDef methods[] = {
      "guard_map(start, length, owner): a SIGBUS in [start, start + length) reads zeros and is counted; returns a slot (-1: none free)"},
     {"unguard_map", py_unguard_map, METH_VARARGS, "unguard_map(slot): the map is gone"},
     {"map_faults", py_map_faults, METH_NOARGS, "map_faults() -> (faults so far, owner of the last one)"},
+    {"ct_int_dense", py_ct_int_dense, METH_VARARGS,
+     "ct_int_dense(codes, bits, e2m1, cols, scales, zeros, block_rows, block_cols, first_row, round, out, dense, threads): "
+     "compressed-tensors pack-quantized (bits 4, 8), int-quantized (bits 0) or fp4 (e2m1) codes back to dense"},
+    {"ct_int_asymmetric", py_ct_int_asymmetric, METH_VARARGS,
+     "ct_int_asymmetric(src, dtype, cols, group, bits, packed, scale, zero, threads) -> all finite: compressed-tensors "
+     "W4A16_ASYM codes packed into int32 along rows, the group scales and the signed zero points"},
+    {"ct_fp4", py_ct_fp4, METH_VARARGS,
+     "ct_fp4(src, dtype, cols, mx, global_scale, packed, scale, threads) -> all finite: compressed-tensors NVFP4A16 (mx 0) "
+     "or MXFP4A16 (mx 1) e2m1 codes two a byte, and the group scale codes"},
+    {"ct_peak", py_ct_peak, METH_VARARGS, "ct_peak(src, bf16, threads) -> max |value| (NaN if any value is NaN)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -57,7 +57,7 @@ def expand(scale: np.ndarray, rows: int, cols: int, args: dict, row_start: int) 
     return scale.reshape(-1, 1) if scale.size == rows and scale.size > 1 else scale.reshape(1, 1)
 
 
-def scale_grid(scale: np.ndarray, rows: int, cols: int, args: dict) -> tuple[np.ndarray, tuple[int, int]]:
+def scale_grid(scale: np.ndarray, rows: int, cols: int, args: dict, name: str = "weight_scale") -> tuple[np.ndarray, tuple[int, int]]:
     """A whole scale as `expand` reads it, as a 2-D grid and the block each entry covers: the scale of
     element (r, c) is grid[r // block[0], c // block[1]] (for the native kernels, which take any chunk of rows)."""
     strategy = args.get("strategy")
@@ -71,7 +71,7 @@ def scale_grid(scale: np.ndarray, rows: int, cols: int, args: dict) -> tuple[np.
     else:
         grid, block = (1, 1), (max(rows, 1), cols)
     if scale.size != grid[0] * grid[1]:
-        raise QuantkitError(f"weight_scale holds {scale.size} values where a {rows} x {cols} weight of strategy {strategy!r} "
+        raise QuantkitError(f"{name} holds {scale.size} values where a {rows} x {cols} weight of strategy {strategy!r} "
                             f"has {grid[0] * grid[1]}")
     return scale.reshape(grid), block
 
@@ -85,20 +85,27 @@ def affine(q: np.ndarray, scale: np.ndarray, scale_dtype: str, zero: np.ndarray 
     return round_to(x * expand(scale, rows, cols, args, row_start), scale_dtype)
 
 
+def scale_values(fmt: str, scale: np.ndarray, parts: dict[str, np.ndarray], dtypes: dict[str, str]) -> np.ndarray:
+    """The float32 factors of stored `scale` (all or some of a module's weight_scale): E8M0 powers of two
+    (mxfp4), e4m3 values over the global scale (nvfp4), else values of the scale's dtype S."""
+    if fmt == "mxfp4-pack-quantized":
+        return E8M0_VALUES[scale]
+    if fmt == "nvfp4-pack-quantized":
+        values = FP8_E4M3_VALUES[scale]
+        if "weight_global_scale" in parts:
+            values = values / to_float32(parts["weight_global_scale"], dtypes["weight_global_scale"]).reshape(1, 1)
+        return values
+    return to_float32(scale, dtypes["weight_scale"])
+
+
 def decode(fmt: str, parts: dict[str, np.ndarray], dtypes: dict[str, str], args: dict, cols: int, row_start: int) -> np.ndarray:
     """One row chunk of a module: `parts` holds its stored tensors (per-row ones sliced to the chunk, block
     scales and packed zero points whole), `dtypes` their safetensors dtypes."""
+    scale = scale_values(fmt, parts["weight_scale"], parts, dtypes)
     if fmt in FP4_FORMATS:
         values = unpack_fp4(parts["weight_packed"])
-        if fmt == "mxfp4-pack-quantized":
-            scale = E8M0_VALUES[parts["weight_scale"]]
-        else:
-            scale = FP8_E4M3_VALUES[parts["weight_scale"]]
-            if "weight_global_scale" in parts:
-                scale = scale / to_float32(parts["weight_global_scale"], dtypes["weight_global_scale"]).reshape(1, 1)
         return round_to(values * expand(scale, values.shape[0], cols, args, row_start), "BF16")
     scale_dtype = dtypes["weight_scale"]
-    scale = to_float32(parts["weight_scale"], scale_dtype)
     zero = parts.get("zero")
     if fmt == "pack-quantized":
         bits = args["num_bits"]

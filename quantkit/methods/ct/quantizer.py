@@ -136,11 +136,16 @@ class CompressedTensors:
         if scheme.method == "fp8" and native.AVAILABLE and dtype in native.DTYPES:
             codes, scale = native.fp8_channel(chunk, dtype)
             return codes, {"weight_scale": scale}
-        if scheme.method in schemes.INT_METHODS and scheme.symmetric and native.INT_AVAILABLE and dtype in native.DTYPES \
-                and group_size <= 4096:  # fmt: skip
-            packed = native.int_symmetric(chunk, dtype, scheme.bits, group_size)
-            if packed is not None:
-                return packed[0], {"weight_scale": packed[1]}
+        if scheme.method in schemes.INT_METHODS and dtype in native.DTYPES and group_size <= 4096 \
+                and (native.INT_AVAILABLE if scheme.symmetric else native.ASYM_AVAILABLE):  # fmt: skip
+            kernel = native.int_symmetric if scheme.symmetric else native.int_asymmetric
+            found = kernel(chunk, dtype, scheme.bits, group_size)
+            if found is not None:
+                return found[0], dict(zip(("weight_scale", "zero"), found[1:]))
+        if scheme.method in ("nvfp4a16", "mxfp4a16") and native.FP4_AVAILABLE and dtype in native.DTYPES:
+            found = native.fp4(chunk, dtype, scheme.method == "mxfp4a16", global_scale)
+            if found is not None:
+                return found[0], {"weight_scale": found[1]}
         w = dtypes.to_float32(chunk, dtype)
         if scheme.method == "fp8":
             codes, scale = schemes.fp8_channel(w, dtype)
@@ -167,6 +172,10 @@ class CompressedTensors:
             partner = weight.partner(other)
             if partner is not None and not matches(other, options.skip) and not schemes.unfit(nvfp4, partner.shape, 16):
                 fused.append(partner)
-        absmax = max(schemes.global_absmax(dtypes.to_float32(chunk, member.dtype))
-                     for member in fused for chunk in member.chunks(max(1, CHUNK_ELEMENTS // member.shape[1])))
+        def peak(chunk: np.ndarray, dtype: str) -> float:
+            if native.FP4_AVAILABLE and dtype in native.DTYPES:
+                return native.global_absmax(chunk, dtype)
+            return schemes.global_absmax(dtypes.to_float32(chunk, dtype))
+
+        absmax = max(peak(chunk, member.dtype) for member in fused for chunk in member.chunks(max(1, CHUNK_ELEMENTS // member.shape[1])))
         return schemes.nvfp4_global_scale(absmax, weight.dtype)

@@ -16,6 +16,7 @@ from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import OutputTensor, ShardReader
 from quantkit.io.source import Checkpoint
 from quantkit.methods.ct import formats, schemes
+from quantkit.methods.ct import native as ct_native
 from quantkit.methods.ct.integers import from_packed
 from quantkit.methods.ct.quantizer import CtOptions
 from quantkit.modules import head_modules, is_linear_weight, module_of
@@ -161,22 +162,56 @@ class CompressedTensorsReader:
         unit = args["block_structure"][0] if args.get("strategy") == "block" else 1
         step = max(unit, CHUNK_ELEMENTS // max(cols, 1) // unit * unit)
         scale_dtype = kinds["weight_scale"]
-        if kinds.get("weight") == "F8_E4M3" and "zero" not in stored and native.DENSE_KERNELS and {scale_dtype, dtype} <= set(native.DENSE):
+        main = stored["weight_packed" if "weight_packed" in stored else "weight"]
+        fast = self._native_decoder(fmt, kinds, args, "zero" in stored, main.shape, rows, cols)
+        if fast is not None and dtype in native.DENSE and (scale_dtype in native.DENSE or fmt in formats.FP4_FORMATS):
             try:
-                grid, block = formats.scale_grid(dtypes.to_float32(stored["weight_scale"], scale_dtype), rows, cols, args)
+                grid, block = formats.scale_grid(stored["weight_scale"], rows, cols, args)
+                zeros = formats.scale_grid(stored["zero"], rows, cols, args, "weight_zero_point")[0] if "zero" in stored else None
             except QuantkitError as e:
                 raise QuantkitError(f"{checkpoint.tensors[names[0]].file}: '{module}': {e.message}") from None
+            by_row = block[0] == 1  # a scale row per weight row: converted a chunk at a time
+            round_dtype = "BF16" if fmt in formats.FP4_FORMATS else scale_dtype
             for start in range(0, rows, step):
-                sink.write(f"{module}.weight", native.fp8_dense(stored["weight"][start : start + step], grid, block, start, scale_dtype, dtype))
+                rows_of = slice(start, start + step) if by_row else slice(None)
+                scales = formats.scale_values(fmt, grid[rows_of], stored, kinds)
+                chunk_zeros = None if zeros is None else zeros[rows_of].astype(np.float32)
+                sink.write(f"{module}.weight", fast(main[start : start + step], cols, scales, chunk_zeros, block,
+                                                    0 if by_row else start, round_dtype, dtype))  # fmt: skip
             sink.done(f"{module}.weight")
             return
         per_row = [k for k, v in stored.items() if v.ndim == 2 and v.shape[0] == rows and args.get("strategy") != "block"]
-        main = "weight_packed" if "weight_packed" in stored else "weight"
+        main_name = "weight_packed" if "weight_packed" in stored else "weight"
         for start in range(0, rows, step):
-            parts = {k: v[start : start + step] if k in per_row or k == main else v for k, v in stored.items()}
+            parts = {k: v[start : start + step] if k in per_row or k == main_name else v for k, v in stored.items()}
             values = formats.decode(fmt, parts, kinds, args, cols, start)
             sink.write(f"{module}.weight", dtypes.from_float32(values, dtype))
         sink.done(f"{module}.weight")
+
+    @staticmethod
+    def _native_decoder(fmt: str, kinds: dict[str, str], args: dict, asymmetric: bool, shape: tuple[int, ...],
+                        rows: int, cols: int) -> Callable | None:
+        """The C kernel decoding this module's codes (`shape` as stored, [rows, cols] dense) with its scales'
+        grid (native.fp8_dense for FP8 codes, ct.native.int_dense for 4- or 8-bit packed words, int8 codes and fp4
+        bytes), or None: the numpy reference (which also meets codes of an unexpected shape)."""
+        if kinds.get("weight") == "F8_E4M3" and not asymmetric and native.DENSE_KERNELS:
+            return lambda codes, cols, grid, zeros, block, start, scale_dtype, dtype: native.fp8_dense(
+                codes, grid, block, start, scale_dtype, dtype)
+        if not ct_native.DENSE_AVAILABLE:
+            return None
+        e2m1 = fmt in formats.FP4_FORMATS
+        if e2m1 and kinds.get("weight_packed") == "U8" and cols % 8 == 0 and tuple(shape) == (rows, cols // 2):
+            bits = 4  # the bytes read as little-endian int32 words: nibbles in the same order
+        elif fmt == "pack-quantized" and kinds.get("weight_packed") == "I32" and args.get("num_bits") in (4, 8):
+            bits = args["num_bits"]
+        elif fmt in ("int-quantized", "naive-quantized") and kinds.get("weight") == "I8":
+            bits = 0
+        else:
+            return None
+        if not e2m1 and tuple(shape) != (rows, -(-cols * bits // 32) if bits else cols):
+            return None
+        return lambda codes, cols, grid, zeros, block, start, scale_dtype, dtype: ct_native.int_dense(
+            codes.view(np.uint32) if e2m1 else codes, bits, cols, grid, zeros, block, start, scale_dtype, dtype, e2m1)
 
     def integers(self, checkpoint: Checkpoint, module: str, names: list[str],
                  read: Callable[[str], np.ndarray]) -> IntegerBlocks | None:
