@@ -450,10 +450,25 @@ def _unraisable(hook):
     return unraisable
 
 
+def _reuse_freed_memory() -> None:
+    """glibc returns every freed block above 128 KB-32 MB to the kernel and gets it back zero-filled at the
+    next allocation: for the chunk-sized arrays a run allocates over and over, page faults and clearing were a
+    sixth of a transcode's CPU. Blocks up to 256 MB are kept for reuse instead (peak RSS: +10 MB measured)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def main() -> None:
     # numpy's BLAS would start a thread per core that spins between calls; quantkit's kernels run their own
     # threads and ask BLAS for nothing heavier than a vector's dot product
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    _reuse_freed_memory()
     for signum in SIGNAL_NAMES:
         signal.signal(signum, _on_signal)
     sys.unraisablehook = _unraisable(sys.unraisablehook)
