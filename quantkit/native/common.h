@@ -84,6 +84,24 @@ static inline uint32_t peak_bits(const void *src, int bf16, Py_ssize_t start, Py
     return peak;
 }
 
+/* n codes (each below 2**bits; bits 2, 4 or 8; n <= TILE and a multiple of 32 / bits) packed lowest bits first
+   into int32 words, as GPTQ's qweight and compressed-tensors' pack_int32 hold them. A word's codes are its
+   little-endian bytes: packing into bytes first, then assembling the words, vectorizes. */
+static inline void pack_words(const uint8_t *codes, Py_ssize_t n, const int bits, uint32_t *words) {
+    const int per_byte = 8 / bits;
+    uint8_t packed[TILE];
+    for (Py_ssize_t k = 0; k < n / per_byte; k++) {
+        uint8_t byte = 0;
+        for (int j = 0; j < per_byte; j++)
+            byte |= (uint8_t)(codes[k * per_byte + j] << (bits * j));
+        packed[k] = byte;
+    }
+    for (Py_ssize_t w = 0; w < n / (4 * per_byte); w++) {
+        const uint8_t *b = packed + w * 4;
+        words[w] = b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+    }
+}
+
 /* The nearest integer to v, ties to even (numpy's rint), for |v| < 2**22: adding 1.5 * 2**23 leaves no
    bits below the units, the constant is even so ties go as v's would, and the integer is the sum's low
    bits. Unlike a float-to-int conversion it is defined for NaN and infinity too (as garbage). */

@@ -288,17 +288,6 @@ PyObject *py_fp8_blocks(PyObject *self, PyObject *args) {
    2**(bits-1) - 1)), stored + 2**(bits-1) and packed lowest first into int32 words along the row. A group
    holding NaN or infinity is reported, and the caller takes the reference for the chunk. */
 
-/* Stored fields (codes + 2**(bits-1)) of one group packed lowest first into int32 words, as pack_int32. */
-static inline void pack_group(const uint8_t *stored, Py_ssize_t group, const int bits, uint32_t *words) {
-    const Py_ssize_t per_word = 32 / bits;
-    for (Py_ssize_t w = 0; w < group / per_word; w++) {
-        uint32_t word = 0;
-        for (Py_ssize_t k = 0; k < per_word; k++)
-            word |= (uint32_t)stored[w * per_word + k] << (k * bits);
-        words[w] = word;
-    }
-}
-
 static inline float clamp(float v, float low, float high) {
     return as_float(pick(when(v < low), as_bits(low), pick(when(v > high), as_bits(high), as_bits(v))));
 }
@@ -350,7 +339,7 @@ BODY void int_symmetric_body(int_symmetric_t *q, Py_ssize_t lo, Py_ssize_t hi, c
                 const float v = round_to(as_float(load_bits(src, bf16, start + i)) / scale, dtype);
                 stored[i] = (uint8_t)(rint_int(clamp(v, low, high)) + offset);
             }
-            pack_group(stored, group, bits, q->packed + start / per_word);
+            pack_words(stored, group, bits, q->packed + start / per_word);  /* stored fields: codes + 2**(bits-1) */
         }
 }
 
@@ -671,7 +660,7 @@ BODY void int_asymmetric_body(int_asymmetric_t *q, Py_ssize_t lo, Py_ssize_t hi,
                 const float v = round_to(round_to(as_float(load_bits(src, bf16, start + i)) / scale, dtype) + zero, dtype);
                 stored[i] = (uint8_t)(rint_int(clamp(v, low_code, high_code)) + offset);
             }
-            pack_group(stored, group, bits, q->packed + start / per_word);
+            pack_words(stored, group, bits, q->packed + start / per_word);  /* stored fields: codes + 2**(bits-1) */
         }
 }
 

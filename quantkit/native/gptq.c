@@ -79,24 +79,14 @@ BODY int gptq_params(const gptq_t *q, Py_ssize_t row, Py_ssize_t group, const in
 /* The codes of src[start, start + n), packed per_word to a word, lowest bits first, into words[0, n / per_word). */
 BODY void gptq_words(const void *src, Py_ssize_t start, Py_ssize_t n, float scale, int32_t zero, const int bf16,
                      const int bits, uint32_t *words) {
-    const int maxq = (1 << bits) - 1, per_byte = 8 / bits;
-    uint8_t codes[TILE], packed[TILE];
+    const int maxq = (1 << bits) - 1;
+    uint8_t codes[TILE];
     for (Py_ssize_t i = 0; i < n; i++) {
         int32_t code = rint_int(as_float(load_bits(src, bf16, start + i)) / scale) + zero;
         code = code < 0 ? 0 : code;
         codes[i] = (uint8_t)(code > maxq ? maxq : code);
     }
-    /* a word's codes are its little-endian bytes: pack into bytes, then assemble the words */
-    for (Py_ssize_t k = 0; k < n / per_byte; k++) {
-        uint8_t byte = 0;
-        for (int j = 0; j < per_byte; j++)
-            byte |= (uint8_t)(codes[k * per_byte + j] << (bits * j));
-        packed[k] = byte;
-    }
-    for (Py_ssize_t w = 0; w < n / (4 * per_byte); w++) {
-        const uint8_t *b = packed + w * 4;
-        words[w] = b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
-    }
+    pack_words(codes, n, bits, words);
 }
 
 /* Rows [lo, hi), GPTQ_ROWS at a time: qweight is [in / per_word, out], so the words of consecutive rows
