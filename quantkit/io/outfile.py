@@ -196,7 +196,7 @@ class OutputFile:
             if written == 0:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             done += written
-        if not self.direct and _durable:
+        if not self.direct:  # (never reached within durability(False): `through` writes need no buffers)
             _writeback(self._fd, offset, length)
 
     def _buffered(self) -> None:
