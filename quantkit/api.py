@@ -378,6 +378,7 @@ class SourceTensor:
     integers: Callable[[], IntegerBlocks | None] = lambda: None
     mxfp4: Callable[[], Mxfp4Blocks | None] = lambda: None
     partners: Callable[[str], WeightSource | None] = lambda module: None
+    extent: tuple[Path, int] | None = None  # (file, offset) where its stored bytes lie as they are, if they do
 
     def chunks(self, rows: int) -> Iterator[np.ndarray]:
         return self.rows(rows)
@@ -446,7 +447,8 @@ def _stream_folder(checkpoint: Checkpoint, entries: list[Entry], quantized: tupl
                 reader = ShardReader(info.file)
             if module is None:
                 weight = ShardWeight(reader, info, entry.transposed, checkpoint)
-                yield entry, SourceTensor(entry.source, weight.shape, info.dtype, weight.chunks, partners=weight.partner)
+                yield entry, SourceTensor(entry.source, weight.shape, info.dtype, weight.chunks, partners=weight.partner,
+                                          extent=None if entry.transposed else (info.file, info.start))
             else:
                 yield entry, _dequantized(checkpoint, entry, module, shape, quantized, TensorReads(checkpoint, reader))
     finally:

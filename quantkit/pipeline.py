@@ -82,9 +82,11 @@ def quantize(src: str, out: Path, options: api.Options, force: bool = False, rev
 
     def handle(entry: Entry, tensor: api.SourceTensor, writer: CheckpointWriter) -> None:
         if entry.fate == "keep":
-            row_bytes = max(1, math.prod(tensor.shape[1:]) * itemsize(tensor.dtype))
-            for chunk in tensor.chunks(max(1, COPY_CHUNK // row_bytes)):
-                writer.write(entry.source, chunk)
+            nbytes = math.prod(tensor.shape) * itemsize(tensor.dtype)
+            if tensor.extent is None or not writer.copy(entry.source, *tensor.extent, nbytes):
+                row_bytes = max(1, math.prod(tensor.shape[1:]) * itemsize(tensor.dtype))
+                for chunk in tensor.chunks(max(1, COPY_CHUNK // row_bytes)):
+                    writer.write(entry.source, chunk)
             writer.done(entry.source)
         elif not tensor.scheme:
             quantizer.quantize(entry.module, tensor, options, writer)

@@ -23,10 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from quantkit.errors import QuantkitError
+
 ALIGN = 4096  # O_DIRECT wants buffer address, file offset and length aligned to the logical block size
 BUFFER = 8 << 20  # bytes per write
 WRITERS = 3  # writes in flight: a disk answers several at once faster than one after another
 DEPTH = WRITERS + 2  # staging buffers: one filling, the rest in flight or queued
+THROUGH_AHEAD = 2  # durability(False): arrays handed to the writer thread and not yet in the page cache
 
 
 def _start_writeback():
@@ -88,8 +91,8 @@ class OutputFile:
     `write` copies the data into a staging buffer and returns; full buffers are written by threads
     (pwrite at their own offsets, so in any order). Their errors surface at a later `write` or at `close`.
     With `digest`, the threads also hash what they write, and close() sets `self.digest` (file_digest's).
-    Within durability(False) `write` hands the caller's bytes to the page cache itself (`through`): the
-    kernel copies them at once, so no staging copy and no threads.
+    Within durability(False) the caller's arrays go to the page cache as they are (`through`): no staging
+    copy; one thread writes them in order while the caller computes the next (writers never reuse a chunk).
     """
 
     def __init__(self, path: Path, keep: int = 0, digest: bool = False):
@@ -120,7 +123,7 @@ class OutputFile:
                 head = f.read(keep % ALIGN)
             self._views[0][: len(head)] = np.frombuffer(head, np.uint8)
             self._fill = len(head)
-        self._io = ThreadPoolExecutor(WRITERS, thread_name_prefix="quantkit-writer")
+        self._io = ThreadPoolExecutor(1 if self.through else WRITERS, thread_name_prefix="quantkit-writer")
         self._pending: deque[tuple[Future, int]] = deque()  # (write, buffer index)
 
     def tell(self) -> int:
@@ -129,7 +132,8 @@ class OutputFile:
     def write(self, data) -> None:
         source = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
         if self.through:
-            self._write_through(source)
+            self._queue(self._write_through, source, self._offset)
+            self._offset += source.size
             return
         done = 0
         while done < source.size:
@@ -140,21 +144,61 @@ class OutputFile:
             if self._fill == BUFFER:
                 self._submit()
 
-    def _write_through(self, data: np.ndarray) -> None:
+    def copy(self, path: Path, offset: int, nbytes: int) -> bool:
+        """Append `nbytes` of `path` from byte `offset`, copied by the kernel from page cache to page cache
+        (copy_file_range): within durability(False) and without a digest. Writing the same bytes from a map of
+        the source costs 2-3x more: each source page is faulted in from inside the write. False, with nothing
+        done, elsewhere: the caller writes the bytes itself."""
+        if not self.through or self._pieces is not None or not hasattr(os, "copy_file_range"):
+            return False
+        self._queue(self._copy_range, path, offset, nbytes, self._offset)
+        self._offset += nbytes
+        return True
+
+    def _queue(self, job, *args) -> None:
+        """durability(False): a write for the one writer thread, which keeps file order."""
+        self._pending.append((self._io.submit(job, *args), -1))
+        while len(self._pending) > THROUGH_AHEAD:
+            self._pending.popleft()[0].result()
+
+    def _copy_range(self, path: Path, offset: int, nbytes: int, at: int) -> None:
+        """(On the writer thread.) Falls back to read + write where the kernel cannot copy between these two
+        files (another filesystem: EXDEV)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < nbytes:
+                try:
+                    copied = os.copy_file_range(fd, self._fd, nbytes - done, offset + done, at + done)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    data = os.pread(fd, min(nbytes - done, BUFFER), offset + done)
+                    copied = len(data)
+                    if copied:
+                        self._write_through(np.frombuffer(data, np.uint8), at + done)
+                if copied == 0:
+                    raise QuantkitError(f"{path}: truncated while being read", "the source changed under the run")
+                done += copied
+        finally:
+            os.close(fd)
+
+    def _write_through(self, data: np.ndarray, offset: int) -> None:
+        """(On the one writer thread, in file order.)"""
         view = memoryview(data)
         if self._pieces is not None:
-            self._hash_in_order(view)
+            self._hash_in_order(view, offset)
         done = 0
         while done < len(view):
-            written = os.pwrite(self._fd, view[done:], self._offset + done)
+            written = os.pwrite(self._fd, view[done:], offset + done)
             if written == 0:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             done += written
-        self._offset += len(view)
 
-    def _hash_in_order(self, view: memoryview, final: bool = False) -> None:
-        """The digest's BUFFER-sized pieces from bytes that arrive in file order (`final`: the last, short one)."""
-        offset = self._offset
+    def _hash_in_order(self, view: memoryview, offset: int, final: bool = False) -> None:
+        """The digest's BUFFER-sized pieces from bytes that arrive in file order, the first at `offset`
+        (`final`: the last, short one)."""
+        end = offset + len(view)
         while len(view):
             take = min(len(view), BUFFER - offset % BUFFER)
             self._piece.update(view[:take])
@@ -163,8 +207,8 @@ class OutputFile:
             if offset % BUFFER == 0:
                 self._pieces[offset // BUFFER - 1] = self._piece.digest()
                 self._piece = hashlib.sha256()
-        if final and self._offset % BUFFER:
-            self._pieces[self._offset // BUFFER] = self._piece.digest()
+        if final and end % BUFFER:
+            self._pieces[end // BUFFER] = self._piece.digest()
 
     def _submit(self) -> None:
         """Hand the current buffer to the writer threads and move on to a free one."""
@@ -215,9 +259,9 @@ class OutputFile:
         try:
             if self._fill:
                 self._submit()
-            if self.through and self._pieces is not None:
-                self._hash_in_order(memoryview(b""), final=True)
             self._drain()
+            if self.through and self._pieces is not None:
+                self._hash_in_order(memoryview(b""), size, final=True)
             os.ftruncate(self._fd, size)
             if head:
                 if self.direct:

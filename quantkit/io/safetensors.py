@@ -350,6 +350,19 @@ class CheckpointWriter:
         self._file.write(chunk)
         self._written += nbytes
 
+    def copy(self, name: str, path: Path, offset: int, nbytes: int) -> bool:
+        """As write() with `nbytes` of file `path` from byte `offset`, where the shard can take them without
+        their passing through memory (OutputFile.copy); False, nothing written, where it cannot."""
+        due = self._due(name)
+        if self._shard_of[name] in self._reused:
+            return True
+        if self._written + nbytes > due.nbytes:
+            raise InternalError(f"'{name}': more bytes than planned ({due.nbytes})")
+        if self._file is None or not self._file.copy(path, offset, nbytes):
+            return False
+        self._written += nbytes
+        return True
+
     def done(self, name: str) -> None:
         due = self._due(name)
         if self._shard_of[name] in self._reused:

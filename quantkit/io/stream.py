@@ -75,8 +75,9 @@ class ShardWeight:
 
 
 def copy_tensor(reader: ShardReader, info: TensorInfo, name: str, writer: CheckpointWriter) -> None:
-    for start, stop in iter_row_chunks(info, COPY_CHUNK):
-        writer.write(name, reader.read_rows(info, start, stop))
+    if not writer.copy(name, info.file, info.start, info.nbytes):
+        for start, stop in iter_row_chunks(info, COPY_CHUNK):
+            writer.write(name, reader.read_rows(info, start, stop))
     writer.done(name)
 
 

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from quantkit.errors import QuantkitError
 from quantkit.io.outfile import BUFFER, OutputFile, durability, file_digest
 
 
@@ -74,3 +75,64 @@ def test_buffered_when_direct_io_is_refused(tmp_path, monkeypatch):
     f.write(b"z" * (2 * BUFFER + 3))
     f.close(b"ab")
     assert path.read_bytes() == b"ab" + b"z" * (2 * BUFFER + 1)
+
+
+def _source(tmp_path, size=3 * BUFFER + 777):
+    data = np.random.default_rng(7).integers(0, 256, size, dtype=np.uint8).tobytes()
+    (tmp_path / "src.bin").write_bytes(data)
+    return tmp_path / "src.bin", data
+
+
+def test_copy_lands_in_file_order(tmp_path, monkeypatch):
+    """--no-sync: a range of another file (a kept tensor) goes in by copy_file_range, between ordinary writes."""
+    src, data = _source(tmp_path)
+    calls = []
+    real = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(a[2]) or real(*a))
+    with durability(False):
+        f = OutputFile(tmp_path / "f.bin")
+        f.write(b"head")
+        assert f.copy(src, 4097, 2 * BUFFER + 3)
+        f.write(b"middle" * 1000)
+        assert f.copy(src, 0, 10)
+        f.close()
+    assert (tmp_path / "f.bin").read_bytes() == b"head" + data[4097 : 4097 + 2 * BUFFER + 3] + b"middle" * 1000 + data[:10]
+    assert calls
+
+
+@pytest.mark.parametrize("durable, digest", [(True, False), (False, True)], ids=["durable", "digest"])
+def test_copy_declined_where_bytes_must_pass_through(tmp_path, durable, digest):
+    """Durable runs stage every byte for O_DIRECT, and a digest needs the bytes: copy() says no, writes nothing."""
+    src, _ = _source(tmp_path)
+    with durability(durable):
+        f = OutputFile(tmp_path / "f.bin", digest=digest)
+        assert not f.copy(src, 0, 100)
+        f.write(b"x")
+        f.close()
+    assert (tmp_path / "f.bin").read_bytes() == b"x"
+
+
+def test_copy_across_filesystems_reads_and_writes(tmp_path, monkeypatch):
+    """copy_file_range refused (EXDEV: source on another filesystem): the same bytes by read and write."""
+    src, data = _source(tmp_path)
+
+    def refuse(*args):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    with durability(False):
+        f = OutputFile(tmp_path / "f.bin")
+        f.write(b"a")
+        assert f.copy(src, 5, len(data) - 5)
+        f.close()
+    assert (tmp_path / "f.bin").read_bytes() == b"a" + data[5:]
+
+
+def test_copy_of_a_source_cut_short_names_it(tmp_path):
+    """A source that ends before the range (truncated under the run): an error naming the file, not a short output."""
+    src, data = _source(tmp_path, 1000)
+    with durability(False):
+        f = OutputFile(tmp_path / "f.bin")
+        assert f.copy(src, 500, 600)
+        with pytest.raises(QuantkitError, match="src.bin: truncated while being read"):
+            f.close()
