@@ -15,6 +15,7 @@ from compressed_tensors.quantization import QuantizationScheme
 
 from quantkit import dtypes
 from quantkit.methods.ct import native, schemes
+from quantkit.methods.ct.quantizer import CompressedTensors
 from quantkit.numerics import FP8_E4M3_VALUES, fp8_e4m3_bits
 from tests.conftest import load_tensors
 
@@ -209,6 +210,48 @@ def test_c_kernel_gives_the_reference_bytes(dtype):
     assert np.array_equal(fast_codes, codes) and np.array_equal(fast_scale.view(np.uint32), scale.view(np.uint32))
 
 
+@pytest.mark.skipif(not native.BLOCK_AVAILABLE, reason="quantkit's C kernels are not built")
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("shape", [(300, 333), (256, 384), (97, 128), (1, 5), (129, 257)])
+def test_c_block_kernel_gives_the_reference_bytes(dtype, shape):
+    """FP8_BLOCK's 128 x 128 blocks, ragged at the bottom and right edges, against schemes.fp8_block."""
+    rows, cols = shape
+    rng = np.random.default_rng(rows * cols + len(dtype))
+    w = (rng.standard_normal(shape) * np.exp(rng.standard_normal((rows, 1)) * (2 if dtype == "F16" else 6))).astype(np.float32)
+    if rows > 128 and cols > 128:
+        w[:128, 128:256] = 0  # an all-zero block: scale finfo(S).eps
+        w[128:, :128] = rng.choice([2.0**-24, -(2.0**-24), 0.0, -0.0], (rows - 128, 128))  # tiny: a float16 scale rounds to 0
+        w[:128, :128] *= np.float32(60000.0 if dtype == "F16" else 1e37) / np.abs(w[:128, :128]).max()  # huge
+    w[0, :5] = [1e-30, -1e-30, 0.0, -0.0, -448.0][:cols]
+    stored = dtypes.from_float32(w, dtype)
+    with np.errstate(over="ignore"):
+        codes, scale = schemes.fp8_block(dtypes.to_float32(stored, dtype), dtype)
+    fast_codes, fast_scale = native.fp8_block(stored, dtype, schemes.FP8_BLOCK)
+    assert fast_scale.shape == scale.shape and np.array_equal(fast_scale.view(np.uint32), scale.view(np.uint32))
+    assert np.array_equal(fast_codes, codes)
+    quantizer, scheme = CompressedTensors(), schemes.SCHEMES["fp8-block"]
+    for special in (np.nan, np.inf, -np.inf):
+        w[-1, -1] = special
+        damaged = dtypes.from_float32(w, dtype)
+        assert native.fp8_block(damaged, dtype, schemes.FP8_BLOCK) is None
+        with np.errstate(all="ignore"):  # the quantizer takes the reference for such a chunk
+            codes, scale = schemes.fp8_block(dtypes.to_float32(damaged, dtype), dtype)
+            ours, companions = quantizer._chunk(scheme, damaged, dtype, 0, None)
+        assert np.array_equal(ours, codes) and np.array_equal(companions["weight_scale"], scale, equal_nan=True)
+
+
+@pytest.mark.skipif(not native.BLOCK_AVAILABLE, reason="quantkit's C kernels are not built")
+def test_c_block_kernel_refuses_wrong_arguments():
+    src, codes = np.zeros((130, 256), np.float32), np.zeros((130, 256), np.uint8)
+    with pytest.raises(ValueError, match="scales"):
+        native.kernels.ct_fp8_block(src, 2, 256, 128, 128, codes, np.zeros((1, 2), np.float32), 1)
+    with pytest.raises(ValueError, match="codes"):
+        native.kernels.ct_fp8_block(src, 2, 256, 128, 128, codes[1:], np.zeros((2, 2), np.float32), 1)
+    with pytest.raises(ValueError, match="dtype"):
+        native.kernels.ct_fp8_block(src, 3, 256, 128, 128, codes, np.zeros((2, 2), np.float32), 1)
+    assert native.kernels.ct_fp8_block(src, 2, 256, 128, 128, codes, np.zeros((2, 2), np.float32), 1) is True
+
+
 @pytest.mark.skipif(not native.INT_AVAILABLE, reason="quantkit's C kernels are not built")
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
 @pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 32), (8, 128), (8, 8)])
@@ -302,7 +345,7 @@ def test_c_fp4_kernel_gives_the_reference_bytes(dtype, method):
 
 
 @pytest.mark.parametrize("method,flag", [("w4a16-asym", "ASYM_AVAILABLE"), ("nvfp4a16", "FP4_AVAILABLE"),
-                                         ("mxfp4a16", "FP4_AVAILABLE")])  # fmt: skip
+                                         ("mxfp4a16", "FP4_AVAILABLE"), ("fp8-block", "BLOCK_AVAILABLE")])  # fmt: skip
 def test_quantize_without_the_kernel_writes_the_same_bytes(llama, quantized, tmp_path, cli, monkeypatch, method, flag):
     folder, _ = quantized(method)
     monkeypatch.setattr(native, flag, False)

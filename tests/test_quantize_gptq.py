@@ -112,32 +112,51 @@ def test_dequantize_restores_names_and_shapes(models, tmp_path, cli):
     assert np.abs(back["transformer.h.0.attn.c_attn.weight"] - w).max() < np.abs(w).max() / 100
 
 
-@pytest.mark.parametrize("flags", [["--bits", "4", "--asym"], ["--bits", "2", "--sym", "--format", "v1"], ["--bits", "8", "--group-size", "-1"]])
-def test_dequantize_kernel_writes_the_numpy_bytes(models, tmp_path, cli, monkeypatch, flags):
-    """dequantize streams rows through the C kernel (here 3 rows and a bit a chunk, so chunks end anywhere):
-    every dtype's file is byte for byte the numpy reference's (the path taken without the extension)."""
+def dequantize_both_ways(quantized, tmp_path, cli, monkeypatch, chunk_elements: int, dtype: str) -> list[tuple[int, int]]:
+    """Dequantize through the C kernel (`chunk_elements` a chunk) and through the numpy reference (the path taken
+    without the extension); assert the files are byte for byte the same; return the (first row, rows) of each
+    kernel call."""
     from quantkit.methods.gptq import native, reader
 
     if not native.DENSE_AVAILABLE:
         pytest.fail("the C extension is not built")
+    chunks = []
+    monkeypatch.setattr(reader, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(native, "dense_rows", lambda *args, kernel=native.dense_rows: chunks.append(args[3:5]) or kernel(*args))
+    code, _, err = cli("dequantize", quantized, tmp_path / f"c-{dtype}", "--dtype", dtype)
+    assert code == 0, err
+    monkeypatch.setattr(native, "DENSE_AVAILABLE", False)
+    code, _, err = cli("dequantize", quantized, tmp_path / f"numpy-{dtype}", "--dtype", dtype)
+    assert code == 0, err
+    monkeypatch.undo()
+    files = sorted(p.name for p in (tmp_path / f"numpy-{dtype}").glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in (tmp_path / f"c-{dtype}").glob("*.safetensors"))
+    for file in files:
+        assert (tmp_path / f"c-{dtype}" / file).read_bytes() == (tmp_path / f"numpy-{dtype}" / file).read_bytes(), file
+    return chunks
+
+
+@pytest.mark.parametrize("flags", [["--bits", "4", "--asym"], ["--bits", "2", "--sym", "--format", "v1"], ["--bits", "8", "--group-size", "-1"]])
+def test_dequantize_kernel_writes_the_numpy_bytes(models, tmp_path, cli, monkeypatch, flags):
+    """dequantize streams rows through the C kernel (here 3 rows and a bit a chunk, so chunks end anywhere):
+    every dtype's file is byte for byte the numpy reference's."""
     group = [] if "--group-size" in flags else GROUP
     assert cli("quantize", models["llama"], tmp_path / "q", "--method", "gptq", *flags, *group)[0] == 0
     for dtype in ("bfloat16", "float32", "float16"):
-        chunks = []
-        monkeypatch.setattr(reader, "CHUNK_ELEMENTS", 3 * 64 + 5)
-        monkeypatch.setattr(native, "dense_rows", lambda *args, seen=chunks, kernel=native.dense_rows: seen.append(args[3:5]) or kernel(*args))
-        code, _, err = cli("dequantize", tmp_path / "q", tmp_path / f"c-{dtype}", "--dtype", dtype)
-        assert code == 0, err
+        chunks = dequantize_both_ways(tmp_path / "q", tmp_path, cli, monkeypatch, 3 * 64 + 5, dtype)
         assert (0, 3) in chunks and (63, 1) in chunks and (159, 1) in chunks  # the kernel wrote every module, in short chunks
-        monkeypatch.setattr(native, "DENSE_AVAILABLE", False)
-        code, _, err = cli("dequantize", tmp_path / "q", tmp_path / f"numpy-{dtype}", "--dtype", dtype)
-        assert code == 0, err
-        monkeypatch.undo()
         assert load_tensors(tmp_path / f"c-{dtype}")["model.layers.0.mlp.down_proj.weight"].shape == (64, 160)
-        files = sorted(p.name for p in (tmp_path / f"numpy-{dtype}").glob("*.safetensors"))
-        assert files and files == sorted(p.name for p in (tmp_path / f"c-{dtype}").glob("*.safetensors"))
-        for file in files:
-            assert (tmp_path / f"c-{dtype}" / file).read_bytes() == (tmp_path / f"numpy-{dtype}" / file).read_bytes(), file
+
+
+@pytest.mark.parametrize("flags", [["--bits", "4", "--asym"], ["--bits", "8", "--sym", "--format", "v1"]])
+def test_dequantize_conv1d_kernel_writes_the_numpy_bytes(models, tmp_path, cli, monkeypatch, flags):
+    """GPT-2's Conv1D modules (stored [in, out]) go through the C kernel too, each whole, and are written
+    transposed in short chunks: every dtype's file byte for byte the numpy reference's."""
+    assert cli("quantize", models["gpt2"], tmp_path / "q", "--method", "gptq", *flags, "--group-size", "16")[0] == 0
+    for dtype in ("bfloat16", "float32", "float16"):
+        chunks = dequantize_both_ways(tmp_path / "q", tmp_path, cli, monkeypatch, 3 * 144 + 5, dtype)
+        assert chunks.count((0, 144)) == 2 and chunks.count((0, 192)) == 2, chunks  # c_attn and c_fc of both layers, whole
+        assert load_tensors(tmp_path / f"c-{dtype}")["transformer.h.0.attn.c_attn.weight"].shape == (48, 144)
 
 
 def test_dequantize_awq_kernel_writes_the_numpy_bytes(models, tmp_path, cli, monkeypatch):

@@ -240,6 +240,7 @@ PyObject *py_q_integers(PyObject *self, PyObject *args);
 PyObject *py_ct_fp8_channel(PyObject *self, PyObject *args);
 PyObject *py_fp8_dense(PyObject *self, PyObject *args);
 PyObject *py_fp8_blocks(PyObject *self, PyObject *args);
+PyObject *py_ct_fp8_block(PyObject *self, PyObject *args);
 PyObject *py_mxfp4_dense(PyObject *self, PyObject *args);
 PyObject *py_ct_int_symmetric(PyObject *self, PyObject *args);
 PyObject *py_nonfinite(PyObject *self, PyObject *args);

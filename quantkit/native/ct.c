@@ -2,7 +2,8 @@
 schemes.fp8_channel in quantkit/methods/ct/. Each step is the reference's torch step in the weight's dtype S:
 scale = R(absmax / 448) (0 -> finfo(S).eps), code = e4m3(clamp(R(w / scale), +-448)), R rounding a float32
 result to S (bfloat16, float16, or nothing for float32). Further down, each in a section of its own: FP8
-weights back to dense (both layouts), the fine-grained FP8 writer, W4A16 / W8A16, and gpt-oss MXFP4 back to dense. */
+weights back to dense (both layouts), FP8 in blocks (the fine-grained writer and FP8_BLOCK, on the same steps
+per block), W4A16 / W8A16, and gpt-oss MXFP4 back to dense. */
 #include "common.h"
 
 typedef struct {
@@ -31,6 +32,11 @@ static inline float round_to(float v, const int dtype) {
     return v;
 }
 
+/* finfo(S).eps, what a zero scale becomes. */
+static inline float finfo_eps(const int dtype) {
+    return dtype == S_BF16 ? 0.0078125f : dtype == S_F16 ? 0.0009765625f : 1.1920928955078125e-07f;
+}
+
 /* float32 -> float8_e4m3fn as torch casts: nearest even (subnormals in steps of 2**-9), the sign of zero
    kept, saturating at 448, NaN -> 0x7F. */
 static inline uint8_t e4m3(float v) {
@@ -50,7 +56,7 @@ BODY void fp8_channel_body(const fp8_channel_t *q, Py_ssize_t lo, Py_ssize_t hi,
     const void *src = q->src;
     const Py_ssize_t cols = q->cols;
     const int bf16 = dtype == S_BF16;
-    const float eps = dtype == S_BF16 ? 0.0078125f : dtype == S_F16 ? 0.0009765625f : 1.1920928955078125e-07f;
+    const float eps = finfo_eps(dtype);
     for (Py_ssize_t row = lo; row < hi; row++) {
         const Py_ssize_t start = row * cols;
         float scale = round_to(as_float(peak_bits(src, bf16, start, cols)) / 448.0f, dtype);
@@ -193,22 +199,27 @@ PyObject *py_fp8_dense(PyObject *self, PyObject *args) {
 }
 
 /* ------------------------------------------------------------------------------------------------
-   Fine-grained FP8 out (fp8/blocks.py quantize_band, transformers' Fp8Quantize): per block of
-   block_rows x block_cols (ragged at the edges) amax = max |w|, scale = (1 / amax) * 448 in float32 (two
-   roundings, as torch computes 448 / amax; 1 for an all-zero block), scale_inv = 1 / scale, and
-   code = e4m3(w * scale) (e4m3 saturates at 448: the reference's clamp). One unit of work is one band of
-   block rows. A NaN or infinity anywhere is reported (the caller refuses the tensor), not coded. */
+   FP8 in blocks of block_rows x block_cols (ragged at the edges), one unit of work a band of block rows:
+   each block's peak amax = max |w|, its scale, then its codes. Two writers share it:
+   - fine-grained FP8 (fp8/blocks.py quantize_band, transformers' Fp8Quantize): scale = (1 / amax) * 448 in
+     float32 (two roundings, as torch computes 448 / amax; 1 for an all-zero block), stored as scale_inv =
+     1 / scale, and code = e4m3(w * scale);
+   - compressed-tensors FP8_BLOCK (schemes.fp8_block): scale = R(amax / 448) (0 -> finfo(S).eps), stored as
+     it is, and code = e4m3(R(w / scale)), ct_fp8_channel's steps on a block instead of a row.
+   e4m3 saturates at 448: the references' clamp. A NaN or infinity anywhere is reported (the caller refuses
+   the tensor, or takes the reference), not coded. */
 
 typedef struct {
     const void *src; /* bfloat16 bits, or float32 values */
     int bf16;
+    int ct;          /* -1: fine-grained; else compressed-tensors, the weight's dtype S */
     Py_ssize_t rows, cols, block_rows, block_cols;
     uint8_t *codes;
-    float *scale_inv; /* [bands, ceil(cols / block_cols)] */
+    float *scales;   /* [bands, ceil(cols / block_cols)]: scale_inv (fine-grained) or scale (compressed-tensors) */
     atomic_int nonfinite;
 } fp8_blocks_t;
 
-BODY void fp8_blocks_body(fp8_blocks_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16) {
+BODY void fp8_blocks_body(fp8_blocks_t *q, Py_ssize_t lo, Py_ssize_t hi, const int bf16, const int ct) {
     const void *src = q->src;
     const Py_ssize_t cols = q->cols, width = q->block_cols, grid = (cols + width - 1) / width;
     float scales[4096]; /* per column block of the band; grid <= 4096 is checked at the entry */
@@ -226,26 +237,70 @@ BODY void fp8_blocks_body(fp8_blocks_t *q, Py_ssize_t lo, Py_ssize_t hi, const i
             if (peaks[block] >= EXPONENT)
                 atomic_store_explicit(&q->nonfinite, 1, memory_order_relaxed);
             const float amax = as_float(peaks[block]);
-            scales[block] = amax > 0.0f ? (1.0f / amax) * 448.0f : 1.0f;
-            q->scale_inv[band * grid + block] = 1.0f / scales[block];
+            if (ct < 0) {
+                scales[block] = amax > 0.0f ? (1.0f / amax) * 448.0f : 1.0f;
+                q->scales[band * grid + block] = 1.0f / scales[block];
+            } else {
+                const float scale = round_to(amax / 448.0f, ct);
+                scales[block] = scale == 0.0f ? finfo_eps(ct) : scale;
+                q->scales[band * grid + block] = scales[block];
+            }
         }
         for (Py_ssize_t row = first; row < last; row++)
             for (Py_ssize_t block = 0; block < grid; block++) {
                 const Py_ssize_t start = block * width, base = row * cols + start, count = min_size(width, cols - start);
                 const float scale = scales[block];
                 uint8_t *codes = q->codes;
-                for (Py_ssize_t i = 0; i < count; i++)
-                    codes[base + i] = e4m3(as_float(load_bits(src, bf16, base + i)) * scale);
+                if (ct < 0)
+                    for (Py_ssize_t i = 0; i < count; i++)
+                        codes[base + i] = e4m3(as_float(load_bits(src, bf16, base + i)) * scale);
+                else
+                    for (Py_ssize_t i = 0; i < count; i++)
+                        codes[base + i] = e4m3(round_to(as_float(load_bits(src, bf16, base + i)) / scale, ct));
             }
     }
 }
 
 HOT static void fp8_blocks_part(const void *ctx, Py_ssize_t lo, Py_ssize_t hi) {
     fp8_blocks_t *q = (fp8_blocks_t *)ctx;
-    if (q->bf16)
-        fp8_blocks_body(q, lo, hi, 1);
+    if (q->ct == S_BF16)
+        fp8_blocks_body(q, lo, hi, 1, S_BF16);
+    else if (q->ct == S_F16)
+        fp8_blocks_body(q, lo, hi, 0, S_F16);
+    else if (q->ct == S_F32)
+        fp8_blocks_body(q, lo, hi, 0, S_F32);
+    else if (q->bf16)
+        fp8_blocks_body(q, lo, hi, 1, -1);
     else
-        fp8_blocks_body(q, lo, hi, 0);
+        fp8_blocks_body(q, lo, hi, 0, -1);
+}
+
+/* The tail of fp8_blocks and ct_fp8_block, once their arguments are parsed into q and v: check the buffers,
+   run over the bands without the GIL, and answer whether every value was finite. */
+static PyObject *run_blocks(fp8_blocks_t *q, Py_buffer *v, int threads) {
+    q->src = v[0].buf;
+    q->codes = v[1].buf;
+    q->scales = v[2].buf;
+    atomic_init(&q->nonfinite, 0);
+    const Py_ssize_t item = q->bf16 ? 2 : 4;
+    if (q->cols < 1 || q->block_rows < 1 || q->block_cols < 1 || (q->cols + q->block_cols - 1) / q->block_cols > 4096 ||
+        v[0].len % (q->cols * item)) {
+        PyErr_SetString(PyExc_ValueError, "cols, block_rows and block_cols must be positive, at most 4096 blocks a row, "
+                                          "and src whole rows");
+        release(v, 3);
+        return NULL;
+    }
+    q->rows = v[0].len / (q->cols * item);
+    const Py_ssize_t bands = (q->rows + q->block_rows - 1) / q->block_rows, grid = (q->cols + q->block_cols - 1) / q->block_cols;
+    if (check_length(&v[1], q->rows * q->cols, "codes") || check_length(&v[2], bands * grid * 4, "scales")) {
+        release(v, 3);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(fp8_blocks_part, q, bands, thread_count(threads, q->rows * q->cols));
+    Py_END_ALLOW_THREADS
+    release(v, 3);
+    return PyBool_FromLong(!atomic_load(&q->nonfinite));
 }
 
 /* fp8_blocks(src, bf16, cols, block_rows, block_cols, codes, scale_inv, threads) -> whether every value was
@@ -257,29 +312,26 @@ PyObject *py_fp8_blocks(PyObject *self, PyObject *args) {
     int threads;
     if (!PyArg_ParseTuple(args, "y*pnnnw*w*i", &v[0], &q.bf16, &q.cols, &q.block_rows, &q.block_cols, &v[1], &v[2], &threads))
         return NULL;
-    q.src = v[0].buf;
-    q.codes = v[1].buf;
-    q.scale_inv = v[2].buf;
-    atomic_init(&q.nonfinite, 0);
-    const Py_ssize_t item = q.bf16 ? 2 : 4;
-    if (q.cols < 1 || q.block_rows < 1 || q.block_cols < 1 || (q.cols + q.block_cols - 1) / q.block_cols > 4096 ||
-        v[0].len % (q.cols * item)) {
-        PyErr_SetString(PyExc_ValueError, "cols, block_rows and block_cols must be positive, at most 4096 blocks a row, "
-                                          "and src whole rows");
+    q.ct = -1;
+    return run_blocks(&q, v, threads);
+}
+
+/* ct_fp8_block(src, dtype, cols, block_rows, block_cols, codes, scale, threads) -> whether every value was
+   finite: dtype as ct_fp8_channel's; codes uint8 [rows, cols], scale float32 [ceil(rows / block_rows),
+   ceil(cols / block_cols)] holding values of S. */
+PyObject *py_ct_fp8_block(PyObject *self, PyObject *args) {
+    Py_buffer v[3];
+    fp8_blocks_t q;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*innnw*w*i", &v[0], &q.ct, &q.cols, &q.block_rows, &q.block_cols, &v[1], &v[2], &threads))
+        return NULL;
+    if (q.ct < S_BF16 || q.ct > S_F32) {
+        PyErr_SetString(PyExc_ValueError, "dtype must be one of 0, 1, 2");
         release(v, 3);
         return NULL;
     }
-    q.rows = v[0].len / (q.cols * item);
-    const Py_ssize_t bands = (q.rows + q.block_rows - 1) / q.block_rows, grid = (q.cols + q.block_cols - 1) / q.block_cols;
-    if (check_length(&v[1], q.rows * q.cols, "codes") || check_length(&v[2], bands * grid * 4, "scale_inv")) {
-        release(v, 3);
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    parallel_for(fp8_blocks_part, &q, bands, thread_count(threads, q.rows * q.cols));
-    Py_END_ALLOW_THREADS
-    release(v, 3);
-    return PyBool_FromLong(!atomic_load(&q.nonfinite));
+    q.bf16 = q.ct == S_BF16;
+    return run_blocks(&q, v, threads);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -324,7 +376,7 @@ BODY void int_symmetric_body(int_symmetric_t *q, Py_ssize_t lo, Py_ssize_t hi, c
     const void *src = q->src;
     const Py_ssize_t cols = q->cols, group = q->group, groups = cols / group, per_word = 32 / bits;
     const int bf16 = dtype == S_BF16;
-    const float eps = dtype == S_BF16 ? 0.0078125f : dtype == S_F16 ? 0.0009765625f : 1.1920928955078125e-07f;
+    const float eps = finfo_eps(dtype);
     const float half_range = bits == 4 ? 7.5f : 127.5f, low = -(float)(1 << (bits - 1)), high = (float)((1 << (bits - 1)) - 1);
     const int32_t offset = 1 << (bits - 1);
     uint8_t stored[4096]; /* one group's codes; group <= 4096 is checked at the entry */
@@ -636,7 +688,7 @@ BODY void int_asymmetric_body(int_asymmetric_t *q, Py_ssize_t lo, Py_ssize_t hi,
     const void *src = q->src;
     const Py_ssize_t cols = q->cols, group = q->group, groups = cols / group, per_word = 32 / bits;
     const int bf16 = dtype == S_BF16;
-    const float eps = dtype == S_BF16 ? 0.0078125f : dtype == S_F16 ? 0.0009765625f : 1.1920928955078125e-07f;
+    const float eps = finfo_eps(dtype);
     const float range = bits == 4 ? 15.0f : 255.0f, low_code = -(float)(1 << (bits - 1)), high_code = (float)((1 << (bits - 1)) - 1);
     const int32_t offset = 1 << (bits - 1);
     uint8_t stored[4096]; /* one group's codes; group <= 4096 is checked at the entry */

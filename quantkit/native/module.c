@@ -20,6 +20,9 @@ static PyMethodDef methods[] = {
     {"fp8_blocks", py_fp8_blocks, METH_VARARGS,
      "fp8_blocks(src, bf16, cols, block_rows, block_cols, codes, scale_inv, threads) -> all finite: fine-grained FP8 codes "
      "and scale_inv per block, as transformers' Fp8Quantize"},
+    {"ct_fp8_block", py_ct_fp8_block, METH_VARARGS,
+     "ct_fp8_block(src, dtype, cols, block_rows, block_cols, codes, scale, threads) -> all finite: compressed-tensors "
+     "FP8_BLOCK codes and per-block scales"},
     {"mxfp4_dense", py_mxfp4_dense, METH_VARARGS,
      "mxfp4_dense(blocks, scales, groups, first_group, out, dense, threads): one gpt-oss expert's MXFP4 groups, dense and "
      "transposed"},

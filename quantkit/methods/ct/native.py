@@ -1,5 +1,5 @@
 """The compiled paths: quantkit.native's `ct_*` kernels behind the contracts of schemes.fp8_channel,
-int_symmetric, int_asymmetric, nvfp4 / mxfp4 and global_absmax (quantize, on stored bits: BF16 as uint16, F16,
+fp8_block, int_symmetric, int_asymmetric, nvfp4 / mxfp4 and global_absmax (quantize, on stored bits: BF16 as uint16, F16,
 F32) and formats.decode on integer and fp4 codes (dequantize), giving the same bytes; tests compare them. Each
 `*AVAILABLE` is False where the extension was not built (or predates the kernel)."""
 
@@ -10,6 +10,7 @@ import numpy as np
 from quantkit.native import DENSE_STORAGE, kernels, stored, threads
 
 AVAILABLE = kernels is not None and hasattr(kernels, "ct_fp8_channel")
+BLOCK_AVAILABLE = kernels is not None and hasattr(kernels, "ct_fp8_block")
 INT_AVAILABLE = kernels is not None and hasattr(kernels, "ct_int_symmetric")
 ASYM_AVAILABLE = kernels is not None and hasattr(kernels, "ct_int_asymmetric")
 DENSE_AVAILABLE = kernels is not None and hasattr(kernels, "ct_int_dense")
@@ -25,6 +26,20 @@ def fp8_channel(chunk: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     scale = np.empty((rows, 1), np.float32)
     kernels.ct_fp8_channel(raw, DTYPES[dtype], cols, codes, scale, threads())
     return codes, scale
+
+
+def fp8_block(chunk: np.ndarray, dtype: str, block: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(fp8 codes uint8 [rows, cols], scales float32 [ceil(rows / block), ceil(cols / block)] holding values of
+    `dtype`) of stored rows that start on a block boundary: schemes.fp8_block's; None where a value is NaN or
+    infinite (the reference decides) or a row has more than 4096 blocks."""
+    rows, cols = chunk.shape
+    if not cols or -(-cols // block) > 4096:
+        return None
+    raw, _ = stored(chunk, dtype)
+    codes = np.empty((rows, cols), np.uint8)
+    scale = np.empty((-(-rows // block), -(-cols // block)), np.float32)
+    finite = kernels.ct_fp8_block(raw, DTYPES[dtype], cols, block, block, codes, scale, threads())
+    return (codes, scale) if finite else None
 
 
 def int_symmetric(chunk: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray] | None:

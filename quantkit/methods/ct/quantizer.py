@@ -136,6 +136,10 @@ class CompressedTensors:
         if scheme.method == "fp8" and native.AVAILABLE and dtype in native.DTYPES:
             codes, scale = native.fp8_channel(chunk, dtype)
             return codes, {"weight_scale": scale}
+        if scheme.method == "fp8-block" and native.BLOCK_AVAILABLE and dtype in native.DTYPES:
+            found = native.fp8_block(chunk, dtype, schemes.FP8_BLOCK)
+            if found is not None:
+                return found[0], {"weight_scale": found[1]}
         if scheme.method in schemes.INT_METHODS and dtype in native.DTYPES and group_size <= 4096 \
                 and (native.INT_AVAILABLE if scheme.symmetric else native.ASYM_AVAILABLE):  # fmt: skip
             kernel = native.int_symmetric if scheme.symmetric else native.int_asymmetric

@@ -61,6 +61,14 @@ def read_tensor(checkpoint: Checkpoint, name: str) -> np.ndarray:
         return reader.read(info)
 
 
+def _write_rows(sink: TensorSink, name: str, values: np.ndarray, stored: Callable[[np.ndarray], np.ndarray]) -> None:
+    """`values` (a transposed view, maybe) written to `name` in row chunks, each made contiguous and `stored`."""
+    rows = max(1, CHUNK_ELEMENTS // values.shape[1])
+    for start in range(0, values.shape[0], rows):
+        sink.write(name, stored(np.ascontiguousarray(values[start : start + rows])))
+    sink.done(name)
+
+
 class GptqReader:
     """Dequantizer and checker for checkpoints whose quant_method is "gptq"."""
 
@@ -119,13 +127,17 @@ class GptqReader:
         name = f"{module}.weight"
         conv1d = is_conv1d(checkpoint.config, module)  # GPT-2's Conv1D stores [in, out]
         awq = config.method == "awq"
-        if not conv1d and self._kernel_fits(tensors, config.bits, awq, dtype):
+        if self._kernel_fits(tensors, config.bits, awq, dtype):
             if awq:
                 check_awq(tensors, config.group_size, module)
                 tensors["g_idx"] = group_index(tensors["qweight"].shape[0], config.group_size)
             else:
                 check_gptq(tensors, config.bits, module)
             out_features, in_features = tensors["scales"].shape[1], tensors["g_idx"].shape[0]
+            if conv1d:  # the whole module's rows, written transposed: the same bits as the reference's transpose
+                dense = native.dense_rows(tensors, config.bits, config.version, 0, out_features, dtype, awq)
+                _write_rows(sink, name, dense.T, lambda rows: rows)
+                return
             rows = max(1, CHUNK_ELEMENTS // in_features)
             for start in range(0, out_features, rows):
                 count = min(rows, out_features - start)
@@ -136,12 +148,7 @@ class GptqReader:
             values = dequantize_awq(tensors, config.group_size, module)
         else:
             values = dequantize_gptq(tensors, config.bits, config.version, module)
-        if conv1d:
-            values = np.ascontiguousarray(values.T)
-        rows = max(1, CHUNK_ELEMENTS // values.shape[1])
-        for start in range(0, values.shape[0], rows):
-            sink.write(name, dtypes.from_float32(values[start : start + rows], dtype))
-        sink.done(name)
+        _write_rows(sink, name, values.T if conv1d else values, lambda rows: dtypes.from_float32(rows, dtype))
 
     @staticmethod
     def _kernel_fits(tensors: dict[str, np.ndarray], bits: int, awq: bool, dtype: str) -> bool:
