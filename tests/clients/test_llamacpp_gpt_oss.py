@@ -1,5 +1,5 @@
 """llama.cpp as the client for gpt-oss GGUFs made from an MXFP4 release (quant_method "mxfp4", the experts as
-`*_blocks` / `*_scales`; the tiny release of tests/test_fp8_mxfp4.py):
+`*_blocks` / `*_scales`; the tiny release of tests/releases.py):
 
 - llama.cpp's own converter (convert_hf_to_gguf.py, vendored by the llama-cpp-python sdist) writes, at each
   of its float and Q8_0 outtypes, the tensors (names, types, shapes, bytes: the experts' MXFP4 blocks too)
@@ -17,7 +17,7 @@ from quantkit.methods.gguf import file as gf
 from tests.clients.test_llama_quantize import assert_same_file
 from tests.clients.test_llamacpp_moe import CONVERTER, LLAMA_CPP
 from tests.gguf_checkpoints import TEXT
-from tests.test_fp8_mxfp4 import gpt_oss_mxfp4
+from tests.releases import gpt_oss_mxfp4, hub_style
 
 pytestmark = pytest.mark.clients
 OURS_ONLY = {"gpt-oss.vocab_size", "gpt-oss.rope.dimension_count"}  # llama.cpp's defaults, written by us
@@ -26,22 +26,6 @@ OURS_ONLY = {"gpt-oss.vocab_size", "gpt-oss.rope.dimension_count"}  # llama.cpp'
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     return gpt_oss_mxfp4(tmp_path_factory.mktemp("gpt_oss") / "release")
-
-
-def hub_style(release, out):
-    """The release with config.json as openai's releases on the Hub spell it: rope_scaling and a top-level
-    rope_theta (not transformers 5's rope_parameters), their extra keys, swiglu_alpha left to its default."""
-    import json
-    import shutil
-
-    shutil.copytree(release, out)
-    config = json.loads((out / "config.json").read_text())
-    rope = config.pop("rope_parameters")
-    config |= {"rope_theta": rope.pop("rope_theta"), "rope_scaling": rope, "experts_per_token": config["num_experts_per_tok"],
-               "initial_context_length": 4096, "max_position_embeddings": 131072}
-    del config["swiglu_alpha"]
-    (out / "config.json").write_text(json.dumps(config))
-    return out
 
 
 @pytest.mark.parametrize("outtype, style", [("f32", "saved"), ("f16", "saved"), ("bf16", "saved"), ("q8_0", "saved"),

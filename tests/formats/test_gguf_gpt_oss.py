@@ -14,7 +14,7 @@ from gguf.quants import dequantize
 
 from quantkit.methods.gguf import file as gf
 from tests.conftest import load_tensors
-from tests.test_fp8_mxfp4 import gpt_oss_mxfp4
+from tests.releases import gpt_oss_mxfp4
 
 
 @pytest.fixture(scope="module")
