@@ -31,6 +31,17 @@ releases the GIL, and splits its work over `threads` pthreads that are joined be
 #define HOT
 #endif
 
+/* Whether hand-written AVX2 paths run (where the CPU has AVX2): module.c's `simd(flag)` turns them off so
+   that tests can compare them with the portable loops on the same machine. */
+extern int quantkit_simd;
+static inline int simd_avx2(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return quantkit_simd && __builtin_cpu_supports("avx2");
+#else
+    return 0;
+#endif
+}
+
 /* A kernel's body is inlined twice into its entry point for parallel_for, once with `bf16` a constant 1
    and once 0, so that each loop reads one input type and vectorizes. */
 #if defined(__GNUC__)

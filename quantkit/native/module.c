@@ -2,7 +2,18 @@
    SIGBUS guard of source maps (mapguard.c). */
 #include "common.h"
 
+int quantkit_simd = 1;
+
+static PyObject *py_simd(PyObject *self, PyObject *args) {
+    int flag, before = quantkit_simd;
+    if (!PyArg_ParseTuple(args, "p", &flag))
+        return NULL;
+    quantkit_simd = flag;
+    return PyBool_FromLong(before);
+}
+
 static PyMethodDef methods[] = {
+    {"simd", py_simd, METH_VARARGS, "simd(flag) -> the previous setting: whether hand-written AVX2 paths may run (tests)"},
     {"quantize_4bit", py_quantize_4bit, METH_VARARGS,
      "quantize_4bit(src, bf16, blocksize, bounds, order, packed, absmax, threads): NF4/FP4 codes and absmax"},
     {"quantize_int8", py_quantize_int8, METH_VARARGS,
