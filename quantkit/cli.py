@@ -9,6 +9,7 @@ are imported inside each command, so that `--help` and shell completion start in
 from __future__ import annotations
 
 import _thread
+import contextlib
 import json
 import os
 import signal
@@ -472,7 +473,25 @@ def main() -> None:
     for signum in SIGNAL_NAMES:
         signal.signal(signum, _on_signal)
     sys.unraisablehook = _unraisable(sys.unraisablehook)
-    app()
+    try:
+        app()
+        code = 0
+    except SystemExit as e:  # how click ends every command
+        code = e.code
+    _exit(code)
+
+
+def _exit(code: object) -> None:
+    """End the process without tearing the interpreter down: freeing every module's objects one by one
+    took ~0.1 s after each command had finished and said so (0.04 s for numpy alone). By then every file
+    is closed and every thread joined; what is left to do is flushing the output streams."""
+    if code is not None and not isinstance(code, int):  # sys.exit("message"): said on stderr, exit 1
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader that went away (| head): nothing more to say
+            stream.flush()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

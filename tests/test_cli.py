@@ -94,6 +94,18 @@ def test_json_output_is_clean_and_real_console_script(models, tmp_path):
     assert set(load_tensors(tmp_path / "q")) >= {"encoder.layer.0.attention.self.query.SCB"}
 
 
+def test_a_reader_that_went_away_gets_no_traceback(models):
+    """`quantkit inspect --json | true`: click's exit code for a closed pipe and nothing on stderr, now that the
+    process ends without the interpreter's teardown (its last flush must not raise). With the flush gone,
+    test_json_output_is_clean_and_real_console_script loses its JSON."""
+    proc = subprocess.Popen([sys.executable, "-m", "quantkit", "inspect", str(models["bert"]), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # long before the command has anything to say
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1, err  # click's answer to a closed pipe
+    assert err == "", err
+
+
 def test_inspect_counts_quantized_weights_at_their_dense_size(models, tmp_path, cli):
     dense = json.loads(cli("inspect", models["llama"], "--json")[1])["num_parameters"]
     for method in ("nf4", "int8"):
