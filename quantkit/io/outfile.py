@@ -125,6 +125,8 @@ class OutputFile:
             self._fill = len(head)
         self._io = ThreadPoolExecutor(1 if self.through else WRITERS, thread_name_prefix="quantkit-writer")
         self._pending: deque[tuple[Future, int]] = deque()  # (write, buffer index)
+        self._copier: ThreadPoolExecutor | None = None  # copy(): a thread of its own, beside the writer
+        self._copies: list[Future] = []
 
     def tell(self) -> int:
         return self._offset + self._fill
@@ -147,11 +149,14 @@ class OutputFile:
     def copy(self, path: Path, offset: int, nbytes: int) -> bool:
         """Append `nbytes` of `path` from byte `offset`, copied by the kernel from page cache to page cache
         (copy_file_range): within durability(False) and without a digest. Writing the same bytes from a map of
-        the source costs 2-3x more: each source page is faulted in from inside the write. False, with nothing
-        done, elsewhere: the caller writes the bytes itself."""
+        the source costs 2-3x more: each source page is faulted in from inside the write. The copies run on a
+        thread of their own, so the caller goes on computing (and the writer writing) the tensors after it,
+        at their own offsets. False, with nothing done, elsewhere: the caller writes the bytes itself."""
         if not self.through or self._pieces is not None or not hasattr(os, "copy_file_range"):
             return False
-        self._queue(self._copy_range, path, offset, nbytes, self._offset)
+        if self._copier is None:
+            self._copier = ThreadPoolExecutor(1, thread_name_prefix="quantkit-copier")
+        self._copies.append(self._copier.submit(self._copy_range, path, offset, nbytes, self._offset))
         self._offset += nbytes
         return True
 
@@ -252,6 +257,8 @@ class OutputFile:
     def _drain(self) -> None:
         while self._pending:
             self._pending.popleft()[0].result()
+        while self._copies:
+            self._copies.pop(0).result()
 
     def close(self, head: bytes = b"") -> int:
         """Write what is left, cut the padding, rewrite the first len(head) bytes, fsync. Returns the size."""
@@ -279,10 +286,13 @@ class OutputFile:
 
     def abort(self) -> None:
         """Stop: cancel queued writes, wait for the one running, close the file (the caller deletes it)."""
-        for pending, _ in self._pending:
+        for pending in [p for p, _ in self._pending] + self._copies:
             pending.cancel()
-        self._io.shutdown(wait=True)
+        for pool in (self._io, self._copier):
+            if pool is not None:
+                pool.shutdown(wait=True)
         self._pending.clear()
+        self._copies.clear()
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
