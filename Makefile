@@ -26,6 +26,7 @@ demo: $(STAMP)
 # the small FP8 and gpt-oss MXFP4 releases the README's commands use (build/fp8-release, build/gpt-oss-tiny)
 examples: $(STAMP)
 	$(PY) scripts/examples.py
+	$(PY) scripts/bench.py --checkpoint-only
 
 test: $(STAMP)
 	$(PY) -m pytest -q

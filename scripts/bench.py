@@ -238,9 +238,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--job", action="append", help="only the jobs whose name holds this text (repeatable; a job an output "
                                                          "needs must be named too), e.g. --job 'gptq 4-bit' --job w4a16")
+    parser.add_argument("--checkpoint-only", action="store_true",
+                        help="make the bench checkpoint (once), print its folder and stop (make examples)")
     args = parser.parse_args()
 
     src = make_checkpoint(args.size)
+    if args.checkpoint_only:
+        print(src)
+        return
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     work = Path(tempfile.mkdtemp(prefix="quantkit-bench-"))
     qk = [PY, "-m", "quantkit"]
