@@ -176,10 +176,13 @@ def test_free_space_is_checked_before_writing(tmp_path, tiny_disk, cli):
     assert list(tiny_disk.iterdir()) == []
 
 
-def test_disk_full_while_writing_is_rolled_back(tmp_path, tiny_disk, cli, monkeypatch):
+@pytest.mark.parametrize("flags", [(), ("--no-sync",)], ids=["durable", "no-sync"])
+def test_disk_full_while_writing_is_rolled_back(tmp_path, tiny_disk, cli, monkeypatch, flags):
+    """--no-sync: the writer thread's and the kept tensors' copier thread's ENOSPC (the copy across
+    filesystems falls back to read + write) reach the run as the same one-line error."""
     big = write_checkpoint(tmp_path / "big", tiny_tensors(hidden=512))
     monkeypatch.setattr(pipeline, "check_free_space", lambda out, needed: None)  # reach the real ENOSPC
-    refused(cli, "quantize", big, tiny_disk / "out", "--method", "int8", naming="No space left on device")
+    refused(cli, "quantize", big, tiny_disk / "out", "--method", "int8", *flags, naming="No space left on device")
     assert list(tiny_disk.iterdir()) == []
 
 
