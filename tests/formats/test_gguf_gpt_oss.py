@@ -167,3 +167,29 @@ def test_swiglu_llama_cpp_does_not_compute_is_refused(release, cli, tmp_path):
     (changed / "config.json").write_text(json.dumps(config | {"swiglu_limit": 9.0}))
     code, _, err = cli("convert", changed, tmp_path / "model.gguf", "--to", "gguf")
     assert code == 2 and "swiglu_limit = 9.0" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("source", ["release", "dense"])
+def test_verify_takes_each_split_expert_from_the_dense_reference(release, dense, cli, tmp_path, source):
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from quantkit.methods.gguf import verify as gv
+
+    out = tmp_path / "model.gguf"
+    _converted(cli, release if source == "release" else dense, out, "F32")
+    report = gv.verify_gguf(out, str(dense))
+    made = [x for x in report.layers if ".experts." in x.name or "sinks" in x.name]
+    assert report.ok and len(report.layers) == 41 and len(made) == 14, [c for c in report.checks if not c.ok]
+    assert all(x.rel_error == 0 and x.ok for x in made)  # MXFP4 and F32 hold the dense values exactly
+    # a reference whose gate and up are swapped in layer 0 is caught there, and only there
+    swapped = tmp_path / "swapped"
+    shutil.copytree(dense, swapped)
+    tensors = load_tensors(dense)
+    fused = tensors["model.layers.0.mlp.experts.gate_up_proj"]
+    tensors["model.layers.0.mlp.experts.gate_up_proj"] = torch.stack((fused[..., 1::2], fused[..., 0::2]), dim=-1).flatten(-2)
+    save_file(tensors, next(swapped.glob("*.safetensors")), metadata={"format": "pt"})
+    report = gv.verify_gguf(out, str(swapped))
+    assert {x.name for x in report.layers if not x.ok} == {f"model.layers.0.mlp.experts.{r}_proj.weight" for r in ("gate", "up")}
