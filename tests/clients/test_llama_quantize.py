@@ -157,21 +157,22 @@ def test_file_types_equal_llama_quantize(models, tmp_path, model, file_type):
           f"{fallbacks} fallbacks")
 
 
+def llama_imatrix(f32: Path, out: Path, fmt: str = "gguf") -> Path:
+    """`out`: the importance matrix llama-imatrix computes on a GGUF over tests' calibration text (8 chunks of 64)."""
+    calibration = out.parent / "calibration.txt"
+    calibration.write_text(TEXT * 3)
+    run = subprocess.run([str(tool("llama-imatrix")), "-m", str(f32), "-f", str(calibration), "-o", str(out), "-c", "64",
+                          "-b", "64", "--chunks", "8", "-t", "2", "--output-format", fmt], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    return out
+
+
 @pytest.fixture(scope="module")
 def imatrices(models, tmp_path_factory):
     """(model, format) -> an importance matrix llama-imatrix computed on our F32 GGUF."""
     root = tmp_path_factory.mktemp("imatrix")
-    calibration = root / "calibration.txt"
-    calibration.write_text(TEXT * 3)
-    found = {}
-    for model, fmt in (("w256", "gguf"), ("w256", "dat"), ("w576", "gguf")):
-        out = root / f"{model}.{'gguf' if fmt == 'gguf' else 'dat'}"
-        run = subprocess.run([str(tool("llama-imatrix")), "-m", str(models[model][1]), "-f", str(calibration), "-o",
-                              str(out), "-c", "64", "-b", "64", "--chunks", "8", "-t", "2", "--output-format", fmt],
-                             capture_output=True, text=True)
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-        found[model, fmt] = out
-    return found
+    return {(model, fmt): llama_imatrix(models[model][1], root / f"{model}.{'gguf' if fmt == 'gguf' else 'dat'}", fmt)
+            for model, fmt in (("w256", "gguf"), ("w256", "dat"), ("w576", "gguf"))}
 
 
 # every file type whose quant types take importance weights (Q2_K_S: llama-quantize wants an imatrix for it)

@@ -20,7 +20,13 @@ from quantkit.io.source import open_checkpoint
 from quantkit.methods.gguf import convert as gc
 from quantkit.methods.gguf import file as gf
 from quantkit.methods.gguf.imatrix import read_imatrix
-from tests.clients.test_llama_quantize import FILE_TYPES, assert_like_llama_quantize, assert_same_file, llama_quantize, tool
+from tests.clients.test_llama_quantize import (
+    FILE_TYPES,
+    assert_like_llama_quantize,
+    assert_same_file,
+    llama_imatrix,
+    llama_quantize,
+)
 from tests.gguf_checkpoints import TEXT
 from tests.moe_checkpoints import FAMILIES, make_moe_checkpoint
 
@@ -83,12 +89,7 @@ def test_moe_file_types_equal_llama_quantize(models, tmp_path, model, file_type)
 @pytest.mark.parametrize("model", ["qwen3_moe", "mixtral", "qwen2_moe"])  # mixtral8: Q5_K, not yet weighted
 def test_moe_imatrix_q4_k_m_equals_llama_quantize(models, tmp_path, model):
     src, f32 = models[model]
-    (tmp_path / "calibration.txt").write_text(TEXT * 3)
-    imatrix = tmp_path / "imatrix.gguf"
-    run = subprocess.run([str(tool("llama-imatrix")), "-m", str(f32), "-f", str(tmp_path / "calibration.txt"), "-o",
-                          str(imatrix), "-c", "64", "-b", "64", "--chunks", "8", "-t", "2", "--output-format", "gguf"],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    imatrix = llama_imatrix(f32, tmp_path / "imatrix.gguf")
     assert any("_exps" in name for name in read_imatrix(imatrix).weights)
     llama_quantize(f32, tmp_path / "theirs.gguf", "Q4_K_M", "--imatrix", str(imatrix))
     gc.to_gguf(open_checkpoint(src), tmp_path / "ours.gguf", "Q4_K_M", imatrix=read_imatrix(imatrix))

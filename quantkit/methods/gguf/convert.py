@@ -133,10 +133,8 @@ def plan_gguf(config: dict, shapes: dict[str, tuple[int, ...]], file_type: FileT
     moe = experts.MoE.from_config(config, arch.experts) if arch.experts else None
     shapes, members = experts.merge_shapes(shapes, moe.n_expert) if moe else (shapes, {})
     shapes, made = experts.split_parts(shapes, arch.parts)
-    kept = {name for name, (_, part) in made.items() if part.transposed}  # expert weights, kept as MXFP4 blocks
-    if kept and scheme != "mxfp4":
-        raise QuantkitError(f"tensor {made[min(kept)][0]}: {arch.gguf_arch} experts that are not MXFP4 blocks cannot go "
-                            "to GGUF yet", "convert the release as published (quant_method mxfp4)")
+    # expert weights: an MXFP4 source's kept as its blocks; dense ones take the mix's type, as the others
+    kept = {name for name, (_, part) in made.items() if part.transposed} if scheme == "mxfp4" else set()
     table = gf.name_table(arch, hyper.n_layers)
     missing, wrong = gf.shape_problems(arch, hyper.sizes(), shapes, moe)
     if wrong:
@@ -227,16 +225,17 @@ def _entry_data(e: GGUFEntry, tensors: Iterator[tuple[Entry, SourceTensor]], rep
     written: a merged expert tensor is its experts' blocks one after the other."""
     if e.part is not None:
         _, tensor = next(tensors)
-        yield from _part_data(tensor, e, report)
+        yield from _part_data(tensor, e, report, imatrix)
         return
     for expert in range(len(e.sources)):
         _, tensor = next(tensors)
         yield from _tensor_data(tensor, e, report, imatrix, expert)
 
 
-def _part_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport) -> Iterator[np.ndarray]:
+def _part_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport, imatrix: Imatrix | None) -> Iterator[np.ndarray]:
     """A tensor made from part of a source tensor (gpt-oss): MXFP4 experts as ggml's blocks of the source's
-    own codes and scales, one expert at a time; small dense ones (biases, sinks) sliced whole."""
+    own codes and scales, dense experts turned [out, in] and quantized, both one expert at a time; small
+    dense ones (biases, sinks) sliced whole."""
     part = e.part[1]
     if e.out.qtype == QType.MXFP4:
         stored = tensor.mxfp4()
@@ -249,9 +248,12 @@ def _part_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport) -> Iterat
             blocks, scales = stored.read(expert, expert + 1)
             yield experts.ggml_mxfp4(blocks[0, picked], scales[0, picked])
         return
-    values = next(tensor.chunks(tensor.shape[0]))
-    taken = np.take(values, np.arange(part.index, values.shape[part.axis], part.parts), axis=part.axis)
-    yield from _quantized(iter([taken]), tensor.dtype, e.out.qtype)
+    if part.transposed:
+        for expert, values in enumerate(tensor.chunks(1)):
+            importance = imatrix_weights(imatrix, e.out.name, e.out.shape[-1], e.out.shape[0])[expert] if e.importance else None
+            yield from _quantized(iter([np.ascontiguousarray(part.take(values[0]))]), tensor.dtype, e.out.qtype, importance)
+        return
+    yield from _quantized(iter([part.take(next(tensor.chunks(tensor.shape[0])))]), tensor.dtype, e.out.qtype)
 
 
 def _tensor_data(tensor: SourceTensor, e: GGUFEntry, report: GGUFReport, imatrix: Imatrix | None,

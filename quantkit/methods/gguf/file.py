@@ -88,6 +88,13 @@ class Part:
         shape[self.axis] //= self.parts if split else 1
         return tuple(shape)
 
+    def take(self, values: np.ndarray) -> np.ndarray:
+        """Its values from the source's (whole, or one expert's: the last axes are the ones it names), a view."""
+        values = values.swapaxes(-1, -2) if self.transposed else values
+        picked = [slice(None)] * values.ndim
+        picked[self.axis] = slice(self.index, None, self.parts)
+        return values[tuple(picked)]
+
 
 @dataclass(frozen=True)
 class Setting:

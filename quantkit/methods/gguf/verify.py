@@ -13,9 +13,11 @@ from quantkit.api import Check, Layer, Report, check_leftovers, first_of
 from quantkit.dtypes import to_float32
 from quantkit.errors import QuantkitError
 from quantkit.io.safetensors import ShardReader, TensorInfo
-from quantkit.io.source import open_checkpoint, resolve
+from quantkit.io.source import Checkpoint, open_checkpoint, resolve
 from quantkit.io.stream import Progress, no_progress
+from quantkit.methods.gguf import experts
 from quantkit.methods.gguf.convert import CHUNK_BYTES, FromGGUF, from_gguf
+from quantkit.methods.gguf.file import Part
 from quantkit.methods.gguf.types import TYPES
 from quantkit.numerics import error_figures
 
@@ -38,12 +40,14 @@ def verify_gguf(path: Path, reference: str | None = None, max_error: float | Non
     report.checks.append(Check("metadata", not problems, first_of(problems, "tensor shapes agree with the sizes "
                                                                    "in the metadata")))
     ref = open_checkpoint(resolve(reference)) if reference is not None else None
+    made = _parts_of(conv, ref) if ref is not None else {}
     not_finite = []
     done, total = 0, sum(t.nbytes for t in conv.names.values())
     for name, t in conv.names.items():
         bound = max_error if max_error is not None else TYPES[t.qtype].error_bound if t.qtype in TYPES else 0.15
+        source, part = made.get(name, (name, None))
         try:
-            layer = _scan(conv, name, ref.tensors.get(name) if ref is not None else None, bound)
+            layer = _scan(conv, name, ref.tensors.get(source) if ref is not None else None, bound, part)
         except QuantkitError as e:  # a type gguf-py does not dequantize (Q8_K, ...) is a finding
             not_finite.append(e.message)
             continue
@@ -62,12 +66,22 @@ def verify_gguf(path: Path, reference: str | None = None, max_error: float | Non
     return report
 
 
-def _scan(conv: FromGGUF, name: str, info: TensorInfo | None, bound: float) -> Layer | None:
+def _parts_of(conv: FromGGUF, ref: Checkpoint) -> dict[str, tuple[str, Part]]:
+    """GGUF tensor (HF-named) -> the reference tensor the converter made it from and how (gpt-oss's split and
+    turned experts, its sinks); empty for architectures without such parts or a reference that does not split."""
+    try:
+        return experts.split_parts({n: tuple(i.shape) for n, i in ref.tensors.items()}, conv.arch.parts)[1]
+    except QuantkitError:  # shaped otherwise: each such tensor is reported missing from the reference
+        return {}
+
+
+def _scan(conv: FromGGUF, name: str, info: TensorInfo | None, bound: float, part: Part | None = None) -> Layer | None:
     """One tensor in stored row chunks: None when a value is not finite, else its error against `info`
-    (the reference tensor; a Layer with infinite error when it is missing or shaped otherwise)."""
+    (the reference tensor, or the one `part` is taken from; a Layer with infinite error when it is missing or
+    shaped otherwise)."""
     t = conv.names[name]
     scheme = t.qtype.name
-    if info is not None and tuple(info.shape) != tuple(t.shape):
+    if info is not None and (part.shape(tuple(info.shape)) if part else tuple(info.shape)) != tuple(t.shape):
         info = None
         mismatch = True
     else:
@@ -78,10 +92,11 @@ def _scan(conv: FromGGUF, name: str, info: TensorInfo | None, bound: float) -> L
     with contextlib.ExitStack() as stack:
         reader = stack.enter_context(ShardReader(info.file)) if info is not None else None
         expected_all = None
-        if reader is not None and (len(t.shape) != 2 or conv.permuted(name)):
-            # Q/K rows move between HF and GGUF order, and >2-D tensors have no shared row notion: the
-            # reference comes whole, in its own dtype (a fraction of the float32 values), in stored order.
-            expected_all = conv.to_stored_order(name, reader.read(info)).reshape(n_rows, t.shape[-1])
+        if reader is not None and (len(t.shape) != 2 or conv.permuted(name) or part):
+            # Q/K rows move between HF and GGUF order, >2-D tensors have no shared row notion, parts are slices:
+            # the reference comes whole, in its own dtype (a fraction of the float32 values), in stored order.
+            whole = part.take(reader.read(info)) if part else conv.to_stored_order(name, reader.read(info))
+            expected_all = whole.reshape(n_rows, t.shape[-1])
         for start in range(0, n_rows, step):
             stop = min(start + step, n_rows)
             values = conv.values(name, start, stop).reshape(stop - start, t.shape[-1])
