@@ -167,7 +167,7 @@ class OutputFile:
             self._pending.popleft()[0].result()
 
     def _copy_range(self, path: Path, offset: int, nbytes: int, at: int) -> None:
-        """(On the writer thread.) Falls back to read + write where the kernel cannot copy between these two
+        """(On the copier thread.) Falls back to read + write where the kernel cannot copy between these two
         files (another filesystem: EXDEV)."""
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -189,7 +189,7 @@ class OutputFile:
             os.close(fd)
 
     def _write_through(self, data: np.ndarray, offset: int) -> None:
-        """(On the one writer thread, in file order.)"""
+        """(On the one writer thread, in file order; or on the copier thread, for a copy's fallback, without a digest.)"""
         view = memoryview(data)
         if self._pieces is not None:
             self._hash_in_order(view, offset)

@@ -338,27 +338,32 @@ class CheckpointWriter:
         self._file.write(placeholder)
         self._file_index = index
 
-    def write(self, name: str, chunk: np.ndarray | bytes) -> None:
+    def _room(self, name: str, nbytes: int) -> OutputFile | None:
+        """The open shard file that takes `nbytes` more of tensor `name` (checked against the plan), or None
+        when the tensor lies in a reused shard and nothing is written."""
         due = self._due(name)
         if self._shard_of[name] in self._reused:
-            return
-        nbytes = len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
+            return None
         if self._written + nbytes > due.nbytes:
             raise InternalError(f"'{name}': more bytes than planned ({due.nbytes})")
         if self._file is None:
             raise InternalError(f"'{name}': written with no shard open")
-        self._file.write(chunk)
-        self._written += nbytes
+        return self._file
+
+    def write(self, name: str, chunk: np.ndarray | bytes) -> None:
+        nbytes = len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
+        file = self._room(name, nbytes)
+        if file is not None:
+            file.write(chunk)
+            self._written += nbytes
 
     def copy(self, name: str, path: Path, offset: int, nbytes: int) -> bool:
         """As write() with `nbytes` of file `path` from byte `offset`, where the shard can take them without
         their passing through memory (OutputFile.copy); False, nothing written, where it cannot."""
-        due = self._due(name)
-        if self._shard_of[name] in self._reused:
+        file = self._room(name, nbytes)
+        if file is None:
             return True
-        if self._written + nbytes > due.nbytes:
-            raise InternalError(f"'{name}': more bytes than planned ({due.nbytes})")
-        if self._file is None or not self._file.copy(path, offset, nbytes):
+        if not file.copy(path, offset, nbytes):
             return False
         self._written += nbytes
         return True
