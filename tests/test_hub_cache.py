@@ -120,10 +120,12 @@ def test_inspect(hub, way):
 
 
 @pytest.mark.parametrize("way", WAYS)
-def test_quantize_gives_what_the_plain_folder_gives(hub, way, tmp_path):
+@pytest.mark.parametrize("flags", [(), ("--no-sync",)], ids=["durable", "no-sync"])
+def test_quantize_gives_what_the_plain_folder_gives(hub, way, tmp_path, flags):
+    """--no-sync copies kept tensors from the snapshot's links (copy_file_range) in its last shard."""
     env, dense, _ = sources(hub, way)
     before = tree_digest(hub["cache"])
-    code, _, err = quantkit(tmp_path, env, "quantize", dense, tmp_path / "q", "--method", "nf4", "--max-shard-size", "20KB")
+    code, _, err = quantkit(tmp_path, env, "quantize", dense, tmp_path / "q", "--method", "nf4", "--max-shard-size", "20KB", *flags)
     assert code == 0, err
     _same_bytes(tmp_path / "q", hub["plain_q"])
     assert tree_digest(hub["cache"]) == before
@@ -139,9 +141,10 @@ def _same_bytes(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("way", WAYS)
-def test_dequantize_gives_what_the_plain_folder_gives(hub, way, tmp_path):
+@pytest.mark.parametrize("flags", [(), ("--no-sync",)], ids=["durable", "no-sync"])
+def test_dequantize_gives_what_the_plain_folder_gives(hub, way, tmp_path, flags):
     env, _, quantized = sources(hub, way)
-    code, _, err = quantkit(tmp_path, env, "dequantize", quantized, tmp_path / "d")
+    code, _, err = quantkit(tmp_path, env, "dequantize", quantized, tmp_path / "d", *flags)
     assert code == 0, err
     _same_bytes(tmp_path / "d", hub["plain_d"])
     assert (tmp_path / "d" / "generation_config.json").read_text() == '{"do_sample": false}'
